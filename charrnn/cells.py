@@ -1,0 +1,116 @@
+"""Recurrent cells: vanilla RNN (tanh), LSTM and GRU behind one contract.
+
+Every cell provides
+    init(key, input_size, hidden_size) -> params
+    initial_carry(batch_size, hidden_size) -> carry
+    step(params, carry, x_proj) -> (carry, h)
+where `x_proj = x @ params["w_x"] + params["b"]` is the input projection of one
+time step. It does not depend on the carry, so the model computes it for every
+time step at once (one matmul, or one table lookup for the first layer) and the
+time loop (`lax.scan`, whose argument order `step` follows) only does the
+recurrent matmul `h @ params["w_h"]` and the elementwise gate arithmetic.
+All gates of a cell are one matmul: weights are [in, G*H] with the G gate
+blocks side by side, in the order the equations below name them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class HiddenCarry(NamedTuple):
+    h: jax.Array  # [B, H]
+
+
+class LSTMCarry(NamedTuple):
+    h: jax.Array  # [B, H]
+    c: jax.Array  # [B, H] memory cell
+
+
+class Cell(NamedTuple):
+    num_gates: int
+    carry_type: type
+    init: Callable
+    step: Callable
+
+    def initial_carry(self, batch_size: int, hidden_size: int):
+        # One array per field: a carry is donated to the train step, and XLA
+        # refuses to donate one buffer twice.
+        return self.carry_type(*(jnp.zeros((batch_size, hidden_size), jnp.float32) for _ in self.carry_type._fields))
+
+
+def recurrent_matmul(h: jax.Array, w_h: jax.Array) -> jax.Array:
+    """h @ w_h in the weights' dtype (bfloat16 or float32), accumulated in float32."""
+    return jnp.dot(h.astype(w_h.dtype), w_h, preferred_element_type=jnp.float32)
+
+
+def _uniform_init(key, input_size: int, hidden_size: int, num_gates: int) -> dict:
+    """U(-1/sqrt(H), 1/sqrt(H)) weights and zero biases, as in torch-rnn and PyTorch."""
+    bound = hidden_size**-0.5
+    key_x, key_h = jax.random.split(key)
+    width = num_gates * hidden_size
+    return {
+        "w_x": jax.random.uniform(key_x, (input_size, width), jnp.float32, -bound, bound),
+        "w_h": jax.random.uniform(key_h, (hidden_size, width), jnp.float32, -bound, bound),
+        "b": jnp.zeros((width,), jnp.float32),
+    }
+
+
+def rnn_init(key, input_size: int, hidden_size: int) -> dict:
+    return _uniform_init(key, input_size, hidden_size, 1)
+
+
+def rnn_step(params: dict, carry: HiddenCarry, x_proj: jax.Array):
+    """h' = tanh(W_x x + b + W_h h)."""
+    h = jnp.tanh(x_proj + recurrent_matmul(carry.h, params["w_h"]))
+    return HiddenCarry(h), h
+
+
+def lstm_init(key, input_size: int, hidden_size: int) -> dict:
+    return _uniform_init(key, input_size, hidden_size, 4)
+
+
+def lstm_step(params: dict, carry: LSTMCarry, x_proj: jax.Array):
+    """Hochreiter & Schmidhuber with forget gate (Gers et al.), gates i, f, g, o.
+
+    z = W_x x + b + W_h h;  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
+    c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
+    """
+    z = x_proj + recurrent_matmul(carry.h, params["w_h"])  # [B, 4H]
+    z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(z_f) * carry.c + jax.nn.sigmoid(z_i) * jnp.tanh(z_g)
+    h = jax.nn.sigmoid(z_o) * jnp.tanh(c)
+    return LSTMCarry(h, c), h
+
+
+def gru_init(key, input_size: int, hidden_size: int) -> dict:
+    params = _uniform_init(key, input_size, hidden_size, 3)
+    params["b_hn"] = jnp.zeros((hidden_size,), jnp.float32)
+    return params
+
+
+def gru_step(params: dict, carry: HiddenCarry, x_proj: jax.Array):
+    """Cho et al. GRU with the reset gate applied after the recurrent matmul (as cuDNN).
+
+    Gates r, u (update), n (candidate):
+    r = σ(x_r + W_hr h);  u = σ(x_u + W_hu h);  n = tanh(x_n + r ⊙ (W_hn h + b_hn))
+    h' = (1 - u) ⊙ n + u ⊙ h
+    Resetting after the matmul lets all three recurrent products be one matmul.
+    """
+    x_r, x_u, x_n = jnp.split(x_proj, 3, axis=-1)
+    h_r, h_u, h_n = jnp.split(recurrent_matmul(carry.h, params["w_h"]), 3, axis=-1)  # [B, H] each
+    reset = jax.nn.sigmoid(x_r + h_r)
+    update = jax.nn.sigmoid(x_u + h_u)
+    candidate = jnp.tanh(x_n + reset * (h_n + params["b_hn"][None, :]))
+    h = (1.0 - update) * candidate + update * carry.h
+    return HiddenCarry(h), h
+
+
+CELLS: dict[str, Cell] = {
+    "rnn": Cell(1, HiddenCarry, rnn_init, rnn_step),
+    "lstm": Cell(4, LSTMCarry, lstm_init, lstm_step),
+    "gru": Cell(3, HiddenCarry, gru_init, gru_step),
+}

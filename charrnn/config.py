@@ -1,0 +1,221 @@
+"""Run configuration: frozen dataclasses, TOML files, `--set` overrides, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from charrnn.errors import UsageError
+
+CELL_NAMES = ("rnn", "gru", "lstm")
+SCHEDULES = ("constant", "cosine", "exponential")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cell: str = "lstm"  # rnn | gru | lstm; gated cells carry information further
+    num_layers: int = 2  # stacked recurrent layers
+    hidden_size: int = 384  # units per layer; 2x384 fits a 10-minute CPU budget
+    embedding_size: int = 64  # characters need few dimensions; folded into layer 0
+    dropout: float = 0.0  # between layers, training only; short budgets don't overfit
+    learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
+    residual: bool = False  # add each layer's input to its output (layers >= 2)
+    dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32  # parallel contiguous streams per minibatch
+    seq_len: int = 100  # characters per chunk; gradients stop at chunk edges
+    lr: float = 4e-3  # peak learning rate of Adam
+    schedule: str = "cosine"  # constant | cosine | exponential, over the whole run
+    warmup_steps: int = 50  # linear warm-up from 0 to lr
+    final_lr_fraction: float = 0.0  # lr at the end of the run, as a fraction of lr
+    beta1: float = 0.9  # Adam first-moment decay
+    beta2: float = 0.99  # Adam second-moment decay; 0.99 adapts faster than 0.999
+    weight_decay: float = 0.0  # AdamW decoupled decay per step, times lr
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
+    max_minutes: float = 10.0  # wall-clock budget; 0 = no budget, the schedule follows steps
+    seed: int = 0  # parameters, dropout and epoch offsets all derive from it
+    val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
+    eval_every: int = 500  # steps between validation passes and checkpoints
+    eval_batch_size: int = 16  # validation streams; fewer streams = fewer cold starts
+    log_every: int = 50  # steps between log lines / metrics records
+    steps_per_call: int = 1  # optimizer steps per compiled call (small models: more)
+    keep: int = 1  # step checkpoints kept besides best
+    save_minutes: float = 0.0  # also checkpoint every this many minutes; 0 = only at evals
+    random_offset: bool = True  # new random stream offset (and reset state) each epoch
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    temperature: float = 0.8  # < 1 sharper, > 1 more varied, 0 = argmax
+    length: int = 1000  # characters to generate
+    top_k: int = 0  # keep the k most likely characters; 0 = all
+    top_p: float = 1.0  # keep the smallest set with this much probability
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Return the config as nested plain dicts (for JSON and TOML)."""
+    return dataclasses.asdict(config)
+
+
+def _section_types(section: Any) -> dict[str, type]:
+    return {f.name: type(getattr(section, f.name)) for f in dataclasses.fields(section)}
+
+
+def _coerce(key: str, value: Any, wanted: type) -> Any:
+    """Return `value` as `wanted`, or raise UsageError naming `key`."""
+    if wanted is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif wanted is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif wanted is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif wanted is str:
+        if isinstance(value, str):
+            return value
+    raise UsageError(f"config key {key} wants {wanted.__name__}, got {value!r}")
+
+
+def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """Return `config` with `{section: {key: value}}` applied; unknown keys are errors."""
+    sections = {}
+    for section_name, values in overrides.items():
+        if section_name not in ("model", "train", "sample") or not isinstance(values, dict):
+            raise UsageError(f"unknown config section {section_name!r} (model, train, sample)")
+        section = getattr(config, section_name)
+        types = _section_types(section)
+        changes = {}
+        for key, value in values.items():
+            if key not in types:
+                raise UsageError(f"unknown config key {section_name}.{key}")
+            changes[key] = _coerce(f"{section_name}.{key}", value, types[key])
+        sections[section_name] = dataclasses.replace(section, **changes)
+    return dataclasses.replace(config, **sections)
+
+
+def parse_set(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `["model.cell=gru", ...]` into `{"model": {"cell": "gru"}}` (values as strings)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise UsageError(f"--set wants section.key=value, got {assignment!r}")
+        overrides.setdefault(section, {})[name] = value.strip()
+    return overrides
+
+
+def load_toml(path: Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML config file into `{section: {key: value}}`."""
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as error:
+        raise UsageError(f"cannot read config {path}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"config {path} is not valid TOML: {error}") from error
+
+
+def resolve(config_file: Path | None, assignments: list[str], options: dict[str, dict[str, Any]],
+            base: Config | None = None) -> Config:
+    """Build the run's config: defaults (or `base`) < file < `--set` < first-class options."""
+    config = base or Config()
+    if config_file is not None:
+        config = apply_overrides(config, load_toml(config_file))
+    config = apply_overrides(config, parse_set(assignments))
+    config = apply_overrides(config, options)
+    validate(config)
+    return config
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a config saved with `to_dict` (checkpoints, run directories)."""
+    config = apply_overrides(Config(), values)
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def validate(config: Config) -> None:
+    """Raise UsageError naming the first key whose value cannot work."""
+    model, train, sample = config.model, config.train, config.sample
+    _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")
+    _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    for key in ("num_layers", "hidden_size", "embedding_size"):
+        _require(getattr(model, key) >= 1, f"model.{key} must be at least 1")
+    _require(0.0 <= model.dropout < 1.0, "model.dropout must be in [0, 1)")
+    for key in ("batch_size", "seq_len", "steps", "eval_every", "eval_batch_size", "log_every",
+                "steps_per_call", "keep"):
+        _require(getattr(train, key) >= 1, f"train.{key} must be at least 1")
+    _require(train.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {train.schedule!r}")
+    _require(math.isfinite(train.lr) and train.lr > 0, "train.lr must be a positive number")
+    _require(train.warmup_steps >= 0, "train.warmup_steps must not be negative")
+    _require(0.0 <= train.final_lr_fraction <= 1.0, "train.final_lr_fraction must be in [0, 1]")
+    _require(0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
+    _require(train.weight_decay >= 0, "train.weight_decay must not be negative")
+    _require(train.clip_norm >= 0, "train.clip_norm must not be negative (0 disables clipping)")
+    _require(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no budget)")
+    _require(train.save_minutes >= 0, "train.save_minutes must not be negative")
+    _require(train.schedule != "exponential" or train.final_lr_fraction > 0,
+             "train.final_lr_fraction must be > 0 for the exponential schedule")
+    _require(0.0 < train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
+    check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, length: int) -> None:
+    """Raise UsageError for sampling settings that have no meaning."""
+    _require(math.isfinite(temperature) and temperature >= 0, f"temperature must be a finite number >= 0, got {temperature}")
+    _require(top_k >= 0, f"top-k must be >= 0 (0 = off), got {top_k}")
+    _require(0.0 < top_p <= 1.0, f"top-p must be in (0, 1], got {top_p}")
+    _require(length >= 0, f"length must be >= 0, got {length}")
+
+
+def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:
+    """Name every key of `sections` whose value differs: ["model.hidden_size: 256 -> 512"]."""
+    old_values, new_values = to_dict(old), to_dict(new)
+    return [
+        f"{section}.{key}: {old_values[section][key]!r} -> {new_values[section][key]!r}"
+        for section in sections
+        for key in old_values[section]
+        if old_values[section][key] != new_values[section][key]
+    ]
+
+
+def dumps(config: Config) -> str:
+    """Return the config as indented JSON, the form saved with every run."""
+    return json.dumps(to_dict(config), indent=2, sort_keys=False)

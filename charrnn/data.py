@@ -1,0 +1,192 @@
+"""Corpus reading and checking, the vocabulary, and stateful batch streams (NumPy only)."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from charrnn.errors import CorpusError
+
+_ENCODE_BLOCK = 1 << 20  # characters encoded at a time
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    """Decode strict UTF-8, or raise CorpusError naming the byte offset of the problem."""
+    if raw.startswith(_UTF16_BOMS):
+        raise CorpusError(f"{name} looks like UTF-16/UTF-32 (byte-order mark at offset 0); convert it to UTF-8")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise CorpusError(f"{name} contains a NUL byte at offset {nul}; it looks binary, not UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{name} is not valid UTF-8: byte 0x{raw[error.start]:02x} at offset {error.start}") from None
+    return text.removeprefix("\ufeff")
+
+
+def read_text(path: Path) -> str:
+    """Read a UTF-8 text file, with one-line errors for everything a user can get wrong."""
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file")
+    if path.is_dir():
+        raise CorpusError(f"{path} is a directory, not a text file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise CorpusError(f"cannot read {path}: {error.strerror}") from None
+    if not raw:
+        raise CorpusError(f"{path} is empty")
+    return decode_text(raw, str(path))
+
+
+def text_checksum(text: str) -> str:
+    """Return a short stable fingerprint of a corpus, to refuse resuming on other text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Vocab:
+    """The sorted set of code points of a corpus, mapping characters to ids."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.index = {char: i for i, char in enumerate(chars)}
+        self.dtype = np.uint8 if len(chars) <= 256 else np.uint16 if len(chars) <= 65536 else np.uint32
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        return cls("".join(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def unknown(self, text: str) -> list[str]:
+        """Return the distinct characters of `text` outside the vocabulary, in order of appearance."""
+        return list(dict.fromkeys(char for char in text if char not in self.index))
+
+    def encode(self, text: str) -> np.ndarray:
+        """Return `text` as a compact integer array (uint8 / uint16 by vocabulary size)."""
+        code_points = np.array([ord(char) for char in self.chars], dtype=np.uint32)  # sorted
+        ids = np.empty(len(text), dtype=self.dtype)
+        # Blocks keep the temporary 4-byte code points small for large corpora.
+        for start in range(0, len(text), _ENCODE_BLOCK):
+            block = np.frombuffer(text[start : start + _ENCODE_BLOCK].encode("utf-32-le"), dtype=np.uint32)
+            positions = np.minimum(np.searchsorted(code_points, block), len(code_points) - 1)
+            if not np.array_equal(code_points[positions], block):
+                raise CorpusError(f"characters outside the vocabulary: {_show_chars(self.unknown(text))}")
+            ids[start : start + len(block)] = positions
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+
+    def to_json(self) -> str:
+        return json.dumps(self.chars, ensure_ascii=True)
+
+    @classmethod
+    def from_json(cls, payload: str) -> Vocab:
+        return cls(json.loads(payload))
+
+
+def _show_chars(chars: list[str], limit: int = 20) -> str:
+    shown = " ".join(repr(char) for char in chars[:limit])
+    return shown + (f" (+{len(chars) - limit} more)" if len(chars) > limit else "")
+
+
+def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return (train, validation): validation is the last `val_fraction`, contiguous."""
+    num_val = int(len(ids) * val_fraction)
+    return ids[: len(ids) - num_val], ids[len(ids) - num_val :]
+
+
+class Batch(NamedTuple):
+    inputs: np.ndarray  # [T, B] character ids
+    targets: np.ndarray  # [T, B] the next character of each input
+    reset: np.ndarray  # [] bool: start of an epoch, carried state goes back to the initial one
+
+
+class StreamLayout(NamedTuple):
+    """How training text is cut into `batch_size` contiguous streams of `chunks` chunks."""
+
+    batch_size: int
+    seq_len: int
+    chunks_per_epoch: int
+
+
+def stream_layout(num_chars: int, batch_size: int, seq_len: int) -> StreamLayout:
+    """Fix the chunks per epoch so that every epoch offset in [0, seq_len) fits the text."""
+    chunks = (num_chars - seq_len) // (batch_size * seq_len)
+    if chunks < 1:
+        need = batch_size * seq_len + seq_len
+        raise CorpusError(
+            f"training text has {num_chars} characters; batch_size {batch_size} x seq_len {seq_len} "
+            f"needs at least {need} (lower train.batch_size or train.seq_len)"
+        )
+    return StreamLayout(batch_size, seq_len, chunks)
+
+
+def epoch_offset(seed: int, epoch: int, layout: StreamLayout, random_offset: bool) -> int:
+    """Return where the streams of `epoch` start, a pure function of (seed, epoch)."""
+    if not random_offset:
+        return 0
+    return int(np.random.default_rng([seed, epoch]).integers(0, layout.seq_len))
+
+
+def training_batch(ids: np.ndarray, layout: StreamLayout, step: int, seed: int, random_offset: bool) -> Batch:
+    """Return the minibatch of optimizer step `step`: chunk k of every stream.
+
+    Stream b of an epoch covers ids[offset + b*L : offset + (b+1)*L + 1] with
+    L = chunks_per_epoch * seq_len, so chunk k+1 of a stream continues chunk k.
+    The data position is a function of the step alone, which makes resuming exact.
+    """
+    epoch, chunk = divmod(step, layout.chunks_per_epoch)
+    offset = epoch_offset(seed, epoch, layout, random_offset)
+    stream_len = layout.chunks_per_epoch * layout.seq_len
+    starts = offset + np.arange(layout.batch_size) * stream_len + chunk * layout.seq_len  # [B]
+    positions = starts[None, :] + np.arange(layout.seq_len)[:, None]  # [T, B]
+    return Batch(ids[positions], ids[positions + 1], np.array(chunk == 0))
+
+
+def stack_batches(batches: list[Batch]) -> Batch:
+    """Stack K batches along a new leading axis, for K steps in one compiled call."""
+    return Batch(*(np.stack(parts) for parts in zip(*batches)))
+
+
+class EvalChunk(NamedTuple):
+    inputs: np.ndarray  # [T, B]
+    targets: np.ndarray  # [T, B]
+    mask: np.ndarray  # [T, B] 1.0 where a target is real, 0.0 for padding
+
+
+def evaluation_chunks(ids: np.ndarray, num_streams: int, seq_len: int) -> list[EvalChunk]:
+    """Cut text into streams that together predict every character after the first exactly once.
+
+    Streams are contiguous, the state is meant to be carried from chunk to chunk;
+    the last stream and the last chunk are padded and the padding masked out.
+    """
+    num_targets = len(ids) - 1
+    if num_targets < 1:
+        raise CorpusError(f"text to evaluate has {len(ids)} character(s); need at least 2")
+    num_streams = max(1, min(num_streams, num_targets))
+    stream_len = -(-num_targets // num_streams)  # ceil
+    padded_len = -(-stream_len // seq_len) * seq_len
+    inputs = np.zeros((num_streams, padded_len), dtype=ids.dtype)
+    targets = np.zeros_like(inputs)
+    mask = np.zeros((num_streams, padded_len), dtype=np.float32)
+    for stream in range(num_streams):
+        start = stream * stream_len
+        stop = min(start + stream_len, num_targets)
+        if stop <= start:
+            continue
+        inputs[stream, : stop - start] = ids[start:stop]
+        targets[stream, : stop - start] = ids[start + 1 : stop + 1]
+        mask[stream, : stop - start] = 1.0
+    return [
+        EvalChunk(inputs[:, k : k + seq_len].T, targets[:, k : k + seq_len].T, mask[:, k : k + seq_len].T)
+        for k in range(0, padded_len, seq_len)
+    ]

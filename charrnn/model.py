@@ -1,0 +1,136 @@
+"""The character model: embedding -> stacked recurrent layers -> linear -> softmax.
+
+Params are a plain dict pytree:
+    embedding [V, E]; layers: list of cell params; output {w [H, V], b [V]};
+    initial: list of per-layer carries of [H] vectors (only with learn_initial_state).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from charrnn.cells import CELLS
+from charrnn.config import ModelConfig
+
+
+def init_params(key: jax.Array, config: ModelConfig, vocab_size: int) -> dict:
+    """Return freshly initialised parameters for `config` over `vocab_size` characters."""
+    cell = CELLS[config.cell]
+    key_embedding, key_output, *layer_keys = jax.random.split(key, 2 + config.num_layers)
+    layers = [
+        cell.init(layer_key, config.embedding_size if index == 0 else config.hidden_size, config.hidden_size)
+        for index, layer_key in enumerate(layer_keys)
+    ]
+    bound = config.hidden_size**-0.5
+    params = {
+        "embedding": jax.random.normal(key_embedding, (vocab_size, config.embedding_size), jnp.float32),
+        "layers": layers,
+        "output": {
+            "w": jax.random.uniform(key_output, (config.hidden_size, vocab_size), jnp.float32, -bound, bound),
+            "b": jnp.zeros((vocab_size,), jnp.float32),
+        },
+    }
+    if config.learn_initial_state:
+        params["initial"] = [jax.tree.map(lambda leaf: leaf[0], cell.initial_carry(1, config.hidden_size)) for _ in layers]
+    return params
+
+
+def initial_carry(params: dict, config: ModelConfig, batch_size: int) -> tuple:
+    """Return the state at the start of a stream: zeros, or the learned initial state."""
+    cell = CELLS[config.cell]
+    if not config.learn_initial_state:
+        return tuple(cell.initial_carry(batch_size, config.hidden_size) for _ in range(config.num_layers))
+    return tuple(
+        jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (batch_size, config.hidden_size)), carry)
+        for carry in params["initial"]
+    )
+
+
+def reset_where(reset: jax.Array, fresh: tuple, carry: tuple) -> tuple:
+    """Carry where `reset` is false, `fresh` where it is true (a scalar, or [B] per stream)."""
+    def choose(fresh_leaf, carried_leaf):
+        flag = jnp.reshape(reset, jnp.shape(reset) + (1,) * (carried_leaf.ndim - jnp.ndim(reset)))
+        return jnp.where(flag, fresh_leaf, carried_leaf)
+
+    return jax.tree.map(choose, fresh, carry)
+
+
+def prepare(params: dict, config: ModelConfig) -> dict:
+    """Turn params into what the forward pass multiplies with, once per compiled call.
+
+    Weight matrices are cast to the matmul dtype (biases and state stay float32),
+    and the embedding and the first layer's input projection become one [V, G*H]
+    table: each character's projection is a row lookup, no per-character matmul.
+    Gradients flow back through the table into both the embedding and the weights.
+    """
+    def cast(tree):
+        if config.dtype == "float32":
+            return tree
+        return {name: leaf.astype(config.dtype) if name.startswith("w") else leaf for name, leaf in tree.items()}
+
+    first = params["layers"][0]
+    return {
+        "projection_table": _dense(params["embedding"], cast(first)["w_x"], first["b"]),  # [V, G*H]
+        "layers": [cast(layer) for layer in params["layers"]],
+        "output": cast(params["output"]),
+    }
+
+
+def _dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x @ w + b over the last axis, in w's dtype, accumulated in float32."""
+    y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return y + jnp.expand_dims(b, tuple(range(y.ndim - 1)))
+
+
+def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
+    """Run the recurrent stack over `inputs` [T, B] from `carry`.
+
+    Returns (carry, [per-layer outputs [T, B, H]], top-layer output after dropout).
+    """
+    cell = CELLS[config.cell]
+    x_proj = prepared["projection_table"][inputs]  # [T, B, G*H]
+    layer_input = None
+    new_carry, outputs = [], []
+    for index, (layer, layer_carry) in enumerate(zip(prepared["layers"], carry)):
+        if index > 0:
+            x_proj = _dense(layer_input, layer["w_x"], layer["b"])  # [T, B, G*H], all steps in one matmul
+        layer_carry, hidden = jax.lax.scan(functools.partial(cell.step, layer), layer_carry, x_proj)  # [T, B, H]
+        if config.residual and index > 0:
+            hidden = hidden + layer_input
+        new_carry.append(layer_carry)
+        outputs.append(hidden)
+        if dropout_key is not None and config.dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, index), 1.0 - config.dropout, hidden.shape)
+            hidden = jnp.where(keep, hidden / (1.0 - config.dropout), 0.0)
+        layer_input = hidden
+    return tuple(new_carry), outputs, layer_input
+
+
+def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
+    """Return (carry, logits [T, B, V]) from prepared params."""
+    carry, _, top = run_layers(prepared, config, carry, inputs, dropout_key)
+    return carry, _dense(top, prepared["output"]["w"], prepared["output"]["b"])  # [T, B, V]
+
+
+def forward(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
+    """Return (carry, logits [T, B, V]) for character ids `inputs` [T, B] from state `carry`."""
+    return forward_prepared(prepare(params, config), config, carry, inputs, dropout_key)
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy in nats of each target under the logits: [T, B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets.astype(jnp.int32))
+
+
+def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropout_key=None):
+    """Mean cross-entropy (nats/char) of a chunk and the carry after it."""
+    carry, logits = forward(params, config, carry, inputs, dropout_key)
+    return jnp.mean(token_losses(logits, targets)), carry
+
+
+def parameter_count(params: dict) -> int:
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(params))

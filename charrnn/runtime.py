@@ -1,0 +1,42 @@
+"""Process-wide JAX settings: platform, CPU threads and the persistent compilation cache.
+
+These must be set before JAX starts its backends, so the CLI calls `configure`
+before the first computation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV = "CHARRNN_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where compiled programs are kept between runs (shared by parallel runs of a sweep)."""
+    if CACHE_ENV in os.environ:
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "charrnn" / "jax"
+
+
+def configure(platform: str | None = None, threads: int | None = None, compilation_cache: bool = True) -> None:
+    """Pick the platform, cap CPU threads, and turn on the shared compilation cache."""
+    if threads:
+        # XLA's CPU backend sizes its pools from these; set before jax initialises.
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}".strip()
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import jax
+
+    if platform:
+        jax.config.update("jax_platforms", platform)
+    if compilation_cache and os.environ.get(CACHE_ENV, "x") != "":
+        directory = cache_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return  # an unwritable cache only costs compile time
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

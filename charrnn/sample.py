@@ -1,0 +1,90 @@
+"""Text generation: priming, temperature / top-k / top-p choice, and blocks of steps under jit."""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from charrnn import model
+from charrnn.config import ModelConfig
+
+BLOCK = 128  # characters generated per compiled call; each block is streamed out as it ends
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+    """Tempered logits [B, V] with everything outside the top-k and the top-p nucleus set to -inf.
+
+    Logits are shifted so the largest is 0 before dividing by the temperature, so
+    a tiny positive temperature gives -inf for the others, never inf - inf = nan.
+    """
+    logits = logits.astype(jnp.float32)
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0)
+    if top_k:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [B, 1]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    order = jnp.argsort(-logits, axis=-1)  # most likely first
+    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+    # Keep a character while the probability before it is below top_p: the smallest
+    # set reaching top_p, never empty.
+    keep_sorted = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+    """Next character ids [B]: argmax at temperature 0, else a draw from the filtered distribution."""
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    drawn = jax.random.categorical(key, filtered, axis=-1)
+    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "length", "top_k"))
+def generate_block(params: dict, config: ModelConfig, carry: tuple, last_ids: jax.Array, key: jax.Array,
+                   position: jax.Array, temperature: jax.Array, top_p: jax.Array, length: int, top_k: int):
+    """Generate `length` characters per stream from `carry` after `last_ids` [B].
+
+    The key of each character is fold_in(key, its position), so the text for a
+    seed does not depend on how generation is cut into blocks.
+    """
+    prepared = model.prepare(params, config)  # once per block, not per character
+
+    def one_character(state, offset):
+        carry, ids = state
+        carry, logits = model.forward_prepared(prepared, config, carry, ids[None, :])  # logits [1, B, V]
+        next_ids = choose(logits[0], jax.random.fold_in(key, position + offset), temperature, top_k, top_p)
+        return (carry, next_ids), next_ids
+
+    (carry, last_ids), ids = jax.lax.scan(one_character, (carry, last_ids), jnp.arange(length))
+    return carry, last_ids, ids  # ids [length, B]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prime(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array) -> tuple:
+    """Run the model over priming ids [T, B] and return the state after them."""
+    carry, _, _ = model.run_layers(model.prepare(params, config), config, carry, inputs)
+    return carry
+
+
+def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: int, num_samples: int, seed: int,
+             temperature: float, top_k: int = 0, top_p: float = 1.0) -> Iterator[np.ndarray]:
+    """Yield blocks of generated ids [n, B] until `length` characters per stream are out.
+
+    `prime_ids` (at least one id) conditions the model; generation continues after its last character.
+    """
+    prime_ids = np.asarray(prime_ids, np.int32)
+    carry = model.initial_carry(params, config, num_samples)
+    if len(prime_ids) > 1:
+        carry = prime(params, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
+    last_ids = jnp.full((num_samples,), prime_ids[-1], jnp.int32)
+    key = jax.random.key(seed)
+    top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
+    block = min(BLOCK, max(length, 1))
+    for position in range(0, length, block):
+        carry, last_ids, ids = generate_block(params, config, carry, last_ids, key, jnp.int32(position),
+                                              jnp.float32(temperature), jnp.float32(top_p), block, top_k)
+        yield np.asarray(ids)[: length - position]

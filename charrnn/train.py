@@ -1,0 +1,121 @@
+"""The optimizer, the learning-rate schedule, and the compiled train and eval steps."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from charrnn import model
+from charrnn.config import ModelConfig, TrainConfig
+from charrnn.data import Batch, EvalChunk, evaluation_chunks
+
+
+class TrainState(NamedTuple):
+    params: dict
+    opt_state: optax.OptState
+    step: jax.Array  # [] int32, optimizer steps taken
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array  # [K] mean nats/char of each step's chunk
+    grad_norm: jax.Array  # [K] global gradient norm before clipping
+    finite: jax.Array  # [K] bool: the step's loss and gradients were finite (else it was skipped)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then Adam's direction (and AdamW decay); the step size is applied per step.
+
+    The learning rate is not inside the optimizer because it follows the run's
+    progress, which under a wall-clock budget is time, not a step count.
+    """
+    parts = []
+    if config.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(config.clip_norm))
+    parts.append(optax.scale_by_adam(b1=config.beta1, b2=config.beta2))
+    if config.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    return optax.chain(*parts)
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """lr at optimizer step `step`, `progress` in [0, 1] through the run (steps or time)."""
+    warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    final = config.final_lr_fraction
+    if config.schedule == "cosine":
+        decay = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif config.schedule == "exponential":
+        decay = final**progress  # validation keeps final > 0 here
+    else:
+        decay = 1.0
+    return config.lr * warmup * decay
+
+
+def init_state(key: jax.Array, model_config: ModelConfig, optimizer, vocab_size: int) -> TrainState:
+    params = model.init_params(key, model_config, vocab_size)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimizer):
+    """Compile `call(state, carry, batches, lrs) -> (state, carry, metrics)` for K stacked steps.
+
+    This is where truncated BPTT happens: the carry enters each step as data (no
+    gradient flows into the previous chunk), is reset at epoch starts, and leaves
+    through stop_gradient to become the next step's starting state. A step whose
+    loss or gradient is not finite changes nothing, so non-finite numbers never
+    reach the parameters.
+    """
+    dropout_root = jax.random.fold_in(jax.random.key(train_config.seed), 1)
+
+    def one_step(state_and_carry, step_inputs):
+        state, carry = state_and_carry
+        batch, lr = step_inputs
+        batch_size = batch.inputs.shape[1]
+        carry = model.reset_where(batch.reset, model.initial_carry(state.params, model_config, batch_size), carry)
+        dropout_key = jax.random.fold_in(dropout_root, state.step)
+        (loss, new_carry), grads = jax.value_and_grad(model.loss, has_aux=True)(
+            state.params, model_config, carry, batch.inputs, batch.targets, dropout_key
+        )
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(keep_finite(params, state.params), keep_finite(opt_state, state.opt_state), state.step + 1)
+        new_carry = keep_finite(jax.lax.stop_gradient(new_carry), carry)
+        return (new_state, new_carry), StepMetrics(loss, grad_norm, finite)
+
+    def call(state: TrainState, carry: tuple, batches: Batch, lrs: jax.Array):
+        (state, carry), metrics = jax.lax.scan(one_step, (state, carry), (batches, lrs))
+        return state, carry, metrics
+
+    return jax.jit(call, donate_argnums=(0, 1))
+
+
+def make_eval_call(model_config: ModelConfig):
+    """Compile `call(params, carry, chunk) -> (carry, nats summed, targets counted)`."""
+
+    def call(params: dict, carry: tuple, chunk: EvalChunk):
+        carry, logits = model.forward(params, model_config, carry, chunk.inputs)
+        losses = model.token_losses(logits, chunk.targets) * chunk.mask  # [T, B]
+        return carry, jnp.sum(losses), jnp.sum(chunk.mask)
+
+    return jax.jit(call)
+
+
+def evaluate(params: dict, model_config: ModelConfig, ids: np.ndarray, num_streams: int, seq_len: int,
+             eval_call=None) -> float:
+    """Mean nats/char over every prediction in `ids`, state carried along each stream."""
+    eval_call = eval_call or make_eval_call(model_config)
+    chunks = evaluation_chunks(ids, num_streams, seq_len)
+    carry = model.initial_carry(params, model_config, chunks[0].inputs.shape[1])
+    total, count = jnp.zeros(()), jnp.zeros(())
+    for chunk in chunks:
+        carry, chunk_total, chunk_count = eval_call(params, carry, chunk)
+        total, count = total + chunk_total, count + chunk_count
+    return float(total / count)
