@@ -30,16 +30,23 @@ from charrnn.errors import CheckpointError, StorageError
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 _TEMP_PREFIX = ".tmp-"
-# Test-only: name a phase of `write_atomic` to be SIGKILLed at, or "enospc" to fail the write.
+# Test-only fault injection: "PHASE" or "PHASE@N" SIGKILLs the process the (N-th) time a
+# checkpoint write reaches PHASE of `write_atomic`; "enospc" fails it as a full disk would.
 FAULT_ENV = "CHARRNN_TEST_FAULT"
+_phases_reached: dict[str, int] = {}
 
 
-def _fault_point(phase: str) -> None:
+def _fault_point(phase: str, path: Path) -> None:
     fault = os.environ.get(FAULT_ENV)
-    if fault == phase:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if not fault or path.suffix != SUFFIX:
+        return
     if fault == "enospc" and phase == "written":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    wanted_phase, _, nth = fault.partition("@")
+    if wanted_phase == phase:
+        _phases_reached[phase] = _phases_reached.get(phase, 0) + 1
+        if _phases_reached[phase] >= int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _named_leaves(tree: Any, prefix: str) -> list[tuple[str, Any]]:
@@ -71,10 +78,15 @@ def unflatten(template: Any, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """C order, keeping 0-d arrays 0-d (np.ascontiguousarray would make them [1])."""
+    return np.require(array, requirements="C")
+
+
 def _digest(arrays: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
+        array = _contiguous(arrays[name])
         digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
@@ -83,7 +95,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def encode(arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:
     """Serialise arrays and metadata (with format version and checksum) to bytes."""
     header = {"format_version": FORMAT_VERSION, "sha256": _digest(arrays), **metadata}
-    contiguous = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    contiguous = {name: _contiguous(array) for name, array in arrays.items()}
     return save_arrays(contiguous, metadata={"charrnn": json.dumps(header)})
 
 
@@ -130,18 +142,18 @@ def fsync_directory(directory: Path) -> None:
 def write_atomic(path: Path, payload: bytes) -> None:
     """Write bytes so that `path` holds either its old content or all of `payload`."""
     temp = path.with_name(f"{_TEMP_PREFIX}{path.name}.{os.getpid()}")
-    _fault_point("before_write")
+    _fault_point("before_write", path)
     try:
         with open(temp, "wb") as file:
             file.write(payload[: len(payload) // 2])
-            _fault_point("half_written")
+            _fault_point("half_written", path)
             file.write(payload[len(payload) // 2 :])
-            _fault_point("written")
+            _fault_point("written", path)
             file.flush()
             os.fsync(file.fileno())
-        _fault_point("synced")
+        _fault_point("synced", path)
         os.replace(temp, path)
-        _fault_point("replaced")
+        _fault_point("replaced", path)
         fsync_directory(path.parent)
     except OSError as error:
         temp.unlink(missing_ok=True)

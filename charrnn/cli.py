@@ -159,8 +159,6 @@ def train(
     if corpus is None:
         corpus = _resume_corpus(run_dir) if resume else default_corpus()
     reporter = _ProgressReporter(quiet)
-    if not quiet:
-        err_console.print(f"training on {corpus} into {run_dir}")
     try:
         summary = runner.run_training(corpus, run_dir, config_file, assignments or [], options, resume is not None,
                                       reporter)

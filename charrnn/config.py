@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -216,6 +215,7 @@ def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str
     ]
 
 
-def dumps(config: Config) -> str:
-    """Return the config as indented JSON, the form saved with every run."""
-    return json.dumps(to_dict(config), indent=2, sort_keys=False)
+def describe(config: Config) -> list[str]:
+    """One line per section, `key=value` pairs: how a run shows its resolved config."""
+    return [f"{section}: " + " ".join(f"{key}={value}" for key, value in values.items())
+            for section, values in to_dict(config).items()]

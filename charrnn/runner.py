@@ -50,9 +50,16 @@ class Corpus:
     checksum: str
 
 
-def load_corpus(path: Path, val_fraction: float, vocab: data.Vocab | None = None) -> Corpus:
-    """Read, check and split a corpus; with `vocab` (resuming), encode with that vocabulary."""
+def load_corpus(path: Path, val_fraction: float, resuming: dict[str, Any] | None = None) -> Corpus:
+    """Read, check and split a corpus; when `resuming` (checkpoint metadata), it must be the run's corpus."""
     text = data.read_text(path)
+    checksum = data.text_checksum(text)
+    vocab = None
+    if resuming is not None:
+        if checksum != resuming["corpus_sha"]:
+            raise UsageError(f"cannot resume on another corpus: {path} has checksum {checksum}, "
+                             f"the run used {resuming['corpus_sha']}")
+        vocab = data.Vocab(resuming["vocab"])
     vocab = vocab or data.Vocab.from_text(text)
     if len(vocab) < 2:
         raise CorpusError(f"{path} has a single distinct character ({text[0]!r}); there is nothing to learn")
@@ -60,7 +67,7 @@ def load_corpus(path: Path, val_fraction: float, vocab: data.Vocab | None = None
     train_ids, val_ids = data.split(ids, val_fraction)
     if len(val_ids) < 2:
         raise CorpusError(f"{path}: the validation split (train.val_fraction) has under 2 characters; use a longer text")
-    return Corpus(vocab, train_ids, val_ids, data.text_checksum(text))
+    return Corpus(vocab, train_ids, val_ids, checksum)
 
 
 def bits(nats: float | None) -> float | None:
@@ -100,14 +107,12 @@ class RunState:
     last_checkpoint: Path | None = None
 
 
-def _check_resumable(saved: Config, wanted: Config, saved_checksum: str, corpus_checksum: str) -> None:
+def _check_resumable(saved: Config, wanted: Config) -> None:
     conflicts = config_lib.differences(saved, wanted, ("model",))
     conflicts += [line for line in config_lib.differences(saved, wanted, ("train",))
                   if line.split(":")[0].removeprefix("train.") in _RESUME_FIXED_TRAIN_KEYS]
     if conflicts:
         raise UsageError("cannot resume with a changed architecture or data layout: " + "; ".join(conflicts))
-    if saved_checksum != corpus_checksum:
-        raise UsageError(f"cannot resume on another corpus (checksum {corpus_checksum}, the run used {saved_checksum})")
 
 
 def _metadata(config: Config, corpus: Corpus, run: RunState, step: int) -> dict[str, Any]:
@@ -158,21 +163,30 @@ def restore(arrays: dict[str, np.ndarray], metadata: dict[str, Any], config: Con
 def prepare_run(corpus_path: Path, run_dir: Path, config_file: Path | None, assignments: list[str],
                 options: dict[str, dict[str, Any]], resume: bool):
     """Check everything a run needs before writing anything; return (config, corpus, resume data)."""
-    if resume:
-        if not rundir.is_run_dir(run_dir):
-            raise CheckpointError(f"{run_dir} is not a charrnn run directory (nothing to resume)")
-        _, arrays, metadata, skipped = checkpoint.read_latest(rundir.checkpoints_dir(run_dir))
+    if resume and not checkpoint.step_files(rundir.checkpoints_dir(run_dir)):
+        # Stopped before its first checkpoint: start again from the run's saved config.
+        try:
+            saved = config_lib.from_dict(rundir.read_json(run_dir / rundir.CONFIG_FILE))
+        except (OSError, ValueError):
+            raise CheckpointError(f"{run_dir} is not a charrnn run directory (nothing to resume)") from None
+        config = config_lib.resolve(config_file, assignments, options, base=saved)
+        corpus = load_corpus(corpus_path, config.train.val_fraction)
+        resumed = None
+    elif resume:
+        path, arrays, metadata, skipped = checkpoint.read_latest(rundir.checkpoints_dir(run_dir))
         saved = config_lib.from_dict(metadata["config"])
         config = config_lib.resolve(config_file, assignments, options, base=saved)
-        corpus = load_corpus(corpus_path, config.train.val_fraction, data.Vocab(metadata["vocab"]))
-        _check_resumable(saved, config, metadata["corpus_sha"], corpus.checksum)
-        return config, corpus, (arrays, metadata, skipped)
-    config = config_lib.resolve(config_file, assignments, options)
-    if rundir.is_run_dir(run_dir) or (run_dir.exists() and any(run_dir.iterdir())):
-        raise UsageError(f"{run_dir} already holds files; continue it with --resume, or choose another --out")
-    corpus = load_corpus(corpus_path, config.train.val_fraction)
+        _check_resumable(saved, config)
+        corpus = load_corpus(corpus_path, config.train.val_fraction, resuming=metadata)
+        resumed = (path, arrays, metadata, skipped)
+    else:
+        config = config_lib.resolve(config_file, assignments, options)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise UsageError(f"{run_dir} already exists; continue a run with --resume, or choose another --out")
+        corpus = load_corpus(corpus_path, config.train.val_fraction)
+        resumed = None
     data.stream_layout(len(corpus.train_ids), config.train.batch_size, config.train.seq_len)
-    return config, corpus, None
+    return config, corpus, resumed
 
 
 def peak_rss_mb() -> float:
@@ -187,13 +201,18 @@ def run_training(corpus_path: Path, run_dir: Path, config_file: Path | None = No
     config, corpus, resumed = prepare_run(corpus_path, run_dir, config_file, list(assignments), options or {}, resume)
     rundir.prepare(run_dir)
     with rundir.RunLock(run_dir), StopFlag() as stop:
+        reporter.message(f"training on {corpus_path} ({len(corpus.train_ids):,} + {len(corpus.val_ids):,} characters, "
+                         f"{len(corpus.vocab)} symbols) into {run_dir}")
+        for line in config_lib.describe(config):
+            reporter.message(line)
         rundir.write_json(run_dir / rundir.CONFIG_FILE, config_lib.to_dict(config))
         optimizer = train.make_optimizer(config.train)
         if resumed:
-            arrays, metadata, skipped = resumed
+            path, arrays, metadata, skipped = resumed
             for problem in skipped:
                 reporter.message(f"skipped a damaged checkpoint: {problem}")
             run = restore(arrays, metadata, config, corpus, optimizer)
+            run.last_checkpoint = path
             reporter.message(f"resuming {run_dir} at step {int(run.state.step)}")
         else:
             state = train.init_state(jax.random.fold_in(jax.random.key(config.train.seed), 0), config.model,
@@ -232,12 +251,15 @@ def _loop(config: Config, corpus: Corpus, run: RunState, run_dir: Path, optimize
     window_losses: list[float] = []
     window_start = (step, time.monotonic())
     steady: tuple[int, float] | None = None  # (step, time) after the first call: excludes compilation
+    paused_s = 0.0  # time spent evaluating and saving since `steady`, not training
 
     def progress_at(at_step: int, elapsed: float) -> float:
         by_steps = at_step / total
         return max(by_steps, elapsed / budget_s) if budget_s else by_steps
 
     def validate_and_save(final: bool) -> None:
+        nonlocal paused_s
+        began = time.monotonic()
         val_loss = train.evaluate(run.state.params, model_config, corpus.val_ids, train_config.eval_batch_size,
                                   train_config.seq_len, eval_call)
         run.elapsed_s = time.monotonic() - clock_start
@@ -251,6 +273,7 @@ def _loop(config: Config, corpus: Corpus, run: RunState, run_dir: Path, optimize
                            "elapsed_s": run.elapsed_s, "final": final})
         reporter.message(f"step {int(run.state.step)}: val {val_loss:.4f} nats/char "
                          f"({bits(val_loss):.3f} bits/char), saved {path.name}")
+        paused_s += time.monotonic() - began
 
     def drain(keep_last: int) -> None:
         """Read metrics of finished calls (all but the newest `keep_last`); stop on divergence."""
@@ -323,7 +346,7 @@ def _loop(config: Config, corpus: Corpus, run: RunState, run_dir: Path, optimize
     validate_and_save(final=True)
     wall_s = time.monotonic() - clock_start
     steady_chars = (step - steady[0]) * chars_per_step if steady else 0
-    steady_s = time.monotonic() - steady[1] if steady else 0.0
+    steady_s = time.monotonic() - steady[1] - paused_s if steady else 0.0
     return {
         "run_dir": str(run_dir),
         "status": rundir.FINISHED,

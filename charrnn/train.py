@@ -31,15 +31,15 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Clip by global norm, then Adam's direction (and AdamW decay); the step size is applied per step.
 
     The learning rate is not inside the optimizer because it follows the run's
-    progress, which under a wall-clock budget is time, not a step count.
+    progress, which under a wall-clock budget is time, not a step count. The chain
+    has the same parts whatever the settings, so its state has one layout and a
+    run can be resumed with another clip or decay.
     """
-    parts = []
-    if config.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(config.clip_norm))
-    parts.append(optax.scale_by_adam(b1=config.beta1, b2=config.beta2))
-    if config.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(config.weight_decay))
-    return optax.chain(*parts)
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm if config.clip_norm > 0 else float("inf")),
+        optax.scale_by_adam(b1=config.beta1, b2=config.beta2),
+        optax.add_decayed_weights(config.weight_decay),
+    )
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -81,7 +81,7 @@ def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimi
         (loss, new_carry), grads = jax.value_and_grad(model.loss, has_aux=True)(
             state.params, model_config, carry, batch.inputs, batch.targets, dropout_key
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

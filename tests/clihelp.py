@@ -1,0 +1,73 @@
+"""Running the charrnn CLI in-process or as a real subprocess, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from charrnn import checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.toml"
+
+
+class Result(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def run_in_process(capsys, *args: str) -> Result:
+    """Call charrnn.cli.main as the console script would; return exit code and output."""
+    from charrnn.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(arg) for arg in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return Result(code, captured.out, captured.err)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    env.pop(checkpoint.FAULT_ENV, None)
+    env.update(extra)
+    return env
+
+
+def run_subprocess(*args: str, cwd: Path, timeout: float = 120, **env: str) -> Result:
+    done = subprocess.run([sys.executable, "-m", "charrnn", *map(str, args)], cwd=cwd, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def start_subprocess(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "charrnn", *map(str, args)], cwd=cwd, env=subprocess_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def checkpoint_arrays(path: Path) -> dict[str, np.ndarray]:
+    arrays, _ = checkpoint.read(path)
+    return arrays
+
+
+def assert_identical_arrays(left: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        assert left[name].dtype == right[name].dtype, name
+        assert np.array_equal(left[name], right[name]), f"{name} differs"
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes, to prove a failed command changed nothing."""
+    if not directory.exists():
+        return {}
+    return {str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()}

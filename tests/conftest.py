@@ -1,0 +1,28 @@
+"""Shared test settings: strict shapes, and small corpora made on the fly."""
+
+import os
+import tempfile
+
+import jax
+import pytest
+
+# One compilation cache for the whole session (subprocesses included), away from the user's.
+os.environ.setdefault("CHARRNN_CACHE_DIR", tempfile.mkdtemp(prefix="charrnn-test-cache-"))
+
+# Implicit rank broadcasting hides shape bugs; every broadcast in charrnn is explicit.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+SAMPLE_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+)
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    """A few kilobytes of dialogue in a temp file."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(SAMPLE_TEXT * 40, encoding="utf-8")
+    return path

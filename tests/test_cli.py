@@ -1,0 +1,81 @@
+"""End to end through the command line: train -> sample -> eval for every cell, in a temp directory."""
+
+import json
+
+import pytest
+from clihelp import TINY, run_in_process
+
+from charrnn import checkpoint, rundir
+
+STEPS = ["--steps", "20", "--set", "train.eval_every=10", "--set", "train.log_every=5"]
+
+
+@pytest.fixture
+def cli(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: run_in_process(capsys, *args)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_train_sample_eval(cli, small_corpus, tmp_path, cell):
+    result = cli("train", small_corpus, "--config", TINY, "--cell", cell, "--out", "runs/one", *STEPS)
+    assert result.code == 0, result.err
+    summary = json.loads(result.out.strip().splitlines()[-1])
+    assert summary["steps"] == 20 and summary["status"] == "finished"
+    run_dir = tmp_path / "runs" / "one"
+    assert json.loads((run_dir / rundir.CONFIG_FILE).read_text())["model"]["cell"] == cell
+    assert [path.name for path in checkpoint.step_files(run_dir / "checkpoints")] == ["step-000000020.safetensors"]
+    assert (run_dir / "checkpoints" / rundir.BEST_FILE).exists()
+    events = [json.loads(line)["event"] for line in (run_dir / rundir.METRICS_FILE).read_text().splitlines()]
+    assert events.count("eval") == 2 and "train" in events
+
+    # sample and eval find the newest run under ./runs by themselves
+    sampled = cli("sample", "--length", "60", "--seed", "7", "--prime", "All:")
+    assert sampled.code == 0, sampled.err
+    assert sampled.out.startswith("All:") and len(sampled.out) == len("All:") + 60 + 1
+    scored = cli("eval", small_corpus, "--json")
+    assert scored.code == 0, scored.err
+    figures = json.loads(scored.out)
+    assert figures["chars"] == len(small_corpus.read_text()) - 1
+    assert figures["bits_per_char"] == pytest.approx(figures["nats_per_char"] / 0.6931471805599453)
+    assert abs(figures["nats_per_char"] - summary["final_val_loss"]) < 0.5
+
+
+@pytest.fixture
+def trained_run(cli, small_corpus, tmp_path):
+    assert cli("train", small_corpus, "--config", TINY, "--out", "runs/one", *STEPS).code == 0
+    return tmp_path / "runs" / "one"
+
+
+def test_sampling_is_reproducible(cli, trained_run):
+    first = cli("sample", "-c", trained_run, "--seed", "3", "--length", "300")
+    second = cli("sample", "-c", trained_run, "--seed", "3", "--length", "300")
+    other = cli("sample", "-c", trained_run, "--seed", "4", "--length", "300")
+    assert first.code == second.code == 0
+    assert first.out == second.out and first.out != other.out
+    greedy = [cli("sample", "-c", trained_run, "--temp", "0", "--seed", str(seed), "--length", "50").out for seed in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_batched_json_samples_and_stop(cli, trained_run):
+    result = cli("sample", "-c", trained_run, "--num-samples", "3", "--length", "40", "--seed", "1", "--json")
+    lines = [json.loads(line) for line in result.out.splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    assert all(len(line["text"]) == 40 for line in lines)
+    assert len({line["text"] for line in lines}) == 3  # independent streams
+    stopped = cli("sample", "-c", trained_run, "--length", "2000", "--seed", "1", "--stop", "\n")
+    assert stopped.code == 0 and stopped.out.endswith("\n\n") and stopped.out.count("\n") == 2
+
+
+def test_tiny_temperature_does_not_overflow(cli, trained_run):
+    result = cli("sample", "-c", trained_run, "--temp", "1e-30", "--seed", "1", "--length", "50")
+    greedy = cli("sample", "-c", trained_run, "--temp", "0", "--seed", "1", "--length", "50")
+    assert result.code == 0 and result.out == greedy.out
+
+
+def test_help_and_version(cli):
+    for command in ("train", "sample", "eval"):
+        result = cli(command, "--help")
+        assert result.code == 0 and "Usage" in result.out
+    assert "Model" in cli("train", "-h").out and "Training" in cli("train", "-h").out
+    assert cli("--version").out.startswith("charrnn ")

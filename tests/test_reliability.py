@@ -1,0 +1,154 @@
+"""Never lose a run: exact resume, graceful signals, divergence, one writer, kills at any moment."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, run_in_process, run_subprocess, snapshot, \
+    start_subprocess
+
+from charrnn import checkpoint, rundir
+
+# 16 streams x 16 chars: the small corpus gives 28 chunks per epoch, so runs cross epochs.
+LAYOUT = ["--config", TINY, "--batch-size", "16", "--seq-len", "16", "--set", "train.log_every=5"]
+
+
+@pytest.fixture
+def cli(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: run_in_process(capsys, *args)
+
+
+def final_arrays(run_dir):
+    return checkpoint_arrays(checkpoint.step_files(run_dir / "checkpoints")[-1])
+
+
+def test_resume_continues_bit_identically(cli, small_corpus, tmp_path):
+    constant = [*LAYOUT, "--set", "train.schedule=constant", "--set", "train.eval_every=15",
+                "--set", "model.dropout=0.1", "--set", "train.steps_per_call=2"]
+    assert cli("train", small_corpus, *constant, "--steps", "40", "--out", "whole").code == 0
+    assert cli("train", small_corpus, *constant, "--steps", "20", "--out", "split").code == 0
+    resumed = cli("train", "--resume", "split", "--steps", "40")
+    assert resumed.code == 0, resumed.err
+    assert json.loads(resumed.out.splitlines()[-1])["steps"] == 40
+    assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "split"))
+
+
+def wait_for_line(path, pattern, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{pattern!r} never appeared in {path}")
+
+
+@pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_and_resume_matches_uninterrupted(cli, small_corpus, tmp_path, signal_number, exit_code):
+    args = [*LAYOUT, "--steps", "400", "--set", "train.eval_every=1000"]
+    process = start_subprocess("train", small_corpus, *args, "--out", "stopped", cwd=tmp_path)
+    wait_for_line(tmp_path / "stopped" / rundir.METRICS_FILE, '"event": "train"')
+    process.send_signal(signal_number)
+    process.send_signal(signal_number)  # a second signal must not break the save
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == exit_code, err
+    assert "--resume" in err and "Traceback" not in err
+    assert rundir.read_status(tmp_path / "stopped")["status"] == rundir.INTERRUPTED
+    stopped_at = int(checkpoint.read(checkpoint.step_files(tmp_path / "stopped" / "checkpoints")[-1])[1]["step"])
+    assert 0 < stopped_at < 400
+
+    assert cli("train", "--resume", "stopped").code == 0
+    assert cli("train", small_corpus, *args, "--out", "whole").code == 0
+    assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "stopped"))
+
+
+def test_resume_refuses_changed_architecture_or_corpus(cli, small_corpus, tmp_path):
+    assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
+    before = snapshot(tmp_path / "run")
+    wider = cli("train", "--resume", "run", "--hidden", "64")
+    assert wider.code == 2 and "model.hidden_size" in wider.err
+    other = tmp_path / "other.txt"
+    other.write_text(small_corpus.read_text() + "more text", encoding="utf-8")
+    moved = cli("train", other, "--resume", "run")
+    assert moved.code == 2 and "corpus" in moved.err
+    streams = cli("train", "--resume", "run", "--batch-size", "8")
+    assert streams.code == 2 and "train.batch_size" in streams.err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_one_writer_per_run_directory(cli, small_corpus, tmp_path):
+    assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
+    again = cli("train", small_corpus, *LAYOUT, "--out", "run")
+    assert again.code == 2 and "--resume" in again.err
+    with rundir.RunLock(tmp_path / "run"):
+        busy = cli("train", "--resume", "run", "--steps", "20")
+    assert busy.code == 7 and "in use" in busy.err
+
+
+def test_divergence_stops_with_its_own_code_and_keeps_good_checkpoints(cli, small_corpus, tmp_path):
+    assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
+    good = final_arrays(tmp_path / "run")
+    diverged = cli("train", "--resume", "run", "--steps", "30", "--lr", "1e38", "--set", "train.clip_norm=0")
+    assert diverged.code == 5, diverged.err
+    assert "non-finite" in diverged.err and "step-000000010" in diverged.err
+    assert rundir.read_status(tmp_path / "run")["status"] == rundir.DIVERGED
+    for path in (tmp_path / "run" / "checkpoints").glob("*.safetensors"):
+        assert all(np.isfinite(array).all() for array in checkpoint_arrays(path).values() if array.dtype.kind == "f")
+    assert_identical_arrays(good, final_arrays(tmp_path / "run"))
+
+
+def reported_saves(stderr: str) -> list[int]:
+    return [int(step) for step in re.findall(r"saved step-(\d+)", stderr)]
+
+
+@pytest.mark.parametrize("phase", ["before_write", "half_written", "written", "synced", "replaced"])
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(small_corpus, tmp_path, phase):
+    result = run_subprocess("train", small_corpus, *LAYOUT, "--steps", "40", "--set", "train.eval_every=5",
+                            "--set", "train.keep=2", "--out", "run", cwd=tmp_path,
+                            **{checkpoint.FAULT_ENV: f"{phase}@3"})
+    assert result.code == -signal.SIGKILL
+    saved = reported_saves(result.err)
+    path, _, metadata, _ = checkpoint.read_latest(tmp_path / "run" / "checkpoints")
+    assert metadata["step"] >= max(saved)
+    resumed = run_subprocess("train", "--resume", "run", "--quiet", cwd=tmp_path)
+    assert resumed.code == 0, resumed.err
+    assert json.loads(resumed.out)["steps"] == 40
+
+
+def test_random_sigkills_never_lose_a_reported_checkpoint(small_corpus, tmp_path):
+    kills = int(os.environ.get("CHARRNN_SOAK_KILLS", "20"))
+    rng = random.Random(0)
+    args = [*LAYOUT, "--steps", "100000", "--set", "train.eval_every=3", "--set", "train.keep=2"]
+    newest_reported = 0
+    run_dir = tmp_path / "run"
+    for _ in range(kills):
+        if not (run_dir / rundir.CONFIG_FILE).exists():  # killed before it began: nothing to keep
+            shutil.rmtree(run_dir, ignore_errors=True)
+            command = ["train", small_corpus, *args, "--out", "run"]
+        else:
+            command = ["train", "--resume", "run"]
+        process = start_subprocess(*command, cwd=tmp_path)
+        time.sleep(rng.uniform(1.5, 5.0))
+        process.kill()
+        _, err = process.communicate(timeout=60)
+        newest_reported = max([newest_reported, *reported_saves(err)])
+        if newest_reported:
+            _, _, metadata, skipped = checkpoint.read_latest(tmp_path / "run" / "checkpoints")
+            assert metadata["step"] >= newest_reported
+            assert skipped == []
+    assert newest_reported > 0
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(cli, small_corpus, tmp_path, monkeypatch):
+    assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
+    before = snapshot(tmp_path / "run" / "checkpoints")
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "enospc")
+    full = cli("train", "--resume", "run", "--steps", "20")
+    assert full.code == 6 and "No space left" in full.err
+    assert snapshot(tmp_path / "run" / "checkpoints") == before
