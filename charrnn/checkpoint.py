@@ -94,7 +94,7 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 
 def encode(arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:
     """Serialise arrays and metadata (with format version and checksum) to bytes."""
-    header = {"format_version": FORMAT_VERSION, "sha256": _digest(arrays), **metadata}
+    header = {**metadata, "format_version": FORMAT_VERSION, "sha256": _digest(arrays)}
     contiguous = {name: _contiguous(array) for name, array in arrays.items()}
     return save_arrays(contiguous, metadata={"charrnn": json.dumps(header)})
 

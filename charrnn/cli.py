@@ -254,6 +254,17 @@ def sample(
     _utf8_stdout()
     blocks = sampling.generate(trained.params, trained.config.model, prime_ids, length, num_samples, seed,
                                temperature, top_k, top_p)
+    try:
+        _write_samples(blocks, vocab, prime_text, num_samples, stop, json_output, seed)
+    except BrokenPipeError:
+        # The reader (e.g. `head`) has all it wanted: stop quietly, and keep
+        # Python's final flush from complaining about the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _write_samples(blocks, vocab, prime_text: str, num_samples: int, stop: str | None, json_output: bool,
+                   seed: int) -> None:
+    """Stream one sample as it is generated, or print N samples (plain or JSON lines) at the end."""
     texts = [prime_text] * num_samples
     stream = num_samples == 1 and not json_output
     if stream:
@@ -329,11 +340,6 @@ def main(argv: list[str] | None = None) -> None:
         code = _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         code = EXIT_SIGINT
-    except BrokenPipeError:
-        # The reader (e.g. `head`) has gone: stop quietly, and keep Python's
-        # final flush from complaining about the closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 0
     except Exception as error:  # a bug, not a user error: still one line unless --debug
         code = _fail(f"internal error: {type(error).__name__}: {error}", 1)
     sys.stdout.flush()

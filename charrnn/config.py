@@ -186,7 +186,7 @@ def validate(config: Config) -> None:
     _require(train.warmup_steps >= 0, "train.warmup_steps must not be negative")
     _require(0.0 <= train.final_lr_fraction <= 1.0, "train.final_lr_fraction must be in [0, 1]")
     _require(0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
-    _require(train.weight_decay >= 0, "train.weight_decay must not be negative")
+    _require(math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be a finite number >= 0")
     _require(train.clip_norm >= 0, "train.clip_norm must not be negative (0 disables clipping)")
     _require(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no budget)")
     _require(train.save_minutes >= 0, "train.save_minutes must not be negative")

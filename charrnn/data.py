@@ -40,9 +40,10 @@ def read_text(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as error:
         raise CorpusError(f"cannot read {path}: {error.strerror}") from None
-    if not raw:
+    text = decode_text(raw, str(path))
+    if not text:
         raise CorpusError(f"{path} is empty")
-    return decode_text(raw, str(path))
+    return text
 
 
 def text_checksum(text: str) -> str:

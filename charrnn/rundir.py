@@ -122,9 +122,15 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
 
     def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record) + "\n").encode()
         try:
-            with open(self.path, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
+            with open(self.path, "a+b") as file:
+                # After a crash mid-line, start on a fresh line so only the torn record is lost.
+                if file.tell() > 0:
+                    file.seek(-1, os.SEEK_END)
+                    if file.read(1) != b"\n":
+                        line = b"\n" + line
+                file.write(line)
         except OSError as error:
             raise StorageError(f"cannot write {self.path}: {error.strerror}") from None
 

@@ -1,0 +1,307 @@
+"""Checkpoint files: pytree naming, bit-identical round trips, damage detection, atomic writes."""
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save as save_safetensors
+
+from charrnn import checkpoint
+from charrnn.errors import CheckpointError, StorageError
+
+
+class Carry(NamedTuple):
+    h: jax.Array
+    c: jax.Array
+
+
+def _tree(seed: int = 0) -> dict:
+    """A nested pytree of dicts, lists and NamedTuples with awkward values and dtypes."""
+    rng = np.random.default_rng(seed)
+    special = np.array([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -3.4e38], dtype=np.float32)  # incl. subnormal
+    return {
+        "params": {
+            "embed": rng.standard_normal((5, 3)).astype(np.float32),
+            "layers": [
+                {"w": jnp.asarray(rng.standard_normal((3, 4)), dtype=jnp.float32), "b": special},
+                {"w": rng.standard_normal((4, 4)).astype(np.float16), "b": np.zeros(4, np.float32)},
+            ],
+        },
+        "carry": [Carry(jnp.ones((2, 4)), jnp.full((2, 4), -2.5))],
+        "step": jnp.asarray(7 + seed, dtype=jnp.int32),  # 0-d
+        "count": np.array(-3, dtype=np.int32),  # 0-d
+        "ids": rng.integers(0, 255, size=(6,), dtype=np.uint8),
+        "flags": np.array([True, False, True]),
+    }
+
+
+EXPECTED_NAMES = {
+    "state/params/embed",
+    "state/params/layers/0/w",
+    "state/params/layers/0/b",
+    "state/params/layers/1/w",
+    "state/params/layers/1/b",
+    "state/carry/0/h",
+    "state/carry/0/c",
+    "state/step",
+    "state/count",
+    "state/ids",
+    "state/flags",
+}
+
+
+def _assert_bit_identical(restored, original) -> None:
+    assert jax.tree.structure(restored) == jax.tree.structure(original)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(original)):
+        want = np.asarray(want)
+        assert isinstance(got, np.ndarray)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+
+
+def _checkpoint_error(function, *args) -> str:
+    with pytest.raises(CheckpointError) as caught:
+        function(*args)
+    assert caught.value.exit_code == 4
+    return str(caught.value)
+
+
+def test_flatten_names_leaves_by_path():
+    arrays = checkpoint.flatten(_tree(), "state")
+    assert set(arrays) == EXPECTED_NAMES
+    assert arrays["state/step"].shape == () and arrays["state/step"].dtype == np.int32
+
+
+@pytest.mark.parametrize("as_template", [lambda leaf: leaf, lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)],
+                         ids=["arrays", "shape_dtype_structs"])
+def test_unflatten_restores_bit_identical_tree(as_template):
+    tree = _tree()
+    template = jax.tree.map(as_template, _tree(seed=1))  # same shapes, other values
+    _assert_bit_identical(checkpoint.unflatten(template, "state", checkpoint.flatten(tree, "state")), tree)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda arrays: arrays.pop("state/carry/0/c"),
+        lambda arrays: arrays.update({"state/carry/0/c": np.ones((2, 5), np.float32)}),
+        lambda arrays: arrays.update({"state/carry/0/c": np.ones((2, 4), np.float16)}),
+        lambda arrays: arrays.update({"state/carry/0/c": np.ones((8,), np.float32)}),
+    ],
+    ids=["missing", "wrong_shape", "wrong_dtype", "reshaped"],
+)
+def test_unflatten_names_the_array_that_does_not_fit(damage):
+    arrays = checkpoint.flatten(_tree(), "state")
+    damage(arrays)
+    assert "state/carry/0/c" in _checkpoint_error(checkpoint.unflatten, _tree(), "state", arrays)
+
+
+def test_unflatten_with_another_prefix_is_missing_arrays():
+    arrays = checkpoint.flatten(_tree(), "params")
+    assert "opt_state/" in _checkpoint_error(checkpoint.unflatten, _tree(), "opt_state", arrays)
+
+
+METADATA = {"config": {"model": {"cell": "lstm", "hidden_size": 32}}, "vocab": "ab\n\u00e9\U0001f600", "step": 12,
+            "val_loss": 1.25, "best_val_loss": None, "notes": [1, "two"]}
+
+
+def test_write_read_round_trip(tmp_path):
+    tree = _tree()
+    path = tmp_path / "model.safetensors"
+    checkpoint.write(path, checkpoint.flatten(tree, "state"), METADATA)
+    arrays, metadata = checkpoint.read(path)
+    _assert_bit_identical(checkpoint.unflatten(tree, "state", arrays), tree)
+    assert {key: metadata[key] for key in METADATA} == METADATA
+    assert metadata["format_version"] == checkpoint.FORMAT_VERSION
+    assert len(metadata["sha256"]) == 64 and int(metadata["sha256"], 16) >= 0
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary file left
+
+
+def test_metadata_read_back_can_be_written_again(tmp_path):
+    """Re-saving new arrays with the metadata of a loaded checkpoint gives a readable file."""
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    checkpoint.write(old, checkpoint.flatten(_tree(0), "state"), METADATA)
+    _, metadata = checkpoint.read(old)
+    checkpoint.write(new, checkpoint.flatten(_tree(1), "state"), metadata)
+    arrays, _ = checkpoint.read(new)
+    _assert_bit_identical(checkpoint.unflatten(_tree(), "state", arrays), _tree(1))
+
+
+def _payload(seed: int = 0, **metadata) -> bytes:
+    return checkpoint.encode(checkpoint.flatten(_tree(seed), "state"), metadata)
+
+
+def _data_start(payload: bytes) -> int:
+    (header_size,) = struct.unpack("<Q", payload[:8])
+    return 8 + header_size
+
+
+def _flip_bit(payload: bytes, position: int) -> bytes:
+    damaged = bytearray(payload)
+    damaged[position] ^= 0x10
+    return bytes(damaged)
+
+
+def _other_version(monkeypatch) -> bytes:
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + 1)
+    payload = _payload()
+    monkeypatch.undo()
+    return payload
+
+
+DAMAGED = [
+    # (id, bytes from a good payload, what the message says)
+    ("empty", lambda payload: b"", "empty"),
+    ("cut_in_size", lambda payload: payload[:5], "truncated"),
+    ("cut_after_size", lambda payload: payload[:8], "truncated"),
+    ("cut_in_header", lambda payload: payload[:40], "truncated"),
+    ("cut_before_header_end", lambda payload: payload[: _data_start(payload) - 1], "truncated"),
+    ("cut_at_header_end", lambda payload: payload[: _data_start(payload)], "truncated"),
+    ("cut_in_data", lambda payload: payload[: _data_start(payload) + 3], "truncated"),
+    ("cut_last_byte", lambda payload: payload[:-1], "truncated"),
+    ("flip_first_data_bit", lambda payload: _flip_bit(payload, _data_start(payload)), "checksum"),
+    ("flip_mid_data_bit", lambda payload: _flip_bit(payload, (_data_start(payload) + len(payload)) // 2), "checksum"),
+    ("flip_last_data_bit", lambda payload: _flip_bit(payload, len(payload) - 1), "checksum"),
+    ("random_1", lambda payload: np.random.default_rng(1).bytes(1), "not a charrnn checkpoint"),
+    ("random_64", lambda payload: np.random.default_rng(2).bytes(64), "not a charrnn checkpoint"),
+    ("random_4096", lambda payload: np.random.default_rng(3).bytes(4096), "not a charrnn checkpoint"),
+    ("json_text", lambda payload: b'{"step": 1}\n', "not a charrnn checkpoint"),
+    ("plain_safetensors", lambda payload: save_safetensors({"w": np.ones(3, np.float32)}), "not a charrnn checkpoint"),
+]
+
+
+@pytest.mark.parametrize("make, fragment", [case[1:] for case in DAMAGED], ids=[case[0] for case in DAMAGED])
+def test_damaged_files_are_detected(make, fragment, tmp_path):
+    path = tmp_path / "damaged.safetensors"
+    path.write_bytes(make(_payload()))
+    message = _checkpoint_error(checkpoint.read, path)
+    assert str(path) in message and fragment in message
+
+
+def test_other_format_version_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "future.safetensors"
+    path.write_bytes(_other_version(monkeypatch))
+    message = _checkpoint_error(checkpoint.read, path)
+    assert f"format version {checkpoint.FORMAT_VERSION + 1}" in message and str(path) in message
+
+
+@pytest.mark.parametrize("name", ["missing.safetensors", "."], ids=["missing", "directory"])
+def test_missing_checkpoint_is_refused(name, tmp_path):
+    path = tmp_path / name
+    assert str(path) in _checkpoint_error(checkpoint.read, path)
+
+
+def test_enospc_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    old = _payload(seed=0)
+    checkpoint.write_atomic(path, old)
+    monkeypatch.setenv(checkpoint.FAULT_ENV, "enospc")
+    with pytest.raises(StorageError) as caught:
+        checkpoint.write_atomic(path, _payload(seed=1))
+    assert caught.value.exit_code == 6 and str(path) in str(caught.value)
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_write_into_missing_directory_is_a_storage_error(tmp_path):
+    with pytest.raises(StorageError):
+        checkpoint.write_atomic(tmp_path / "absent" / "model.safetensors", _payload())
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from charrnn import checkpoint
+    checkpoint.write_atomic(Path(sys.argv[1]), Path(sys.argv[2]).read_bytes())
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "fault, returncode, survivor",
+    [
+        ("before_write", -signal.SIGKILL, "old"),
+        ("half_written", -signal.SIGKILL, "old"),
+        ("written", -signal.SIGKILL, "old"),
+        ("synced", -signal.SIGKILL, "old"),
+        ("replaced", -signal.SIGKILL, "new"),
+        ("none", 0, "new"),
+    ],
+)
+def test_kill_while_writing_leaves_old_or_new(fault, returncode, survivor, tmp_path):
+    path = checkpoint.step_path(tmp_path, 5)
+    checkpoint.write(path, checkpoint.flatten(_tree(0), "state"), {"version": "old"})
+    new = tmp_path / "new.bin"
+    new.write_bytes(_payload(seed=1, version="new"))
+    env = {**os.environ, checkpoint.FAULT_ENV: fault, "JAX_PLATFORMS": "cpu"}
+    child = subprocess.run([sys.executable, "-c", CHILD, str(path), str(new)], env=env, capture_output=True, timeout=60)
+    assert child.returncode == returncode, child.stderr.decode()
+    arrays, metadata = checkpoint.read(path)
+    assert metadata["version"] == survivor
+    _assert_bit_identical(checkpoint.unflatten(_tree(), "state", arrays), _tree(0 if survivor == "old" else 1))
+    assert checkpoint.step_files(tmp_path) == [path]  # a leftover temporary file is never listed
+
+
+def _write_steps(directory, steps) -> list:
+    paths = [checkpoint.step_path(directory, step) for step in steps]
+    for step, path in zip(steps, paths):
+        checkpoint.write(path, checkpoint.flatten({"w": np.full(2, step, np.int32)}, "p"), {"step": step})
+    return paths
+
+
+def _clutter(directory) -> list:
+    """Files that live beside step checkpoints: a temp file of a killed write, the best copy, notes."""
+    names = [f"{checkpoint._TEMP_PREFIX}step-000000003{checkpoint.SUFFIX}.999", "best.safetensors", "notes.txt"]
+    for name in names:
+        (directory / name).write_bytes(b"x")
+    return names
+
+
+def test_step_files_are_ordered_by_step(tmp_path):
+    steps = [10, 2, 1_000_000, 100, 9]
+    _write_steps(tmp_path, steps)
+    _clutter(tmp_path)
+    assert checkpoint.step_files(tmp_path) == [checkpoint.step_path(tmp_path, step) for step in sorted(steps)]
+    assert checkpoint.step_files(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, 4, 10])
+def test_rotate_keeps_the_newest(keep, tmp_path):
+    steps = [1, 20, 300, 4000]
+    _write_steps(tmp_path, steps)
+    temp, best, notes = _clutter(tmp_path)
+    checkpoint.rotate(tmp_path, keep)
+    assert checkpoint.step_files(tmp_path) == [checkpoint.step_path(tmp_path, step) for step in steps[-keep:]]
+    assert not (tmp_path / temp).exists()
+    assert (tmp_path / best).exists() and (tmp_path / notes).exists()
+
+
+@pytest.mark.parametrize("broken", [[], [3], [3, 2], [2]])
+def test_read_latest_skips_broken_newer_files(broken, tmp_path):
+    paths = _write_steps(tmp_path, [1, 2, 3])
+    for step in broken:
+        paths[step - 1].write_bytes(paths[step - 1].read_bytes()[:-10])
+    path, arrays, metadata, problems = checkpoint.read_latest(tmp_path)
+    newest_good = max(step for step in (1, 2, 3) if step not in broken)
+    assert path == paths[newest_good - 1] and metadata["step"] == newest_good
+    np.testing.assert_array_equal(arrays["p/w"], newest_good)
+    skipped = [step for step in (3, 2, 1) if step > newest_good]
+    assert len(problems) == len(skipped)
+    for problem, step in zip(problems, skipped):
+        assert str(paths[step - 1]) in problem
+
+
+@pytest.mark.parametrize("steps", [[], [1, 2]])
+def test_read_latest_raises_when_nothing_loads(steps, tmp_path):
+    for path in _write_steps(tmp_path, steps):
+        path.write_bytes(b"")
+    assert str(tmp_path) in _checkpoint_error(checkpoint.read_latest, tmp_path)

@@ -1,0 +1,155 @@
+"""Bad input gets one clear line: `charrnn: error: ...`, a documented exit code, no traceback, nothing changed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from clihelp import TINY, run_in_process, snapshot, subprocess_env
+
+from charrnn import checkpoint
+
+USAGE, CORPUS, CHECKPOINT, STORAGE = 2, 3, 4, 6
+TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 60
+
+
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A directory with a trained run at runs/good and bad inputs of every kind beside it."""
+    root = tmp_path_factory.mktemp("errors")
+    corpus = write(root / "corpus.txt", TEXT + "café — naïve\n")
+    done = subprocess.run([sys.executable, "-m", "charrnn", "train", str(corpus), "--config", str(TINY),
+                           "--steps", "10", "--out", "runs/good", "--quiet"], cwd=root, env=subprocess_env(),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    good = checkpoint.step_files(root / "runs" / "good" / "checkpoints")[-1]
+    payload = good.read_bytes()
+    flipped = bytearray(payload)
+    flipped[-10] ^= 0x01
+    write(root / "ckpt" / "empty.safetensors", b"")
+    write(root / "ckpt" / "truncated.safetensors", payload[: len(payload) // 2])
+    write(root / "ckpt" / "flipped.safetensors", bytes(flipped))
+    write(root / "ckpt" / "random.safetensors", os.urandom(4096))
+    arrays, metadata = checkpoint.read(good)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint, "FORMAT_VERSION", 99)
+        write(root / "ckpt" / "future.safetensors", checkpoint.encode(arrays, metadata))
+    write(root / "bad" / "empty.txt", b"")
+    write(root / "bad" / "short.txt", "tiny text\n" * 10)
+    write(root / "bad" / "binary.bin", bytes(range(256)) * 4)
+    write(root / "bad" / "latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 100)
+    write(root / "bad" / "utf16.txt", TEXT.encode("utf-16"))
+    write(root / "bad" / "nul.txt", (TEXT[:50] + "\x00" + TEXT[50:]).encode())
+    write(root / "bad" / "one_char.txt", "a" * 5000)
+    write(root / "bad" / "not_a_dir", "a regular file")
+    (root / "bad" / "folder").mkdir()
+    write(root / "unknown.txt", "Zebra quiz 42 €\n")
+    return root
+
+
+TRAIN = ["train", "--config", str(TINY), "--steps", "5"]
+CASES = [
+    # (id, argv, exit code, words the error line must contain)
+    ("missing corpus", [*TRAIN, "nowhere.txt"], CORPUS, "no such file"),
+    ("directory corpus", [*TRAIN, "bad/folder"], CORPUS, "directory"),
+    ("empty corpus", [*TRAIN, "bad/empty.txt"], CORPUS, "empty"),
+    ("shorter than one batch", [*TRAIN, "bad/short.txt"], CORPUS, "batch_size"),
+    ("empty validation split", [*TRAIN, "corpus.txt", "--set", "train.val_fraction=0.0001"], CORPUS, "validation"),
+    ("binary file", [*TRAIN, "bad/binary.bin"], CORPUS, "offset 0"),
+    ("not UTF-8", [*TRAIN, "bad/latin1.txt"], CORPUS, "offset 3"),
+    ("UTF-16", [*TRAIN, "bad/utf16.txt"], CORPUS, "UTF-16"),
+    ("NUL byte", [*TRAIN, "bad/nul.txt"], CORPUS, "offset 50"),
+    ("one-character vocabulary", [*TRAIN, "bad/one_char.txt"], CORPUS, "single distinct character"),
+    ("unknown --set key", [*TRAIN, "corpus.txt", "--set", "model.colour=red"], USAGE, "model.colour"),
+    ("unknown --set section", [*TRAIN, "corpus.txt", "--set", "optim.lr=1"], USAGE, "optim"),
+    ("wrong --set type", [*TRAIN, "corpus.txt", "--set", "model.hidden_size=big"], USAGE, "model.hidden_size"),
+    ("bad option value", [*TRAIN, "corpus.txt", "--steps", "many"], USAGE, "--steps"),
+    ("bad choice", [*TRAIN, "corpus.txt", "--cell", "cnn"], USAGE, "--cell"),
+    ("invalid config value", [*TRAIN, "corpus.txt", "--set", "model.dropout=1.5"], USAGE, "model.dropout"),
+    ("unwritable output", [*TRAIN, "corpus.txt", "--out", "bad/not_a_dir/run"], STORAGE, "cannot write"),
+    ("existing run without --resume", [*TRAIN, "corpus.txt", "--out", "runs/good"], USAGE, "--resume"),
+    ("resume of nothing", ["train", "--resume", "bad/folder"], CHECKPOINT, "not a charrnn run"),
+    ("prime outside vocabulary", ["sample", "--prime", "Zebra €"], USAGE, "'€'"),
+    ("negative temperature", ["sample", "--temp", "-1"], USAGE, "temperature"),
+    ("NaN temperature", ["sample", "--temp", "nan"], USAGE, "temperature"),
+    ("infinite temperature", ["sample", "--temp", "inf"], USAGE, "temperature"),
+    ("top-p zero", ["sample", "--top-p", "0"], USAGE, "top-p"),
+    ("top-p above one", ["sample", "--top-p", "1.5"], USAGE, "top-p"),
+    ("negative top-k", ["sample", "--top-k", "-2"], USAGE, "top-k"),
+    ("negative length", ["sample", "--length", "-5"], USAGE, "length"),
+    ("missing checkpoint", ["sample", "-c", "ckpt/none.safetensors"], CHECKPOINT, "no such checkpoint"),
+    ("empty checkpoint", ["sample", "-c", "ckpt/empty.safetensors"], CHECKPOINT, "empty"),
+    ("truncated checkpoint", ["sample", "-c", "ckpt/truncated.safetensors"], CHECKPOINT, "truncated"),
+    ("bit-flipped checkpoint", ["sample", "-c", "ckpt/flipped.safetensors"], CHECKPOINT, "corrupted"),
+    ("random-bytes checkpoint", ["sample", "-c", "ckpt/random.safetensors"], CHECKPOINT, "not a charrnn checkpoint"),
+    ("other format version", ["eval", "corpus.txt", "-c", "ckpt/future.safetensors"], CHECKPOINT, "format version 99"),
+    ("eval of missing file", ["eval", "nowhere.txt"], CORPUS, "no such file"),
+    ("eval outside vocabulary", ["eval", "unknown.txt"], USAGE, "--skip-unknown"),
+]
+
+
+@pytest.mark.parametrize("argv, code, words", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_gets_one_clear_line(workspace, capsys, monkeypatch, argv, code, words):
+    monkeypatch.chdir(workspace)
+    before = snapshot(workspace)
+    result = run_in_process(capsys, *argv)
+    lines = result.err.strip().splitlines()
+    assert result.code == code, result.err
+    assert len(lines) == 1 and lines[0].startswith("charrnn: error: "), result.err
+    assert words in lines[0]
+    assert "Traceback" not in result.err and result.out == ""
+    assert snapshot(workspace) == before
+
+
+def test_no_trained_run_is_a_checkpoint_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_in_process(capsys, "sample")
+    assert result.code == CHECKPOINT and "no trained run" in result.err
+
+
+def test_debug_shows_the_traceback(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    result = run_in_process(capsys, "--debug", "sample", "-c", "ckpt/truncated.safetensors")
+    assert result.code == CHECKPOINT and "Traceback" in result.err
+
+
+def test_skipping_unknown_characters_is_offered(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    result = run_in_process(capsys, "sample", "--prime", "Zebra €", "--skip-unknown", "--length", "20", "--seed", "1")
+    assert result.code == 0 and result.out.startswith("ebra ")
+    scored = run_in_process(capsys, "eval", "unknown.txt", "--skip-unknown", "--json")
+    assert scored.code == 0 and json.loads(scored.out)["chars"] > 0
+
+
+def test_length_zero_prints_only_the_prime(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    result = run_in_process(capsys, "sample", "--length", "0", "--prime", "ROMEO", "--seed", "1")
+    assert result.code == 0 and result.out == "ROMEO\n"
+
+
+def test_output_piped_into_head_exits_quietly(workspace):
+    process = subprocess.Popen([sys.executable, "-m", "charrnn", "sample", "--length", "100000", "--seed", "1"],
+                               cwd=workspace, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(20)) == 20
+    process.stdout.close()  # what `head -c 20` does once it has enough
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert b"Traceback" not in err and b"error" not in err
+
+
+def test_c_locale_with_redirected_stdout_writes_utf8(workspace):
+    done = subprocess.run([sys.executable, "-m", "charrnn", "sample", "--prime", "café — naïve", "--length", "30",
+                           "--seed", "1"], cwd=workspace, env=subprocess_env(LANG="C", LC_ALL="C", PYTHONIOENCODING=""),
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode("utf-8").startswith("café — naïve")
