@@ -1,0 +1,104 @@
+"""Throughput measurement: steady-state training and sampling chars/s, compile time, peak memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from charrnn import data, model, sample, train
+from charrnn.config import Config
+from charrnn.runner import peak_rss_mb
+
+VOCAB_SIZE = 65  # Tiny Shakespeare's
+
+
+def _synthetic_ids(num_chars: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB_SIZE, num_chars).astype(np.uint8)
+
+
+def _timed(function) -> float:
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
+
+
+class TrainingBench:
+    """A compiled train call on synthetic text, ready to be timed call by call."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        train_config = config.train
+        optimizer = train.make_optimizer(train_config)
+        self.call = train.make_train_call(config.model, train_config, optimizer)
+        self.state = train.init_state(jax.random.key(train_config.seed), config.model, optimizer, VOCAB_SIZE)
+        self.carry = model.initial_carry(self.state.params, config.model, train_config.batch_size)
+        chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
+        self.ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
+        self.layout = data.stream_layout(len(self.ids), train_config.batch_size, train_config.seq_len)
+        self.lrs = np.full((train_config.steps_per_call,), train_config.lr, np.float32)
+        self.step = 0
+        self.chars_per_call = chars_per_call
+
+    def run_call(self) -> None:
+        train_config = self.config.train
+        batches = data.stack_batches([
+            data.training_batch(self.ids, self.layout, self.step + i, train_config.seed, False)
+            for i in range(train_config.steps_per_call)
+        ])
+        self.state, self.carry, metrics = self.call(self.state, self.carry, batches, self.lrs)
+        self.step += train_config.steps_per_call
+        return metrics
+
+    def compile(self) -> float:
+        """Compile and warm up; return the compile time and remember one warm call's time."""
+        compile_s = _timed(lambda: jax.block_until_ready(self.run_call()))
+        self.seconds_per_call = _timed(lambda: jax.block_until_ready(self.run_call()))
+        return compile_s
+
+    def chars_per_second(self, seconds: float) -> float:
+        """Throughput of about `seconds` of back-to-back calls, synchronising only at the end."""
+        calls = max(1, int(seconds / max(self.seconds_per_call, 1e-6)))
+
+        def run():
+            for _ in range(calls):
+                metrics = self.run_call()
+            jax.block_until_ready(metrics)
+
+        return calls * self.chars_per_call / _timed(run)
+
+
+def measure_training(config: Config, repeats: int, seconds: float) -> dict[str, float]:
+    """Compile time and the median steady-state training chars/s of `repeats` timed windows."""
+    bench = TrainingBench(config)
+    compile_s = bench.compile()
+    rates = [bench.chars_per_second(seconds) for _ in range(repeats)]
+    return {"compile_s": compile_s, "train_chars_per_s": statistics.median(rates), "train_repeats": rates}
+
+
+def measure_sampling(config: Config, batch_size: int, length: int, repeats: int) -> float:
+    """Median chars/s (all streams together) of generating `length` characters per stream."""
+    params = model.init_params(jax.random.key(0), config.model, VOCAB_SIZE)
+    prime = np.array([0], np.int32)
+
+    def run():
+        for block in sample.generate(params, config.model, prime, length, batch_size, 0, 0.8):
+            pass
+        return block
+
+    run()  # compile
+    times = [_timed(run) for _ in range(repeats)]
+    return batch_size * length / statistics.median(times)
+
+
+def benchmark(config: Config, repeats: int = 5, seconds: float = 2.0, sample_length: int = 1024) -> dict[str, Any]:
+    """Everything `charrnn bench` reports for one model configuration."""
+    result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+              **measure_training(config, repeats, seconds)}
+    result["sample_chars_per_s_b1"] = measure_sampling(config, 1, sample_length, repeats)
+    result["sample_chars_per_s_b64"] = measure_sampling(config, 64, sample_length, repeats)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
