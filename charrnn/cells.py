@@ -8,7 +8,10 @@ where `x_proj = x @ params["w_x"] + params["b"]` is the input projection of one
 time step. It does not depend on the carry, so the model computes it for every
 time step at once (one matmul, or one table lookup for the first layer) and the
 time loop (`lax.scan`, whose argument order `step` follows) only does the
-recurrent matmul `h @ params["w_h"]` and the elementwise gate arithmetic.
+recurrent matmul `recurrent = h @ params["w_h"]` and the elementwise gate
+arithmetic, `gates(params, carry, x_proj, recurrent) -> (carry, h)`. Keeping the
+two apart lets the backward pass (charrnn/layer.py) compute the weight gradient
+of all time steps as one matmul.
 All gates of a cell are one matmul: weights are [in, G*H] with the G gate
 blocks side by side, in the order the equations below name them.
 """
@@ -34,7 +37,11 @@ class Cell(NamedTuple):
     num_gates: int
     carry_type: type
     init: Callable
-    step: Callable
+    gates: Callable
+
+    def step(self, params: dict, carry, x_proj: jax.Array):
+        """One time step: the recurrent matmul, then the gate arithmetic."""
+        return self.gates(params, carry, x_proj, recurrent_matmul(carry.h, params["w_h"]))
 
     def initial_carry(self, batch_size: int, hidden_size: int):
         # One array per field: a carry is donated to the train step, and XLA
@@ -42,9 +49,14 @@ class Cell(NamedTuple):
         return self.carry_type(*(jnp.zeros((batch_size, hidden_size), jnp.float32) for _ in self.carry_type._fields))
 
 
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 sums for bfloat16/float32 weights; float64 stays float64 (gradient checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def recurrent_matmul(h: jax.Array, w_h: jax.Array) -> jax.Array:
     """h @ w_h in the weights' dtype (bfloat16 or float32), accumulated in float32."""
-    return jnp.dot(h.astype(w_h.dtype), w_h, preferred_element_type=jnp.float32)
+    return jnp.dot(h.astype(w_h.dtype), w_h, preferred_element_type=accumulation_dtype(w_h.dtype))
 
 
 def _uniform_init(key, input_size: int, hidden_size: int, num_gates: int) -> dict:
@@ -63,9 +75,9 @@ def rnn_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 1)
 
 
-def rnn_step(params: dict, carry: HiddenCarry, x_proj: jax.Array):
+def rnn_gates(params: dict, carry: HiddenCarry, x_proj: jax.Array, recurrent: jax.Array):
     """h' = tanh(W_x x + b + W_h h)."""
-    h = jnp.tanh(x_proj + recurrent_matmul(carry.h, params["w_h"]))
+    h = jnp.tanh(x_proj + recurrent)
     return HiddenCarry(h), h
 
 
@@ -73,13 +85,13 @@ def lstm_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 4)
 
 
-def lstm_step(params: dict, carry: LSTMCarry, x_proj: jax.Array):
+def lstm_gates(params: dict, carry: LSTMCarry, x_proj: jax.Array, recurrent: jax.Array):
     """Hochreiter & Schmidhuber with forget gate (Gers et al.), gates i, f, g, o.
 
     z = W_x x + b + W_h h;  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
     c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
     """
-    z = x_proj + recurrent_matmul(carry.h, params["w_h"])  # [B, 4H]
+    z = x_proj + recurrent  # [B, 4H]
     z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
     c = jax.nn.sigmoid(z_f) * carry.c + jax.nn.sigmoid(z_i) * jnp.tanh(z_g)
     h = jax.nn.sigmoid(z_o) * jnp.tanh(c)
@@ -92,7 +104,7 @@ def gru_init(key, input_size: int, hidden_size: int) -> dict:
     return params
 
 
-def gru_step(params: dict, carry: HiddenCarry, x_proj: jax.Array):
+def gru_gates(params: dict, carry: HiddenCarry, x_proj: jax.Array, recurrent: jax.Array):
     """Cho et al. GRU with the reset gate applied after the recurrent matmul (as cuDNN).
 
     Gates r, u (update), n (candidate):
@@ -101,7 +113,7 @@ def gru_step(params: dict, carry: HiddenCarry, x_proj: jax.Array):
     Resetting after the matmul lets all three recurrent products be one matmul.
     """
     x_r, x_u, x_n = jnp.split(x_proj, 3, axis=-1)
-    h_r, h_u, h_n = jnp.split(recurrent_matmul(carry.h, params["w_h"]), 3, axis=-1)  # [B, H] each
+    h_r, h_u, h_n = jnp.split(recurrent, 3, axis=-1)  # [B, H] each
     reset = jax.nn.sigmoid(x_r + h_r)
     update = jax.nn.sigmoid(x_u + h_u)
     candidate = jnp.tanh(x_n + reset * (h_n + params["b_hn"][None, :]))
@@ -110,7 +122,7 @@ def gru_step(params: dict, carry: HiddenCarry, x_proj: jax.Array):
 
 
 CELLS: dict[str, Cell] = {
-    "rnn": Cell(1, HiddenCarry, rnn_init, rnn_step),
-    "lstm": Cell(4, LSTMCarry, lstm_init, lstm_step),
-    "gru": Cell(3, HiddenCarry, gru_init, gru_step),
+    "rnn": Cell(1, HiddenCarry, rnn_init, rnn_gates),
+    "lstm": Cell(4, LSTMCarry, lstm_init, lstm_gates),
+    "gru": Cell(3, HiddenCarry, gru_init, gru_gates),
 }

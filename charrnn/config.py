@@ -26,6 +26,7 @@ class ModelConfig:
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32)
+    scan_unroll: int = 1  # time steps per loop iteration; more helps GPUs (8), not CPUs
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def validate(config: Config) -> None:
     model, train, sample = config.model, config.train, config.sample
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")
     _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
-    for key in ("num_layers", "hidden_size", "embedding_size"):
+    for key in ("num_layers", "hidden_size", "embedding_size", "scan_unroll"):
         _require(getattr(model, key) >= 1, f"model.{key} must be at least 1")
     _require(0.0 <= model.dropout < 1.0, "model.dropout must be in [0, 1)")
     for key in ("batch_size", "seq_len", "steps", "eval_every", "eval_batch_size", "log_every",

@@ -7,14 +7,13 @@ Params are a plain dict pytree:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from charrnn.cells import CELLS
+from charrnn.cells import CELLS, accumulation_dtype
 from charrnn.config import ModelConfig
+from charrnn.layer import run_layer
 
 
 def init_params(key: jax.Array, config: ModelConfig, vocab_size: int) -> dict:
@@ -82,7 +81,7 @@ def prepare(params: dict, config: ModelConfig) -> dict:
 
 def _dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     """x @ w + b over the last axis, in w's dtype, accumulated in float32."""
-    y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=accumulation_dtype(w.dtype))
     return y + jnp.expand_dims(b, tuple(range(y.ndim - 1)))
 
 
@@ -98,7 +97,8 @@ def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Ar
     for index, (layer, layer_carry) in enumerate(zip(prepared["layers"], carry)):
         if index > 0:
             x_proj = _dense(layer_input, layer["w_x"], layer["b"])  # [T, B, G*H], all steps in one matmul
-        layer_carry, hidden = jax.lax.scan(functools.partial(cell.step, layer), layer_carry, x_proj)  # [T, B, H]
+        recurrent_params = {name: value for name, value in layer.items() if name not in ("w_x", "b")}
+        layer_carry, hidden = run_layer(cell, recurrent_params, layer_carry, x_proj, config.scan_unroll)  # [T, B, H]
         if config.residual and index > 0:
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
@@ -123,7 +123,8 @@ def forward(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Cross-entropy in nats of each target under the logits: [T, B]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets.astype(jnp.int32))
+    logits = logits.astype(accumulation_dtype(logits.dtype))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets.astype(jnp.int32))
 
 
 def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropout_key=None):

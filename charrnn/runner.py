@@ -20,6 +20,8 @@ from charrnn.errors import EXIT_SIGINT, EXIT_SIGTERM, CharrnnError, CheckpointEr
 LN2 = float(np.log(2.0))
 # Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
+# Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
+_RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll")
 
 
 class Interrupted(CharrnnError):
@@ -108,7 +110,8 @@ class RunState:
 
 
 def _check_resumable(saved: Config, wanted: Config) -> None:
-    conflicts = config_lib.differences(saved, wanted, ("model",))
+    conflicts = [line for line in config_lib.differences(saved, wanted, ("model",))
+                 if line.split(":")[0].removeprefix("model.") not in _RESUME_FREE_MODEL_KEYS]
     conflicts += [line for line in config_lib.differences(saved, wanted, ("train",))
                   if line.split(":")[0].removeprefix("train.") in _RESUME_FIXED_TRAIN_KEYS]
     if conflicts:

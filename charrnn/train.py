@@ -76,11 +76,16 @@ def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimi
         state, carry = state_and_carry
         batch, lr = step_inputs
         batch_size = batch.inputs.shape[1]
-        carry = model.reset_where(batch.reset, model.initial_carry(state.params, model_config, batch_size), carry)
         dropout_key = jax.random.fold_in(dropout_root, state.step)
-        (loss, new_carry), grads = jax.value_and_grad(model.loss, has_aux=True)(
-            state.params, model_config, carry, batch.inputs, batch.targets, dropout_key
-        )
+
+        def chunk_loss(params):
+            # The reset is inside the differentiated function so that a learned
+            # initial state gets its gradient from the chunks that start from it.
+            fresh = model.initial_carry(params, model_config, batch_size)
+            start = model.reset_where(batch.reset, fresh, carry)
+            return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key)
+
+        (loss, new_carry), grads = jax.value_and_grad(chunk_loss, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)

@@ -1,0 +1,68 @@
+"""One recurrent layer over a whole chunk, with backpropagation through time written out.
+
+Forward, each step t does  r_t = h_{t-1} W_h  and  (carry_t, h_t) = gates(carry_{t-1}, x_t, r_t).
+Backward runs the same steps in reverse: the gates' local derivatives give
+dx_t and dr_t, and dr_t W_hᵀ carries the gradient to h_{t-1}. The weight
+gradient  dW_h = Σ_t h_{t-1}ᵀ dr_t  needs nothing from later steps, so instead
+of accumulating B-row outer products inside the loop (what differentiating the
+scan does), it is one [H, T·B] × [T·B, G·H] matmul after the loop: the same
+arithmetic at the efficiency of a large matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from charrnn.cells import Cell, accumulation_dtype, recurrent_matmul
+
+
+def scan_layer(cell: Cell, params: dict, carry, x_proj: jax.Array, unroll: int = 1):
+    """Reference: (carry, hidden [T, B, H]) by differentiating `lax.scan` of the cell step."""
+    return jax.lax.scan(functools.partial(cell.step, params), carry, x_proj, unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def run_layer(cell: Cell, params: dict, carry, x_proj: jax.Array, unroll: int = 1):
+    """(carry, hidden [T, B, H]) of one layer over x_proj [T, B, G*H]; equal to `scan_layer`."""
+    return scan_layer(cell, params, carry, x_proj, unroll)
+
+
+def _forward(cell: Cell, params: dict, carry, x_proj: jax.Array, unroll: int):
+    def step(carry, x_t):
+        recurrent = recurrent_matmul(carry.h, params["w_h"])  # [B, G*H]
+        new_carry, h = cell.gates(params, carry, x_t, recurrent)
+        return new_carry, (h, carry, recurrent)
+
+    final, (hidden, carries_in, recurrents) = jax.lax.scan(step, carry, x_proj, unroll=unroll)
+    return (final, hidden), (params, carries_in, recurrents, x_proj)
+
+
+def _backward(cell: Cell, unroll: int, saved, cotangents):
+    params, carries_in, recurrents, x_proj = saved
+    d_final, d_hidden = cotangents
+    w_h = params["w_h"]
+    others = {name: value for name, value in params.items() if name != "w_h"}  # e.g. the GRU's b_hn
+
+    def step(d_carry, inputs):
+        carry_in, recurrent, x_t, d_h = inputs
+        _, gates_vjp = jax.vjp(lambda o, c, x, r: cell.gates({**o, "w_h": w_h}, c, x, r), others, carry_in, x_t, recurrent)
+        d_others, d_carry_in, d_x, d_recurrent = gates_vjp((d_carry, d_h))
+        d_h_prev = recurrent_matmul(d_recurrent, w_h.T)  # [B, H]
+        d_carry_in = d_carry_in._replace(h=d_carry_in.h + d_h_prev)
+        return d_carry_in, (d_x, d_recurrent, d_others)
+
+    d_carry, (d_x_proj, d_recurrents, d_others) = jax.lax.scan(
+        step, d_final, (carries_in, recurrents, x_proj, d_hidden), reverse=True, unroll=unroll
+    )
+    h_prev = carries_in.h.astype(w_h.dtype)  # [T, B, H]
+    d_w_h = jnp.einsum("tbh,tbg->hg", h_prev, d_recurrents.astype(w_h.dtype),
+                       preferred_element_type=accumulation_dtype(w_h.dtype))
+    d_params = {name: jnp.sum(value, axis=0) for name, value in d_others.items()}
+    d_params["w_h"] = d_w_h.astype(w_h.dtype)
+    return d_params, d_carry, d_x_proj.astype(x_proj.dtype)
+
+
+run_layer.defvjp(_forward, _backward)

@@ -1,0 +1,46 @@
+"""Learning curves of several runs on one figure: bits/char against characters seen."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from charrnn import rundir, runs
+from charrnn.checkpoint import write_atomic
+from charrnn.errors import UsageError
+
+
+def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = None) -> None:
+    """Draw training (left) and validation (right) curves of every run and write the figure to `output`."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("plotting needs matplotlib: pip install -e '.[plot]'") from None
+    rows = runs.collect(run_dirs)
+    labels = labels or runs.labels(rows)
+    if len(labels) != len(run_dirs):
+        raise UsageError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    figure = Figure(figsize=(12, 5), layout="constrained")
+    canvas = FigureCanvasAgg(figure)  # Agg draws without a display; no pyplot, no global backend
+    image_format = output.suffix.removeprefix(".").lower() or "png"
+    if image_format not in canvas.get_supported_filetypes():
+        raise UsageError(f"cannot write a {output.suffix} image; use one of "
+                         f"{', '.join('.' + name for name in canvas.get_supported_filetypes())}")
+    train_axes, val_axes = figure.subplots(1, 2, sharex=True, sharey=True)
+    for run_dir, row, label in zip(run_dirs, rows, labels):
+        if row["status"] != rundir.FINISHED:
+            label = f"{label} ({row['status']})"
+        curve = runs.curves(run_dir)
+        (line,) = train_axes.plot(curve["train"]["chars_seen"], curve["train"]["bpc"], label=label)
+        val_axes.plot(curve["val"]["chars_seen"], curve["val"]["val_bpc"], marker="o", markersize=3,
+                      color=line.get_color(), label=label)
+    for axes, title in ((train_axes, "training"), (val_axes, "validation")):
+        axes.set_title(title)
+        axes.set_xlabel("characters seen")
+        axes.grid(alpha=0.3)
+    train_axes.set_ylabel("bits per character")
+    val_axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=image_format, dpi=120)
+    write_atomic(output, buffer.getvalue())

@@ -1,0 +1,234 @@
+"""The model: gradients, carried state, the projection table, bfloat16, resets and dropout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from charrnn import model
+from charrnn.cells import CELLS
+from charrnn.config import ModelConfig
+
+VOCAB, BATCH, STEPS = 9, 2, 6
+CELL_NAMES = sorted(CELLS)
+
+
+def make_config(cell: str, **overrides) -> ModelConfig:
+    settings = {"cell": cell, "num_layers": 2, "hidden_size": 8, "embedding_size": 5, **overrides}
+    return ModelConfig(**settings)
+
+
+def random_params(config: ModelConfig, seed: int, dtype=jnp.float32) -> dict:
+    """Initialised params plus noise, so that biases and learned initial states are not zero."""
+    rng = np.random.default_rng(seed)
+    params = model.init_params(jax.random.key(seed), config, VOCAB)
+    return jax.tree.map(lambda leaf: (leaf + rng.normal(0.0, 0.3, leaf.shape)).astype(dtype), params)
+
+
+def random_carry(config: ModelConfig, seed: int) -> tuple:
+    """A non-zero state of every layer, shaped like the model's carry."""
+    rng = np.random.default_rng(seed)
+    cell = CELLS[config.cell]
+    carry = tuple(cell.initial_carry(BATCH, config.hidden_size) for _ in range(config.num_layers))
+    return jax.tree.map(lambda leaf: jnp.asarray(rng.normal(0.0, 0.5, leaf.shape), jnp.float32), carry)
+
+
+def random_ids(seed: int, length: int = STEPS) -> jax.Array:
+    """Ids [T, B] in which every character of the vocabulary occurs (when T*B allows)."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.permutation(np.resize(np.arange(VOCAB), length * BATCH)).reshape(length, BATCH), jnp.int32)
+
+
+def assert_trees_close(actual, expected, atol: float) -> None:
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=0, atol=atol), actual, expected)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def gradient_problem(cell: str):
+    """Return (flat float64 params, jitted loss of them, its gradient, [(leaf name, slice)]).
+
+    The loss starts from the params' own learned initial state, so "initial"
+    gets a gradient; residual connections and two layers are on. Call under x64.
+    """
+    config = make_config(cell, learn_initial_state=True, residual=True)
+    params = random_params(config, seed=3, dtype=jnp.float64)
+    flat, unravel = ravel_pytree(params)
+    inputs, targets = random_ids(4), random_ids(5)
+
+    def flat_loss(flat_params):
+        params = unravel(flat_params)
+        carry = model.initial_carry(params, config, BATCH)
+        return model.loss(params, config, carry, inputs, targets)[0]
+
+    flat_loss = jax.jit(flat_loss)
+    leaves, offset = [], 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        leaves.append((jax.tree_util.keystr(path), slice(offset, offset + leaf.size)))
+        offset += leaf.size
+    return np.asarray(flat), flat_loss, np.asarray(jax.grad(flat_loss)(flat)), leaves
+
+
+def test_gradient_problem_covers_every_leaf():
+    with jax.enable_x64(True):
+        flat, _, gradient, leaves = gradient_problem("gru")
+    names = [name for name, _ in leaves]
+    assert "['embedding']" in names and "['output']['w']" in names and "['output']['b']" in names
+    assert {f"['layers'][{layer}]['{weight}']" for layer in (0, 1) for weight in ("w_x", "w_h", "b", "b_hn")} <= set(names)
+    assert {"['initial'][0].h", "['initial'][1].h"} <= set(names)
+    assert flat.dtype == np.float64 and leaves[-1][1].stop == flat.size
+    for name, part in leaves:
+        assert np.abs(gradient[part]).max() > 1e-4, name  # every leaf is on the loss's path
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_gradient_matches_central_differences_per_coordinate(cell):
+    epsilon = 1e-6
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(True):
+        flat, flat_loss, gradient, leaves = gradient_problem(cell)
+        for name, part in leaves:
+            for index in rng.choice(np.arange(part.start, part.stop), size=min(3, part.stop - part.start), replace=False):
+                step = np.zeros_like(flat)
+                step[index] = epsilon
+                difference = (float(flat_loss(flat + step)) - float(flat_loss(flat - step))) / (2 * epsilon)
+                scale = max(abs(difference), abs(gradient[index]), 1e-6)
+                assert abs(difference - gradient[index]) / scale < 1e-5, (name, index, difference, gradient[index])
+
+
+# ---------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_two_chunks_with_carry_equal_one_long_chunk(cell):
+    config = make_config(cell)
+    params, carry = random_params(config, seed=8), random_carry(config, seed=9)
+    inputs = random_ids(10, length=2 * STEPS)
+
+    carry_first, logits_first = model.forward(params, config, carry, inputs[:STEPS])
+    carry_second, logits_second = model.forward(params, config, carry_first, inputs[STEPS:])
+    carry_whole, logits_whole = model.forward(params, config, carry, inputs)
+
+    np.testing.assert_allclose(jnp.concatenate([logits_first, logits_second]), logits_whole, rtol=0, atol=1e-5)
+    assert_trees_close(carry_second, carry_whole, atol=1e-6)
+    assert not np.allclose(carry_first[0][0], carry_second[0][0])  # the state moved between chunks
+
+
+def explicit_forward(params: dict, config: ModelConfig, carry: tuple, inputs):
+    """Embedding lookup, then x @ w_x + b per layer, then cell steps one time step at a time."""
+    cell = CELLS[config.cell]
+    layer_input = np.asarray(params["embedding"])[np.asarray(inputs)]  # [T, B, E]
+    new_carry = []
+    for index, (layer, layer_carry) in enumerate(zip(params["layers"], carry, strict=True)):
+        x_proj = layer_input @ np.asarray(layer["w_x"]) + np.asarray(layer["b"])  # [T, B, G*H]
+        hidden = []
+        for x_proj_t in x_proj:
+            layer_carry, h = cell.step(layer, layer_carry, jnp.asarray(x_proj_t))
+            hidden.append(np.asarray(h))
+        hidden = np.stack(hidden)  # [T, B, H]
+        if config.residual and index > 0:
+            hidden = hidden + layer_input
+        new_carry.append(layer_carry)
+        layer_input = hidden
+    logits = layer_input @ np.asarray(params["output"]["w"]) + np.asarray(params["output"]["b"])  # [T, B, V]
+    return tuple(new_carry), logits
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_projection_table_equals_embedding_then_projection(cell, residual):
+    config = make_config(cell, residual=residual)
+    params, carry = random_params(config, seed=11), random_carry(config, seed=12)
+    inputs = random_ids(13)
+
+    carry_model, logits_model = model.forward(params, config, carry, inputs)
+    carry_explicit, logits_explicit = explicit_forward(params, config, carry, inputs)
+
+    np.testing.assert_allclose(logits_model, logits_explicit, rtol=0, atol=1e-5)
+    assert_trees_close(carry_model, carry_explicit, atol=1e-5)
+    if residual:  # the residual really changed the result
+        _, logits_plain = explicit_forward(params, make_config(cell), carry, inputs)
+        assert not np.allclose(logits_plain, logits_explicit, atol=1e-2)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_bfloat16_forward_stays_close_to_float32(cell):
+    config = make_config(cell)
+    params, carry = random_params(config, seed=14), random_carry(config, seed=15)
+    inputs = random_ids(16)
+
+    carry_full, logits_full = model.forward(params, config, carry, inputs)
+    carry_half, logits_half = model.forward(params, make_config(cell, dtype="bfloat16"), carry, inputs)
+
+    assert logits_half.dtype == jnp.float32
+    np.testing.assert_allclose(logits_half, logits_full, rtol=0, atol=5e-2)
+    assert not np.array_equal(logits_half, logits_full)  # bfloat16 was really used
+    for leaf_half, leaf_full in zip(jax.tree.leaves(carry_half), jax.tree.leaves(carry_full), strict=True):
+        assert leaf_half.dtype == jnp.float32  # the state stays float32
+        np.testing.assert_allclose(leaf_half, leaf_full, rtol=0, atol=3e-2)
+
+
+def test_reset_where_scalar_and_per_stream():
+    config = make_config("lstm")
+    fresh, carried = random_carry(config, seed=17), random_carry(config, seed=18)
+
+    assert_trees_close(model.reset_where(jnp.array(True), fresh, carried), fresh, atol=0)
+    assert_trees_close(model.reset_where(jnp.array(False), fresh, carried), carried, atol=0)
+
+    flags = jnp.array([True, False])  # [B]: stream 0 restarts, stream 1 carries on
+    chosen = model.reset_where(flags, fresh, carried)
+    for leaf_chosen, leaf_fresh, leaf_carried in zip(*map(jax.tree.leaves, (chosen, fresh, carried)), strict=True):
+        np.testing.assert_array_equal(leaf_chosen[0], leaf_fresh[0])
+        np.testing.assert_array_equal(leaf_chosen[1], leaf_carried[1])
+
+
+def test_initial_carry_is_learned_state_broadcast_over_batch():
+    config = make_config("lstm", learn_initial_state=True)
+    params = random_params(config, seed=19)
+    carry = model.initial_carry(params, config, BATCH)
+    for layer_carry, layer_initial in zip(carry, params["initial"], strict=True):
+        for field, initial in zip(layer_carry, layer_initial, strict=True):
+            assert field.shape == (BATCH, config.hidden_size)
+            np.testing.assert_array_equal(field, np.broadcast_to(initial, field.shape))
+    zeros = model.initial_carry(params, make_config("lstm"), BATCH)
+    assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(zeros))
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_dropout_zeroes_and_rescales_top_output():
+    config = make_config("gru", num_layers=1, hidden_size=16, dropout=0.5)
+    params, carry = random_params(config, seed=20), random_carry(config, seed=21)
+    prepared = model.prepare(params, config)
+    inputs = random_ids(22, length=8)
+
+    _, outputs, top = model.run_layers(prepared, config, carry, inputs, jax.random.key(23))
+
+    hidden, top = np.asarray(outputs[-1]), np.asarray(top)  # [T, B, H]
+    dropped = top == 0.0
+    np.testing.assert_allclose(top[~dropped], hidden[~dropped] / (1.0 - config.dropout), rtol=1e-6)
+    assert 0.35 < dropped.mean() < 0.65
+
+
+def test_dropout_needs_a_key_and_a_rate():
+    config = make_config("lstm", dropout=0.3)
+    no_dropout = make_config("lstm")
+    params, carry = random_params(config, seed=24), random_carry(config, seed=25)
+    inputs = random_ids(26)
+    key = jax.random.key(27)
+
+    _, logits_plain = model.forward(params, no_dropout, carry, inputs)
+    _, logits_dropout = model.forward(params, config, carry, inputs, key)
+    _, logits_dropout_again = model.forward(params, config, carry, inputs, key)
+    _, logits_other_key = model.forward(params, config, carry, inputs, jax.random.key(28))
+    _, logits_without_key = model.forward(params, config, carry, inputs, None)
+    _, logits_zero_rate = model.forward(params, no_dropout, carry, inputs, key)
+
+    assert not np.allclose(logits_dropout, logits_plain, atol=1e-3)
+    np.testing.assert_array_equal(logits_dropout_again, logits_dropout)  # a key fixes the mask
+    assert not np.allclose(logits_other_key, logits_dropout, atol=1e-3)
+    np.testing.assert_array_equal(logits_without_key, logits_plain)  # no key: evaluation, no dropout
+    np.testing.assert_array_equal(logits_zero_rate, logits_plain)

@@ -1,0 +1,266 @@
+"""Training: the schedule, the compiled K-step call, truncated BPTT, skipped steps, overfitting, evaluation."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from charrnn import data, model, train
+from charrnn.config import ModelConfig, TrainConfig
+
+MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8)
+TRAIN = TrainConfig(batch_size=2, seq_len=8, lr=1e-2, schedule="constant", warmup_steps=0, seed=3, random_offset=False)
+
+
+@pytest.fixture
+def corpus(small_corpus):
+    """(ids, vocabulary size) of the shared small corpus."""
+    text = small_corpus.read_text(encoding="utf-8")
+    vocab = data.Vocab.from_text(text)
+    return vocab.encode(text), len(vocab)
+
+
+def batches(ids, train_config: TrainConfig, first_step: int, count: int) -> list[data.Batch]:
+    layout = data.stream_layout(len(ids), train_config.batch_size, train_config.seq_len)
+    return [
+        data.training_batch(ids, layout, step, train_config.seed, train_config.random_offset)
+        for step in range(first_step, first_step + count)
+    ]
+
+
+def fresh_start(model_config: ModelConfig, train_config: TrainConfig, vocab_size: int, seed: int = 0):
+    """Return (optimizer, state, carry), all new buffers (the train call donates them)."""
+    optimizer = train.make_optimizer(train_config)
+    state = train.init_state(jax.random.key(seed), model_config, optimizer, vocab_size)
+    return optimizer, state, model.initial_carry(state.params, model_config, train_config.batch_size)
+
+
+def run_steps(call, state, carry, step_batches, lr):
+    """Run `step_batches` as one compiled call at a constant learning rate."""
+    return call(state, carry, data.stack_batches(step_batches), jnp.full((len(step_batches),), lr, jnp.float32))
+
+
+def host_copy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def assert_trees_close(actual, expected, atol: float) -> None:
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=0, atol=atol), actual, expected)
+
+
+# ---------------------------------------------------------------- learning rate
+
+
+def test_warmup_is_linear_up_to_lr():
+    config = TrainConfig(lr=0.5, warmup_steps=4, schedule="constant")
+    rates = [train.learning_rate(config, step, progress=0.0) for step in range(6)]
+    np.testing.assert_allclose(rates, [0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("final", [0.0, 0.1])
+def test_cosine_goes_from_lr_to_final_fraction(final):
+    config = TrainConfig(lr=2.0, warmup_steps=3, schedule="cosine", final_lr_fraction=final)
+    after_warmup = 10
+    assert train.learning_rate(config, after_warmup, 0.0) == pytest.approx(2.0)
+    assert train.learning_rate(config, after_warmup, 0.5) == pytest.approx(2.0 * (1.0 + final) / 2)
+    assert train.learning_rate(config, after_warmup, 1.0) == pytest.approx(2.0 * final, abs=1e-12)
+    assert train.learning_rate(config, after_warmup, 0.25) == pytest.approx(2.0 * (final + (1 - final) * (2 + 2**0.5) / 4))
+    assert train.learning_rate(config, after_warmup, 1.7) == train.learning_rate(config, after_warmup, 1.0)
+    assert train.learning_rate(config, 0, 0.0) == pytest.approx(2.0 / 3)  # warm-up multiplies the schedule
+
+
+def test_exponential_reaches_final_fraction():
+    config = TrainConfig(lr=1.0, warmup_steps=0, schedule="exponential", final_lr_fraction=0.01)
+    assert train.learning_rate(config, 0, 0.0) == pytest.approx(1.0)
+    assert train.learning_rate(config, 0, 0.5) == pytest.approx(0.1)
+    assert train.learning_rate(config, 0, 1.0) == pytest.approx(0.01)
+    assert train.learning_rate(config, 0, -1.0) == pytest.approx(1.0)
+
+
+def test_constant_stays_constant():
+    config = TrainConfig(lr=0.3, warmup_steps=0, schedule="constant", final_lr_fraction=0.1)
+    assert {train.learning_rate(config, step, progress) for step, progress in [(0, 0.0), (7, 0.4), (99, 1.0)]} == {0.3}
+
+
+# ---------------------------------------------------------------- the train call
+
+
+def test_k_steps_in_one_call_equal_k_calls_of_one_step(corpus):
+    ids, vocab_size = corpus
+    model_config = dataclasses.replace(MODEL, dropout=0.2)  # dropout keys follow the step counter
+    step_batches = batches(ids, TRAIN, first_step=0, count=3)
+    lrs = [1e-2, 5e-3, 2e-3]
+
+    optimizer, state_one_call, carry_one_call = fresh_start(model_config, TRAIN, vocab_size)
+    call = train.make_train_call(model_config, TRAIN, optimizer)
+    state_one_call, carry_one_call, metrics = call(
+        state_one_call, carry_one_call, data.stack_batches(step_batches), jnp.asarray(lrs, jnp.float32)
+    )
+
+    _, state, carry = fresh_start(model_config, TRAIN, vocab_size)
+    losses = []
+    for batch, lr in zip(step_batches, lrs, strict=True):
+        state, carry, step_metrics = run_steps(call, state, carry, [batch], lr)
+        losses.append(float(step_metrics.loss[0]))
+
+    assert int(state_one_call.step) == int(state.step) == 3
+    np.testing.assert_allclose(metrics.loss, losses, rtol=1e-6)
+    assert_trees_close(state_one_call.params, state.params, atol=1e-6)
+    assert_trees_close(state_one_call.opt_state, state.opt_state, atol=1e-6)
+    assert_trees_close(carry_one_call, carry, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_every_parameter_changes_after_one_step(corpus, cell):
+    ids, vocab_size = corpus
+    model_config = dataclasses.replace(MODEL, cell=cell, residual=True)
+    optimizer, state, carry = fresh_start(model_config, TRAIN, vocab_size)
+    before = host_copy(state.params)
+
+    state, _, metrics = run_steps(train.make_train_call(model_config, TRAIN, optimizer), state, carry,
+                                  batches(ids, TRAIN, 0, 1), TRAIN.lr)
+
+    assert bool(metrics.finite[0])
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(state.params)):
+        assert not np.array_equal(old, new), jax.tree_util.keystr(path)
+
+
+def test_learned_initial_state_changes_after_one_step(corpus):
+    ids, vocab_size = corpus
+    model_config = dataclasses.replace(MODEL, learn_initial_state=True)
+    optimizer, state, carry = fresh_start(model_config, TRAIN, vocab_size)
+    before = host_copy(state.params["initial"])
+
+    state, _, _ = run_steps(train.make_train_call(model_config, TRAIN, optimizer), state, carry,
+                            batches(ids, TRAIN, 0, 1), TRAIN.lr)  # step 0 starts an epoch: reset
+
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.params["initial"]), strict=True):
+        assert not np.array_equal(old, new)
+
+
+def test_non_finite_step_changes_nothing(corpus):
+    ids, vocab_size = corpus
+    optimizer, state, carry = fresh_start(MODEL, TRAIN, vocab_size)
+    poisoned = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), carry)
+    bad, good = batches(ids, TRAIN, first_step=1, count=1)[0], batches(ids, TRAIN, first_step=0, count=1)[0]
+    assert not bad.reset and good.reset  # the NaN state is used by the first step, reset by the second
+    before = host_copy(state)
+    call = train.make_train_call(MODEL, TRAIN, optimizer)
+
+    state_after_bad, carry_after_bad, metrics = run_steps(call, state, poisoned, [bad], TRAIN.lr)
+    assert not bool(metrics.finite[0]) and np.isnan(metrics.loss[0])
+    assert_trees_close(state_after_bad.params, before.params, atol=0)
+    assert_trees_close(state_after_bad.opt_state, before.opt_state, atol=0)
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state_after_bad.params))
+    assert all(np.all(np.isnan(leaf)) for leaf in jax.tree.leaves(carry_after_bad))
+
+    # The skipped step leaves no trace: bad-then-good equals good alone.
+    state_bad_good, _, metrics = run_steps(call, state_after_bad, carry_after_bad, [good], TRAIN.lr)
+    _, state_good, carry_good = fresh_start(MODEL, TRAIN, vocab_size)
+    state_good, _, _ = run_steps(call, state_good, carry_good, [good], TRAIN.lr)
+    assert bool(metrics.finite[0])
+    assert_trees_close(state_bad_good.params, state_good.params, atol=0)
+    assert_trees_close(state_bad_good.opt_state, state_good.opt_state, atol=0)
+
+
+def test_step_gradient_treats_incoming_carry_as_constant(corpus):
+    """Step 2 of a call updates with the gradient of model.loss at the carried state, cut at the chunk edge."""
+    ids, vocab_size = corpus
+    first, second = batches(ids, TRAIN, first_step=0, count=2)
+    assert not second.reset
+    optimizer, state, carry = fresh_start(MODEL, TRAIN, vocab_size)
+    params, opt_state, initial = host_copy(state.params), host_copy(state.opt_state), host_copy(carry)
+
+    state, carry_after, _ = run_steps(train.make_train_call(MODEL, TRAIN, optimizer), state, carry, [first, second], TRAIN.lr)
+
+    @jax.jit
+    def adam_step(params, opt_state, carry, batch):
+        grads, carry = jax.grad(model.loss, has_aux=True)(params, MODEL, carry, batch.inputs, batch.targets)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, jax.tree.map(lambda u: -TRAIN.lr * u, updates)), opt_state, carry
+
+    params_1, opt_state_1, carry_1 = adam_step(params, opt_state, initial, first)
+    params_2, _, carry_2 = adam_step(params_1, opt_state_1, carry_1, second)
+    assert_trees_close(state.params, params_2, atol=1e-6)
+    assert_trees_close(carry_after, carry_2, atol=1e-6)
+    # The carried state matters: restarting the second chunk from zeros would update differently.
+    params_restarted, _, _ = adam_step(params_1, opt_state_1, initial, second)
+    assert not np.allclose(state.params["layers"][0]["w_h"], params_restarted["layers"][0]["w_h"], atol=1e-6)
+
+
+# ---------------------------------------------------------------- learning and evaluation
+
+
+def test_tiny_corpus_is_overfit():
+    text = "hello world! " * 40
+    vocab = data.Vocab.from_text(text)
+    ids = vocab.encode(text)
+    model_config = ModelConfig(cell="lstm", num_layers=1, hidden_size=32, embedding_size=8)
+    train_config = TrainConfig(batch_size=4, seq_len=16, lr=1e-2, schedule="constant", warmup_steps=0, seed=0)
+    optimizer, state, carry = fresh_start(model_config, train_config, len(vocab))
+    untrained = train.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)
+
+    call = train.make_train_call(model_config, train_config, optimizer)
+    steps_per_call = 50
+    for first_step in range(0, 200, steps_per_call):
+        state, carry, metrics = run_steps(call, state, carry, batches(ids, train_config, first_step, steps_per_call),
+                                          train_config.lr)
+        assert bool(np.all(metrics.finite))
+
+    trained = train.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)
+    assert untrained > 0.8 * math.log(len(vocab))
+    assert trained < 0.05  # only the first character, from a cold start, is unpredictable
+
+
+def test_evaluate_one_stream_equals_one_forward_pass():
+    rng = np.random.default_rng(29)
+    ids = rng.integers(0, 7, 38).astype(np.uint8)  # 37 predictions: the last chunk is padded
+    params = model.init_params(jax.random.key(30), MODEL, 7)
+
+    mean = train.evaluate(params, MODEL, ids, num_streams=1, seq_len=5)
+
+    _, logits = model.forward(params, MODEL, model.initial_carry(params, MODEL, 1), jnp.asarray(ids[:-1, None]))
+    losses = model.token_losses(logits, jnp.asarray(ids[1:, None]))  # [T, 1]
+    assert mean == pytest.approx(float(jnp.sum(losses)) / (len(ids) - 1), rel=1e-5)
+
+
+def test_evaluation_chunks_predict_every_character_once():
+    ids = np.arange(40, dtype=np.int32)  # distinct ids: each (input, target) names its position
+    chunks = data.evaluation_chunks(ids, num_streams=3, seq_len=4)
+    masks = np.concatenate([chunk.mask for chunk in chunks])  # [T, B]
+    inputs = np.concatenate([chunk.inputs for chunk in chunks])
+    targets = np.concatenate([chunk.targets for chunk in chunks])
+
+    assert masks.sum() == len(ids) - 1
+    real = masks == 1.0
+    np.testing.assert_array_equal(np.sort(inputs[real]), ids[:-1])
+    np.testing.assert_array_equal(targets[real], inputs[real] + 1)
+    # Each stream is contiguous in time, so the state carried along it is the right one.
+    for stream in range(masks.shape[1]):
+        stream_inputs = inputs[real[:, stream], stream]
+        np.testing.assert_array_equal(np.diff(stream_inputs), 1)
+
+
+def test_evaluate_several_streams_equals_forward_per_stream():
+    rng = np.random.default_rng(31)
+    ids = rng.integers(0, 7, 45).astype(np.uint8)
+    params = model.init_params(jax.random.key(32), MODEL, 7)
+    num_streams, seq_len = 3, 4
+
+    mean = train.evaluate(params, MODEL, ids, num_streams, seq_len)
+
+    chunks = data.evaluation_chunks(ids, num_streams, seq_len)
+    mask = np.concatenate([chunk.mask for chunk in chunks]) == 1.0  # [T, B]
+    inputs = np.concatenate([chunk.inputs for chunk in chunks])
+    targets = np.concatenate([chunk.targets for chunk in chunks])
+    total = 0.0
+    for stream in range(num_streams):  # each stream in one forward pass from the initial state
+        stream_inputs = jnp.asarray(inputs[mask[:, stream], stream][:, None])  # [T_s, 1]
+        _, logits = model.forward(params, MODEL, model.initial_carry(params, MODEL, 1), stream_inputs)
+        total += float(jnp.sum(model.token_losses(logits, jnp.asarray(targets[mask[:, stream], stream][:, None]))))
+    assert mask.sum() == len(ids) - 1
+    assert mean == pytest.approx(total / (len(ids) - 1), rel=1e-5)
