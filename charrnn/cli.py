@@ -316,8 +316,7 @@ def evaluate(
 
     trained = loading.load(checkpoint)
     ids, text = _encode_checked(trained.vocab, text, str(file), skip_unknown)
-    seq_len = min(trained.config.train.seq_len * 2, 512)
-    nats = training.evaluate(trained.params, trained.config.model, ids, streams, seq_len)
+    nats = training.evaluate(trained.params, trained.config.model, ids, streams)
     result = {"file": str(file), "checkpoint": str(trained.path), "chars": int(len(ids) - 1),
               "nats_per_char": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats)}
     if json_output:

@@ -6,49 +6,120 @@ import codecs
 import hashlib
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from charrnn.errors import CorpusError
 
 _ENCODE_BLOCK = 1 << 20  # characters encoded at a time
+_READ_BLOCK = 1 << 22  # bytes read at a time: memory stays near the size of the id array
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+
+
+def _decode_blocks(blocks: Iterable[bytes], name: str) -> Iterator[str]:
+    """Decode byte blocks as strict UTF-8, raising CorpusError with the byte offset of a problem.
+
+    Never decodes with replacement: a corpus is either read exactly or refused.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    consumed = 0  # bytes of the file before the current block
+    for block in _head_whole(blocks):
+        if consumed == 0:
+            if block.startswith(_UTF16_BOMS):
+                raise CorpusError(f"{name} looks like UTF-16/UTF-32 (byte-order mark at offset 0); convert it to UTF-8")
+            if block.startswith(codecs.BOM_UTF8):
+                block, consumed = block[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+        nul = block.find(b"\x00")
+        if nul >= 0:
+            raise CorpusError(f"{name} contains a NUL byte at offset {consumed + nul}; it looks binary, not UTF-8 text")
+        pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+        try:
+            yield decoder.decode(block)
+        except UnicodeDecodeError as error:
+            offset = consumed - pending + error.start
+            raise CorpusError(f"{name} is not valid UTF-8: byte 0x{error.object[error.start]:02x} at offset {offset}") from None
+        consumed += len(block)
+    pending = len(decoder.getstate()[0])
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CorpusError(f"{name} is not valid UTF-8: it ends inside a character at offset {consumed - pending}") from None
+
+
+def _head_whole(blocks: Iterable[bytes], head_size: int = 4) -> Iterator[bytes]:
+    """The same bytes, with the first block at least `head_size` long so a byte-order mark is seen whole."""
+    blocks = iter(blocks)
+    head = b""
+    for block in blocks:
+        head += block
+        if len(head) >= head_size:
+            break
+    if head:
+        yield head
+    yield from blocks
 
 
 def decode_text(raw: bytes, name: str) -> str:
     """Decode strict UTF-8, or raise CorpusError naming the byte offset of the problem."""
-    if raw.startswith(_UTF16_BOMS):
-        raise CorpusError(f"{name} looks like UTF-16/UTF-32 (byte-order mark at offset 0); convert it to UTF-8")
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise CorpusError(f"{name} contains a NUL byte at offset {nul}; it looks binary, not UTF-8 text")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise CorpusError(f"{name} is not valid UTF-8: byte 0x{raw[error.start]:02x} at offset {error.start}") from None
-    return text.removeprefix("\ufeff")
+    return "".join(_decode_blocks([raw], name))
 
 
-def read_text(path: Path) -> str:
-    """Read a UTF-8 text file, with one-line errors for everything a user can get wrong."""
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of a file, a block at a time, with one-line errors for a path that cannot be read."""
     if not path.exists():
         raise CorpusError(f"{path}: no such file")
     if path.is_dir():
         raise CorpusError(f"{path} is a directory, not a text file")
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            while block := file.read(_READ_BLOCK):
+                yield block
     except OSError as error:
         raise CorpusError(f"cannot read {path}: {error.strerror}") from None
-    text = decode_text(raw, str(path))
+
+
+def read_text(path: Path) -> str:
+    """Read a whole UTF-8 text file (for evaluation and priming text)."""
+    text = "".join(_decode_blocks(_file_blocks(path), str(path)))
     if not text:
         raise CorpusError(f"{path} is empty")
     return text
 
 
-def text_checksum(text: str) -> str:
-    """Return a short stable fingerprint of a corpus, to refuse resuming on other text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+class CorpusFile(NamedTuple):
+    """What one pass over a corpus file learns: its vocabulary, length and fingerprint."""
+
+    vocab: Vocab
+    num_chars: int
+    checksum: str  # refuses resuming a run on other text
+
+
+def scan_corpus(path: Path) -> CorpusFile:
+    """Check and measure a corpus a block at a time, never holding the whole text."""
+    digest, chars, num_chars = hashlib.sha256(), set(), 0
+    for text in _decode_blocks(_hashed(_file_blocks(path), digest), str(path)):
+        chars.update(text)
+        num_chars += len(text)
+    if num_chars == 0:
+        raise CorpusError(f"{path} is empty")
+    return CorpusFile(Vocab("".join(sorted(chars))), num_chars, digest.hexdigest()[:16])
+
+
+def _hashed(blocks: Iterable[bytes], digest) -> Iterator[bytes]:
+    for block in blocks:
+        digest.update(block)
+        yield block
+
+
+def encode_file(path: Path, corpus: CorpusFile) -> np.ndarray:
+    """The corpus as a compact id array (uint8 for up to 256 symbols), encoded a block at a time."""
+    ids = np.empty(corpus.num_chars, dtype=corpus.vocab.dtype)
+    start = 0
+    for text in _decode_blocks(_file_blocks(path), str(path)):
+        ids[start : start + len(text)] = corpus.vocab.encode(text)
+        start += len(text)
+    return ids
 
 
 class Vocab:
@@ -161,7 +232,7 @@ def stack_batches(batches: list[Batch]) -> Batch:
 class EvalChunk(NamedTuple):
     inputs: np.ndarray  # [T, B]
     targets: np.ndarray  # [T, B]
-    mask: np.ndarray  # [T, B] 1.0 where a target is real, 0.0 for padding
+    mask: np.ndarray  # [T, B] bool: True where a target is real, False for padding
 
 
 def evaluation_chunks(ids: np.ndarray, num_streams: int, seq_len: int) -> list[EvalChunk]:
@@ -178,7 +249,7 @@ def evaluation_chunks(ids: np.ndarray, num_streams: int, seq_len: int) -> list[E
     padded_len = -(-stream_len // seq_len) * seq_len
     inputs = np.zeros((num_streams, padded_len), dtype=ids.dtype)
     targets = np.zeros_like(inputs)
-    mask = np.zeros((num_streams, padded_len), dtype=np.float32)
+    mask = np.zeros((num_streams, padded_len), dtype=bool)
     for stream in range(num_streams):
         start = stream * stream_len
         stop = min(start + stream_len, num_targets)
@@ -186,7 +257,7 @@ def evaluation_chunks(ids: np.ndarray, num_streams: int, seq_len: int) -> list[E
             continue
         inputs[stream, : stop - start] = ids[start:stop]
         targets[stream, : stop - start] = ids[start + 1 : stop + 1]
-        mask[stream, : stop - start] = 1.0
+        mask[stream, : stop - start] = True
     return [
         EvalChunk(inputs[:, k : k + seq_len].T, targets[:, k : k + seq_len].T, mask[:, k : k + seq_len].T)
         for k in range(0, padded_len, seq_len)

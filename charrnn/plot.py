@@ -32,7 +32,9 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         if row["status"] != rundir.FINISHED:
             label = f"{label} ({row['status']})"
         curve = runs.curves(run_dir)
-        (line,) = train_axes.plot(curve["train"]["chars_seen"], curve["train"]["bpc"], label=label)
+        train_x, train_y = curve["train"]["chars_seen"], curve["train"]["bpc"]
+        (line,) = train_axes.plot(train_x, train_y, marker="o" if len(train_x) == 1 else None, markersize=3,
+                                  label=label)  # a lone point needs a marker to show
         val_axes.plot(curve["val"]["chars_seen"], curve["val"]["val_bpc"], marker="o", markersize=3,
                       color=line.get_color(), label=label)
     for axes, title in ((train_axes, "training"), (val_axes, "validation")):
@@ -40,7 +42,8 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         axes.set_xlabel("characters seen")
         axes.grid(alpha=0.3)
     train_axes.set_ylabel("bits per character")
-    val_axes.legend(fontsize="small")
+    # Below both panels, so that many runs with long labels never hide a curve.
+    figure.legend(handles=val_axes.get_lines(), loc="outside lower center", ncols=min(len(labels), 2), fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format=image_format, dpi=120)
     write_atomic(output, buffer.getvalue())

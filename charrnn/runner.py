@@ -53,23 +53,23 @@ class Corpus:
 
 
 def load_corpus(path: Path, val_fraction: float, resuming: dict[str, Any] | None = None) -> Corpus:
-    """Read, check and split a corpus; when `resuming` (checkpoint metadata), it must be the run's corpus."""
-    text = data.read_text(path)
-    checksum = data.text_checksum(text)
-    vocab = None
+    """Read, check and split a corpus; when `resuming` (checkpoint metadata), it must be the run's corpus.
+
+    The file is read twice, a block at a time (check and measure, then encode),
+    so memory holds the compact id array and one block, never the whole text.
+    """
+    scanned = data.scan_corpus(path)
     if resuming is not None:
-        if checksum != resuming["corpus_sha"]:
-            raise UsageError(f"cannot resume on another corpus: {path} has checksum {checksum}, "
+        if scanned.checksum != resuming["corpus_sha"]:
+            raise UsageError(f"cannot resume on another corpus: {path} has checksum {scanned.checksum}, "
                              f"the run used {resuming['corpus_sha']}")
-        vocab = data.Vocab(resuming["vocab"])
-    vocab = vocab or data.Vocab.from_text(text)
-    if len(vocab) < 2:
-        raise CorpusError(f"{path} has a single distinct character ({text[0]!r}); there is nothing to learn")
-    ids = vocab.encode(text)
-    train_ids, val_ids = data.split(ids, val_fraction)
+        scanned = scanned._replace(vocab=data.Vocab(resuming["vocab"]))
+    if len(scanned.vocab) < 2:
+        raise CorpusError(f"{path} has a single distinct character ({scanned.vocab.chars!r}); there is nothing to learn")
+    train_ids, val_ids = data.split(data.encode_file(path, scanned), val_fraction)
     if len(val_ids) < 2:
         raise CorpusError(f"{path}: the validation split (train.val_fraction) has under 2 characters; use a longer text")
-    return Corpus(vocab, train_ids, val_ids, checksum)
+    return Corpus(scanned.vocab, train_ids, val_ids, scanned.checksum)
 
 
 def bits(nats: float | None) -> float | None:
@@ -264,7 +264,7 @@ def _loop(config: Config, corpus: Corpus, run: RunState, run_dir: Path, optimize
         nonlocal paused_s
         began = time.monotonic()
         val_loss = train.evaluate(run.state.params, model_config, corpus.val_ids, train_config.eval_batch_size,
-                                  train_config.seq_len, eval_call)
+                                  eval_call=eval_call)
         run.elapsed_s = time.monotonic() - clock_start
         run.last_val_loss = val_loss
         improved = run.best_val_loss is None or val_loss < run.best_val_loss

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from charrnn import rundir
+from charrnn import config as config_lib, rundir
 from charrnn.errors import UsageError
 
 # The result columns of a row; every other key of a row is a flattened config key ("model.cell").
@@ -41,14 +41,16 @@ def _finite(value: Any) -> bool:
 
 
 def _flat_config(run_dir: Path) -> dict[str, Any]:
-    """config.json as {"model.cell": "lstm", ...}; empty if it cannot be read."""
+    """config.json as {"model.cell": "lstm", ...}, keys it predates at their defaults; empty if unreadable."""
     try:
-        config = rundir.read_json(run_dir / rundir.CONFIG_FILE)
+        saved = rundir.read_json(run_dir / rundir.CONFIG_FILE)
     except (OSError, ValueError):
         return {}
-    return {f"{section}.{key}": value
-            for section, values in config.items() if isinstance(values, dict)
-            for key, value in values.items()}
+    sections = config_lib.to_dict(config_lib.Config())
+    for section, values in saved.items():
+        if isinstance(values, dict):
+            sections.setdefault(section, {}).update(values)
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
 
 
 def _results_from_summary(status: dict[str, Any]) -> dict[str, Any]:

@@ -280,3 +280,29 @@ def test_evaluation_predicts_every_character_once(length, num_streams, seq_len):
 @pytest.mark.parametrize("length", [0, 1])
 def test_evaluation_needs_two_characters(length):
     assert "2" in _corpus_error(data.evaluation_chunks, np.arange(length), 4, 8)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 64])
+def test_corpus_read_in_small_blocks_equals_whole_read(tmp_path, monkeypatch, block):
+    """Characters split across read blocks decode, and offsets count from the start of the file."""
+    monkeypatch.setattr(data, "_READ_BLOCK", block)
+    text = "naïve café — 𝄞 ok\n" * 3
+    path = tmp_path / "blocks.txt"
+    path.write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    scanned = data.scan_corpus(path)
+    assert scanned.num_chars == len(text) and scanned.vocab.chars == "".join(sorted(set(text)))
+    assert scanned.vocab.decode(data.encode_file(path, scanned)) == text
+    assert data.read_text(path) == text
+    bad = text.encode("utf-8") + b"abc\xffdef"
+    path.write_bytes(bad)
+    assert f"offset {len(bad) - 4}" in _corpus_error(data.scan_corpus, path)
+    path.write_bytes(text.encode("utf-8") + "é".encode("utf-8")[:1])
+    assert "ends inside a character" in _corpus_error(data.scan_corpus, path)
+
+
+def test_scan_checksum_tells_texts_apart(tmp_path):
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("the same text", encoding="utf-8")
+    second.write_text("the same text.", encoding="utf-8")
+    assert data.scan_corpus(first).checksum == data.scan_corpus(first).checksum
+    assert data.scan_corpus(first).checksum != data.scan_corpus(second).checksum
