@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from charrnn import data, model, sample, train
+from charrnn import data, model, runtime, sample, train
 from charrnn.config import Config
 from charrnn.runner import peak_rss_mb
 
@@ -102,3 +108,39 @@ def benchmark(config: Config, repeats: int = 5, seconds: float = 2.0, sample_len
     result["sample_chars_per_s_b64"] = measure_sampling(config, 64, sample_length, repeats)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def _write_corpus(path: Path, size_mb: float, seed_text: str) -> None:
+    """A corpus of about `size_mb` MB made of repeats of `seed_text`."""
+    block = seed_text.encode("utf-8")
+    with open(path, "wb") as file:
+        for _ in range(max(1, round(size_mb * 1e6 / len(block)))):
+            file.write(block)
+
+
+def _peak_rss_of_training(corpus: Path, run_dir: Path) -> float:
+    """Peak RSS (MB) of a 3-step training run of a small model in a fresh process."""
+    command = [sys.executable, "-m", "charrnn", "train", str(corpus), "--out", str(run_dir), "--quiet",
+               "--layers", "1", "--hidden", "32", "--embedding", "16", "--steps", "3", "--minutes", "0",
+               "--set", "train.eval_batch_size=64"]
+    # No compilation cache: both runs compile, so they differ only by the corpus.
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, runtime.CACHE_ENV: ""})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "training failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def measure_corpus_memory(size_mb: float, seed_text: str) -> dict[str, float]:
+    """Peak memory of training on a `size_mb` MB corpus, against the same run on a 1 MB one.
+
+    The difference is what the corpus costs; it should stay under twice the file size.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        _write_corpus(scratch / "small.txt", 1, seed_text)
+        _write_corpus(scratch / "large.txt", size_mb, seed_text)
+        baseline = _peak_rss_of_training(scratch / "small.txt", scratch / "run-small")
+        peak = _peak_rss_of_training(scratch / "large.txt", scratch / "run-large")
+        file_mb = (scratch / "large.txt").stat().st_size / 2**20
+    return {"corpus_mb": file_mb, "corpus_peak_rss_mb": peak, "baseline_peak_rss_mb": baseline,
+            "corpus_overhead_x_file": (peak - baseline) / file_mb}

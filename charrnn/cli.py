@@ -326,6 +326,37 @@ def evaluate(
               f"perplexity {result['perplexity']:.3f} over {result['chars']} characters")
 
 
+@app.command("bench")
+def benchmark(
+    config_file: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="TOML config of the model to measure.", rich_help_panel=RUN)] = None,
+    assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).", rich_help_panel=RUN)] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed windows; the median is reported.")] = 5,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="Length of each timed training window.")] = 2.0,
+    corpus_mb: Annotated[float, typer.Option("--corpus-mb", min=0, help="Also measure peak memory of training on a corpus this large (0 = skip).")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.", rich_help_panel=OUTPUT)] = False,
+    threads: ThreadsOption = None,
+    platform: PlatformOption = None,
+) -> None:
+    """Measure training and sampling throughput (chars/s), compile time and memory of a model."""
+    from charrnn import config as config_lib
+
+    config = config_lib.resolve(config_file, assignments or [], {})
+    _setup(platform, threads)
+    from charrnn import bench as benchmarks
+
+    err_console.print(f"measuring {config.model.cell} {config.model.num_layers}x{config.model.hidden_size}, "
+                      f"batch {config.train.batch_size}, seq {config.train.seq_len} ...")
+    result = benchmarks.benchmark(config, repeats, seconds)
+    if corpus_mb:
+        result.update(benchmarks.measure_corpus_memory(corpus_mb, default_corpus().read_text(encoding="utf-8")))
+    if json_output:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else value
+        print(f"{key:28} {shown}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one `charrnn: error:` line and a documented exit code."""
     try:
