@@ -209,8 +209,9 @@ def epoch_offset(seed: int, epoch: int, layout: StreamLayout, random_offset: boo
     return int(np.random.default_rng([seed, epoch]).integers(0, layout.seq_len))
 
 
-def training_batch(ids: np.ndarray, layout: StreamLayout, step: int, seed: int, random_offset: bool) -> Batch:
-    """Return the minibatch of optimizer step `step`: chunk k of every stream.
+def training_batch(ids: np.ndarray, layout: StreamLayout, step: int, seed: int, random_offset: bool,
+                   streams: slice = slice(None)) -> Batch:
+    """Return the minibatch of optimizer step `step`: chunk k of every stream (or of `streams` only).
 
     Stream b of an epoch covers ids[offset + b*L : offset + (b+1)*L + 1] with
     L = chunks_per_epoch * seq_len, so chunk k+1 of a stream continues chunk k.
@@ -219,7 +220,7 @@ def training_batch(ids: np.ndarray, layout: StreamLayout, step: int, seed: int, 
     epoch, chunk = divmod(step, layout.chunks_per_epoch)
     offset = epoch_offset(seed, epoch, layout, random_offset)
     stream_len = layout.chunks_per_epoch * layout.seq_len
-    starts = offset + np.arange(layout.batch_size) * stream_len + chunk * layout.seq_len  # [B]
+    starts = offset + np.arange(layout.batch_size)[streams] * stream_len + chunk * layout.seq_len  # [B]
     positions = starts[None, :] + np.arange(layout.seq_len)[:, None]  # [T, B]
     return Batch(ids[positions], ids[positions + 1], np.array(chunk == 0))
 

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from charrnn import checkpoint, config as config_lib, data, model, rundir, train
+from charrnn import checkpoint, config as config_lib, data, distributed, model, rundir, train
+from charrnn.loop import Loop
 from charrnn.config import Config
 from charrnn.errors import EXIT_SIGINT, EXIT_SIGTERM, CharrnnError, CheckpointError, CorpusError, DivergedError, UsageError
 
-LN2 = float(np.log(2.0))
 # Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
@@ -73,7 +74,7 @@ def load_corpus(path: Path, val_fraction: float, resuming: dict[str, Any] | None
 
 
 def bits(nats: float | None) -> float | None:
-    return None if nats is None else nats / LN2
+    return None if nats is None else nats / train.LN2
 
 
 class StopFlag:
@@ -118,51 +119,6 @@ def _check_resumable(saved: Config, wanted: Config) -> None:
         raise UsageError("cannot resume with a changed architecture or data layout: " + "; ".join(conflicts))
 
 
-def _metadata(config: Config, corpus: Corpus, run: RunState, step: int) -> dict[str, Any]:
-    return {
-        "config": config_lib.to_dict(config),
-        "vocab": corpus.vocab.chars,
-        "corpus_sha": corpus.checksum,
-        "step": step,
-        "elapsed_s": run.elapsed_s,
-        "val_loss": run.last_val_loss,
-        "best_val_loss": run.best_val_loss,
-        "chars_seen": step * config.train.batch_size * config.train.seq_len,
-        "saved_at": time.time(),
-    }
-
-
-def save(run_dir: Path, config: Config, corpus: Corpus, run: RunState, best: bool) -> Path:
-    """Write the step checkpoint (and best copy), then rotate older ones away."""
-    step = int(run.state.step)
-    arrays = {
-        **checkpoint.flatten(run.state.params, "params"),
-        **checkpoint.flatten(run.state.opt_state, "opt_state"),
-        **checkpoint.flatten(run.carry, "carry"),
-    }
-    payload = checkpoint.encode(arrays, _metadata(config, corpus, run, step))
-    directory = rundir.checkpoints_dir(run_dir)
-    path = checkpoint.step_path(directory, step)
-    checkpoint.write_atomic(path, payload)
-    if best:
-        checkpoint.write_atomic(directory / rundir.BEST_FILE, payload)
-    checkpoint.rotate(directory, config.train.keep)
-    run.last_checkpoint = path
-    return path
-
-
-def restore(arrays: dict[str, np.ndarray], metadata: dict[str, Any], config: Config, corpus: Corpus,
-            optimizer) -> RunState:
-    template = jax.eval_shape(lambda: train.init_state(jax.random.key(0), config.model, optimizer, len(corpus.vocab)))
-    params = checkpoint.unflatten(template.params, "params", arrays)
-    opt_state = checkpoint.unflatten(template.opt_state, "opt_state", arrays)
-    carry_template = jax.eval_shape(lambda: model.initial_carry(template.params, config.model, config.train.batch_size))
-    carry = checkpoint.unflatten(carry_template, "carry", arrays)
-    state = train.TrainState(params, opt_state, np.asarray(metadata["step"], np.int32))
-    state, carry = jax.device_put((state, carry))
-    return RunState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"), metadata.get("val_loss"))
-
-
 def prepare_run(corpus_path: Path, run_dir: Path, config_file: Path | None, assignments: list[str],
                 options: dict[str, dict[str, Any]], resume: bool):
     """Check everything a run needs before writing anything; return (config, corpus, resume data)."""
@@ -196,170 +152,165 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_training(corpus_path: Path, run_dir: Path, config_file: Path | None = None,
-                 assignments: list[str] = (), options: dict | None = None, resume: bool = False,
-                 reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train into `run_dir` (new, or resumed from its newest checkpoint); return the run's summary."""
-    reporter = reporter or Reporter()
-    config, corpus, resumed = prepare_run(corpus_path, run_dir, config_file, list(assignments), options or {}, resume)
-    rundir.prepare(run_dir)
-    with rundir.RunLock(run_dir), StopFlag() as stop:
-        reporter.message(f"training on {corpus_path} ({len(corpus.train_ids):,} + {len(corpus.val_ids):,} characters, "
-                         f"{len(corpus.vocab)} symbols) into {run_dir}")
-        for line in config_lib.describe(config):
-            reporter.message(line)
-        rundir.write_json(run_dir / rundir.CONFIG_FILE, config_lib.to_dict(config))
-        optimizer = train.make_optimizer(config.train)
-        if resumed:
-            path, arrays, metadata, skipped = resumed
-            for problem in skipped:
-                reporter.message(f"skipped a damaged checkpoint: {problem}")
-            run = restore(arrays, metadata, config, corpus, optimizer)
-            run.last_checkpoint = path
-            reporter.message(f"resuming {run_dir} at step {int(run.state.step)}")
-        else:
-            state = train.init_state(jax.random.fold_in(jax.random.key(config.train.seed), 0), config.model,
-                                     optimizer, len(corpus.vocab))
-            run = RunState(state, model.initial_carry(state.params, config.model, config.train.batch_size))
-        identity = {"corpus": str(corpus_path.resolve()), "pid": os.getpid()}
-        rundir.write_status(run_dir, rundir.RUNNING, {**identity, "step": int(run.state.step)})
-        try:
-            summary = _loop(config, corpus, run, run_dir, optimizer, stop, reporter)
-        except DivergedError:
-            rundir.write_status(run_dir, rundir.DIVERGED, {**identity, "step": int(run.state.step)})
-            raise
-        except Interrupted:
-            rundir.write_status(run_dir, rundir.INTERRUPTED, {**identity, "step": int(run.state.step)})
-            raise
-        rundir.write_status(run_dir, rundir.FINISHED, {**identity, **summary})
-        return summary
+def _state_arrays(run: RunState) -> dict[str, np.ndarray]:
+    """Everything a resume needs, as named host arrays (gathered from every process)."""
+    params, opt_state, carry = distributed.to_host((run.state.params, run.state.opt_state, run.carry))
+    return {**checkpoint.flatten(params, "params"), **checkpoint.flatten(opt_state, "opt_state"),
+            **checkpoint.flatten(carry, "carry")}
 
 
-def _loop(config: Config, corpus: Corpus, run: RunState, run_dir: Path, optimizer, stop: StopFlag,
-          reporter: Reporter) -> dict[str, Any]:
-    model_config, train_config = config.model, config.train
-    layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
-    train_call = train.make_train_call(model_config, train_config, optimizer)
-    eval_call = train.make_eval_call(model_config)
-    metrics_log = rundir.MetricsLog(run_dir)
-    chars_per_step = train_config.batch_size * train_config.seq_len
-    budget_s = train_config.max_minutes * 60.0
-    total = train_config.steps
-    step = int(run.state.step)
-    reporter.start(total, step, budget_s)
+@dataclass
+class Session:
+    """A run in progress: its config, data, state, placement, and the files it writes (process 0 only)."""
 
-    clock_start = time.monotonic() - run.elapsed_s
-    last_save_time = time.monotonic()
-    pending: list[tuple[int, train.StepMetrics]] = []  # dispatched calls whose metrics are unread
-    window_losses: list[float] = []
-    window_start = (step, time.monotonic())
-    steady: tuple[int, float] | None = None  # (step, time) after the first call: excludes compilation
-    paused_s = 0.0  # time spent evaluating and saving since `steady`, not training
+    config: Config
+    corpus: Corpus
+    run_dir: Path
+    corpus_path: Path
+    optimizer: Any
+    placement: distributed.Placement
+    reporter: Reporter
+    stop: StopFlag
+    run: RunState | None = None
 
-    def progress_at(at_step: int, elapsed: float) -> float:
-        by_steps = at_step / total
-        return max(by_steps, elapsed / budget_s) if budget_s else by_steps
+    def __post_init__(self):
+        self.is_main = self.placement.is_main
+        self.metrics_log = rundir.MetricsLog(self.run_dir)
 
-    def validate_and_save(final: bool) -> None:
-        nonlocal paused_s
-        began = time.monotonic()
-        val_loss = train.evaluate(run.state.params, model_config, corpus.val_ids, train_config.eval_batch_size,
-                                  eval_call=eval_call)
-        run.elapsed_s = time.monotonic() - clock_start
+    def stop_requested(self) -> bool:
+        return self.stop.signal_number is not None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            self.metrics_log.write(record)
+
+    def status(self, status: str, fields: dict[str, Any]) -> None:
+        if self.is_main:
+            identity = {"corpus": str(self.corpus_path.resolve()), "pid": os.getpid()}
+            rundir.write_status(self.run_dir, status, {**identity, "step": int(self.run.state.step), **fields})
+
+    def save(self, best: bool) -> Path:
+        """Write the step checkpoint (and best copy), then rotate older ones away."""
+        step = int(self.run.state.step)
+        arrays = _state_arrays(self.run)  # a collective: every process takes part
+        directory = rundir.checkpoints_dir(self.run_dir)
+        path = checkpoint.step_path(directory, step)
+        if self.is_main:
+            payload = checkpoint.encode(arrays, self._metadata(step))
+            checkpoint.write_atomic(path, payload)
+            if best:
+                checkpoint.write_atomic(directory / rundir.BEST_FILE, payload)
+            checkpoint.rotate(directory, self.config.train.keep)
+        self.run.last_checkpoint = path
+        return path
+
+    def _metadata(self, step: int) -> dict[str, Any]:
+        return {
+            "config": config_lib.to_dict(self.config),
+            "vocab": self.corpus.vocab.chars,
+            "corpus_sha": self.corpus.checksum,
+            "step": step,
+            "elapsed_s": self.run.elapsed_s,
+            "val_loss": self.run.last_val_loss,
+            "best_val_loss": self.run.best_val_loss,
+            "chars_seen": step * self.config.train.batch_size * self.config.train.seq_len,
+            "saved_at": time.time(),
+        }
+
+    def validate_and_save(self, eval_call, final: bool) -> None:
+        run, train_config = self.run, self.config.train
+        val_loss = train.evaluate(run.state.params, self.config.model, self.corpus.val_ids,
+                                  train_config.eval_batch_size, eval_call=eval_call, placement=self.placement)
         run.last_val_loss = val_loss
         improved = run.best_val_loss is None or val_loss < run.best_val_loss
         if improved:
             run.best_val_loss = val_loss
-        path = save(run_dir, config, corpus, run, best=improved)
-        metrics_log.write({"event": "eval", "step": int(run.state.step), "val_loss": val_loss,
-                           "val_bpc": bits(val_loss), "chars_seen": int(run.state.step) * chars_per_step,
-                           "elapsed_s": run.elapsed_s, "final": final})
-        reporter.message(f"step {int(run.state.step)}: val {val_loss:.4f} nats/char "
-                         f"({bits(val_loss):.3f} bits/char), saved {path.name}")
-        paused_s += time.monotonic() - began
+        path = self.save(best=improved)
+        step = int(run.state.step)
+        self.log({"event": "eval", "step": step, "val_loss": val_loss, "val_bpc": bits(val_loss),
+                  "chars_seen": step * train_config.batch_size * train_config.seq_len,
+                  "elapsed_s": run.elapsed_s, "final": final})
+        self.reporter.message(f"step {step}: val {val_loss:.4f} nats/char ({bits(val_loss):.3f} bits/char), "
+                              f"saved {path.name}")
 
-    def drain(keep_last: int) -> None:
-        """Read metrics of finished calls (all but the newest `keep_last`); stop on divergence."""
-        while len(pending) > keep_last:
-            first_step, metrics = pending.pop(0)
-            finite = np.asarray(metrics.finite)
-            losses = np.asarray(metrics.loss)
-            if not finite.all():
-                bad_step = first_step + int(np.argmin(finite)) + 1
-                last = run.last_checkpoint or "none (no checkpoint was saved yet)"
-                metrics_log.write({"event": "diverged", "step": bad_step})
-                raise DivergedError(f"loss became non-finite at step {bad_step}; last good checkpoint: {last}")
-            window_losses.extend(losses.tolist())
+    def interrupted(self, step: int) -> None:
+        number = self.stop.signal_number or signal.SIGTERM
+        raise Interrupted(f"stopped by {signal.Signals(number).name} at step {step}; saved "
+                          f"{self.run.last_checkpoint}; continue with: charrnn train --resume {self.run_dir}", number)
 
-    last_eval_block = step // train_config.eval_every
-    last_log_block = step // train_config.log_every
-    while step < total and stop.signal_number is None:
-        elapsed = time.monotonic() - clock_start
-        if budget_s and elapsed >= budget_s:
-            break
-        count = min(train_config.steps_per_call, total - step)
-        batches = data.stack_batches([
-            data.training_batch(corpus.train_ids, layout, step + i, train_config.seed, train_config.random_offset)
-            for i in range(count)
-        ])
-        lrs = np.array([train.learning_rate(train_config, step + i, progress_at(step + i, elapsed))
-                        for i in range(count)], np.float32)
-        run.state, run.carry, metrics = train_call(run.state, run.carry, batches, lrs)
-        pending.append((step, metrics))
-        step += count
-        drain(keep_last=1)  # keeps one call in flight while checking the one before
-        if steady is None:
-            drain(keep_last=0)
-            steady = (step, time.monotonic())
-            window_start = steady
+    def summary(self, step: int, wall_s: float, chars_per_s: float | None) -> dict[str, Any]:
+        run = self.run
+        return {
+            "run_dir": str(self.run_dir),
+            "status": rundir.FINISHED,
+            "steps": step,
+            "best_val_loss": run.best_val_loss,
+            "best_val_bpc": bits(run.best_val_loss),
+            "final_val_loss": run.last_val_loss,
+            "final_val_bpc": bits(run.last_val_loss),
+            "train_chars_per_s": chars_per_s,
+            "wall_s": wall_s,
+            "peak_rss_mb": peak_rss_mb(),
+            "devices": self.placement.num_devices,
+            "checkpoint": str(run.last_checkpoint),
+        }
 
-        if step // train_config.log_every > last_log_block or step == total:
-            drain(keep_last=0)
-            last_log_block = step // train_config.log_every
-            now = time.monotonic()
-            chars_per_s = (step - window_start[0]) * chars_per_step / max(now - window_start[1], 1e-9)
-            train_loss = float(np.mean(window_losses)) if window_losses else float("nan")
-            info = {"event": "train", "step": step, "loss": train_loss, "bpc": bits(train_loss),
-                    "lr": float(lrs[-1]), "chars_per_s": chars_per_s, "chars_seen": step * chars_per_step,
-                    "elapsed_s": now - clock_start, "val_loss": run.last_val_loss}
-            metrics_log.write(info)
-            reporter.progress(step, info)
-            window_losses.clear()
-            window_start = (step, now)
+    def start(self, resumed) -> None:
+        """Fresh parameters, or the resumed checkpoint's state, placed on the mesh."""
+        config, placement = self.config, self.placement
+        local = placement.local_streams(config.train.batch_size)
+        if resumed:
+            path, arrays, metadata, skipped = resumed
+            for problem in skipped:
+                self.reporter.message(f"skipped a damaged checkpoint: {problem}")
+            template = jax.eval_shape(lambda: train.init_state(jax.random.key(0), config.model, self.optimizer,
+                                                               len(self.corpus.vocab)))
+            carry_template = jax.eval_shape(lambda: model.initial_carry(template.params, config.model,
+                                                                        config.train.batch_size))
+            params = checkpoint.unflatten(template.params, "params", arrays)
+            opt_state = checkpoint.unflatten(template.opt_state, "opt_state", arrays)
+            carry = checkpoint.unflatten(carry_template, "carry", arrays)
+            state = train.TrainState(params, opt_state, np.asarray(metadata["step"], np.int32))
+            elapsed, best, last = float(metadata["elapsed_s"]), metadata.get("best_val_loss"), metadata.get("val_loss")
+            self.reporter.message(f"resuming {self.run_dir} at step {metadata['step']}")
+        else:
+            key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
+            state = distributed.to_host(train.init_state(key, config.model, self.optimizer, len(self.corpus.vocab)))
+            carry = distributed.to_host(model.initial_carry(state.params, config.model, config.train.batch_size))
+            elapsed, best, last, path = 0.0, None, None, None
+        self.run = RunState(distributed.put(state, placement.replicated),
+                            distributed.put(carry, placement.batch, lambda leaf: leaf[local]),
+                            elapsed, best, last, path)
 
-        if step // train_config.eval_every > last_eval_block and step < total:
-            drain(keep_last=0)
-            last_eval_block = step // train_config.eval_every
-            validate_and_save(final=False)
-            last_save_time = time.monotonic()
-            window_start = (step, last_save_time)  # evaluation time is not training throughput
-        elif train_config.save_minutes and time.monotonic() - last_save_time >= train_config.save_minutes * 60:
-            drain(keep_last=0)
-            run.elapsed_s = time.monotonic() - clock_start
-            save(run_dir, config, corpus, run, best=False)
-            last_save_time = time.monotonic()
 
-    drain(keep_last=0)
-    if stop.signal_number is not None:
-        run.elapsed_s = time.monotonic() - clock_start
-        path = save(run_dir, config, corpus, run, best=False)
-        name = signal.Signals(stop.signal_number).name
-        raise Interrupted(f"stopped by {name} at step {step}; saved {path}; continue with: "
-                          f"charrnn train --resume {run_dir}", stop.signal_number)
-    validate_and_save(final=True)
-    wall_s = time.monotonic() - clock_start
-    steady_chars = (step - steady[0]) * chars_per_step if steady else 0
-    steady_s = time.monotonic() - steady[1] - paused_s if steady else 0.0
-    return {
-        "run_dir": str(run_dir),
-        "status": rundir.FINISHED,
-        "steps": step,
-        "best_val_loss": run.best_val_loss,
-        "best_val_bpc": bits(run.best_val_loss),
-        "final_val_loss": run.last_val_loss,
-        "final_val_bpc": bits(run.last_val_loss),
-        "train_chars_per_s": steady_chars / steady_s if steady_s > 0 else None,
-        "wall_s": wall_s,
-        "peak_rss_mb": peak_rss_mb(),
-        "checkpoint": str(run.last_checkpoint),
-    }
+def run_training(corpus_path: Path, run_dir: Path, config_file: Path | None = None,
+                 assignments: list[str] = (), options: dict | None = None, resume: bool = False,
+                 reporter: Reporter | None = None, devices: int | None = None) -> dict[str, Any]:
+    """Train into `run_dir` (new, or resumed from its newest checkpoint); return the run's summary."""
+    config, corpus, resumed = prepare_run(corpus_path, run_dir, config_file, list(assignments), options or {}, resume)
+    placement = distributed.make_placement(devices, config.train.batch_size)
+    reporter = (reporter or Reporter()) if placement.is_main else Reporter()
+    if placement.is_main:
+        rundir.prepare(run_dir)
+    lock = rundir.RunLock(run_dir) if placement.is_main else contextlib.nullcontext()
+    with lock, StopFlag() as stop:
+        session = Session(config, corpus, run_dir, corpus_path, train.make_optimizer(config.train), placement,
+                          reporter, stop)
+        reporter.message(f"training on {corpus_path} ({len(corpus.train_ids):,} + {len(corpus.val_ids):,} characters, "
+                         f"{len(corpus.vocab)} symbols) into {run_dir}, {placement.num_devices} device(s)")
+        for line in config_lib.describe(config):
+            reporter.message(line)
+        if placement.is_main:
+            rundir.write_json(run_dir / rundir.CONFIG_FILE, config_lib.to_dict(config))
+        session.start(resumed)
+        session.status(rundir.RUNNING, {})
+        try:
+            summary = Loop(session).run()
+        except DivergedError:
+            session.status(rundir.DIVERGED, {})
+            raise
+        except Interrupted:
+            session.status(rundir.INTERRUPTED, {})
+            raise
+        session.status(rundir.FINISHED, summary)
+        return summary

@@ -85,10 +85,11 @@ def collect(run_dirs: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for run_dir in run_dirs:
         status = rundir.read_status(run_dir)
-        if status["status"] == rundir.FINISHED:
-            results = _results_from_summary(status)
-        else:
-            results = _results_from_metrics(rundir.read_metrics(run_dir), status)
+        results = _results_from_summary(status) if status["status"] == rundir.FINISHED else {}
+        if None in results.values() or not results:
+            # Unfinished, or a summary with gaps (a run resumed at its last step measured no speed).
+            derived = _results_from_metrics(rundir.read_metrics(run_dir), status)
+            results = {key: derived[key] if results.get(key) is None else results[key] for key in derived}
         rows.append({"run": str(run_dir), "status": status["status"], **results, **_flat_config(run_dir)})
     return rows
 

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charrnn import model
+from charrnn import distributed, model
 from charrnn.config import ModelConfig, TrainConfig
 from charrnn.data import Batch, EvalChunk, evaluation_chunks
 
 
 # Evaluation has no gradient to truncate: long chunks mean fewer dispatches.
 EVAL_SEQ_LEN = 256
+LN2 = math.log(2.0)
 
 
 class TrainState(NamedTuple):
@@ -65,7 +66,7 @@ def init_state(key: jax.Array, model_config: ModelConfig, optimizer, vocab_size:
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimizer):
+def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimizer, placement=None):
     """Compile `call(state, carry, batches, lrs) -> (state, carry, metrics)` for K stacked steps.
 
     This is where truncated BPTT happens: the carry enters each step as data (no
@@ -103,7 +104,11 @@ def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimi
         (state, carry), metrics = jax.lax.scan(one_step, (state, carry), (batches, lrs))
         return state, carry, metrics
 
-    return jax.jit(call, donate_argnums=(0, 1))
+    if placement is None:
+        return jax.jit(call, donate_argnums=(0, 1))
+    # State stays replicated and the carry stays split with its streams, call after call.
+    out_shardings = (placement.replicated, placement.batch, placement.replicated)
+    return jax.jit(call, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def make_eval_call(model_config: ModelConfig):
@@ -119,14 +124,18 @@ def make_eval_call(model_config: ModelConfig):
 
 
 def evaluate(params: dict, model_config: ModelConfig, ids: np.ndarray, num_streams: int,
-             seq_len: int = EVAL_SEQ_LEN, eval_call=None) -> float:
-    """Mean nats/char over every prediction in `ids`, state carried along each stream."""
+             seq_len: int = EVAL_SEQ_LEN, eval_call=None, placement=None) -> float:
+    """Mean nats/char over every prediction in `ids`, state carried along each stream.
+
+    With a `placement` (several devices), every device evaluates all streams.
+    """
     eval_call = eval_call or make_eval_call(model_config)
+    place = (lambda tree: distributed.put(tree, placement.replicated)) if placement else (lambda tree: tree)
     chunks = evaluation_chunks(ids, num_streams, seq_len)
-    carry = model.initial_carry(params, model_config, chunks[0].inputs.shape[1])
-    total, count = jnp.zeros(()), jnp.zeros(())
+    carry = place(jax.device_get(model.initial_carry(params, model_config, chunks[0].inputs.shape[1])))
+    total, count = 0.0, 0.0
     for index, chunk in enumerate(chunks):
-        carry, chunk_total, chunk_count = eval_call(params, carry, chunk)
+        carry, chunk_total, chunk_count = eval_call(params, carry, place(chunk))
         total, count = total + chunk_total, count + chunk_count
         if index % 32 == 31:
             jax.block_until_ready(total)  # bounds the chunks queued on the device, and their memory

@@ -1,0 +1,102 @@
+"""Where arrays live: one mesh over the devices, streams split along the batch axis.
+
+Data parallelism with JAX's own machinery: a `Mesh` over the devices (of every
+process, after `jax.distributed.initialize`), parameters and optimizer state
+replicated, and the batch axis of minibatches and of the carried hidden state
+split across devices. The compiler inserts the gradient all-reduce. Each process
+supplies only the streams that belong to its own devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from charrnn.errors import UsageError
+
+AXIS = "streams"
+
+
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool) -> None:
+    """Join a multi-process run (explicit coordinator, or JAX's cluster auto-detection)."""
+    if coordinator is None and not auto:
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if coordinator is None:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"cannot join the distributed run: {error}") from None
+
+
+class Placement(NamedTuple):
+    mesh: Mesh
+    replicated: NamedSharding  # every device holds the whole array
+    batch: NamedSharding  # axis 0 split: carries [B, H]
+    time_major: NamedSharding  # axis 1 split: chunks [T, B]
+    stacked: NamedSharding  # axis 2 split: stacked minibatches [K, T, B]
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes checkpoints, logs and status."""
+        return jax.process_index() == 0
+
+    def local_streams(self, batch_size: int) -> slice:
+        """The streams this process supplies: those of its own devices, a contiguous block."""
+        per_process = batch_size // jax.process_count()
+        return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def make_placement(num_devices: int | None, batch_size: int) -> Placement:
+    """A mesh over `num_devices` devices (default: all), checking the streams divide among them."""
+    devices = jax.devices()
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise UsageError(f"--devices {num_devices}: JAX sees {len(devices)} device(s)")
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise UsageError("--devices must be all devices in a multi-process run")
+        devices = devices[:num_devices]
+    if batch_size % len(devices):
+        raise UsageError(f"train.batch_size {batch_size} must be divisible by the {len(devices)} devices")
+    mesh = Mesh(np.array(devices), (AXIS,))
+
+    def split(axis: int) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*([None] * axis), AXIS))
+
+    return Placement(mesh, NamedSharding(mesh, PartitionSpec()), split(0), split(1), split(2))
+
+
+def put(tree: Any, sharding: NamedSharding, local_part=None) -> Any:
+    """Host arrays onto the mesh: whole arrays when replicated, this process's slice when split."""
+    def one(leaf):
+        leaf = np.asarray(leaf)
+        if jax.process_count() == 1:
+            return jax.device_put(leaf, sharding)
+        return jax.make_array_from_process_local_data(sharding, leaf if local_part is None else local_part(leaf))
+
+    return jax.tree.map(one, tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Whole arrays on the host, gathered from every process when they are split across processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def agree(values: np.ndarray) -> np.ndarray:
+    """Process 0's values on every process (decisions that must not differ: stop, schedule position)."""
+    if jax.process_count() == 1:
+        return values
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))

@@ -1,0 +1,129 @@
+"""Recorded activations against the model's own forward pass; text features; finding planted units."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charrnn import activations, model
+from charrnn.config import ModelConfig
+
+VOCAB, LENGTH, CHUNK = 9, 37, 16  # 37 characters in chunks of 16: two boundaries and a padded last chunk
+
+
+def noisy_params(config: ModelConfig, seed: int) -> dict:
+    """Initialised params plus noise, so that biases and learned initial states are not zero."""
+    rng = np.random.default_rng(seed)
+    params = model.init_params(jax.random.key(seed), config, VOCAB)
+    return jax.tree.map(lambda leaf: leaf + jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), jnp.float32), params)
+
+
+CASES = [
+    ("lstm", 0, {}),
+    ("lstm", 1, {}),
+    ("gru", 1, {}),
+    ("rnn", 1, {}),
+    ("lstm", 1, {"learn_initial_state": True, "residual": True}),
+]
+
+
+@pytest.mark.parametrize("cell, layer, options", CASES, ids=[f"{c}-layer{l}-{'-'.join(o) or 'plain'}" for c, l, o in CASES])
+def test_record_equals_one_pass_over_the_whole_text(cell, layer, options):
+    config = ModelConfig(cell=cell, num_layers=2, hidden_size=8, embedding_size=5, **options)
+    params = noisy_params(config, seed=1)
+    ids = np.random.default_rng(2).integers(0, VOCAB, LENGTH)
+    recorded = activations.record(params, config, ids, layer, chunk=CHUNK)
+
+    start = model.initial_carry(params, config, 1)
+    inputs = jnp.asarray(ids[:, None], jnp.int32)  # [N, 1]
+    _, outputs, _ = model.run_layers(model.prepare(params, config), config, start, inputs)
+    expected_h = np.asarray(outputs[layer][:, 0])  # [N, H]
+    if config.residual and layer > 0:
+        expected_h = expected_h - np.asarray(outputs[layer - 1][:, 0])  # the cell's own h, before the residual
+    np.testing.assert_allclose(recorded["h"], expected_h, rtol=0, atol=1e-5)
+
+    expected_fields = {"h", "c"} if cell == "lstm" else {"h"}
+    assert set(recorded) == expected_fields | {"top_ids", "top_probs"}
+    if cell == "lstm":
+        # c after character k is the layer's carry after a forward pass over ids[:k+1];
+        # positions on both sides of each chunk boundary, and the last.
+        for position in (CHUNK - 1, CHUNK, 2 * CHUNK, LENGTH - 1):
+            carry, _ = model.forward(params, config, start, inputs[: position + 1])
+            np.testing.assert_allclose(recorded["c"][position], carry[layer].c[0], rtol=0, atol=1e-5)
+
+    _, logits = model.forward(params, config, start, inputs)
+    probs = np.asarray(jax.nn.softmax(logits[:, 0], axis=-1))  # [N, V]
+    assert recorded["top_ids"].shape == (LENGTH, 5)
+    np.testing.assert_array_equal(recorded["top_ids"], np.argsort(-probs, axis=-1)[:, :5])
+    np.testing.assert_allclose(recorded["top_probs"], -np.sort(-probs, axis=-1)[:, :5], rtol=0, atol=1e-6)
+
+
+def test_record_does_not_depend_on_the_chunk_size():
+    config = ModelConfig(cell="gru", num_layers=1, hidden_size=8, embedding_size=5)
+    params = noisy_params(config, seed=3)
+    ids = np.random.default_rng(4).integers(0, VOCAB, 50)
+    whole = activations.record(params, config, ids, 0, chunk=1000)
+    for chunk in (7, 25):
+        pieces = activations.record(params, config, ids, 0, chunk=chunk)
+        np.testing.assert_allclose(pieces["h"], whole["h"], rtol=0, atol=1e-5)
+
+
+def test_record_refuses_a_layer_the_model_lacks():
+    config = ModelConfig(cell="rnn", num_layers=2, hidden_size=8, embedding_size=5)
+    with pytest.raises(ValueError, match="layer 2"):
+        activations.record(noisy_params(config, 0), config, np.array([1, 2]), 2)
+
+
+def test_features_on_hand_made_text():
+    np.testing.assert_array_equal(activations.inside_quotes('a"bc"d'), [0, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(activations.bracket_depth("(a[b])}({"), [1, 1, 2, 2, 1, 0, 0, 1, 2])
+    np.testing.assert_array_equal(activations.bracket_depth("))("), [0, 0, 1])
+    text = "ab\ncd\n\ne"
+    np.testing.assert_array_equal(activations.position_in_line(text), [1, 2, 0, 1, 2, 0, 0, 1])
+    np.testing.assert_array_equal(activations.line_start(text), [1, 0, 0, 1, 0, 0, 0, 1])
+    assert set(activations.FEATURES) == {"quotes", "brackets", "line_position", "line_start"}
+    assert all(len(feature("")) == 0 for feature in activations.FEATURES.values())
+
+
+def quoted_text(length: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return "".join(rng.choice(list('abc "'), size=length, p=[0.3, 0.3, 0.2, 0.1, 0.1]))
+
+
+def test_top_units_finds_a_planted_unit():
+    text = quoted_text(600, seed=5)
+    feature = activations.inside_quotes(text)
+    rng = np.random.default_rng(6)
+    units = rng.normal(0.0, 1.0, (len(text), 12))  # [N, H]
+    units[:, 7] = feature + rng.normal(0.0, 0.1, len(text))
+    units[:, 3] = -feature + rng.normal(0.0, 0.5, len(text))
+    found = activations.top_units(units, text, 2, "quotes")
+    assert [unit for unit, _ in found] == [7, 3]
+    assert found[0][1] > 0.9 and found[1][1] < -0.5
+    np.testing.assert_allclose(found[0][1], np.corrcoef(units[:, 7], feature)[0, 1])
+
+    units[:, 10] *= 5.0
+    unit, variance = activations.top_units(units, text, 1)[0]
+    assert unit == 10
+    np.testing.assert_allclose(variance, np.var(units[:, 10]))
+
+
+def test_constant_feature_and_constant_unit_give_zero_correlation_not_nan():
+    text = "abc ab c" * 20  # no quotes: the feature is constant
+    units = np.random.default_rng(7).normal(size=(len(text), 4))
+    units[:, 2] = 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert activations.top_units(units, text, 4, "quotes") == [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0)]
+        correlations = activations.correlations(units, activations.bracket_depth("(" + text[1:]))
+    assert np.all(np.isfinite(correlations)) and correlations[2] == 0.0
+
+
+def test_top_units_refuses_mismatched_text_and_unknown_feature():
+    units = np.zeros((5, 3))
+    with pytest.raises(ValueError, match="characters"):
+        activations.top_units(units, "abc", 1, "quotes")
+    with pytest.raises(ValueError, match="unknown feature"):
+        activations.top_units(units, "abcde", 1, "vowels")

@@ -1,0 +1,140 @@
+"""The HTML page is well-formed, self-contained and holds every character and value; terminal blocks."""
+
+import html
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+
+from charrnn import render
+
+TEXT = "if (a < b && c > \"d\") {\n  x = 'it''s';\n}\n\tend & <b>bold</b>?"  # no "/" in it: the page may hold none
+VOID_ELEMENTS = {"meta", "br", "hr", "img", "input", "link"}
+
+
+def unit_values(seed: int, scale: float) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-scale, scale, len(TEXT))
+
+
+UNITS = {3: unit_values(0, 1.0), 17: unit_values(1, 4.0)}  # tanh-range h, and a c beyond [-1, 1]
+PREDICTIONS = [[("e", 0.5), ("\n", 0.2), ("<", 0.1), ("&", 0.05), (" ", 0.01)] for _ in TEXT]
+
+
+class PageReader(HTMLParser):
+    """Checks that tags nest, and collects each unit row's text and values."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.open_tags, self.problems = [], []
+        self.row_text, self.row_values, self.scripts = {}, {}, []
+        self.row = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in VOID_ELEMENTS:
+            return
+        self.open_tags.append(tag)
+        if tag == "div" and "data-unit" in attrs:
+            self.row = int(attrs["data-unit"])
+            self.row_text[self.row], self.row_values[self.row] = "", []
+        if tag == "span" and self.row is not None:
+            self.row_values[self.row].append(attrs["data-v"])
+
+    def handle_endtag(self, tag):
+        if not self.open_tags or self.open_tags[-1] != tag:
+            self.problems.append(f"</{tag}> closes {self.open_tags[-1:] or 'nothing'}")
+            return
+        self.open_tags.pop()
+        if tag == "div":
+            self.row = None
+
+    def handle_data(self, data):
+        if self.row is not None:
+            self.row_text[self.row] += data
+        if self.open_tags and self.open_tags[-1] == "script":
+            self.scripts.append(data)
+
+
+def read_page(page: str) -> PageReader:
+    reader = PageReader()
+    reader.feed(page)
+    reader.close()
+    return reader
+
+
+def test_page_is_well_formed_and_holds_every_character_and_value():
+    page = render.html(TEXT, UNITS, PREDICTIONS, "layer 2 <h> & c")
+    reader = read_page(page)
+    assert reader.problems == [] and reader.open_tags == []
+    assert sorted(reader.row_text) == [3, 17]
+    for unit, values in UNITS.items():
+        assert reader.row_text[unit] == TEXT
+        assert reader.row_values[unit] == [render.format_value(value) for value in values]
+    assert "<title>layer 2 &lt;h&gt; &amp; c</title>" in page
+
+
+def test_page_needs_nothing_from_outside():
+    page = render.html(TEXT, UNITS, PREDICTIONS, "t")
+    for outside in ("http:", "https:", "//", "<link", "src=", "@import", "url("):
+        assert outside not in page
+
+
+def test_predictions_reach_the_script_intact():
+    page = render.html(TEXT, UNITS, PREDICTIONS, "t")
+    (script,) = read_page(page).scripts
+    assert "</" not in script
+    payload = script.split("const PREDICTIONS = ", 1)[1].split(";\n", 1)[0]
+    guesses = json.loads(payload)
+    assert len(guesses) == len(TEXT)
+    assert guesses[0] == [["e", 0.5], ["\\n", 0.2], ["<", 0.1], ["&", 0.05], ["\u2423", 0.01]]
+
+
+def test_colours_show_sign_and_scale():
+    assert render.colours(np.array([0.0, 1.0, -1.0])) == ["#ffffff", "#d62728", "#1f77b4"]
+    # Beyond [-1, 1] the unit is scaled by its largest |value|: 2 of 4 is half-way to red.
+    assert render.colours(np.array([2.0, -4.0])) == ["#ea9394", "#1f77b4"]
+    assert render.colours(np.array([0.5])) == render.colours(np.array([0.5, -1.0]))[:1]  # h is not rescaled
+
+
+def test_terminal_blocks_colour_every_character():
+    blocks = render.terminal_blocks(TEXT, UNITS)
+    assert len(blocks) == 2
+    for block, values in zip(blocks, UNITS.values()):
+        assert block.plain.replace("\u21b5\n", "\n") == TEXT
+        styled = [span for span in block.spans if span.style.bgcolor is not None]
+        assert len(styled) == len(TEXT)
+        assert [span.style.bgcolor.triplet.hex for span in styled] == render.colours(values)
+
+
+def test_control_characters_are_shown_as_symbols():
+    assert render.shown("\r") == "\u240d" and render.shown("\x7f") == "\u2421"
+    assert render.shown("\n") == "\n" and render.shown("\t") == "\t" and render.shown("é") == "é"
+
+
+CHROMIUM = "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium")
+
+
+# Run after the page's own script: hover character 5 of unit 17, so the dumped DOM holds the tooltip.
+HOVER = ('<script>document.querySelector("div[data-unit=\'17\'] span[data-i=\'5\']")'
+         '.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));</script>')
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium")
+def test_a_browser_shows_the_text_and_the_tooltip(tmp_path):
+    page = tmp_path / "units.html"
+    page.write_text(render.html(TEXT, UNITS, PREDICTIONS, "browser").replace("</body>", HOVER + "</body>"),
+                    encoding="utf-8")
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run",
+               f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    reader = read_page(dom)
+    assert reader.row_text == {3: TEXT, 17: TEXT}
+    heading, *guesses = html.unescape(dom.split('<div id="tip">', 1)[1].split("</div>", 1)[0]).splitlines()
+    assert heading == f"unit 17 = {render.format_value(UNITS[17][5])}   (character 5)"
+    assert [line.split() for line in guesses] == [["e", "50.0%"], ["\\n", "20.0%"], ["<", "10.0%"], ["&", "5.0%"],
+                                                  ["\u2423", "1.0%"]]

@@ -1,0 +1,231 @@
+"""Comparing runs: discovery, table rows of finished / interrupted / diverged runs, sorting, CSV, curves, plots."""
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from clihelp import TINY, start_subprocess
+from conftest import SAMPLE_TEXT
+
+from charrnn import config, rundir, runs
+from charrnn.errors import UsageError
+
+# One thread each: the four runs train at once.
+COMMON = ["--config", TINY, "--steps", "20", "--set", "train.eval_every=10", "--set", "train.log_every=5", "--quiet",
+          "--threads", "1"]
+# Run directory name -> extra options; "gru, 32" has a comma and a space for CSV quoting.
+SWEEP = {
+    "lstm-32": [],
+    "gru, 32": ["--cell", "gru"],
+    "lstm-16": ["--hidden", "16"],
+    "diverged": ["--lr", "1e38", "--set", "train.clip_norm=0"],
+}
+CHARS_PER_STEP = 8 * 16  # tiny.toml's batch_size * seq_len
+
+
+def _interrupt(run_dir, last_step: int) -> None:
+    """Make a finished run look killed after `last_step`: status "running" with no lock, metrics cut there."""
+    records = [record for record in rundir.read_metrics(run_dir) if record["step"] <= last_step]
+    (run_dir / rundir.METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in records))
+    rundir.write_status(run_dir, rundir.RUNNING, {"pid": 0, "step": 10})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Four runs trained by the real CLI, in parallel; lstm-16 then made to look interrupted at step 15."""
+    root = tmp_path_factory.mktemp("sweep")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 40, encoding="utf-8")
+    processes = {name: start_subprocess("train", corpus, *COMMON, *extra, "--out", f"runs/{name}", cwd=root)
+                 for name, extra in SWEEP.items()}
+    summaries = {}
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == (5 if name == "diverged" else 0), err
+        summaries[name] = json.loads(out.splitlines()[-1]) if process.returncode == 0 else None
+    _interrupt(root / "runs" / "lstm-16", last_step=15)
+    return root, summaries
+
+
+@pytest.fixture(scope="module")
+def rows(sweep):
+    root, _ = sweep
+    return {Path(row["run"]).name: row for row in runs.collect(runs.find_runs([root / "runs"]))}
+
+
+def test_find_runs_takes_runs_and_their_parents_once_each(sweep):
+    root, _ = sweep
+    every = [root / "runs" / name for name in sorted(SWEEP)]
+    assert runs.find_runs([root / "runs"]) == every
+    assert runs.find_runs([root / "runs" / "lstm-32", root / "runs", root / "runs" / "lstm-32"]) == every
+    assert runs.find_runs([root / "runs" / "lstm-32"]) == [root / "runs" / "lstm-32"]
+    for bad in (root, root / "nowhere"):  # run directories are looked for one level down only
+        with pytest.raises(UsageError) as caught:
+            runs.find_runs([bad])
+        assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_finished_rows_hold_the_summary_and_the_config(sweep, rows):
+    _, summaries = sweep
+    for name in ("lstm-32", "gru, 32"):
+        row, summary = rows[name], summaries[name]
+        assert row["status"] == "finished" and row["steps"] == 20
+        for column in ("best_val_loss", "best_val_bpc", "final_val_bpc", "wall_s"):
+            assert row[column] == summary[column], column
+        assert row["chars_per_s"] == summary["train_chars_per_s"] > 0
+        assert row["train.steps"] == 20 and row["model.hidden_size"] == 32
+    assert rows["gru, 32"]["model.cell"] == "gru" and rows["lstm-32"]["model.cell"] == "lstm"
+
+
+def test_interrupted_row_comes_from_metrics(sweep, rows):
+    root, _ = sweep
+    row = rows["lstm-16"]
+    records = rundir.read_metrics(root / "runs" / "lstm-16")
+    (evaluation,) = [record for record in records if record["event"] == "eval"]
+    speeds = sorted(record["chars_per_s"] for record in records if record["event"] == "train")
+    assert row["status"] == "interrupted" and row["model.hidden_size"] == 16
+    assert row["steps"] == 15  # the last logged step, past the step status.json was written at
+    assert row["best_val_loss"] == evaluation["val_loss"]
+    assert row["best_val_bpc"] == pytest.approx(evaluation["val_bpc"]) == row["final_val_bpc"]
+    assert row["chars_per_s"] == speeds[1]  # the median of three windows
+    assert row["wall_s"] == records[-1]["elapsed_s"]
+
+
+def test_a_gap_in_the_summary_is_filled_from_metrics(sweep, tmp_path):
+    root, summaries = sweep
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(root / "runs" / "lstm-32", run_dir)
+    # Resumed at its last step: the new session trained nothing, so its summary has no speed.
+    rundir.write_status(run_dir, rundir.FINISHED, {**summaries["lstm-32"], "train_chars_per_s": None})
+    speeds = [record["chars_per_s"] for record in rundir.read_metrics(run_dir) if record["event"] == "train"]
+    (row,) = runs.collect([run_dir])
+    assert row["chars_per_s"] == statistics.median(speeds)
+    assert row["best_val_bpc"] == summaries["lstm-32"]["best_val_bpc"]
+
+
+def test_diverged_row_names_the_step_and_has_no_results(sweep, rows):
+    root, _ = sweep
+    row = rows["diverged"]
+    (diverged_at,) = [record["step"] for record in rundir.read_metrics(root / "runs" / "diverged")
+                      if record["event"] == "diverged"]
+    assert row["status"] == "diverged" and row["steps"] == diverged_at
+    assert row["best_val_loss"] is row["best_val_bpc"] is row["chars_per_s"] is None
+    assert row["train.lr"] == 1e38 and row["train.clip_norm"] == 0
+
+
+def test_differing_keys_and_table_columns(rows):
+    every = list(rows.values())
+    differing = ["model.cell", "model.hidden_size", "train.lr", "train.clip_norm"]
+    assert runs.differing_keys(every) == differing
+    assert runs.differing_keys([rows["lstm-32"], rows["gru, 32"]]) == ["model.cell"]
+    assert runs.differing_keys([rows["lstm-32"]]) == []
+    assert runs.table_columns(every) == ["run", *differing, "best_val_loss", "best_val_bpc", "chars_per_s", "steps",
+                                         "wall_s", "status"]
+    assert runs.labels([rows["lstm-32"], rows["lstm-16"]]) == ["model.hidden_size=32", "model.hidden_size=16"]
+    assert runs.labels([rows["lstm-32"]]) == ["lstm-32"]
+
+
+def test_sort_puts_missing_values_last_both_ways(rows):
+    every = list(rows.values())
+    for descending in (False, True):
+        ordered = [row["best_val_bpc"] for row in runs.sort_rows(every, "best_val_bpc", descending)]
+        assert ordered[-1] is None and ordered[:-1] == sorted(ordered[:-1], reverse=descending)
+    by_size = runs.sort_rows(every, "model.hidden_size", descending=True)
+    assert [row["model.hidden_size"] for row in by_size] == [32, 32, 32, 16]
+    assert [row["run"] for row in by_size[:3]] == [row["run"] for row in every if row["model.hidden_size"] == 32]
+    assert [row["status"] for row in runs.sort_rows(every, "status")] == ["diverged", "finished", "finished",
+                                                                          "interrupted"]
+    with pytest.raises(UsageError) as caught:
+        runs.sort_rows(every, "bpc")
+    assert "'bpc'" in str(caught.value) and "best_val_bpc" in str(caught.value) and caught.value.exit_code == 2
+
+
+def test_csv_parses_back_to_the_same_values(rows):
+    every = list(rows.values())
+    columns = runs.table_columns(every)
+    header, *lines = list(csv.reader(io.StringIO(runs.to_csv(every, columns))))
+    assert header == columns and len(lines) == len(every)
+    for row, line in zip(every, lines):
+        for column, text in zip(columns, line, strict=True):
+            value = row[column]
+            if value is None:
+                assert text == "", column
+            elif isinstance(value, float):
+                assert float(text) == value, column  # every digit kept
+            else:
+                assert text == str(value), column
+
+
+def test_curves_are_bits_per_char_against_characters_seen(sweep):
+    root, _ = sweep
+    curve = runs.curves(root / "runs" / "lstm-32")
+    records = rundir.read_metrics(root / "runs" / "lstm-32")
+    assert curve["train"]["chars_seen"] == [step * CHARS_PER_STEP for step in (5, 10, 15, 20)]
+    assert curve["train"]["bpc"] == [record["bpc"] for record in records if record["event"] == "train"]
+    assert curve["val"]["chars_seen"] == [10 * CHARS_PER_STEP, 20 * CHARS_PER_STEP]
+    assert curve["val"]["val_bpc"] == [record["val_bpc"] for record in records if record["event"] == "eval"]
+    assert runs.curves(root / "runs" / "diverged") == {"train": {"chars_seen": [], "bpc": []},
+                                                       "val": {"chars_seen": [], "val_bpc": []}}
+
+
+def test_curves_of_a_resumed_run_keep_the_newer_points(tmp_path):
+    log = rundir.MetricsLog(tmp_path)
+    # Killed after 3000 characters, resumed from the checkpoint at 2000: 2500 and 3000 are logged again.
+    for chars_seen, bpc in ((1000, 4.0), (2000, 3.0), (3000, 2.5), (2500, 2.9), (3000, 2.6), (3500, 2.4)):
+        log.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
+    curve = runs.curves(tmp_path)["train"]
+    assert curve == {"chars_seen": [1000, 2000, 2500, 3000, 3500], "bpc": [4.0, 3.0, 2.9, 2.6, 2.4]}
+
+
+def test_plot_writes_a_png(sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from charrnn.plot import plot_runs
+
+    root, _ = sweep
+    output = tmp_path / "curves.png"
+    plot_runs(runs.find_runs([root / "runs"]), output)
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = imread(output).shape
+    assert height > 0 and width > 0
+    with pytest.raises(UsageError):
+        plot_runs([root / "runs" / "lstm-32"], output, labels=["one", "two"])
+    with pytest.raises(UsageError) as caught:
+        plot_runs([root / "runs" / "lstm-32"], tmp_path / "curves.xyz")
+    assert ".png" in str(caught.value)
+
+
+def test_plot_without_matplotlib_says_how_to_install(sweep, tmp_path, monkeypatch):
+    from charrnn.plot import plot_runs
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes `import` fail
+    root, _ = sweep
+    with pytest.raises(UsageError) as caught:
+        plot_runs([root / "runs" / "lstm-32"], tmp_path / "curves.png")
+    assert "pip install -e '.[plot]'" in str(caught.value)
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_unreadable_metrics_and_config_give_empty_values(tmp_path):
+    rundir.prepare(tmp_path)
+    (tmp_path / rundir.CONFIG_FILE).write_text("{torn")
+    (tmp_path / rundir.METRICS_FILE).write_text('{"event": "train", "step": 5, "chars_per_s": NaN}\n{"event": ')
+    (row,) = runs.collect([tmp_path])
+    assert row["status"] == "unknown" and row["steps"] == 5
+    assert all(row[column] is None for column in ("best_val_loss", "chars_per_s", "wall_s"))
+    assert runs.config_keys([row]) == []
+
+
+def test_config_keys_a_run_predates_take_their_defaults(tmp_path):
+    rundir.prepare(tmp_path)
+    rundir.write_json(tmp_path / rundir.CONFIG_FILE, {"model": {"cell": "gru"}, "train": {"lr": 0.5}})
+    (row,) = runs.collect([tmp_path])
+    assert row["model.cell"] == "gru" and row["train.lr"] == 0.5
+    assert row["model.hidden_size"] == config.ModelConfig().hidden_size and "sample.top_p" in row
