@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 _debug = {"on": False}
 
-MODEL, TRAINING, SAMPLING, RUN, OUTPUT = "Model", "Training", "Sampling", "Run", "Output"
+MODEL, TRAINING, SAMPLING, RUN, OUTPUT, SCALE = "Model", "Training", "Sampling", "Run", "Output", "Scaling out"
 DEFAULT_CORPUS_NAME = Path("data") / "tinyshakespeare.txt"
 
 
@@ -120,10 +120,10 @@ class _ProgressReporter:
 
 @app.command()
 def train(
-    corpus: Annotated[Optional[Path], typer.Argument(help="UTF-8 text to learn from [default: data/tinyshakespeare.txt; with --resume, the run's corpus].", show_default=False)] = None,
+    corpus: Annotated[Optional[Path], typer.Argument(help="UTF-8 text to learn from (default: data/tinyshakespeare.txt; with --resume, the run's corpus).", show_default=False)] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="TOML config (see configs/).", rich_help_panel=RUN)] = None,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set model.cell=gru (repeatable).", rich_help_panel=RUN)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory [default: a new one under ./runs/].", rich_help_panel=RUN)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: a new one under ./runs/).", rich_help_panel=RUN)] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where it stopped.", rich_help_panel=RUN)] = None,
     cell: Annotated[Optional[Cell], typer.Option("--cell", help="model.cell", rich_help_panel=MODEL)] = None,
     num_layers: Annotated[Optional[int], typer.Option("--layers", help="model.num_layers", rich_help_panel=MODEL)] = None,
@@ -139,6 +139,11 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and the final JSON line.", rich_help_panel=OUTPUT)] = False,
     threads: ThreadsOption = None,
     platform: PlatformOption = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices to split the streams over (default: all; train.batch_size must divide).", rich_help_panel=SCALE)] = None,
+    coordinator: Annotated[Optional[str], typer.Option("--coordinator", help="HOST:PORT of process 0, to train with several processes or hosts.", rich_help_panel=SCALE)] = None,
+    num_processes: Annotated[Optional[int], typer.Option("--num-processes", min=1, help="Processes in a multi-process run.", rich_help_panel=SCALE)] = None,
+    process_id: Annotated[Optional[int], typer.Option("--process-id", min=0, help="This process's index, 0 to --num-processes - 1.", rich_help_panel=SCALE)] = None,
+    distributed_auto: Annotated[bool, typer.Option("--distributed", help="Join a multi-process run described by the environment (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS...).", rich_help_panel=SCALE)] = False,
 ) -> None:
     """Train a model on CORPUS, saving checkpoints; print a JSON summary line at the end."""
     options = {
@@ -152,7 +157,14 @@ def train(
         raise UsageError("give either --resume RUN or --out DIR, not both")
     run_dir = resume or out
     _setup(platform, threads)
-    from charrnn import rundir, runner
+    from charrnn import distributed, rundir, runner
+
+    summary_out = sys.stdout
+    if coordinator or distributed_auto:
+        # The collectives' native code prints on file descriptor 1; keep stdout for the summary alone.
+        summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    distributed.initialize(coordinator, num_processes, process_id, distributed_auto)
 
     if run_dir is None:
         run_dir = rundir.new_run_dir(Path("runs"))
@@ -161,13 +173,13 @@ def train(
     reporter = _ProgressReporter(quiet)
     try:
         summary = runner.run_training(corpus, run_dir, config_file, assignments or [], options, resume is not None,
-                                      reporter)
+                                      reporter, devices)
     finally:
         reporter.stop()
     if not quiet:
         err_console.print(f"done: best val {summary['best_val_loss']:.4f} nats/char "
                           f"({summary['best_val_bpc']:.3f} bits/char) in {summary['wall_s']:.0f}s")
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summary), file=summary_out, flush=True)
 
 
 def _resume_corpus(run_dir: Path) -> Path:
@@ -179,17 +191,18 @@ def _resume_corpus(run_dir: Path) -> Path:
         return default_corpus()
 
 
-def _read_prime(prime: str | None, prime_file: Path | None) -> str | None:
-    if prime is not None and prime_file is not None:
-        raise UsageError("give either --prime or --prime-file, not both")
-    if prime_file is not None:
+def _text_option(text: str | None, text_file: Path | None, option: str) -> str | None:
+    """The text of --OPTION or of --OPTION-file (at most one of them), or None."""
+    if text is not None and text_file is not None:
+        raise UsageError(f"give either --{option} or --{option}-file, not both")
+    if text_file is not None:
         from charrnn.data import decode_text
 
         try:
-            return decode_text(prime_file.read_bytes(), str(prime_file))
+            return decode_text(text_file.read_bytes(), str(text_file))
         except OSError as error:
-            raise UsageError(f"cannot read {prime_file}: {error.strerror}") from None
-    return prime
+            raise UsageError(f"cannot read {text_file}: {error.strerror}") from None
+    return text
 
 
 def _encode_checked(vocab, text: str, what: str, skip_unknown: bool):
@@ -211,12 +224,12 @@ def _utf8_stdout() -> None:
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file [default: newest run under ./runs].", rich_help_panel=SAMPLING)] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = always the most likely character [default: 0.8].", rich_help_panel=SAMPLING)] = None,
-    length: Annotated[Optional[int], typer.Option("--length", "-n", help="Characters to generate per sample [default: 1000].", rich_help_panel=SAMPLING)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file (default: newest run under ./runs).", rich_help_panel=SAMPLING)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = always the most likely character (default: 0.8).", rich_help_panel=SAMPLING)] = None,
+    length: Annotated[Optional[int], typer.Option("--length", "-n", help="Characters to generate per sample (default: 1000).", rich_help_panel=SAMPLING)] = None,
     prime: Annotated[Optional[str], typer.Option("--prime", help="Text to start from (printed first).", rich_help_panel=SAMPLING)] = None,
     prime_file: Annotated[Optional[Path], typer.Option("--prime-file", help="Read the priming text from a file.", rich_help_panel=SAMPLING)] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text [default: random, shown on stderr].", rich_help_panel=SAMPLING)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text (default: random, shown on stderr).", rich_help_panel=SAMPLING)] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample only among the k most likely characters (0 = off).", rich_help_panel=SAMPLING)] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Sample only from the smallest set holding this probability (1 = off).", rich_help_panel=SAMPLING)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent samples, generated as one batch.", rich_help_panel=SAMPLING)] = 1,
@@ -227,7 +240,7 @@ def sample(
     platform: PlatformOption = None,
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is written."""
-    prime_text = _read_prime(prime, prime_file)
+    prime_text = _text_option(prime, prime_file, "prime")
     _setup(platform, threads)
     from charrnn import loading
     from charrnn import sample as sampling
@@ -300,7 +313,7 @@ def _write_samples(blocks, vocab, prime_text: str, num_samples: int, stop: str |
 @app.command("eval")
 def evaluate(
     file: Annotated[Path, typer.Argument(help="UTF-8 text to score.")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file [default: newest run under ./runs].")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file (default: newest run under ./runs).")] = None,
     streams: Annotated[int, typer.Option("--streams", min=1, help="Parallel streams, state carried along each (fewer = fewer cold starts, slower).")] = 16,
     skip_unknown: Annotated[bool, typer.Option("--skip-unknown", help="Drop characters outside the model's vocabulary instead of failing.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.", rich_help_panel=OUTPUT)] = False,
@@ -324,37 +337,6 @@ def evaluate(
     else:
         print(f"{file}: {nats:.4f} nats/char, {result['bits_per_char']:.4f} bits/char, "
               f"perplexity {result['perplexity']:.3f} over {result['chars']} characters")
-
-
-@app.command("bench")
-def benchmark(
-    config_file: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="TOML config of the model to measure.", rich_help_panel=RUN)] = None,
-    assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).", rich_help_panel=RUN)] = None,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed windows; the median is reported.")] = 5,
-    seconds: Annotated[float, typer.Option("--seconds", min=0.1, help="Length of each timed training window.")] = 2.0,
-    corpus_mb: Annotated[float, typer.Option("--corpus-mb", min=0, help="Also measure peak memory of training on a corpus this large (0 = skip).")] = 0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.", rich_help_panel=OUTPUT)] = False,
-    threads: ThreadsOption = None,
-    platform: PlatformOption = None,
-) -> None:
-    """Measure training and sampling throughput (chars/s), compile time and memory of a model."""
-    from charrnn import config as config_lib
-
-    config = config_lib.resolve(config_file, assignments or [], {})
-    _setup(platform, threads)
-    from charrnn import bench as benchmarks
-
-    err_console.print(f"measuring {config.model.cell} {config.model.num_layers}x{config.model.hidden_size}, "
-                      f"batch {config.train.batch_size}, seq {config.train.seq_len} ...")
-    result = benchmarks.benchmark(config, repeats, seconds)
-    if corpus_mb:
-        result.update(benchmarks.measure_corpus_memory(corpus_mb, default_corpus().read_text(encoding="utf-8")))
-    if json_output:
-        print(json.dumps(result))
-        return
-    for key, value in result.items():
-        shown = f"{value:,.2f}" if isinstance(value, float) else value
-        print(f"{key:28} {shown}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -382,3 +364,7 @@ def _fail(message: str, code: int) -> int:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
     print(f"charrnn: error: {first_line}", file=sys.stderr)
     return code
+
+
+# The other commands register themselves on `app`.
+from charrnn import cli_inspect, cli_runs  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""Show activations on the text: a self-contained HTML page, or rich Text blocks for a terminal.
+"""Show activations on the text: a self-contained HTML page (the terminal view is in cli_inspect).
 
 Each character's background encodes one unit's value after reading it: white
 at 0, red for positive, blue for negative. Values in [-1, 1] (h, tanh-bounded)
@@ -12,13 +12,11 @@ import html as html_lib
 import json
 
 import numpy as np
-from rich.style import Style
-from rich.text import Text
 
 _WHITE = np.array([255.0, 255.0, 255.0])
 _RED = np.array([214.0, 39.0, 40.0])
 _BLUE = np.array([31.0, 119.0, 180.0])
-_NEWLINE_MARK = "\u21b5"  # ↵, so that a newline's colour is visible
+NEWLINE_MARK = "\u21b5"  # ↵, so that a newline's colour is visible
 
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #000; background: #fff; }
@@ -121,18 +119,3 @@ def html(text: str, units: dict[int, np.ndarray], predictions: list[list[tuple[s
         f"{blocks}\n<div id=\"tip\" hidden></div>\n"
         f"<script>\nconst PREDICTIONS = {_script_json(guesses)};\n{_SCRIPT}</script>\n</body>\n</html>\n"
     )
-
-
-def terminal_blocks(text: str, units: dict[int, np.ndarray]) -> list[Text]:
-    """One rich Text per unit: the text with each character's background coloured by the unit's value."""
-    blocks = []
-    for values in units.values():
-        styles: dict[str, Style] = {}
-        block = Text()
-        for char, colour in zip(text, colours(values)):
-            style = styles.setdefault(colour, Style(color="black", bgcolor=colour))
-            block.append(_NEWLINE_MARK if char == "\n" else shown(char), style)
-            if char == "\n":
-                block.append("\n")
-        blocks.append(block)
-    return blocks

@@ -140,7 +140,8 @@ def prepare_run(corpus_path: Path, run_dir: Path, config_file: Path | None, assi
         resumed = (path, arrays, metadata, skipped)
     else:
         config = config_lib.resolve(config_file, assignments, options)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        # Only process 0 writes the run directory; the others may find it already begun.
+        if jax.process_index() == 0 and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise UsageError(f"{run_dir} already exists; continue a run with --resume, or choose another --out")
         corpus = load_corpus(corpus_path, config.train.val_fraction)
         resumed = None
@@ -275,8 +276,9 @@ class Session:
             self.reporter.message(f"resuming {self.run_dir} at step {metadata['step']}")
         else:
             key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
-            state = distributed.to_host(train.init_state(key, config.model, self.optimizer, len(self.corpus.vocab)))
-            carry = distributed.to_host(model.initial_carry(state.params, config.model, config.train.batch_size))
+            # Every process computes the same initial values from the seed.
+            state = jax.device_get(train.init_state(key, config.model, self.optimizer, len(self.corpus.vocab)))
+            carry = jax.device_get(model.initial_carry(state.params, config.model, config.train.batch_size))
             elapsed, best, last, path = 0.0, None, None, None
         self.run = RunState(distributed.put(state, placement.replicated),
                             distributed.put(carry, placement.batch, lambda leaf: leaf[local]),

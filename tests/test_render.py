@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from charrnn import render
+from charrnn.cli_inspect import terminal_blocks
 
 TEXT = "if (a < b && c > \"d\") {\n  x = 'it''s';\n}\n\tend & <b>bold</b>?"  # no "/" in it: the page may hold none
 VOID_ELEMENTS = {"meta", "br", "hr", "img", "input", "link"}
@@ -101,7 +102,7 @@ def test_colours_show_sign_and_scale():
 
 
 def test_terminal_blocks_colour_every_character():
-    blocks = render.terminal_blocks(TEXT, UNITS)
+    blocks = terminal_blocks(TEXT, UNITS)
     assert len(blocks) == 2
     for block, values in zip(blocks, UNITS.values()):
         assert block.plain.replace("\u21b5\n", "\n") == TEXT

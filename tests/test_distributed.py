@@ -1,0 +1,85 @@
+"""Data parallelism: streams split over devices and processes give the parameters of one device."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from clihelp import TINY, checkpoint_arrays, run_subprocess, start_subprocess, subprocess_env
+
+from charrnn import checkpoint
+
+TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+ARGS = ["--config", TINY, "--steps", "12", "--set", "train.eval_every=6", "--set", "model.dropout=0.1", "--quiet"]
+
+
+def final_params(run_dir):
+    arrays = checkpoint_arrays(checkpoint.step_files(run_dir / "checkpoints")[-1])
+    return {name: array for name, array in arrays.items() if not name.startswith("opt_state/0")}
+
+
+def assert_close(left, right):
+    assert left.keys() == right.keys()
+    for name in left:
+        assert np.allclose(left[name], right[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_two_devices_train_like_one(small_corpus, tmp_path):
+    for devices in ("1", "2"):
+        result = run_subprocess("train", small_corpus, *ARGS, "--devices", devices, "--out", f"d{devices}",
+                                cwd=tmp_path, **TWO_CPU_DEVICES)
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["devices"] == int(devices)
+    assert_close(final_params(tmp_path / "d1"), final_params(tmp_path / "d2"))
+    resumed = run_subprocess("train", "--resume", "d2", "--devices", "1", "--steps", "14", "--quiet", cwd=tmp_path,
+                             **TWO_CPU_DEVICES)
+    assert resumed.code == 0, resumed.err  # a 2-device checkpoint continues on one device
+
+
+def test_streams_really_are_split(small_corpus, tmp_path):
+    probe = f"""
+import jax, numpy as np
+from pathlib import Path
+from charrnn import config, distributed, runner, train
+cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
+corpus = runner.load_corpus(Path({str(small_corpus)!r}), 0.1)
+placement = distributed.make_placement(None, cfg.train.batch_size)
+session = runner.Session(cfg, corpus, Path("unused"), Path("unused"), train.make_optimizer(cfg.train), placement,
+                         runner.Reporter(), runner.StopFlag())
+session.start(None)
+from charrnn.loop import Loop
+loop = Loop(session)
+state, carry, _ = loop.train_call(session.run.state, session.run.carry, loop.batches(0, 1),
+                                  distributed.put(np.ones(1, np.float32), placement.replicated))
+h = carry[0].h
+print(len(jax.devices()), [tuple(shard.data.shape) for shard in h.addressable_shards],
+      [shard.data.shape for shard in state.params["embedding"].addressable_shards])
+"""
+    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "2"
+    assert "[(4, 32), (4, 32)]" in done.stdout  # 8 streams: 4 per device
+    assert done.stdout.count("(34, 16)") == 2  # parameters replicated
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_like_one(small_corpus, tmp_path):
+    coordinator = f"127.0.0.1:{free_port()}"
+    processes = [start_subprocess("train", small_corpus, *ARGS, "--out", "multi", "--coordinator", coordinator,
+                                  "--num-processes", "2", "--process-id", str(index), cwd=tmp_path)
+                 for index in range(2)]
+    outputs = [process.communicate(timeout=240) for process in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    assert json.loads(outputs[0][0])["devices"] == 2
+    single = run_subprocess("train", small_corpus, *ARGS, "--out", "single", cwd=tmp_path)
+    assert single.code == 0, single.err
+    assert_close(final_params(tmp_path / "single"), final_params(tmp_path / "multi"))
