@@ -107,10 +107,10 @@ def torch_sampling(model: TorchCharModel, batch: int, length: int, device: str) 
     return batch * length / (time.perf_counter() - began)
 
 
-def charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call):
+def charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call, unroll=1):
     return config_lib.apply_overrides(config_lib.Config(), {
         "model": {"cell": cell, "num_layers": layers, "hidden_size": hidden, "embedding_size": embedding,
-                  "dtype": dtype},
+                  "dtype": dtype, "scan_unroll": unroll},
         "train": {"batch_size": batch, "seq_len": seq_len, "lr": 2e-3, "clip_norm": 5.0,
                   "steps_per_call": steps_per_call},
     })
@@ -126,7 +126,8 @@ def compare(name, cell, dtype, args) -> dict:
     embedding = args.embedding or hidden
     torch_side = TorchBench(cell, layers, hidden, batch, seq_len, embedding, args.device, dtype)
     steps_per_call = steps_per_call_for(batch, seq_len, hidden)
-    ours = bench.TrainingBench(charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call))
+    ours = bench.TrainingBench(charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call,
+                                              args.unroll))
     ours.compile()
     torch_rates, our_rates = [], []
     for _ in range(args.repeats):
@@ -142,7 +143,7 @@ def compare(name, cell, dtype, args) -> dict:
 
 
 def sampling_rows(torch_model, cell, layers, hidden, embedding, dtype, args) -> dict:
-    config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1)
+    config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
     out = {}
     for batch in (1, 64):
         torch_rates = []
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--embedding", type=int, default=0, help="0 = equal to the hidden size")
+    parser.add_argument("--unroll", type=int, default=1, help="charrnn's model.scan_unroll (GPUs like 8)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--sample", action="store_true", help="also compare sampling at batch 1 and 64")

@@ -38,6 +38,9 @@ class Cell(NamedTuple):
     carry_type: type
     init: Callable
     gates: Callable
+    # For cells whose gates see only z = x_proj + recurrent (RNN, LSTM): activate(params, carry, z).
+    # Their backward pass keeps one [T, B, G*H] array (z, then dz) instead of three.
+    activate: Callable | None = None
 
     def step(self, params: dict, carry, x_proj: jax.Array):
         """One time step: the recurrent matmul, then the gate arithmetic."""
@@ -75,9 +78,9 @@ def rnn_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 1)
 
 
-def rnn_gates(params: dict, carry: HiddenCarry, x_proj: jax.Array, recurrent: jax.Array):
-    """h' = tanh(W_x x + b + W_h h)."""
-    h = jnp.tanh(x_proj + recurrent)
+def rnn_activate(params: dict, carry: HiddenCarry, z: jax.Array):
+    """h' = tanh(z), z = W_x x + b + W_h h."""
+    h = jnp.tanh(z)
     return HiddenCarry(h), h
 
 
@@ -85,13 +88,12 @@ def lstm_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 4)
 
 
-def lstm_gates(params: dict, carry: LSTMCarry, x_proj: jax.Array, recurrent: jax.Array):
+def lstm_activate(params: dict, carry: LSTMCarry, z: jax.Array):
     """Hochreiter & Schmidhuber with forget gate (Gers et al.), gates i, f, g, o.
 
-    z = W_x x + b + W_h h;  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
+    z = W_x x + b + W_h h  [B, 4H];  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
     c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
     """
-    z = x_proj + recurrent  # [B, 4H]
     z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
     c = jax.nn.sigmoid(z_f) * carry.c + jax.nn.sigmoid(z_i) * jnp.tanh(z_g)
     h = jax.nn.sigmoid(z_o) * jnp.tanh(c)
@@ -121,8 +123,13 @@ def gru_gates(params: dict, carry: HiddenCarry, x_proj: jax.Array, recurrent: ja
     return HiddenCarry(h), h
 
 
+def _additive(activate: Callable) -> Callable:
+    """The gates of a cell that only sees z = x_proj + recurrent."""
+    return lambda params, carry, x_proj, recurrent: activate(params, carry, x_proj + recurrent)
+
+
 CELLS: dict[str, Cell] = {
-    "rnn": Cell(1, HiddenCarry, rnn_init, rnn_gates),
-    "lstm": Cell(4, LSTMCarry, lstm_init, lstm_gates),
+    "rnn": Cell(1, HiddenCarry, rnn_init, _additive(rnn_activate), rnn_activate),
+    "lstm": Cell(4, LSTMCarry, lstm_init, _additive(lstm_activate), lstm_activate),
     "gru": Cell(3, HiddenCarry, gru_init, gru_gates),
 }
