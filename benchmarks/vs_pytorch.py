@@ -132,7 +132,9 @@ def compare(name, cell, dtype, args) -> dict:
     torch_rates, our_rates = [], []
     for _ in range(args.repeats):
         torch_rates.append(torch_side.chars_per_second(args.seconds))
+        time.sleep(0.5)  # let PyTorch's OpenMP threads stop spinning before the other side is timed
         our_rates.append(ours.chars_per_second(args.seconds))
+        time.sleep(0.5)
     row = {"config": name, "cell": cell, "dtype": dtype, "layers": layers, "hidden": hidden, "batch": batch,
            "seq_len": seq_len, "embedding": embedding, "steps_per_call": steps_per_call,
            "torch_chars_per_s": statistics.median(torch_rates), "charrnn_chars_per_s": statistics.median(our_rates)}

@@ -10,11 +10,8 @@ either the old file or the new one, never a torn one.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import signal
 import struct
 from pathlib import Path
 from typing import Any
@@ -25,30 +22,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from charrnn.errors import CheckpointError, StorageError
+from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, fsync_directory, write_atomic  # noqa: F401
+from charrnn.errors import CheckpointError
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
-_TEMP_PREFIX = ".tmp-"
-# Test-only fault injection: "PHASE" or "PHASE@N" SIGKILLs the process the (N-th) time a
-# checkpoint write reaches PHASE of `write_atomic`; "enospc" fails it as a full disk would.
-FAULT_ENV = "CHARRNN_TEST_FAULT"
-_phases_reached: dict[str, int] = {}
-
-
-def _fault_point(phase: str, path: Path) -> None:
-    fault = os.environ.get(FAULT_ENV)
-    if not fault or path.suffix != SUFFIX:
-        return
-    if fault == "enospc" and phase == "written":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    wanted_phase, _, nth = fault.partition("@")
-    if wanted_phase == phase:
-        _phases_reached[phase] = _phases_reached.get(phase, 0) + 1
-        if _phases_reached[phase] >= int(nth or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _named_leaves(tree: Any, prefix: str) -> list[tuple[str, Any]]:
     """Every leaf of a pytree with its path as a name: [("prefix/layers/0/w_x", leaf)]."""
     named = []
@@ -131,35 +109,6 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return decode(payload, str(path))
 
 
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write bytes so that `path` holds either its old content or all of `payload`."""
-    temp = path.with_name(f"{_TEMP_PREFIX}{path.name}.{os.getpid()}")
-    _fault_point("before_write", path)
-    try:
-        with open(temp, "wb") as file:
-            file.write(payload[: len(payload) // 2])
-            _fault_point("half_written", path)
-            file.write(payload[len(payload) // 2 :])
-            _fault_point("written", path)
-            file.flush()
-            os.fsync(file.fileno())
-        _fault_point("synced", path)
-        os.replace(temp, path)
-        _fault_point("replaced", path)
-        fsync_directory(path.parent)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path}: {error.strerror or error}") from None
-
-
 def write(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
     write_atomic(path, encode(arrays, metadata))
 
@@ -177,7 +126,7 @@ def rotate(directory: Path, keep: int) -> None:
     """Delete all but the newest `keep` step checkpoints (call only after a new one is in place)."""
     for old in step_files(directory)[:-keep]:
         old.unlink(missing_ok=True)
-    for temp in directory.glob(f"{_TEMP_PREFIX}*"):
+    for temp in directory.glob(f"{TEMP_PREFIX}*"):
         temp.unlink(missing_ok=True)
 
 

@@ -72,7 +72,7 @@ def root(
         print(context.get_help())
 
 
-ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for this process (parallel sweeps: cores / runs).", rich_help_panel=RUN)]
+ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads: 1 = single-threaded (one run per core in a sweep); N = the first N cores (place parallel runs with taskset).", rich_help_panel=RUN)]
 PlatformOption = Annotated[Optional[Platform], typer.Option("--platform", help="Force a JAX platform (default: GPU when JAX sees one).", rich_help_panel=RUN)]
 
 

@@ -20,9 +20,9 @@ DTYPES = ("float32", "bfloat16")
 class ModelConfig:
     cell: str = "lstm"  # rnn | gru | lstm; gated cells carry information further
     num_layers: int = 2  # stacked recurrent layers
-    hidden_size: int = 384  # units per layer; 2x384 fits a 10-minute CPU budget
+    hidden_size: int = 512  # units per layer; with dropout, the best size for 10 CPU minutes
     embedding_size: int = 64  # characters need few dimensions; folded into layer 0
-    dropout: float = 0.0  # between layers, training only; short budgets don't overfit
+    dropout: float = 0.25  # between layers, training only; Tiny Shakespeare overfits without it
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32)
@@ -33,7 +33,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 32  # parallel contiguous streams per minibatch
     seq_len: int = 100  # characters per chunk; gradients stop at chunk edges
-    lr: float = 4e-3  # peak learning rate of Adam
+    lr: float = 3e-3  # peak learning rate of Adam
     schedule: str = "cosine"  # constant | cosine | exponential, over the whole run
     warmup_steps: int = 50  # linear warm-up from 0 to lr
     final_lr_fraction: float = 0.0  # lr at the end of the run, as a fraction of lr
@@ -48,7 +48,7 @@ class TrainConfig:
     eval_every: int = 500  # steps between validation passes and checkpoints
     eval_batch_size: int = 16  # validation streams; fewer streams = fewer cold starts
     log_every: int = 50  # steps between log lines / metrics records
-    steps_per_call: int = 1  # optimizer steps per compiled call (small models: more)
+    steps_per_call: int = 4  # optimizer steps per compiled call: fewer dispatches and syncs
     keep: int = 1  # step checkpoints kept besides best
     save_minutes: float = 0.0  # also checkpoint every this many minutes; 0 = only at evals
     random_offset: bool = True  # new random stream offset (and reset state) each epoch

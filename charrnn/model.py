@@ -116,6 +116,22 @@ def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: 
     return carry, _dense(top, prepared["output"]["w"], prepared["output"]["b"])  # [T, B, V]
 
 
+def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
+    """One character per stream, ids [B] -> (carry, logits [B, V]): the body of generation's time loop."""
+    cell = CELLS[config.cell]
+    x_proj = prepared["projection_table"][ids]  # [B, G*H]
+    layer_input, new_carry = None, []
+    for index, (layer, layer_carry) in enumerate(zip(prepared["layers"], carry)):
+        if index > 0:
+            x_proj = _dense(layer_input, layer["w_x"], layer["b"])
+        layer_carry, hidden = cell.step(layer, layer_carry, x_proj)  # [B, H]
+        if config.residual and index > 0:
+            hidden = hidden + layer_input
+        new_carry.append(layer_carry)
+        layer_input = hidden
+    return tuple(new_carry), _dense(layer_input, prepared["output"]["w"], prepared["output"]["b"])
+
+
 def forward(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
     """Return (carry, logits [T, B, V]) for character ids `inputs` [T, B] from state `carry`."""
     return forward_prepared(prepare(params, config), config, carry, inputs, dropout_key)

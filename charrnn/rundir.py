@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from charrnn.checkpoint import write_atomic
+from charrnn.atomic import write_atomic
 from charrnn.errors import BusyError, CheckpointError, StorageError
 
 CONFIG_FILE = "config.json"

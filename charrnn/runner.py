@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 from charrnn import checkpoint, config as config_lib, data, distributed, model, rundir, train
-from charrnn.loop import Loop
 from charrnn.config import Config
 from charrnn.errors import EXIT_SIGINT, EXIT_SIGTERM, CharrnnError, CheckpointError, CorpusError, DivergedError, UsageError
+from charrnn.loop import Loop
 
 # Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")

@@ -22,11 +22,14 @@ def cache_dir() -> Path:
 
 def configure(platform: str | None = None, threads: int | None = None, compilation_cache: bool = True) -> None:
     """Pick the platform, cap CPU threads, and turn on the shared compilation cache."""
-    if threads:
-        # XLA's CPU backend sizes its pools from these; set before jax initialises.
+    if threads == 1:
+        # Single-threaded matmuls: several runs can share a machine, one per core.
         flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}".strip()
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    elif threads:
+        # XLA sizes its CPU thread pool from the cores this process may use (set before jax starts).
+        allowed = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, allowed[:threads])
     import jax
 
     if platform:

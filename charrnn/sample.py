@@ -15,7 +15,7 @@ from charrnn.config import ModelConfig
 BLOCK = 128  # characters generated per compiled call; each block is streamed out as it ends
 
 
-def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
     """Tempered logits [B, V] with everything outside the top-k and the top-p nucleus set to -inf.
 
     Logits are shifted so the largest is 0 before dividing by the temperature, so
@@ -27,6 +27,8 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: 
     if top_k:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [B, 1]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p is None:  # no nucleus: skip the sort
+        return logits
     order = jnp.argsort(-logits, axis=-1)  # most likely first
     sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
     # Keep a character while the probability before it is below top_p: the smallest
@@ -36,7 +38,7 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: 
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
     """Next character ids [B]: argmax at temperature 0, else a draw from the filtered distribution."""
     filtered = filter_logits(logits, temperature, top_k, top_p)
     drawn = jax.random.categorical(key, filtered, axis=-1)
@@ -55,8 +57,8 @@ def generate_block(params: dict, config: ModelConfig, carry: tuple, last_ids: ja
 
     def one_character(state, offset):
         carry, ids = state
-        carry, logits = model.forward_prepared(prepared, config, carry, ids[None, :])  # logits [1, B, V]
-        next_ids = choose(logits[0], jax.random.fold_in(key, position + offset), temperature, top_k, top_p)
+        carry, logits = model.step(prepared, config, carry, ids)  # logits [B, V]
+        next_ids = choose(logits, jax.random.fold_in(key, position + offset), temperature, top_k, top_p)
         return (carry, next_ids), next_ids
 
     (carry, last_ids), ids = jax.lax.scan(one_character, (carry, last_ids), jnp.arange(length))
@@ -83,8 +85,9 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     last_ids = jnp.full((num_samples,), prime_ids[-1], jnp.int32)
     key = jax.random.key(seed)
     top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
+    nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort
     block = min(BLOCK, max(length, 1))
     for position in range(0, length, block):
         carry, last_ids, ids = generate_block(params, config, carry, last_ids, key, jnp.int32(position),
-                                              jnp.float32(temperature), jnp.float32(top_p), block, top_k)
+                                              jnp.float32(temperature), nucleus, block, top_k)
         yield np.asarray(ids)[: length - position]

@@ -6,6 +6,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -260,7 +261,7 @@ def _write_steps(directory, steps) -> list:
 
 def _clutter(directory) -> list:
     """Files that live beside step checkpoints: a temp file of a killed write, the best copy, notes."""
-    names = [f"{checkpoint._TEMP_PREFIX}step-000000003{checkpoint.SUFFIX}.999", "best.safetensors", "notes.txt"]
+    names = [f"{checkpoint.TEMP_PREFIX}step-000000003{checkpoint.SUFFIX}.999", "best.safetensors", "notes.txt"]
     for name in names:
         (directory / name).write_bytes(b"x")
     return names
@@ -305,3 +306,14 @@ def test_read_latest_raises_when_nothing_loads(steps, tmp_path):
     for path in _write_steps(tmp_path, steps):
         path.write_bytes(b"")
     assert str(tmp_path) in _checkpoint_error(checkpoint.read_latest, tmp_path)
+
+
+def test_checkpoint_made_on_a_gpu_loads_and_samples_on_the_cpu():
+    """tests/data/gpu_tiny_lstm.safetensors was written by `charrnn train` on an NVIDIA H200."""
+    from charrnn import loading, sample
+
+    trained = loading.load(Path(__file__).parent / "data" / "gpu_tiny_lstm.safetensors")
+    assert trained.metadata["step"] == 60 and trained.config.model.cell == "lstm"
+    blocks = list(sample.generate(trained.params, trained.config.model, trained.vocab.encode("\n"), 40, 2, 0, 0.8))
+    text = trained.vocab.decode(np.concatenate(blocks)[:, 0])
+    assert len(text) == 40 and set(text) <= set(trained.vocab.chars)

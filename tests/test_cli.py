@@ -79,3 +79,27 @@ def test_help_and_version(cli):
         assert result.code == 0 and "Usage" in result.out
     assert "Model" in cli("train", "-h").out and "Training" in cli("train", "-h").out
     assert cli("--version").out.startswith("charrnn ")
+
+
+def test_time_budget_ends_training_on_time_with_the_schedule_at_its_end(cli, small_corpus, tmp_path):
+    budget_s = 4.0
+    result = cli("train", small_corpus, "--config", TINY, "--steps", "1000000", "--minutes", str(budget_s / 60),
+                 "--set", "train.log_every=1", "--set", "train.eval_every=1000000", "--out", "timed")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out.splitlines()[-1])
+    assert budget_s <= summary["wall_s"] < budget_s + 3.0  # the final evaluation and save come after the budget
+    assert 10 < summary["steps"] < 1000000
+    records = [json.loads(line) for line in (tmp_path / "timed" / rundir.METRICS_FILE).read_text().splitlines()]
+    lrs = [record["lr"] for record in records if record["event"] == "train"]
+    assert max(lrs) > 5e-3 and lrs[-1] < 0.03 * max(lrs)  # cosine to 0 over the budget, not over the steps
+
+
+def test_output_without_a_terminal_has_no_control_codes(small_corpus, tmp_path):
+    from clihelp import run_subprocess
+
+    result = run_subprocess("train", small_corpus, "--config", TINY, *STEPS, "--out", "plain", cwd=tmp_path)
+    assert result.code == 0, result.err
+    assert "\x1b" not in result.err and "\x1b" not in result.out
+    assert "step 5" in result.err and "val" in result.err  # periodic plain lines instead of a bar
+    quiet = run_subprocess("train", small_corpus, "--config", TINY, *STEPS, "--out", "quiet", "--quiet", cwd=tmp_path)
+    assert quiet.err == "" and json.loads(quiet.out)["status"] == "finished"

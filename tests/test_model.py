@@ -15,7 +15,7 @@ CELL_NAMES = sorted(CELLS)
 
 
 def make_config(cell: str, **overrides) -> ModelConfig:
-    settings = {"cell": cell, "num_layers": 2, "hidden_size": 8, "embedding_size": 5, **overrides}
+    settings = {"cell": cell, "num_layers": 2, "hidden_size": 8, "embedding_size": 5, "dropout": 0.0, **overrides}
     return ModelConfig(**settings)
 
 

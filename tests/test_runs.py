@@ -3,13 +3,15 @@
 import csv
 import io
 import json
+import importlib.util
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from clihelp import TINY, start_subprocess
+from clihelp import REPO, TINY, start_subprocess, subprocess_env
 from conftest import SAMPLE_TEXT
 
 from charrnn import config, rundir, runs
@@ -229,3 +231,23 @@ def test_config_keys_a_run_predates_take_their_defaults(tmp_path):
     (row,) = runs.collect([tmp_path])
     assert row["model.cell"] == "gru" and row["train.lr"] == 0.5
     assert row["model.hidden_size"] == config.ModelConfig().hidden_size and "sample.top_p" in row
+
+
+def test_sweep_script_trains_every_combination_then_tables_and_plots(small_corpus, tmp_path):
+    """examples/sweep.sh made tiny: 2 cells x 1 size, a table on stdout, a figure; run again, it keeps them."""
+    plot = "curves.png" if importlib.util.find_spec("matplotlib") else ""
+    env = subprocess_env(CONFIG=str(TINY), CORPUS=str(small_corpus), STEPS="10", OUT="runs/sweep", CELLS="rnn gru",
+                         SIZES="8", PLOT=plot, CHARRNN=f"{sys.executable} -m charrnn")
+    script = ["bash", str(REPO / "examples" / "sweep.sh")]
+    first = subprocess.run(script, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stderr
+    sweep_dir = tmp_path / "runs" / "sweep"
+    assert runs.find_runs([sweep_dir]) == [sweep_dir / name for name in ("gru-8", "rnn-8")]
+    header, *table = first.stdout.splitlines()  # stdout holds the table alone
+    assert header.split()[:2] == ["run", "model.cell"] and "model.hidden_size" not in header and len(table) == 2
+    assert all(line.split()[-1] == "finished" for line in table)
+    if plot:
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = subprocess.run(script, cwd=tmp_path, env={**env, "PLOT": ""}, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("finished before, kept") == 2 and again.stdout == first.stdout

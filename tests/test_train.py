@@ -12,7 +12,7 @@ import pytest
 from charrnn import data, model, train
 from charrnn.config import ModelConfig, TrainConfig
 
-MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8)
+MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8, dropout=0.0)
 TRAIN = TrainConfig(batch_size=2, seq_len=8, lr=1e-2, schedule="constant", warmup_steps=0, seed=3, random_offset=False)
 
 
@@ -199,7 +199,7 @@ def test_tiny_corpus_is_overfit():
     text = "hello world! " * 40
     vocab = data.Vocab.from_text(text)
     ids = vocab.encode(text)
-    model_config = ModelConfig(cell="lstm", num_layers=1, hidden_size=32, embedding_size=8)
+    model_config = ModelConfig(cell="lstm", num_layers=1, hidden_size=32, embedding_size=8, dropout=0.0)
     train_config = TrainConfig(batch_size=4, seq_len=16, lr=1e-2, schedule="constant", warmup_steps=0, seed=0)
     optimizer, state, carry = fresh_start(model_config, train_config, len(vocab))
     untrained = train.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)

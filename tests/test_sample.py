@@ -1,0 +1,73 @@
+"""Sampling: temperature, top-k and top-p keep exactly the characters they promise; generation is reproducible."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charrnn import model, sample
+from charrnn.config import ModelConfig
+
+LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.25, 0.2], [0.5, 0.2, 0.15, 0.1, 0.05]]))
+
+
+def draws(logits, temperature, top_k, top_p, count=2000):
+    keys = jax.random.split(jax.random.key(0), count)
+    choose = jax.jit(jax.vmap(lambda key: sample.choose(logits, key, jnp.float32(temperature), top_k, jnp.float32(top_p))))
+    return np.asarray(choose(keys))  # [count, B]
+
+
+@pytest.mark.parametrize("top_k, top_p, kept", [
+    (2, 1.0, [{1, 3}, {0, 1}]),
+    (0, 0.6, [{1, 3}, {0, 1}]),  # smallest sets reaching 0.6: 0.4 + 0.25, and 0.5 + 0.2
+    (0, 0.5, [{1, 3}, {0}]),  # 0.4 alone is short of 0.5; 0.5 alone reaches it
+    (3, 0.3, [{1}, {0}]),
+    (0, 1.0, [{0, 1, 2, 3, 4}, {0, 1, 2, 3, 4}]),
+])
+def test_never_samples_outside_the_kept_set(top_k, top_p, kept):
+    chosen = draws(LOGITS, 1.0, top_k, top_p)
+    for stream, allowed in enumerate(kept):
+        assert set(np.unique(chosen[:, stream]).tolist()) == allowed  # all kept ones appear, nothing else
+
+
+def test_kept_characters_keep_their_relative_probabilities():
+    chosen = draws(LOGITS, 1.0, 2, 1.0, count=20000)[:, 0]
+    share = np.mean(chosen == 1)
+    assert abs(share - 0.4 / 0.65) < 0.02  # renormalised over the two kept characters
+
+
+def test_temperature_zero_and_tiny_temperatures_are_argmax():
+    for temperature in (0.0, 1e-30, 1e-6):
+        chosen = draws(LOGITS, temperature, 0, 1.0, count=50)
+        assert (chosen == np.array([1, 0])).all()
+    filtered = sample.filter_logits(LOGITS, jnp.float32(1e-30), 0, jnp.float32(1.0))
+    assert not np.isnan(np.asarray(filtered)).any()
+
+
+def test_high_temperature_flattens():
+    chosen = draws(LOGITS, 100.0, 0, 1.0, count=20000)[:, 0]
+    assert np.allclose(np.bincount(chosen, minlength=5) / len(chosen), 0.2, atol=0.02)
+
+
+def test_generation_does_not_depend_on_how_it_is_cut_into_blocks(monkeypatch):
+    config = ModelConfig(cell="gru", num_layers=2, hidden_size=16, embedding_size=8)
+    params = model.init_params(jax.random.key(1), config, 11)
+    prime = np.array([3, 1, 4, 1, 5])
+
+    def text(block):
+        monkeypatch.setattr(sample, "BLOCK", block)
+        return np.concatenate(list(sample.generate(params, config, prime, 50, 3, 7, 0.9, 4, 0.95)))
+
+    whole, pieces = text(64), text(7)
+    assert whole.shape == (50, 3) and np.array_equal(whole, pieces)
+    assert not np.array_equal(whole[:, 0], whole[:, 1])  # streams are independent draws
+
+
+def test_priming_equals_running_the_model_over_the_prime():
+    config = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8)
+    params = model.init_params(jax.random.key(2), config, 11)
+    prime = np.array([3, 1, 4, 1, 5, 9])
+    greedy = np.concatenate(list(sample.generate(params, config, prime, 1, 1, 0, 0.0)))[0, 0]
+    carry = model.initial_carry(params, config, 1)
+    _, logits = model.forward(params, config, carry, jnp.asarray(prime)[:, None])
+    assert greedy == int(jnp.argmax(logits[-1, 0]))
