@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from charrnn import data, runner
+from charrnn.units import bits
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "tinyshakespeare.txt"
@@ -104,7 +105,7 @@ def main() -> None:
         results["torch"] = train_torch(args.minutes, corpus)
         print(json.dumps({"torch": results["torch"]}), flush=True)
     for name, result in results.items():
-        print(f"{name:8} {result['val_nats']:.4f} nats/char ({result['val_nats'] / math.log(2):.4f} bits/char), "
+        print(f"{name:8} {result['val_nats']:.4f} nats/char ({bits(result['val_nats']):.4f} bits/char), "
               f"{result['steps']} steps, {result['chars_per_s']:,.0f} chars/s, {args.minutes:g} minutes")
 
 

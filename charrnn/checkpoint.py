@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, fsync_directory, write_atomic  # noqa: F401
+from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (FAULT_ENV: for tests)
 from charrnn.errors import CheckpointError
 
 FORMAT_VERSION = 1

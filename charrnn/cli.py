@@ -326,12 +326,13 @@ def evaluate(
     text = read_text(file)
     _setup(platform, threads)
     from charrnn import loading, train as training
+    from charrnn.units import bits
 
     trained = loading.load(checkpoint)
     ids, text = _encode_checked(trained.vocab, text, str(file), skip_unknown)
     nats = training.evaluate(trained.params, trained.config.model, ids, streams)
     result = {"file": str(file), "checkpoint": str(trained.path), "chars": int(len(ids) - 1),
-              "nats_per_char": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats)}
+              "nats_per_char": nats, "bits_per_char": bits(nats), "perplexity": math.exp(nats)}
     if json_output:
         print(json.dumps(result))
     else:

@@ -19,6 +19,7 @@ from rich.text import Text
 from charrnn.cli import OUTPUT, Platform, PlatformOption, ThreadsOption, _encode_checked, _setup, _text_option, \
     _utf8_stdout, app, err_console
 from charrnn.errors import UsageError
+from charrnn.units import bits
 
 VIEW = "View"
 
@@ -170,7 +171,7 @@ def inspect_checkpoint(
         return
 
     def loss(nats: float | None) -> str:
-        return "-" if nats is None else f"{nats:.4f} nats/char ({nats / math.log(2):.4f} bits/char)"
+        return "-" if nats is None else f"{nats:.4f} nats/char ({bits(nats):.4f} bits/char)"
 
     overview = Table(title=summary["path"], show_header=False)
     for key, value in [

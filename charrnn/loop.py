@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from charrnn import data, distributed, rundir, train
+from charrnn import data, distributed, train
 from charrnn.errors import DivergedError
+from charrnn.units import bits
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Loop:
         now = time.monotonic()
         window_step, window_time = self.clock.window
         loss = float(np.mean(self.window_losses)) if self.window_losses else float("nan")
-        info = {"event": "train", "step": step, "loss": loss, "bpc": loss / train.LN2, "lr": lr,
+        info = {"event": "train", "step": step, "loss": loss, "bpc": bits(loss), "lr": lr,
                 "chars_per_s": (step - window_step) * self.chars_per_step / max(now - window_time, 1e-9),
                 "chars_seen": step * self.chars_per_step, "elapsed_s": now - self.clock.start,
                 "val_loss": self.session.run.last_val_loss}

@@ -18,6 +18,7 @@ from charrnn import checkpoint, config as config_lib, data, distributed, model, 
 from charrnn.config import Config
 from charrnn.errors import EXIT_SIGINT, EXIT_SIGTERM, CharrnnError, CheckpointError, CorpusError, DivergedError, UsageError
 from charrnn.loop import Loop
+from charrnn.units import bits
 
 # Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
@@ -71,10 +72,6 @@ def load_corpus(path: Path, val_fraction: float, resuming: dict[str, Any] | None
     if len(val_ids) < 2:
         raise CorpusError(f"{path}: the validation split (train.val_fraction) has under 2 characters; use a longer text")
     return Corpus(scanned.vocab, train_ids, val_ids, scanned.checksum)
-
-
-def bits(nats: float | None) -> float | None:
-    return None if nats is None else nats / train.LN2
 
 
 class StopFlag:

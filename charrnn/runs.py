@@ -11,12 +11,12 @@ from typing import Any
 
 from charrnn import config as config_lib, rundir
 from charrnn.errors import UsageError
+from charrnn.units import bits
 
 # The result columns of a row; every other key of a row is a flattened config key ("model.cell").
 RESULT_COLUMNS = ("run", "status", "steps", "best_val_loss", "best_val_bpc", "final_val_bpc", "chars_per_s", "wall_s")
 # What the table shows after the run and the config keys that differ between runs.
 SHOWN_RESULTS = ("best_val_loss", "best_val_bpc", "chars_per_s", "steps", "wall_s", "status")
-LN2 = math.log(2.0)
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -72,7 +72,7 @@ def _results_from_metrics(records: list[dict[str, Any]], status: dict[str, Any])
     return {
         "steps": steps,
         "best_val_loss": best,
-        "best_val_bpc": None if best is None else best / LN2,
+        "best_val_bpc": bits(best),
         "final_val_bpc": evals[-1]["val_bpc"] if evals else None,
         # Each log window's rate leaves out compilation and evaluation; the median ignores a slow window.
         "chars_per_s": statistics.median(record["chars_per_s"] for record in trains) if trains else None,

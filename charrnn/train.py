@@ -17,7 +17,6 @@ from charrnn.data import Batch, EvalChunk, evaluation_chunks
 
 # Evaluation has no gradient to truncate: long chunks mean fewer dispatches.
 EVAL_SEQ_LEN = 256
-LN2 = math.log(2.0)
 
 
 class TrainState(NamedTuple):

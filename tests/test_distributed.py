@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from clihelp import TINY, checkpoint_arrays, run_subprocess, start_subprocess, subprocess_env
 
 from charrnn import checkpoint
