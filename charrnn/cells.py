@@ -93,11 +93,23 @@ def lstm_activate(params: dict, carry: LSTMCarry, z: jax.Array):
 
     z = W_x x + b + W_h h  [B, 4H];  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
     c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
+
+    The four nonlinearities are one tanh over the whole contiguous [B, 4H] row,
+    using σ(x) = (1 + tanh(x/2)) / 2: gates = tanh(z ⊙ s) ⊙ s + t with s = ½ and
+    t = ½ for i, f, o and s = 1, t = 0 for g. On a CPU one vectorised tanh over
+    contiguous memory is several times faster than four over column slices.
     """
-    z_i, z_f, z_g, z_o = jnp.split(z, 4, axis=-1)
-    c = jax.nn.sigmoid(z_f) * carry.c + jax.nn.sigmoid(z_i) * jnp.tanh(z_g)
-    h = jax.nn.sigmoid(z_o) * jnp.tanh(c)
+    scale, shift = _lstm_gate_affine(carry.c.shape[-1], z.dtype, z.ndim)
+    i, f, g, o = jnp.split(jnp.tanh(z * scale) * scale + shift, 4, axis=-1)
+    c = f * carry.c + i * g
+    h = o * jnp.tanh(c)
     return LSTMCarry(h, c), h
+
+
+def _lstm_gate_affine(hidden_size: int, dtype, ndim: int) -> tuple[jax.Array, jax.Array]:
+    """The [..., 4H] scale and shift that turn tanh into σ for gates i, f, o and leave g as tanh."""
+    half, one, zero = (jnp.full((1,) * (ndim - 1) + (hidden_size,), value, dtype) for value in (0.5, 1.0, 0.0))
+    return jnp.concatenate([half, half, one, half], axis=-1), jnp.concatenate([half, half, zero, half], axis=-1)
 
 
 def gru_init(key, input_size: int, hidden_size: int) -> dict:

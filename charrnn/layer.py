@@ -50,6 +50,9 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     params, carries_in, saved_products, x_proj = saved
     d_final, d_hidden = cotangents
     w_h = params["w_h"]
+    # The transpose made once, as its own array: a dot that reads w_h transposed
+    # inside the loop runs at half the speed of one over a row-major [G*H, H].
+    w_h_transposed = jax.lax.optimization_barrier(w_h.T)
     others = {name: value for name, value in params.items() if name != "w_h"}  # e.g. the GRU's b_hn
 
     def local_gradients(carry_in, products, x_t, d_carry, d_h):
@@ -64,7 +67,7 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     def step(d_carry, inputs):
         carry_in, products, x_t, d_h = inputs
         d_others, d_carry_in, d_x, d_recurrent = local_gradients(carry_in, products, x_t, d_carry, d_h)
-        d_h_prev = recurrent_matmul(d_recurrent, w_h.T)  # [B, H]
+        d_h_prev = recurrent_matmul(d_recurrent, w_h_transposed)  # [B, H]
         d_carry_in = d_carry_in._replace(h=d_carry_in.h + d_h_prev)
         if x_t is None:
             return d_carry_in, (d_recurrent, d_others)
