@@ -1,12 +1,18 @@
 """One recurrent layer over a whole chunk, with backpropagation through time written out.
 
-Forward, each step t does  r_t = h_{t-1} W_h  and  (carry_t, h_t) = gates(carry_{t-1}, x_t, r_t).
+Forward, each step t projects its input,  x_t = table[id_t]  for the first layer
+(the embedding and input weights folded into one [V, G*H] table) or
+x_t = in_t W_x + b  above it, then does  r_t = h_{t-1} W_h  and
+(carry_t, h_t) = gates(carry_{t-1}, x_t, r_t). Projecting inside the loop, rather
+than for the whole chunk before it, means no [T, B, G*H] array of projections is
+written to memory and read back: on a CPU that traffic costs as much as a matmul.
+
 Backward runs the same steps in reverse: the gates' local derivatives give
-dx_t and dr_t, and dr_t W_hᵀ carries the gradient to h_{t-1}. The weight
-gradient  dW_h = Σ_t h_{t-1}ᵀ dr_t  needs nothing from later steps, so instead
-of accumulating B-row outer products inside the loop (what differentiating the
-scan does), it is one [H, T·B] × [T·B, G·H] matmul after the loop: the same
-arithmetic at the efficiency of a large matmul.
+dx_t and dr_t, dr_t W_hᵀ carries the gradient to h_{t-1} and dx_t W_xᵀ to the
+layer below. The weight gradients  dW_h = Σ_t h_{t-1}ᵀ dr_t  and  dW_x = Σ_t in_tᵀ dx_t
+need nothing from later steps, so instead of accumulating B-row outer products
+inside the loop (what differentiating the scan does), each is one [H, T·B] × [T·B, G·H]
+matmul after the loop: the same arithmetic at the efficiency of a large matmul.
 """
 
 from __future__ import annotations
@@ -18,71 +24,110 @@ import jax.numpy as jnp
 
 from charrnn.cells import Cell, accumulation_dtype, recurrent_matmul
 
+INPUT_PARAMS = ("table", "w_x", "b")  # the input projection's params; the rest belong to the cell
 
-def scan_layer(cell: Cell, params: dict, carry, x_proj: jax.Array, unroll: int = 1):
+
+def recurrent_params(params: dict) -> dict:
+    """A layer's params without its input projection's."""
+    return {name: value for name, value in params.items() if name not in INPUT_PARAMS}
+
+
+def project_input(params: dict, inputs: jax.Array) -> jax.Array:
+    """The input projection x [..., G*H] of the layer's inputs, by what the params hold:
+    a "table" for character ids (a row each), "w_x" and "b" for the layer below's
+    outputs, or neither when the inputs are projections already (computed before the loop).
+    """
+    if "table" in params:
+        return params["table"][inputs]
+    if "w_x" not in params:
+        return inputs
+    x = recurrent_matmul(inputs, params["w_x"])
+    return x + jnp.expand_dims(params["b"], tuple(range(x.ndim - 1)))
+
+
+def scan_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int = 1):
     """Reference: (carry, hidden [T, B, H]) by differentiating `lax.scan` of the cell step."""
-    return jax.lax.scan(functools.partial(cell.step, params), carry, x_proj, unroll=unroll)
+    def step(carry, input_t):
+        return cell.step(params, carry, project_input(params, input_t))
+
+    return jax.lax.scan(step, carry, inputs, unroll=unroll)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def run_layer(cell: Cell, params: dict, carry, x_proj: jax.Array, unroll: int = 1):
-    """(carry, hidden [T, B, H]) of one layer over x_proj [T, B, G*H]; equal to `scan_layer`."""
-    return scan_layer(cell, params, carry, x_proj, unroll)
+def run_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int = 1):
+    """(carry, hidden [T, B, H]) of one layer over ids [T, B] or inputs [T, B, I]; equal to `scan_layer`."""
+    return scan_layer(cell, params, carry, inputs, unroll)
 
 
-def _forward(cell: Cell, params: dict, carry, x_proj: jax.Array, unroll: int):
+def _forward(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int):
     additive = cell.activate is not None
 
-    def step(carry, x_t):
+    def step(carry, input_t):
+        x_t = project_input(params, input_t)  # [B, G*H]
         recurrent = recurrent_matmul(carry.h, params["w_h"])  # [B, G*H]
         if additive:  # keep z = x + r alone: the backward pass needs nothing else
             z = x_t + recurrent
             new_carry, h = cell.activate(params, carry, z)
-            return new_carry, (h, carry, z)
+            return new_carry, (h, carry, (z, None))
         new_carry, h = cell.gates(params, carry, x_t, recurrent)
-        return new_carry, (h, carry, recurrent)
+        return new_carry, (h, carry, (recurrent, x_t))
 
-    final, (hidden, carries_in, saved_products) = jax.lax.scan(step, carry, x_proj, unroll=unroll)
-    return (final, hidden), (params, carries_in, saved_products, None if additive else x_proj)
+    final, (hidden, carries_in, saved_products) = jax.lax.scan(step, carry, inputs, unroll=unroll)
+    return (final, hidden), (params, carries_in, saved_products, inputs)
+
+
+def _transposed(w: jax.Array) -> jax.Array:
+    # The transpose made once, as its own array: a dot that reads w transposed
+    # inside the loop runs at about half the speed of one over a row-major copy.
+    return jax.lax.optimization_barrier(w.T)
 
 
 def _backward(cell: Cell, unroll: int, saved, cotangents):
-    params, carries_in, saved_products, x_proj = saved
+    params, carries_in, saved_products, inputs = saved
     d_final, d_hidden = cotangents
-    w_h = params["w_h"]
-    # The transpose made once, as its own array: a dot that reads w_h transposed
-    # inside the loop runs at half the speed of one over a row-major [G*H, H].
-    w_h_transposed = jax.lax.optimization_barrier(w_h.T)
-    others = {name: value for name, value in params.items() if name != "w_h"}  # e.g. the GRU's b_hn
+    w_h, dense_input, table_input = params["w_h"], "w_x" in params, "table" in params
+    w_h_transposed = _transposed(w_h)
+    w_x_transposed = _transposed(params["w_x"]) if dense_input else None
+    others = {name: value for name, value in recurrent_params(params).items() if name != "w_h"}  # the GRU's b_hn
 
-    def local_gradients(carry_in, products, x_t, d_carry, d_h):
+    def local_gradients(carry_in, products, d_carry, d_h):
         """(d_others, d_carry_in, d_x, d_recurrent) of one step's gate arithmetic."""
-        if x_t is None:  # additive: products = z, and dz is both d_x and d_recurrent
-            _, vjp = jax.vjp(lambda o, c, z: cell.activate({**o, "w_h": w_h}, c, z), others, carry_in, products)
+        product, x_t = products
+        if x_t is None:  # additive: product = z, and dz is both d_x and d_recurrent
+            _, vjp = jax.vjp(lambda o, c, z: cell.activate(o, c, z), others, carry_in, product)
             d_others, d_carry_in, d_z = vjp((d_carry, d_h))
             return d_others, d_carry_in, d_z, d_z
-        _, vjp = jax.vjp(lambda o, c, x, r: cell.gates({**o, "w_h": w_h}, c, x, r), others, carry_in, x_t, products)
+        _, vjp = jax.vjp(lambda o, c, x, r: cell.gates(o, c, x, r), others, carry_in, x_t, product)
         return vjp((d_carry, d_h))
 
-    def step(d_carry, inputs):
-        carry_in, products, x_t, d_h = inputs
-        d_others, d_carry_in, d_x, d_recurrent = local_gradients(carry_in, products, x_t, d_carry, d_h)
-        d_h_prev = recurrent_matmul(d_recurrent, w_h_transposed)  # [B, H]
-        d_carry_in = d_carry_in._replace(h=d_carry_in.h + d_h_prev)
-        if x_t is None:
-            return d_carry_in, (d_recurrent, d_others)
-        return d_carry_in, ((d_x, d_recurrent), d_others)
+    def step(d_carry, step_saved):
+        carry_in, products, d_h = step_saved
+        d_others, d_carry_in, d_x, d_recurrent = local_gradients(carry_in, products, d_carry, d_h)
+        d_carry_in = d_carry_in._replace(h=d_carry_in.h + recurrent_matmul(d_recurrent, w_h_transposed))
+        d_input = recurrent_matmul(d_x, w_x_transposed).astype(d_h.dtype) if dense_input else None
+        return d_carry_in, (d_x, d_recurrent, d_input, d_others)
 
-    d_carry, (d_products, d_others) = jax.lax.scan(
-        step, d_final, (carries_in, saved_products, x_proj, d_hidden), reverse=True, unroll=unroll
+    d_carry, (d_xs, d_recurrents, d_inputs, d_others) = jax.lax.scan(
+        step, d_final, (carries_in, saved_products, d_hidden), reverse=True, unroll=unroll
     )
-    d_x_proj, d_recurrents = (d_products, d_products) if x_proj is None else d_products
-    h_prev = carries_in.h.astype(w_h.dtype).reshape(-1, w_h.shape[0])  # [T*B, H]
-    d_recurrents = d_recurrents.astype(w_h.dtype).reshape(-1, w_h.shape[1])  # [T*B, G*H]
-    d_w_h = jnp.dot(h_prev.T, d_recurrents, preferred_element_type=accumulation_dtype(w_h.dtype))  # [H, G*H]
     d_params = {name: jnp.sum(value, axis=0) for name, value in d_others.items()}
-    d_params["w_h"] = d_w_h.astype(w_h.dtype)
-    return d_params, d_carry, d_x_proj.astype(d_hidden.dtype)
+    d_params["w_h"] = _weight_gradient(carries_in.h, d_recurrents, w_h)
+    if dense_input:
+        d_params["w_x"] = _weight_gradient(inputs, d_xs, params["w_x"])
+        d_params["b"] = jnp.sum(d_xs, axis=(0, 1)).astype(params["b"].dtype)
+    elif table_input:  # rows of the table, added up per character
+        table = params["table"]
+        d_params["table"] = jnp.zeros(table.shape, d_xs.dtype).at[inputs].add(d_xs).astype(table.dtype)
+    else:  # the inputs were the projections
+        d_inputs = d_xs.astype(inputs.dtype)
+    return d_params, d_carry, d_inputs
+
+
+def _weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array) -> jax.Array:
+    """Σ_t in_tᵀ d_t over all steps and streams as one [I, T·B] × [T·B, G·H] matmul."""
+    layer_inputs = layer_inputs.astype(w.dtype).reshape(-1, w.shape[0])
+    d_outputs = d_outputs.astype(w.dtype).reshape(-1, w.shape[1])
+    return jnp.dot(layer_inputs.T, d_outputs, preferred_element_type=accumulation_dtype(w.dtype)).astype(w.dtype)
 
 
 run_layer.defvjp(_forward, _backward)

@@ -13,7 +13,7 @@ import optax
 
 from charrnn.cells import CELLS, accumulation_dtype
 from charrnn.config import ModelConfig
-from charrnn.layer import run_layer
+from charrnn.layer import project_input, recurrent_params, run_layer
 
 
 def init_params(key: jax.Array, config: ModelConfig, vocab_size: int) -> dict:
@@ -85,20 +85,31 @@ def _dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     return y + jnp.expand_dims(b, tuple(range(y.ndim - 1)))
 
 
+def projects_per_step() -> bool:
+    """Whether each layer projects its input inside its time loop rather than before it.
+
+    On a CPU, projecting per step saves writing a [T, B, G*H] array to memory and
+    reading it back, which costs as much as the matmul itself there. A GPU runs
+    one large matmul far faster than T small ones that wait on each other.
+    """
+    return jax.default_backend() == "cpu"
+
+
 def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
     """Run the recurrent stack over `inputs` [T, B] from `carry`.
 
     Returns (carry, [per-layer outputs [T, B, H]], top-layer output after dropout).
     """
     cell = CELLS[config.cell]
-    x_proj = prepared["projection_table"][inputs]  # [T, B, G*H]
-    layer_input = None
+    layer_input = inputs
     new_carry, outputs = [], []
-    for index, (layer, layer_carry) in enumerate(zip(prepared["layers"], carry)):
-        if index > 0:
-            x_proj = _dense(layer_input, layer["w_x"], layer["b"])  # [T, B, G*H], all steps in one matmul
-        recurrent_params = {name: value for name, value in layer.items() if name not in ("w_x", "b")}
-        layer_carry, hidden = run_layer(cell, recurrent_params, layer_carry, x_proj, config.scan_unroll)  # [T, B, H]
+    for index, layer_carry in enumerate(carry):
+        layer = _with_input_params(prepared, index)
+        run_params, run_inputs = layer, layer_input
+        if not projects_per_step():  # all steps' projections in one matmul (or gather) before the loop
+            run_params = recurrent_params(layer)
+            run_inputs = project_input(layer, layer_input)  # [T, B, G*H]
+        layer_carry, hidden = run_layer(cell, run_params, layer_carry, run_inputs, config.scan_unroll)  # [T, B, H]
         if config.residual and index > 0:
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
@@ -119,17 +130,23 @@ def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: 
 def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
     """One character per stream, ids [B] -> (carry, logits [B, V]): the body of generation's time loop."""
     cell = CELLS[config.cell]
-    x_proj = prepared["projection_table"][ids]  # [B, G*H]
-    layer_input, new_carry = None, []
-    for index, (layer, layer_carry) in enumerate(zip(prepared["layers"], carry)):
-        if index > 0:
-            x_proj = _dense(layer_input, layer["w_x"], layer["b"])
-        layer_carry, hidden = cell.step(layer, layer_carry, x_proj)  # [B, H]
+    layer_input, new_carry = ids, []
+    for index, layer_carry in enumerate(carry):
+        layer = _with_input_params(prepared, index)
+        layer_carry, hidden = cell.step(layer, layer_carry, project_input(layer, layer_input))  # [B, H]
         if config.residual and index > 0:
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
         layer_input = hidden
     return tuple(new_carry), _dense(layer_input, prepared["output"]["w"], prepared["output"]["b"])
+
+
+def _with_input_params(prepared: dict, index: int) -> dict:
+    """Layer `index`'s params; the first layer's table replaces its embedding and input weights."""
+    layer = prepared["layers"][index]
+    if index > 0:
+        return layer
+    return {**recurrent_params(layer), "table": prepared["projection_table"]}
 
 
 def forward(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):

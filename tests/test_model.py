@@ -154,6 +154,23 @@ def test_projection_table_equals_embedding_then_projection(cell, residual):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
+def test_projecting_inside_or_before_the_time_loop_gives_the_same_loss_and_gradients(cell, monkeypatch):
+    """CPUs project each step's input inside the loop, GPUs before it; both are the same function."""
+    config = make_config(cell, residual=True, learn_initial_state=True)
+    params, inputs, targets = random_params(config, seed=31), random_ids(32), random_ids(33)
+
+    def loss_and_gradient(per_step: bool):
+        monkeypatch.setattr(model, "projects_per_step", lambda: per_step)
+        def loss(params):
+            return model.loss(params, config, model.initial_carry(params, config, BATCH), inputs, targets)[0]
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (inside_loss, inside_gradient), (before_loss, before_gradient) = loss_and_gradient(True), loss_and_gradient(False)
+    np.testing.assert_allclose(inside_loss, before_loss, rtol=1e-6)
+    assert_trees_close(inside_gradient, before_gradient, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
 def test_bfloat16_forward_stays_close_to_float32(cell):
     config = make_config(cell)
     params, carry = random_params(config, seed=14), random_carry(config, seed=15)
