@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -23,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from charrnn import bench, config as config_lib
+from charrnn import bench, config as config_lib, entry
 
 VOCAB = bench.VOCAB_SIZE
 CONFIGS = {  # name: (num_layers, hidden_size, batch_size, seq_len)
@@ -169,8 +170,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--sample", action="store_true", help="also compare sampling at batch 1 and 64")
     parser.add_argument("--sample-length", type=int, default=200)
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="re-run with glibc's huge-page allocations, as `charrnn train` does, for both sides")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.huge_pages:
+        entry.rerun_with_huge_pages()
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = [compare(name, cell, dtype, args) for name in args.configs.split(",")
@@ -179,7 +184,9 @@ def main() -> None:
         print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "rows": rows}, indent=1))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", file=sys.stderr)
+    tunables = os.environ.get(entry.TUNABLES_ENV, "")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{entry.TUNABLES_ENV}={tunables!r}", file=sys.stderr)
     for row in rows:
         line = (f"{row['config']} {row['cell']:4} {row['dtype']:8} {row['layers']}x{row['hidden']} b{row['batch']} "
                 f"t{row['seq_len']} e{row['embedding']}: torch {row['torch_chars_per_s']:,.0f}  charrnn "

@@ -1,3 +1,3 @@
-from charrnn.cli import main
+from charrnn.entry import main
 
 main()
