@@ -7,8 +7,14 @@
 
 Both sides train embedding -> stacked recurrent layers -> linear -> cross-entropy
 with Adam and gradient clipping, the hidden state carried between steps and
-detached at chunk edges. Each repeat times PyTorch then charrnn, alternately,
-for about --seconds each; the table shows medians and the ratio charrnn/PyTorch.
+detached at chunk edges. Each side runs in a fresh process of its own (two
+frameworks in one process disturb each other's memory), one timed window of
+about --seconds after a warm-up; the sides alternate --repeats times and the
+table shows medians and the ratio charrnn / PyTorch.
+
+PyTorch runs as installed; with --torch-huge-pages it also runs with the
+glibc tunable that `charrnn train` sets for itself (charrnn/entry.py), and the
+ratio is taken against the faster of the two.
 """
 
 from __future__ import annotations
@@ -18,13 +24,14 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 from torch import nn
 
-from charrnn import bench, config as config_lib, entry
+from charrnn import bench, config as config_lib, entry, runtime
 
 VOCAB = bench.VOCAB_SIZE
 CONFIGS = {  # name: (num_layers, hidden_size, batch_size, seq_len)
@@ -121,41 +128,68 @@ def steps_per_call_for(batch: int, seq_len: int, hidden: int) -> int:
     return 10 if batch * seq_len * hidden * hidden < 2e9 else 1
 
 
-def compare(name, cell, dtype, args) -> dict:
+def row_settings(name: str, cell: str, dtype: str, args) -> dict:
     layers, hidden, batch, seq_len = CONFIGS[name]
-    embedding = args.embedding or hidden
-    torch_side = TorchBench(cell, layers, hidden, batch, seq_len, embedding, args.device, dtype)
-    steps_per_call = steps_per_call_for(batch, seq_len, hidden)
-    ours = bench.TrainingBench(charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call,
-                                              args.unroll))
-    ours.compile()
-    torch_rates, our_rates = [], []
-    for _ in range(args.repeats):
-        torch_rates.append(torch_side.chars_per_second(args.seconds))
-        time.sleep(0.5)  # let PyTorch's OpenMP threads stop spinning before the other side is timed
-        our_rates.append(ours.chars_per_second(args.seconds))
-        time.sleep(0.5)
-    row = {"config": name, "cell": cell, "dtype": dtype, "layers": layers, "hidden": hidden, "batch": batch,
-           "seq_len": seq_len, "embedding": embedding, "steps_per_call": steps_per_call,
-           "torch_chars_per_s": statistics.median(torch_rates), "charrnn_chars_per_s": statistics.median(our_rates)}
-    row["ratio"] = row["charrnn_chars_per_s"] / row["torch_chars_per_s"]
-    if args.sample:
-        row.update(sampling_rows(torch_side.model, cell, layers, hidden, embedding, dtype, args))
-    return row
+    return {"config": name, "cell": cell, "dtype": dtype, "layers": layers, "hidden": hidden, "batch": batch,
+            "seq_len": seq_len, "embedding": args.embedding or hidden,
+            "steps_per_call": steps_per_call_for(batch, seq_len, hidden)}
 
 
-def sampling_rows(torch_model, cell, layers, hidden, embedding, dtype, args) -> dict:
-    config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
+def measure_side(side: str, row: dict, args) -> dict:
+    """One side's training chars/s (one window after a warm-up), and sampling chars/s with --sample."""
+    cell, dtype, layers, hidden = row["cell"], row["dtype"], row["layers"], row["hidden"]
+    batch, seq_len, embedding = row["batch"], row["seq_len"], row["embedding"]
     out = {}
-    for batch in (1, 64):
-        torch_rates = []
-        for onednn in ((True, False) if args.device == "cpu" else (True,)):
-            with torch.backends.mkldnn.flags(enabled=onednn):
-                torch_rates.append(torch_sampling(torch_model, batch, args.sample_length, args.device))
-        out[f"torch_sample_b{batch}"] = max(torch_rates)  # the faster of oneDNN on and off
-        out[f"charrnn_sample_b{batch}"] = bench.measure_sampling(config, batch, args.sample_length * 4, args.repeats)
-        out[f"sample_ratio_b{batch}"] = out[f"charrnn_sample_b{batch}"] / out[f"torch_sample_b{batch}"]
+    if side.startswith("torch"):
+        torch_side = TorchBench(cell, layers, hidden, batch, seq_len, embedding, args.device, dtype)
+        out["train"] = torch_side.chars_per_second(args.seconds)
+        for sample_batch in (1, 64) if args.sample else ():
+            rates = []
+            for onednn in ((True, False) if args.device == "cpu" else (True,)):
+                with torch.backends.mkldnn.flags(enabled=onednn):
+                    rates.append(torch_sampling(torch_side.model, sample_batch, args.sample_length, args.device))
+            out[f"sample_b{sample_batch}"] = max(rates)  # the faster of oneDNN on and off
+        return out
+    runtime.configure()  # the shared compilation cache, as the CLI uses it
+    ours = bench.TrainingBench(charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype,
+                                              row["steps_per_call"], args.unroll))
+    ours.compile()
+    out["train"] = ours.chars_per_second(args.seconds)
+    config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
+    for sample_batch in (1, 64) if args.sample else ():
+        out[f"sample_b{sample_batch}"] = bench.measure_sampling(config, sample_batch, args.sample_length * 4, 3)
     return out
+
+
+def side_environment(side: str) -> dict[str, str]:
+    environ = {name: value for name, value in os.environ.items() if name != entry.TUNABLES_ENV}
+    if side == "torch":
+        return environ
+    return entry.environment_with_huge_pages(environ, platform.libc_ver()[0]) or environ
+
+
+def run_side(side: str, row: dict, argv: list[str]) -> dict:
+    """`measure_side` in a fresh process."""
+    command = [sys.executable, __file__, *argv, "--child", side, "--configs", row["config"], "--cells", row["cell"],
+               "--dtypes", row["dtype"]]
+    done = subprocess.run(command, capture_output=True, text=True, env=side_environment(side))
+    if done.returncode != 0:
+        raise SystemExit(f"{side} side failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(row: dict, sides: list[str], args, argv: list[str]) -> dict:
+    measured = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side in sides:
+            measured[side].append(run_side(side, row, argv))
+    row = dict(row)
+    for key in ["train"] + (["sample_b1", "sample_b64"] if args.sample else []):
+        for side in sides:
+            row[f"{side}_{key}"] = statistics.median(result[key] for result in measured[side])
+        best_torch = max(row[f"{side}_{key}"] for side in sides if side.startswith("torch"))
+        row[f"ratio_{key}"] = row[f"charrnn_{key}"] / best_torch
+    return row
 
 
 def main() -> None:
@@ -166,35 +200,44 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--embedding", type=int, default=0, help="0 = equal to the hidden size")
     parser.add_argument("--unroll", type=int, default=1, help="charrnn's model.scan_unroll (GPUs like 8)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=5, help="alternations of the sides (fresh processes)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each timed window")
     parser.add_argument("--sample", action="store_true", help="also compare sampling at batch 1 and 64")
     parser.add_argument("--sample-length", type=int, default=200)
-    parser.add_argument("--huge-pages", action="store_true",
-                        help="re-run with glibc's huge-page allocations, as `charrnn train` does, for both sides")
+    parser.add_argument("--torch-huge-pages", action="store_true",
+                        help="also time PyTorch with the huge-page tunable that `charrnn train` sets")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if args.huge_pages:
-        entry.rerun_with_huge_pages()
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args, argv = parser.parse_args(), sys.argv[1:]
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = [compare(name, cell, dtype, args) for name in args.configs.split(",")
-            for cell in args.cells.split(",") for dtype in args.dtypes.split(",")]
+    settings = [row_settings(name, cell, dtype, args) for name in args.configs.split(",")
+                for cell in args.cells.split(",") for dtype in args.dtypes.split(",")]
+    if args.child:
+        print(json.dumps(measure_side(args.child, settings[0], args)))
+        return
+    sides = ["torch"] + (["torch_huge_pages"] if args.torch_huge_pages else []) + ["charrnn"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
+          f"charrnn runs with {entry.TUNABLES_ENV}={entry.HUGE_PAGES}", file=sys.stderr)
+    rows = []
+    for setting in settings:
+        rows.append(compare(setting, sides, args, argv))
+        if not args.json:
+            print(format_row(rows[-1], sides, args.sample), flush=True)
     if args.json:
         print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "rows": rows}, indent=1))
-        return
-    tunables = os.environ.get(entry.TUNABLES_ENV, "")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"{entry.TUNABLES_ENV}={tunables!r}", file=sys.stderr)
-    for row in rows:
-        line = (f"{row['config']} {row['cell']:4} {row['dtype']:8} {row['layers']}x{row['hidden']} b{row['batch']} "
-                f"t{row['seq_len']} e{row['embedding']}: torch {row['torch_chars_per_s']:,.0f}  charrnn "
-                f"{row['charrnn_chars_per_s']:,.0f} chars/s  ratio {row['ratio']:.2f}x")
-        if args.sample:
-            line += "".join(f"  | sample b{b}: torch {row[f'torch_sample_b{b}']:,.0f} charrnn "
-                            f"{row[f'charrnn_sample_b{b}']:,.0f} ({row[f'sample_ratio_b{b}']:.1f}x)" for b in (1, 64))
-        print(line, flush=True)
+
+
+def format_row(row: dict, sides: list[str], sample: bool) -> str:
+    line = (f"{row['config']} {row['cell']:4} {row['dtype']:8} {row['layers']}x{row['hidden']} b{row['batch']} "
+            f"t{row['seq_len']} e{row['embedding']}: "
+            + "  ".join(f"{side} {row[f'{side}_train']:,.0f}" for side in sides)
+            + f" chars/s  ratio {row['ratio_train']:.2f}x")
+    for batch in (1, 64) if sample else ():
+        line += f"  | sample b{batch}: " + " ".join(f"{side} {row[f'{side}_sample_b{batch}']:,.0f}" for side in sides)
+        line += f" ({row[f'ratio_sample_b{batch}']:.1f}x)"
+    return line
 
 
 if __name__ == "__main__":

@@ -38,10 +38,15 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: 
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def choose(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
-    """Next character ids [B]: argmax at temperature 0, else a draw from the filtered distribution."""
+def choose(logits: jax.Array, noise: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
+    """Next character ids [B]: argmax at temperature 0, else a draw from the filtered distribution.
+
+    The draw is the Gumbel-max trick, argmax(filtered + noise) with standard Gumbel
+    `noise` [B, V] (what `jax.random.categorical` does), so the noise of a whole block
+    can be made before the block's sequential loop.
+    """
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    drawn = jax.random.categorical(key, filtered, axis=-1)
+    drawn = jnp.argmax(filtered + noise, axis=-1)
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
@@ -54,14 +59,17 @@ def generate_block(params: dict, config: ModelConfig, carry: tuple, last_ids: ja
     seed does not depend on how generation is cut into blocks.
     """
     prepared = model.prepare(params, config)  # once per block, not per character
+    noise_shape = (last_ids.shape[0], prepared["output"]["b"].shape[0])  # [B, V]
+    noise = jax.vmap(lambda offset: jax.random.gumbel(jax.random.fold_in(key, position + offset), noise_shape))(
+        jnp.arange(length))  # [length, B, V], all at once: the loop below only does the model
 
-    def one_character(state, offset):
+    def one_character(state, noise_t):
         carry, ids = state
         carry, logits = model.step(prepared, config, carry, ids)  # logits [B, V]
-        next_ids = choose(logits, jax.random.fold_in(key, position + offset), temperature, top_k, top_p)
+        next_ids = choose(logits, noise_t, temperature, top_k, top_p)
         return (carry, next_ids), next_ids
 
-    (carry, last_ids), ids = jax.lax.scan(one_character, (carry, last_ids), jnp.arange(length))
+    (carry, last_ids), ids = jax.lax.scan(one_character, (carry, last_ids), noise)
     return carry, last_ids, ids  # ids [length, B]
 
 

@@ -13,7 +13,11 @@ LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.25, 0.2], [0.5, 0.2, 0.15, 0.1, 0
 
 def draws(logits, temperature, top_k, top_p, count=2000):
     keys = jax.random.split(jax.random.key(0), count)
-    choose = jax.jit(jax.vmap(lambda key: sample.choose(logits, key, jnp.float32(temperature), top_k, jnp.float32(top_p))))
+    def choose(key):
+        noise = jax.random.gumbel(key, logits.shape)
+        return sample.choose(logits, noise, jnp.float32(temperature), top_k, jnp.float32(top_p))
+
+    choose = jax.jit(jax.vmap(choose))
     return np.asarray(choose(keys))  # [count, B]
 
 
