@@ -5,13 +5,12 @@ Every cell provides
     initial_carry(batch_size, hidden_size) -> carry
     step(params, carry, x_proj) -> (carry, h)
 where `x_proj = x @ params["w_x"] + params["b"]` is the input projection of one
-time step. It does not depend on the carry, so the model computes it for every
-time step at once (one matmul, or one table lookup for the first layer) and the
-time loop (`lax.scan`, whose argument order `step` follows) only does the
-recurrent matmul `recurrent = h @ params["w_h"]` and the elementwise gate
-arithmetic, `gates(params, carry, x_proj, recurrent) -> (carry, h)`. Keeping the
-two apart lets the backward pass (charrnn/layer.py) compute the weight gradient
-of all time steps as one matmul.
+time step (for the first layer, a row of a [V, G*H] table). It does not depend
+on the carry, so the layer (charrnn/layer.py) computes it apart from the
+recurrent matmul `recurrent = h @ params["w_h"]`, and the elementwise gate
+arithmetic is `gates(params, carry, x_proj, recurrent) -> (carry, h)`. Keeping
+the two apart lets the backward pass compute each weight gradient of all time
+steps as one matmul. (`step` follows `lax.scan`'s argument order.)
 All gates of a cell are one matmul: weights are [in, G*H] with the G gate
 blocks side by side, in the order the equations below name them.
 """

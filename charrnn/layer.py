@@ -55,7 +55,10 @@ def scan_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int =
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def run_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int = 1):
-    """(carry, hidden [T, B, H]) of one layer over ids [T, B] or inputs [T, B, I]; equal to `scan_layer`."""
+    """(carry, hidden [T, B, H]) of one layer over ids [T, B], inputs [T, B, I] or projections [T, B, G*H].
+
+    Equal to `scan_layer`, with the backward pass below.
+    """
     return scan_layer(cell, params, carry, inputs, unroll)
 
 
@@ -86,6 +89,7 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     params, carries_in, saved_products, inputs = saved
     d_final, d_hidden = cotangents
     w_h, dense_input, table_input = params["w_h"], "w_x" in params, "table" in params
+    additive = cell.activate is not None
     w_h_transposed = _transposed(w_h)
     w_x_transposed = _transposed(params["w_x"]) if dense_input else None
     others = {name: value for name, value in recurrent_params(params).items() if name != "w_h"}  # the GRU's b_hn
@@ -105,11 +109,12 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
         d_others, d_carry_in, d_x, d_recurrent = local_gradients(carry_in, products, d_carry, d_h)
         d_carry_in = d_carry_in._replace(h=d_carry_in.h + recurrent_matmul(d_recurrent, w_h_transposed))
         d_input = recurrent_matmul(d_x, w_x_transposed).astype(d_h.dtype) if dense_input else None
-        return d_carry_in, (d_x, d_recurrent, d_input, d_others)
+        return d_carry_in, (None if additive else d_x, d_recurrent, d_input, d_others)  # additive: one array, dz
 
     d_carry, (d_xs, d_recurrents, d_inputs, d_others) = jax.lax.scan(
         step, d_final, (carries_in, saved_products, d_hidden), reverse=True, unroll=unroll
     )
+    d_xs = d_recurrents if additive else d_xs
     d_params = {name: jnp.sum(value, axis=0) for name, value in d_others.items()}
     d_params["w_h"] = _weight_gradient(carries_in.h, d_recurrents, w_h)
     if dense_input:
