@@ -43,7 +43,7 @@ class Cell(NamedTuple):
 
     def step(self, params: dict, carry, x_proj: jax.Array):
         """One time step: the recurrent matmul, then the gate arithmetic."""
-        return self.gates(params, carry, x_proj, recurrent_matmul(carry.h, params["w_h"]))
+        return self.gates(params, carry, x_proj, matmul(carry.h, params["w_h"]))
 
     def initial_carry(self, batch_size: int, hidden_size: int):
         # One array per field: a carry is donated to the train step, and XLA
@@ -56,9 +56,15 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def recurrent_matmul(h: jax.Array, w_h: jax.Array) -> jax.Array:
-    """h @ w_h in the weights' dtype (bfloat16 or float32), accumulated in float32."""
-    return jnp.dot(h.astype(w_h.dtype), w_h, preferred_element_type=accumulation_dtype(w_h.dtype))
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ w in the weights' dtype (bfloat16 or float32), accumulated in float32."""
+    return jnp.dot(x.astype(w.dtype), w, preferred_element_type=accumulation_dtype(w.dtype))
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x @ w + b over the last axis (see `matmul`)."""
+    y = matmul(x, w)
+    return y + jnp.expand_dims(b, tuple(range(y.ndim - 1)))
 
 
 def _uniform_init(key, input_size: int, hidden_size: int, num_gates: int) -> dict:

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from charrnn.cells import Cell, accumulation_dtype, recurrent_matmul
+from charrnn.cells import Cell, dense, matmul
 
 INPUT_PARAMS = ("table", "w_x", "b")  # the input projection's params; the rest belong to the cell
 
@@ -41,8 +41,7 @@ def project_input(params: dict, inputs: jax.Array) -> jax.Array:
         return params["table"][inputs]
     if "w_x" not in params:
         return inputs
-    x = recurrent_matmul(inputs, params["w_x"])
-    return x + jnp.expand_dims(params["b"], tuple(range(x.ndim - 1)))
+    return dense(inputs, params["w_x"], params["b"])
 
 
 def scan_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int = 1):
@@ -67,7 +66,7 @@ def _forward(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int):
 
     def step(carry, input_t):
         x_t = project_input(params, input_t)  # [B, G*H]
-        recurrent = recurrent_matmul(carry.h, params["w_h"])  # [B, G*H]
+        recurrent = matmul(carry.h, params["w_h"])  # [B, G*H]
         if additive:  # keep z = x + r alone: the backward pass needs nothing else
             z = x_t + recurrent
             new_carry, h = cell.activate(params, carry, z)
@@ -107,8 +106,8 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     def step(d_carry, step_saved):
         carry_in, products, d_h = step_saved
         d_others, d_carry_in, d_x, d_recurrent = local_gradients(carry_in, products, d_carry, d_h)
-        d_carry_in = d_carry_in._replace(h=d_carry_in.h + recurrent_matmul(d_recurrent, w_h_transposed))
-        d_input = recurrent_matmul(d_x, w_x_transposed).astype(d_h.dtype) if dense_input else None
+        d_carry_in = d_carry_in._replace(h=d_carry_in.h + matmul(d_recurrent, w_h_transposed))
+        d_input = matmul(d_x, w_x_transposed).astype(d_h.dtype) if dense_input else None
         return d_carry_in, (None if additive else d_x, d_recurrent, d_input, d_others)  # additive: one array, dz
 
     d_carry, (d_xs, d_recurrents, d_inputs, d_others) = jax.lax.scan(
@@ -132,7 +131,7 @@ def _weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array
     """Σ_t in_tᵀ d_t over all steps and streams as one [I, T·B] × [T·B, G·H] matmul."""
     layer_inputs = layer_inputs.astype(w.dtype).reshape(-1, w.shape[0])
     d_outputs = d_outputs.astype(w.dtype).reshape(-1, w.shape[1])
-    return jnp.dot(layer_inputs.T, d_outputs, preferred_element_type=accumulation_dtype(w.dtype)).astype(w.dtype)
+    return matmul(layer_inputs.T, d_outputs).astype(w.dtype)
 
 
 run_layer.defvjp(_forward, _backward)

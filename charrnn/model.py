@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from charrnn.cells import CELLS, accumulation_dtype
+from charrnn.cells import CELLS, accumulation_dtype, dense
 from charrnn.config import ModelConfig
 from charrnn.layer import project_input, recurrent_params, run_layer
 
@@ -73,16 +73,10 @@ def prepare(params: dict, config: ModelConfig) -> dict:
 
     first = params["layers"][0]
     return {
-        "projection_table": _dense(params["embedding"], cast(first)["w_x"], first["b"]),  # [V, G*H]
+        "projection_table": dense(params["embedding"], cast(first)["w_x"], first["b"]),  # [V, G*H]
         "layers": [cast(layer) for layer in params["layers"]],
         "output": cast(params["output"]),
     }
-
-
-def _dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """x @ w + b over the last axis, in w's dtype, accumulated in float32."""
-    y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=accumulation_dtype(w.dtype))
-    return y + jnp.expand_dims(b, tuple(range(y.ndim - 1)))
 
 
 def projects_per_step() -> bool:
@@ -124,7 +118,7 @@ def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Ar
 def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
     """Return (carry, logits [T, B, V]) from prepared params."""
     carry, _, top = run_layers(prepared, config, carry, inputs, dropout_key)
-    return carry, _dense(top, prepared["output"]["w"], prepared["output"]["b"])  # [T, B, V]
+    return carry, dense(top, prepared["output"]["w"], prepared["output"]["b"])  # [T, B, V]
 
 
 def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
@@ -138,7 +132,7 @@ def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
         layer_input = hidden
-    return tuple(new_carry), _dense(layer_input, prepared["output"]["w"], prepared["output"]["b"])
+    return tuple(new_carry), dense(layer_input, prepared["output"]["w"], prepared["output"]["b"])
 
 
 def _with_input_params(prepared: dict, index: int) -> dict:
