@@ -43,11 +43,23 @@ def choose(logits: jax.Array, noise: jax.Array, temperature: jax.Array, top_k: i
 
     The draw is the Gumbel-max trick, argmax(filtered + noise) with standard Gumbel
     `noise` [B, V] (what `jax.random.categorical` does), so the noise of a whole block
-    can be made before the block's sequential loop.
+    can be made before the block's sequential loop. At temperature 0 the noise is
+    left out: the filtering keeps the most likely character, so that is the argmax.
     """
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    drawn = jnp.argmax(filtered + noise, axis=-1)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return first_argmax(filtered + jnp.where(temperature > 0, noise, 0.0))
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the largest value), as int32.
+
+    Written as a max, then the smallest index holding it: two plain reductions,
+    several times faster on a CPU than the (value, index) reduction of jnp.argmax.
+    """
+    largest = jnp.max(x, axis=-1, keepdims=True)
+    indices = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == largest, indices, x.shape[-1]), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)  # NaN logits: the last index rather than one out of range
 
 
 @functools.partial(jax.jit, static_argnames=("config", "length", "top_k"))

@@ -75,3 +75,14 @@ def test_priming_equals_running_the_model_over_the_prime():
     carry = model.initial_carry(params, config, 1)
     _, logits = model.forward(params, config, carry, jnp.asarray(prime)[:, None])
     assert greedy == int(jnp.argmax(logits[-1, 0]))
+
+
+def test_first_argmax_equals_jnp_argmax_with_ties_and_infinities():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (200, 9)).astype(np.float32)  # many ties
+    x[::7, 3] = -np.inf
+    x[::11] = -np.inf  # whole rows of -inf: index 0, as jnp.argmax
+    x[5, 2] = np.inf
+    got = np.asarray(sample.first_argmax(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
