@@ -155,8 +155,8 @@ def measure_side(side: str, row: dict, args) -> dict:
                                               row["steps_per_call"], args.unroll))
     ours.compile()
     out["train"] = ours.chars_per_second(args.seconds)
-    config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
     for sample_batch in (1, 64) if args.sample else ():
+        config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
         out[f"sample_b{sample_batch}"] = bench.measure_sampling(config, sample_batch, args.sample_length * 4, 3)
     return out
 
@@ -209,8 +209,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, argv = parser.parse_args(), sys.argv[1:]
-    if args.device == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = [row_settings(name, cell, dtype, args) for name in args.configs.split(",")
                 for cell in args.cells.split(",") for dtype in args.dtypes.split(",")]
     if args.child:
