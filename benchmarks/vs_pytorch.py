@@ -150,7 +150,7 @@ def measure_side(side: str, row: dict, args) -> dict:
                     rates.append(torch_sampling(torch_side.model, sample_batch, args.sample_length, args.device))
             out[f"sample_b{sample_batch}"] = max(rates)  # the faster of oneDNN on and off
         return out
-    runtime.configure()  # the shared compilation cache, as the CLI uses it
+    runtime.configure(cpu_device_per_core=True)  # the compilation cache and CPU devices, as `charrnn train` has them
     ours = bench.TrainingBench(charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype,
                                               row["steps_per_call"], args.unroll))
     ours.compile()

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from charrnn import data, model, runtime, sample, train
+from charrnn import data, distributed, model, runtime, sample, train
 from charrnn.config import Config
 from charrnn.runner import peak_rss_mb
 
@@ -33,15 +33,22 @@ def _timed(function) -> float:
 
 
 class TrainingBench:
-    """A compiled train call on synthetic text, ready to be timed call by call."""
+    """A compiled train call on synthetic text, ready to be timed call by call.
 
-    def __init__(self, config: Config):
+    The streams are placed on devices as `charrnn train` places them.
+    """
+
+    def __init__(self, config: Config, num_devices: int | None = None):
         self.config = config
         train_config = config.train
+        self.placement = distributed.make_placement(
+            num_devices, train_config.batch_size, model.recurrent_step_macs(config.model, train_config.batch_size))
         optimizer = train.make_optimizer(train_config)
-        self.call = train.make_train_call(config.model, train_config, optimizer)
-        self.state = train.init_state(jax.random.key(train_config.seed), config.model, optimizer, VOCAB_SIZE)
-        self.carry = model.initial_carry(self.state.params, config.model, train_config.batch_size)
+        self.call = train.make_train_call(config.model, train_config, optimizer, self.placement)
+        state = jax.device_get(train.init_state(jax.random.key(train_config.seed), config.model, optimizer, VOCAB_SIZE))
+        self.state = distributed.put(state, self.placement.replicated)
+        carry = jax.device_get(model.initial_carry(state.params, config.model, train_config.batch_size))
+        self.carry = distributed.put(carry, self.placement.batch)
         chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
         self.ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
         self.layout = data.stream_layout(len(self.ids), train_config.batch_size, train_config.seq_len)
@@ -51,10 +58,10 @@ class TrainingBench:
 
     def run_call(self) -> None:
         train_config = self.config.train
-        batches = data.stack_batches([
+        batches = distributed.put_batches(data.stack_batches([
             data.training_batch(self.ids, self.layout, self.step + i, train_config.seed, False)
             for i in range(train_config.steps_per_call)
-        ])
+        ]), self.placement)
         self.state, self.carry, metrics = self.call(self.state, self.carry, batches, self.lrs)
         self.step += train_config.steps_per_call
         return metrics
@@ -82,7 +89,8 @@ def measure_training(config: Config, repeats: int, seconds: float) -> dict[str, 
     bench = TrainingBench(config)
     compile_s = bench.compile()
     rates = [bench.chars_per_second(seconds) for _ in range(repeats)]
-    return {"compile_s": compile_s, "train_chars_per_s": statistics.median(rates), "train_repeats": rates}
+    return {"compile_s": compile_s, "train_chars_per_s": statistics.median(rates), "train_repeats": rates,
+            "train_devices": bench.placement.num_devices}
 
 
 def measure_sampling(config: Config, batch_size: int, length: int, repeats: int) -> float:

@@ -76,10 +76,10 @@ ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="
 PlatformOption = Annotated[Optional[Platform], typer.Option("--platform", help="Force a JAX platform (default: GPU when JAX sees one).", rich_help_panel=RUN)]
 
 
-def _setup(platform: Platform | None, threads: int | None) -> None:
+def _setup(platform: Platform | None, threads: int | None, cpu_device_per_core: bool = False) -> None:
     from charrnn import runtime
 
-    runtime.configure(platform.value if platform else None, threads)
+    runtime.configure(platform.value if platform else None, threads, cpu_device_per_core=cpu_device_per_core)
 
 
 class _ProgressReporter:
@@ -139,7 +139,7 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and the final JSON line.", rich_help_panel=OUTPUT)] = False,
     threads: ThreadsOption = None,
     platform: PlatformOption = None,
-    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices to split the streams over (default: all; train.batch_size must divide).", rich_help_panel=SCALE)] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices to split the streams over; train.batch_size must divide. Default: all GPUs, or on a CPU each core when the model is small enough to gain.", rich_help_panel=SCALE)] = None,
     coordinator: Annotated[Optional[str], typer.Option("--coordinator", help="HOST:PORT of process 0, to train with several processes or hosts.", rich_help_panel=SCALE)] = None,
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", min=1, help="Processes in a multi-process run.", rich_help_panel=SCALE)] = None,
     process_id: Annotated[Optional[int], typer.Option("--process-id", min=0, help="This process's index, 0 to --num-processes - 1.", rich_help_panel=SCALE)] = None,
@@ -156,7 +156,8 @@ def train(
     if resume is not None and out is not None and out != resume:
         raise UsageError("give either --resume RUN or --out DIR, not both")
     run_dir = resume or out
-    _setup(platform, threads)
+    # One process per host splits its streams over the CPU's cores itself; several take a device each.
+    _setup(platform, threads, cpu_device_per_core=not (coordinator or distributed_auto))
     from charrnn import distributed, rundir, runner
 
     summary_out = sys.stdout

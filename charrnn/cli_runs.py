@@ -86,7 +86,7 @@ def benchmark(
     from charrnn import config as config_lib
 
     config = config_lib.resolve(config_file, assignments or [], {})
-    _setup(platform, threads)
+    _setup(platform, threads, cpu_device_per_core=True)  # training is measured as `charrnn train` runs it
     from charrnn import bench as benchmarks
 
     err_console.print(f"measuring {config.model.cell} {config.model.num_layers}x{config.model.hidden_size}, "

@@ -22,7 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from charrnn.cells import Cell, dense, matmul
+from charrnn.cells import Cell, accumulation_dtype, dense, matmul
 
 INPUT_PARAMS = ("table", "w_x", "b")  # the input projection's params; the rest belong to the cell
 
@@ -128,10 +128,15 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
 
 
 def _weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array) -> jax.Array:
-    """Σ_t in_tᵀ d_t over all steps and streams as one [I, T·B] × [T·B, G·H] matmul."""
-    layer_inputs = layer_inputs.astype(w.dtype).reshape(-1, w.shape[0])
-    d_outputs = d_outputs.astype(w.dtype).reshape(-1, w.shape[1])
-    return matmul(layer_inputs.T, d_outputs).astype(w.dtype)
+    """Σ_t in_tᵀ d_t over all steps and streams [T, B] as one contraction, an [I, T·B] × [T·B, G·H] matmul.
+
+    Contracting the step and stream axes in place, rather than after merging them
+    into one, lets a run whose streams are split across devices sum each device's
+    share and add the shares up, instead of first gathering every stream everywhere.
+    """
+    contract = ((0, 1), (0, 1))
+    return jax.lax.dot_general(layer_inputs.astype(w.dtype), d_outputs.astype(w.dtype), (contract, ((), ())),
+                               preferred_element_type=accumulation_dtype(w.dtype)).astype(w.dtype)
 
 
 run_layer.defvjp(_forward, _backward)

@@ -66,9 +66,7 @@ class Loop:
                                 config.random_offset, self.local_streams)
             for i in range(count)
         ])
-        return data.Batch(distributed.put(stacked.inputs, placement.stacked),
-                          distributed.put(stacked.targets, placement.stacked),
-                          distributed.put(stacked.reset, placement.replicated))
+        return distributed.put_batches(stacked, placement)
 
     def drain(self, keep_last: int) -> None:
         """Read the metrics of finished calls, all but the newest `keep_last`; stop on divergence."""

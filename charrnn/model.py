@@ -160,5 +160,10 @@ def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropo
     return jnp.mean(token_losses(logits, targets)), carry
 
 
+def recurrent_step_macs(config: ModelConfig, batch_size: int) -> int:
+    """Multiply-adds of one layer's recurrent matmul [B, H] x [H, G*H] for one time step."""
+    return batch_size * config.hidden_size * CELLS[config.cell].num_gates * config.hidden_size
+
+
 def parameter_count(params: dict) -> int:
     return sum(int(leaf.size) for leaf in jax.tree.leaves(params))

@@ -287,7 +287,8 @@ def run_training(corpus_path: Path, run_dir: Path, config_file: Path | None = No
                  reporter: Reporter | None = None, devices: int | None = None) -> dict[str, Any]:
     """Train into `run_dir` (new, or resumed from its newest checkpoint); return the run's summary."""
     config, corpus, resumed = prepare_run(corpus_path, run_dir, config_file, list(assignments), options or {}, resume)
-    placement = distributed.make_placement(devices, config.train.batch_size)
+    placement = distributed.make_placement(devices, config.train.batch_size,
+                                           model.recurrent_step_macs(config.model, config.train.batch_size))
     reporter = (reporter or Reporter()) if placement.is_main else Reporter()
     if placement.is_main:
         rundir.prepare(run_dir)

@@ -20,8 +20,19 @@ def cache_dir() -> Path:
     return base / "charrnn" / "jax"
 
 
-def configure(platform: str | None = None, threads: int | None = None, compilation_cache: bool = True) -> None:
-    """Pick the platform, cap CPU threads, and turn on the shared compilation cache."""
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def configure(platform: str | None = None, threads: int | None = None, compilation_cache: bool = True,
+              cpu_device_per_core: bool = False) -> None:
+    """Pick the platform, cap CPU threads, and turn on the shared compilation cache.
+
+    With `cpu_device_per_core`, JAX sees each core this process may use as a CPU
+    device of its own, so that training can split its streams over them
+    (`distributed.default_device_count` decides whether it does).
+    """
     if threads == 1:
         # Single-threaded matmuls: several runs can share a machine, one per core.
         flags = os.environ.get("XLA_FLAGS", "")
@@ -34,6 +45,11 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
 
     if platform:
         jax.config.update("jax_platforms", platform)
+    if cpu_device_per_core and threads != 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:
+            jax.config.update("jax_num_cpu_devices", usable_cores())
+        except RuntimeError:
+            pass  # JAX has started already in this process (a library caller's): it keeps its devices
     if compilation_cache and os.environ.get(CACHE_ENV, "x") != "":
         directory = cache_dir()
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -122,19 +123,32 @@ def make_eval_call(model_config: ModelConfig):
     return jax.jit(call)
 
 
+def _evaluation_placers(placement, streams: int):
+    """Functions putting an evaluation carry [B, H] and a chunk [T, B] on the placement's devices."""
+    if placement is None:
+        return (lambda tree: tree,) * 2
+    if streams % placement.num_devices:  # every device evaluates every stream
+        return (functools.partial(distributed.put, sharding=placement.replicated),) * 2
+    local = placement.local_streams(streams)
+    return (functools.partial(distributed.put, sharding=placement.batch, local_part=lambda leaf: leaf[local]),
+            functools.partial(distributed.put, sharding=placement.time_major, local_part=lambda leaf: leaf[:, local]))
+
+
 def evaluate(params: dict, model_config: ModelConfig, ids: np.ndarray, num_streams: int,
              seq_len: int = EVAL_SEQ_LEN, eval_call=None, placement=None) -> float:
     """Mean nats/char over every prediction in `ids`, state carried along each stream.
 
-    With a `placement` (several devices), every device evaluates all streams.
+    With a `placement` (several devices), the streams are split over the devices
+    when they divide evenly, and every device evaluates all of them otherwise.
     """
     eval_call = eval_call or make_eval_call(model_config)
-    place = (lambda tree: distributed.put(tree, placement.replicated)) if placement else (lambda tree: tree)
     chunks = evaluation_chunks(ids, num_streams, seq_len)
-    carry = place(jax.device_get(model.initial_carry(params, model_config, chunks[0].inputs.shape[1])))
+    streams = chunks[0].inputs.shape[1]
+    place_carry, place_chunk = _evaluation_placers(placement, streams)
+    carry = place_carry(jax.device_get(model.initial_carry(params, model_config, streams)))
     total, count = 0.0, 0.0
     for index, chunk in enumerate(chunks):
-        carry, chunk_total, chunk_count = eval_call(params, carry, place(chunk))
+        carry, chunk_total, chunk_count = eval_call(params, carry, place_chunk(chunk))
         total, count = total + chunk_total, count + chunk_count
         if index % 32 == 31:
             jax.block_until_ready(total)  # bounds the chunks queued on the device, and their memory

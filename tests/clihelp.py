@@ -36,8 +36,13 @@ def run_in_process(capsys, *args: str) -> Result:
     return Result(code, captured.out, captured.err)
 
 
+# One CPU device, as the in-process `cli` fixture has (JAX starts there before any
+# command can ask for one per core), so that runs made both ways compare bit for bit.
+ONE_CPU_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_CPU_DEVICE, **extra}
     env.pop(checkpoint.FAULT_ENV, None)
     env.update(extra)
     return env

@@ -5,12 +5,15 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
-from clihelp import TINY, checkpoint_arrays, run_subprocess, start_subprocess, subprocess_env
+from typing import NamedTuple
 
-from charrnn import checkpoint
+import numpy as np
+from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, run_subprocess, start_subprocess, subprocess_env
+
+from charrnn import checkpoint, distributed, runtime
 
 TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+CPU_DEVICE_PER_CORE = {"XLA_FLAGS": ""}  # no forced count: charrnn train gives JAX one CPU device per core
 ARGS = ["--config", TINY, "--steps", "12", "--set", "train.eval_every=6", "--set", "model.dropout=0.1", "--quiet"]
 
 
@@ -37,6 +40,38 @@ def test_two_devices_train_like_one(small_corpus, tmp_path):
     assert resumed.code == 0, resumed.err  # a 2-device checkpoint continues on one device
 
 
+class FakeDevice(NamedTuple):
+    platform: str
+
+
+def test_default_device_count_splits_small_models_over_cpu_cores():
+    cpus = [FakeDevice("cpu")] * 4
+    small, large = 1_000_000, distributed.CPU_SPLIT_MAX_STEP_MACS + 1
+    assert distributed.default_device_count(cpus, 8, small) == 4
+    assert distributed.default_device_count(cpus, 6, small) == 3  # the most that divide the streams
+    assert distributed.default_device_count(cpus, 7, small) == 1
+    assert distributed.default_device_count(cpus, 8, large) == 1  # XLA spreads a large matmul itself
+    assert distributed.default_device_count([FakeDevice("gpu")] * 2, 8, large) == 2
+
+
+def test_default_split_over_cores_resumes_bit_identically(small_corpus, tmp_path):
+    cores = runtime.usable_cores()
+    expected = max(count for count in range(1, cores + 1) if 8 % count == 0)  # configs/tiny.toml has 8 streams
+    common = ["--config", TINY, "--set", "train.eval_every=6", "--set", "model.dropout=0.1",
+              "--set", "train.schedule=constant", "--quiet"]
+    whole = run_subprocess("train", small_corpus, *common, "--steps", "12", "--out", "whole", cwd=tmp_path,
+                           **CPU_DEVICE_PER_CORE)
+    assert whole.code == 0, whole.err
+    assert json.loads(whole.out)["devices"] == expected
+    first = run_subprocess("train", small_corpus, *common, "--steps", "6", "--out", "split", cwd=tmp_path,
+                           **CPU_DEVICE_PER_CORE)
+    assert first.code == 0, first.err
+    rest = run_subprocess("train", "--resume", "split", "--steps", "12", "--quiet", cwd=tmp_path, **CPU_DEVICE_PER_CORE)
+    assert rest.code == 0, rest.err
+    assert_identical_arrays(checkpoint_arrays(checkpoint.step_files(tmp_path / "whole" / "checkpoints")[-1]),
+                            checkpoint_arrays(checkpoint.step_files(tmp_path / "split" / "checkpoints")[-1]))
+
+
 def test_streams_really_are_split(small_corpus, tmp_path):
     probe = f"""
 import jax, numpy as np
@@ -44,7 +79,7 @@ from pathlib import Path
 from charrnn import config, distributed, runner, train
 cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
 corpus = runner.load_corpus(Path({str(small_corpus)!r}), 0.1)
-placement = distributed.make_placement(None, cfg.train.batch_size)
+placement = distributed.make_placement(None, cfg.train.batch_size, 0)
 session = runner.Session(cfg, corpus, Path("unused"), Path("unused"), train.make_optimizer(cfg.train), placement,
                          runner.Reporter(), runner.StopFlag())
 session.start(None)
