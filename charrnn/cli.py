@@ -242,7 +242,7 @@ def sample(
 ) -> None:
     """Generate text from a trained model, streamed to stdout as it is written."""
     prime_text = _text_option(prime, prime_file, "prime")
-    _setup(platform, threads)
+    _setup(platform, threads, cpu_device_per_core=True)  # many samples of a small model split over the cores
     from charrnn import loading
     from charrnn import sample as sampling
     from charrnn.config import check_sampling

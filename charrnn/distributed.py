@@ -81,6 +81,16 @@ def default_device_count(devices: list, batch_size: int, step_macs: int) -> int:
     return max(count for count in range(1, len(devices) + 1) if batch_size % count == 0)
 
 
+def local_split(num_streams: int, step_macs: int) -> Placement | None:
+    """Where a single-process computation over `num_streams` streams (generation) runs them:
+    split over a CPU's cores by `default_device_count`'s rule, or None for the default device."""
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        return None
+    count = default_device_count(devices, num_streams, step_macs)
+    return make_placement(count, num_streams, step_macs) if count > 1 else None
+
+
 def make_placement(num_devices: int | None, batch_size: int, step_macs: int) -> Placement:
     """A mesh over `num_devices` devices (default: `default_device_count`), checking the streams divide among them."""
     devices = jax.devices()

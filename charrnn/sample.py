@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn import model
+from charrnn import distributed, model
 from charrnn.config import ModelConfig
 
 BLOCK = 128  # characters generated per compiled call; each block is streamed out as it ends
@@ -100,9 +100,13 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     """
     prime_ids = np.asarray(prime_ids, np.int32)
     carry = model.initial_carry(params, config, num_samples)
+    last_ids = jnp.full((num_samples,), prime_ids[-1], jnp.int32)
+    split = distributed.local_split(num_samples, model.recurrent_step_macs(config, num_samples))
+    if split is not None:  # each CPU core runs its share of the streams, as in training
+        params = distributed.put(jax.device_get(params), split.replicated)
+        carry, last_ids = distributed.put(jax.device_get((carry, last_ids)), split.batch)
     if len(prime_ids) > 1:
         carry = prime(params, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
-    last_ids = jnp.full((num_samples,), prime_ids[-1], jnp.int32)
     key = jax.random.key(seed)
     top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
     nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort

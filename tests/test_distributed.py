@@ -117,3 +117,16 @@ def test_two_processes_train_like_one(small_corpus, tmp_path):
     single = run_subprocess("train", small_corpus, *ARGS, "--out", "single", cwd=tmp_path)
     assert single.code == 0, single.err
     assert_close(final_params(tmp_path / "single"), final_params(tmp_path / "multi"))
+
+
+def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path):
+    trained = run_subprocess("train", small_corpus, *ARGS, "--devices", "1", "--out", "run", cwd=tmp_path)
+    assert trained.code == 0, trained.err
+    texts = {}
+    for name, environment in (("one", {}), ("two", TWO_CPU_DEVICES)):
+        done = run_subprocess("sample", "-c", "run", "--num-samples", "8", "--length", "300", "--prime", small_corpus.read_text()[:5],
+                              "--seed", "5", "--json", cwd=tmp_path, **environment)
+        assert done.code == 0, done.err
+        texts[name] = [json.loads(line)["text"] for line in done.out.splitlines()]
+    assert len(texts["one"]) == 8 and len(set(texts["one"])) == 8
+    assert texts["one"] == texts["two"]
