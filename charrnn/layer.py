@@ -134,8 +134,9 @@ def _weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array
     into one, lets a run whose streams are split across devices sum each device's
     share and add the shares up, instead of first gathering every stream everywhere.
     """
-    contract = ((0, 1), (0, 1))
-    return jax.lax.dot_general(layer_inputs.astype(w.dtype), d_outputs.astype(w.dtype), (contract, ((), ())),
+    inputs_first = jnp.transpose(layer_inputs.astype(w.dtype), (2, 0, 1))  # [I, T, B]: the smaller operand moves
+    contract = ((1, 2), (0, 1))
+    return jax.lax.dot_general(inputs_first, d_outputs.astype(w.dtype), (contract, ((), ())),
                                preferred_element_type=accumulation_dtype(w.dtype)).astype(w.dtype)
 
 
