@@ -65,25 +65,32 @@ class Placement(NamedTuple):
 # AVX-512 machine (training chars/s split vs not: 1.46x for a 2x128 LSTM at
 # batch 50, 3.3M multiply-adds per step; 1.05x at 17M; 0.95x at 34M and 67M).
 CPU_SPLIT_MAX_STEP_MACS = 20_000_000
+# The gains above were measured with 16 and 25 streams per core; fewer streams
+# make each core's matmul smaller still, and more devices a costlier all-reduce.
+CPU_MIN_STREAMS_PER_DEVICE = 16
 
 
 def default_device_count(devices: list, batch_size: int, step_macs: int) -> int:
     """How many devices a run uses without --devices.
 
-    All of them on accelerators and in multi-process runs. On one CPU host, the
-    most that divide the streams evenly, while one time step's recurrent matmul
-    (`step_macs` multiply-adds) is small enough to gain from the split, else one.
+    All of them on accelerators and in multi-process runs. On one CPU host, while
+    one time step's recurrent matmul (`step_macs` multiply-adds) is small enough
+    to gain from a split, the most that divide the streams evenly with at least
+    CPU_MIN_STREAMS_PER_DEVICE each; otherwise one.
     """
     if devices[0].platform != "cpu" or jax.process_count() > 1:
         return len(devices)
     if step_macs > CPU_SPLIT_MAX_STEP_MACS:
         return 1
-    return max(count for count in range(1, len(devices) + 1) if batch_size % count == 0)
+    return max((count for count in range(1, len(devices) + 1)
+                if batch_size % count == 0 and batch_size // count >= CPU_MIN_STREAMS_PER_DEVICE), default=1)
 
 
 def local_split(num_streams: int, step_macs: int) -> Placement | None:
-    """Where a single-process computation over `num_streams` streams (generation) runs them:
-    split over a CPU's cores by `default_device_count`'s rule, or None for the default device."""
+    """Where generation (one process) runs its `num_streams` streams.
+
+    Split over a CPU's cores by `default_device_count`'s rule, or None: the default device.
+    """
     devices = jax.local_devices()
     if devices[0].platform != "cpu":
         return None

@@ -47,18 +47,20 @@ class FakeDevice(NamedTuple):
 def test_default_device_count_splits_small_models_over_cpu_cores():
     cpus = [FakeDevice("cpu")] * 4
     small, large = 1_000_000, distributed.CPU_SPLIT_MAX_STEP_MACS + 1
-    assert distributed.default_device_count(cpus, 8, small) == 4
-    assert distributed.default_device_count(cpus, 6, small) == 3  # the most that divide the streams
-    assert distributed.default_device_count(cpus, 7, small) == 1
-    assert distributed.default_device_count(cpus, 8, large) == 1  # XLA spreads a large matmul itself
+    assert distributed.default_device_count(cpus, 64, small) == 4
+    assert distributed.default_device_count(cpus, 48, small) == 3  # the most that divide the streams
+    assert distributed.default_device_count(cpus, 50, small) == 2
+    assert distributed.default_device_count(cpus, 47, small) == 1
+    assert distributed.default_device_count(cpus, 24, small) == 1  # 12 streams a core are too few
+    assert distributed.default_device_count(cpus, 64, large) == 1  # XLA spreads a large matmul itself
     assert distributed.default_device_count([FakeDevice("gpu")] * 2, 8, large) == 2
 
 
 def test_default_split_over_cores_resumes_bit_identically(small_corpus, tmp_path):
     cores = runtime.usable_cores()
-    expected = max(count for count in range(1, cores + 1) if 8 % count == 0)  # configs/tiny.toml has 8 streams
-    common = ["--config", TINY, "--set", "train.eval_every=6", "--set", "model.dropout=0.1",
-              "--set", "train.schedule=constant", "--quiet"]
+    expected = distributed.default_device_count([FakeDevice("cpu")] * cores, 32, 0)
+    common = ["--config", TINY, "--batch-size", "32", "--set", "train.eval_batch_size=16",
+              "--set", "train.eval_every=6", "--set", "model.dropout=0.1", "--set", "train.schedule=constant", "--quiet"]
     whole = run_subprocess("train", small_corpus, *common, "--steps", "12", "--out", "whole", cwd=tmp_path,
                            **CPU_DEVICE_PER_CORE)
     assert whole.code == 0, whole.err
@@ -79,7 +81,7 @@ from pathlib import Path
 from charrnn import config, distributed, runner, train
 cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
 corpus = runner.load_corpus(Path({str(small_corpus)!r}), 0.1)
-placement = distributed.make_placement(None, cfg.train.batch_size, 0)
+placement = distributed.make_placement(2, cfg.train.batch_size, 0)
 session = runner.Session(cfg, corpus, Path("unused"), Path("unused"), train.make_optimizer(cfg.train), placement,
                          runner.Reporter(), runner.StopFlag())
 session.start(None)
@@ -124,9 +126,9 @@ def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path
     assert trained.code == 0, trained.err
     texts = {}
     for name, environment in (("one", {}), ("two", TWO_CPU_DEVICES)):
-        done = run_subprocess("sample", "-c", "run", "--num-samples", "8", "--length", "300", "--prime", small_corpus.read_text()[:5],
+        done = run_subprocess("sample", "-c", "run", "--num-samples", "32", "--length", "300", "--prime", small_corpus.read_text()[:5],
                               "--seed", "5", "--json", cwd=tmp_path, **environment)
         assert done.code == 0, done.err
         texts[name] = [json.loads(line)["text"] for line in done.out.splitlines()]
-    assert len(texts["one"]) == 8 and len(set(texts["one"])) == 8
+    assert len(texts["one"]) == 32 and len(set(texts["one"])) == 32
     assert texts["one"] == texts["two"]
