@@ -48,7 +48,7 @@ class TrainingBench:
         state = jax.device_get(train.init_state(jax.random.key(train_config.seed), config.model, optimizer, VOCAB_SIZE))
         self.state = distributed.put(state, self.placement.replicated)
         carry = jax.device_get(model.initial_carry(state.params, config.model, train_config.batch_size))
-        self.carry = distributed.put(carry, self.placement.batch)
+        self.carry = distributed.put_streams(carry, self.placement, train_config.batch_size)
         chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
         self.ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
         self.layout = data.stream_layout(len(self.ids), train_config.batch_size, train_config.seq_len)

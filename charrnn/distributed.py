@@ -130,6 +130,13 @@ def put(tree: Any, sharding: NamedSharding, local_part=None) -> Any:
     return jax.tree.map(one, tree)
 
 
+def put_streams(tree: Any, placement: Placement, num_streams: int, axis: int = 0) -> Any:
+    """Arrays whose `axis` (0: carries [B, H]; 1: chunks [T, B]) runs over `num_streams`
+    streams onto the mesh, split with their streams; each process supplies its own."""
+    local = (slice(None),) * axis + (placement.local_streams(num_streams),)
+    return put(tree, (placement.batch, placement.time_major)[axis], lambda leaf: leaf[local])
+
+
 def put_batches(batches, placement: Placement):
     """Stacked minibatches [K, T, B] onto the mesh, each device getting its own streams."""
     return type(batches)(put(batches.inputs, placement.stacked), put(batches.targets, placement.stacked),

@@ -256,7 +256,6 @@ class Session:
     def start(self, resumed) -> None:
         """Fresh parameters, or the resumed checkpoint's state, placed on the mesh."""
         config, placement = self.config, self.placement
-        local = placement.local_streams(config.train.batch_size)
         if resumed:
             path, arrays, metadata, skipped = resumed
             for problem in skipped:
@@ -278,7 +277,7 @@ class Session:
             carry = jax.device_get(model.initial_carry(state.params, config.model, config.train.batch_size))
             elapsed, best, last, path = 0.0, None, None, None
         self.run = RunState(distributed.put(state, placement.replicated),
-                            distributed.put(carry, placement.batch, lambda leaf: leaf[local]),
+                            distributed.put_streams(carry, placement, config.train.batch_size),
                             elapsed, best, last, path)
 
 

@@ -129,9 +129,8 @@ def _evaluation_placers(placement, streams: int):
         return (lambda tree: tree,) * 2
     if streams % placement.num_devices:  # every device evaluates every stream
         return (functools.partial(distributed.put, sharding=placement.replicated),) * 2
-    local = placement.local_streams(streams)
-    return (functools.partial(distributed.put, sharding=placement.batch, local_part=lambda leaf: leaf[local]),
-            functools.partial(distributed.put, sharding=placement.time_major, local_part=lambda leaf: leaf[:, local]))
+    return (functools.partial(distributed.put_streams, placement=placement, num_streams=streams, axis=0),
+            functools.partial(distributed.put_streams, placement=placement, num_streams=streams, axis=1))
 
 
 def evaluate(params: dict, model_config: ModelConfig, ids: np.ndarray, num_streams: int,
