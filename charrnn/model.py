@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from charrnn.cells import CELLS, accumulation_dtype, dense
+from charrnn.cells import CELLS, TransposedWeight, accumulation_dtype, dense
 from charrnn.config import ModelConfig
 from charrnn.layer import project_input, recurrent_params, run_layer
 
@@ -77,6 +77,14 @@ def prepare(params: dict, config: ModelConfig) -> dict:
         "layers": [cast(layer) for layer in params["layers"]],
         "output": cast(params["output"]),
     }
+
+
+def transpose_weights(prepared: dict) -> dict:
+    """Prepared params with each weight matrix held transposed, for matmuls of one row at a time."""
+    def transpose(tree: dict) -> dict:
+        return {name: TransposedWeight(leaf.T) if name.startswith("w") else leaf for name, leaf in tree.items()}
+
+    return {**prepared, "layers": [transpose(layer) for layer in prepared["layers"]], "output": transpose(prepared["output"])}
 
 
 def projects_per_step() -> bool:

@@ -62,15 +62,24 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.minimum(first, x.shape[-1] - 1)  # NaN logits: the last index rather than one out of range
 
 
+@functools.partial(jax.jit, static_argnames=("config", "one_stream"))
+def prepare(params: dict, config: ModelConfig, one_stream: bool) -> dict:
+    """The params as the generation loop multiplies with them, made once per `generate`.
+
+    One stream's matmuls are matrix-vector products, which read transposed weights faster.
+    """
+    prepared = model.prepare(params, config)
+    return model.transpose_weights(prepared) if one_stream else prepared
+
+
 @functools.partial(jax.jit, static_argnames=("config", "length", "top_k"))
-def generate_block(params: dict, config: ModelConfig, carry: tuple, last_ids: jax.Array, key: jax.Array,
+def generate_block(prepared: dict, config: ModelConfig, carry: tuple, last_ids: jax.Array, key: jax.Array,
                    position: jax.Array, temperature: jax.Array, top_p: jax.Array, length: int, top_k: int):
-    """Generate `length` characters per stream from `carry` after `last_ids` [B].
+    """Generate `length` characters per stream from `carry` after `last_ids` [B], with `prepare`d params.
 
     The key of each character is fold_in(key, its position), so the text for a
     seed does not depend on how generation is cut into blocks.
     """
-    prepared = model.prepare(params, config)  # once per block, not per character
     noise_shape = (last_ids.shape[0], prepared["output"]["b"].shape[0])  # [B, V]
     noise = jax.vmap(lambda offset: jax.random.gumbel(jax.random.fold_in(key, position + offset), noise_shape))(
         jnp.arange(length))  # [length, B, V], all at once: the loop below only does the model
@@ -110,8 +119,15 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     key = jax.random.key(seed)
     top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
     nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort
+    temperature = jnp.float32(temperature)
     block = min(BLOCK, max(length, 1))
+    prepared = prepare(params, config, num_samples == 1)
+    queued = None  # (position, ids) of the block before this one, still on the device
     for position in range(0, length, block):
-        carry, last_ids, ids = generate_block(params, config, carry, last_ids, key, jnp.int32(position),
-                                              jnp.float32(temperature), nucleus, block, top_k)
-        yield np.asarray(ids)[: length - position]
+        carry, last_ids, ids = generate_block(prepared, config, carry, last_ids, key, jnp.int32(position),
+                                              temperature, nucleus, block, top_k)
+        if queued is not None:  # the next block is queued before waiting on this one, so the device never idles
+            yield np.asarray(queued[1])[: length - queued[0]]
+        queued = (position, ids)
+    if queued is not None:
+        yield np.asarray(queued[1])[: length - queued[0]]

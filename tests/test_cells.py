@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn.cells import CELLS
+from charrnn.cells import CELLS, TransposedWeight, matmul
 
 BATCH, INPUT, HIDDEN, STEPS = 3, 5, 8, 6
 
@@ -134,3 +134,14 @@ def test_bfloat16_weights_stay_close_to_float32(name):
     for field_half, field_full in zip(carry_half, carry_full, strict=True):
         assert field_half.dtype == jnp.float32  # the state stays float32
         np.testing.assert_allclose(field_half, field_full, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, INPUT), (BATCH, INPUT), (STEPS, BATCH, INPUT)])
+def test_matmul_with_transposed_weights_equals_the_product(shape, dtype):
+    rng = np.random.default_rng(3)
+    x, w = rng.normal(size=shape), rng.normal(size=(INPUT, 4 * HIDDEN))
+    product = matmul(jnp.asarray(x, jnp.float32), TransposedWeight(jnp.asarray(w.T, dtype)))
+    assert product.shape == shape[:-1] + (4 * HIDDEN,) and product.dtype == jnp.float32
+    exact = np.asarray(jnp.asarray(x, dtype), np.float64) @ np.asarray(jnp.asarray(w, dtype), np.float64)
+    np.testing.assert_allclose(product, exact, rtol=1e-5, atol=1e-5)

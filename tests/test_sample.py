@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from charrnn import model, sample
+from charrnn.cells import TransposedWeight
 from charrnn.config import ModelConfig
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.25, 0.2], [0.5, 0.2, 0.15, 0.1, 0.05]]))
@@ -65,6 +66,22 @@ def test_generation_does_not_depend_on_how_it_is_cut_into_blocks(monkeypatch):
     whole, pieces = text(64), text(7)
     assert whole.shape == (50, 3) and np.array_equal(whole, pieces)
     assert not np.array_equal(whole[:, 0], whole[:, 1])  # streams are independent draws
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_one_stream_steps_with_transposed_weights_as_with_the_weights(cell):
+    config = ModelConfig(cell=cell, num_layers=2, hidden_size=16, embedding_size=8)
+    params = model.init_params(jax.random.key(3), config, 11)
+    plain, transposed = sample.prepare(params, config, False), sample.prepare(params, config, True)
+    assert isinstance(transposed["layers"][1]["w_h"], TransposedWeight) and isinstance(transposed["output"]["w"], TransposedWeight)
+    carries = [model.initial_carry(params, config, 1)] * 2
+    for character in [3, 1, 4, 1, 5, 9, 2, 6]:  # the state carried over several steps
+        outputs = [model.step(prepared, config, carry, jnp.array([character]))
+                   for prepared, carry in zip((plain, transposed), carries)]
+        carries = [carry for carry, _ in outputs]
+        np.testing.assert_allclose(outputs[1][1], outputs[0][1], rtol=1e-5, atol=1e-6)  # logits
+        for leaf_transposed, leaf_plain in zip(jax.tree.leaves(carries[1]), jax.tree.leaves(carries[0]), strict=True):
+            np.testing.assert_allclose(leaf_transposed, leaf_plain, rtol=1e-5, atol=1e-6)
 
 
 def test_priming_equals_running_the_model_over_the_prime():
