@@ -6,6 +6,10 @@ import tempfile
 import jax
 import pytest
 
+from charrnn import runtime
+
+# The XLA options `charrnn` runs with, so in-process runs compare bit for bit with subprocess ones.
+runtime.set_xla_flags()
 # One compilation cache for the whole session (subprocesses included), away from the user's.
 os.environ.setdefault("CHARRNN_CACHE_DIR", tempfile.mkdtemp(prefix="charrnn-test-cache-"))
 
