@@ -45,7 +45,11 @@ def choose(logits: jax.Array, noise: jax.Array, temperature: jax.Array, top_k: i
     `noise` [B, V] (what `jax.random.categorical` does), so the noise of a whole block
     can be made before the block's sequential loop. At temperature 0 the noise is
     left out: the filtering keeps the most likely character, so that is the argmax.
+    With nothing to filter, argmax(logits / T + noise) is taken as the equal
+    argmax(logits + T * noise): two fewer operations in every character's step.
     """
+    if not top_k and top_p is None:  # nothing to filter: argmax(logits / T + noise) = argmax(logits + T * noise)
+        return first_argmax(logits.astype(jnp.float32) + jnp.maximum(temperature, 0.0) * noise)
     filtered = filter_logits(logits, temperature, top_k, top_p)
     return first_argmax(filtered + jnp.where(temperature > 0, noise, 0.0))
 

@@ -16,7 +16,8 @@ def draws(logits, temperature, top_k, top_p, count=2000):
     keys = jax.random.split(jax.random.key(0), count)
     def choose(key):
         noise = jax.random.gumbel(key, logits.shape)
-        return sample.choose(logits, noise, jnp.float32(temperature), top_k, jnp.float32(top_p))
+        nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # as `generate` passes it
+        return sample.choose(logits, noise, jnp.float32(temperature), top_k, nucleus)
 
     choose = jax.jit(jax.vmap(choose))
     return np.asarray(choose(keys))  # [count, B]
@@ -47,6 +48,16 @@ def test_temperature_zero_and_tiny_temperatures_are_argmax():
         assert (chosen == np.array([1, 0])).all()
     filtered = sample.filter_logits(LOGITS, jnp.float32(1e-30), 0, jnp.float32(1.0))
     assert not np.isnan(np.asarray(filtered)).any()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("top_k", [0, 5])  # with nothing to filter, and through the filtering path
+def test_draws_follow_the_tempered_softmax(temperature, top_k):
+    chosen = draws(LOGITS, temperature, top_k, 1.0, count=20000)
+    expected = np.asarray(jax.nn.softmax(LOGITS / temperature, axis=-1))
+    for stream in range(2):
+        share = np.bincount(chosen[:, stream], minlength=5) / len(chosen)
+        np.testing.assert_allclose(share, expected[stream], atol=0.015)
 
 
 def test_high_temperature_flattens():
