@@ -13,6 +13,9 @@ layer below. The weight gradients  dW_h = Σ_t h_{t-1}ᵀ dr_t  and  dW_x = Σ_t
 need nothing from later steps, so instead of accumulating B-row outer products
 inside the loop (what differentiating the scan does), each is one [H, T·B] × [T·B, G·H]
 matmul after the loop: the same arithmetic at the efficiency of a large matmul.
+The reverse loop writes each step's dr_t (and dx_t) over the products it saved
+for that step, which it has just read for the last time: the backward pass needs
+no [T, B, G·H] arrays of its own to allocate and zero-fill.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _forward(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int):
         if additive:  # keep z = x + r alone: the backward pass needs nothing else
             z = x_t + recurrent
             new_carry, h = cell.activate(params, carry, z)
-            return new_carry, (h, carry, (z, None))
+            return new_carry, (h, carry, (z,))
         new_carry, h = cell.gates(params, carry, x_t, recurrent)
         return new_carry, (h, carry, (recurrent, x_t))
 
@@ -94,26 +97,33 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     others = {name: value for name, value in recurrent_params(params).items() if name != "w_h"}  # the GRU's b_hn
 
     def local_gradients(carry_in, products, d_carry, d_h):
-        """(d_others, d_carry_in, d_x, d_recurrent) of one step's gate arithmetic."""
-        product, x_t = products
-        if x_t is None:  # additive: product = z, and dz is both d_x and d_recurrent
-            _, vjp = jax.vjp(lambda o, c, z: cell.activate(o, c, z), others, carry_in, product)
+        """(d_others, d_carry_in, d_products) of one step's gate arithmetic, d_products shaped as products."""
+        if additive:  # products = (z,): dz is both d_recurrent and d_x
+            _, vjp = jax.vjp(lambda o, c, z: cell.activate(o, c, z), others, carry_in, *products)
             d_others, d_carry_in, d_z = vjp((d_carry, d_h))
-            return d_others, d_carry_in, d_z, d_z
-        _, vjp = jax.vjp(lambda o, c, x, r: cell.gates(o, c, x, r), others, carry_in, x_t, product)
-        return vjp((d_carry, d_h))
+            return d_others, d_carry_in, (d_z,)
+        recurrent, x_t = products
+        _, vjp = jax.vjp(lambda o, c, r, x: cell.gates(o, c, x, r), others, carry_in, recurrent, x_t)
+        d_others, d_carry_in, d_recurrent, d_x = vjp((d_carry, d_h))
+        return d_others, d_carry_in, (d_recurrent, d_x)
 
-    def step(d_carry, step_saved):
-        carry_in, products, d_h = step_saved
-        d_others, d_carry_in, d_x, d_recurrent = local_gradients(carry_in, products, d_carry, d_h)
+    def step(state, step_saved):
+        d_carry, products = state  # products [T, ...]: steps after t hold their gradients already
+        carry_in, d_h, t = step_saved
+        products_t = tuple(jax.lax.dynamic_index_in_dim(product, t, keepdims=False) for product in products)
+        d_others, d_carry_in, d_products = local_gradients(carry_in, products_t, d_carry, d_h)
+        d_recurrent, d_x = d_products[0], d_products[-1]
         d_carry_in = d_carry_in._replace(h=d_carry_in.h + matmul(d_recurrent, w_h_transposed))
         d_input = matmul(d_x, w_x_transposed).astype(d_h.dtype) if dense_input else None
-        return d_carry_in, (None if additive else d_x, d_recurrent, d_input, d_others)  # additive: one array, dz
+        products = tuple(jax.lax.dynamic_update_index_in_dim(product, d_product.astype(product.dtype), t, 0)
+                         for product, d_product in zip(products, d_products, strict=True))
+        return (d_carry_in, products), (d_input, d_others)
 
-    d_carry, (d_xs, d_recurrents, d_inputs, d_others) = jax.lax.scan(
-        step, d_final, (carries_in, saved_products, d_hidden), reverse=True, unroll=unroll
+    steps = jnp.arange(d_hidden.shape[0])
+    (d_carry, d_products), (d_inputs, d_others) = jax.lax.scan(
+        step, (d_final, saved_products), (carries_in, d_hidden, steps), reverse=True, unroll=unroll
     )
-    d_xs = d_recurrents if additive else d_xs
+    d_recurrents, d_xs = d_products[0], d_products[-1]
     d_params = {name: jnp.sum(value, axis=0) for name, value in d_others.items()}
     d_params["w_h"] = _weight_gradient(carries_in.h, d_recurrents, w_h)
     if dense_input:
