@@ -18,6 +18,7 @@ blocks side by side, in the order the equations below name them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -57,7 +58,7 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["rows"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class TransposedWeight:
     """A weight matrix w [I, O] held as its transpose [O, I]: each output's weights one contiguous row.

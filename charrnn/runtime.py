@@ -18,7 +18,9 @@ CACHE_ENV = "CHARRNN_CACHE_DIR"
 # them (the gate arithmetic; LLVM's default of 256 bits guards older CPUs whose
 # clock drops on 512-bit code, but the matmul kernels use 512 bits there anyway).
 CPU_XLA_FLAGS = {"xla_cpu_copy_insertion_use_region_analysis": "true", "xla_cpu_prefer_vector_width": "512"}
-CPU_XLA_FLAGS_SINCE = (0, 10)  # the jaxlib they were measured with; XLA aborts on a flag it does not know
+# XLA aborts at start on a flag it does not know, so they go only to the jaxlib
+# release they were measured with; a later one gets them once measured again.
+CPU_XLA_FLAGS_JAXLIB = (0, 10)
 
 
 def cache_dir() -> Path:
@@ -34,21 +36,25 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def jaxlib_version() -> tuple[int, ...]:
-    """The installed jaxlib's (major, minor), read without importing it."""
-    release = importlib.metadata.version("jaxlib").split(".")[:2]
+def jaxlib_version() -> tuple[int, ...] | None:
+    """The installed jaxlib's (major, minor), read without importing it; None when it has no metadata."""
+    try:
+        release = importlib.metadata.version("jaxlib").split(".")[:2]
+    except importlib.metadata.PackageNotFoundError:
+        return None
     return tuple(int("".join(takewhile(str.isdigit, part)) or 0) for part in release)
 
 
 def with_xla_flags(flags: str, defaults: dict[str, str]) -> str:
     """XLA_FLAGS `flags` with each of `defaults` added unless `flags` sets it already (the user's choice stands)."""
-    added = [f"--{name}={value}" for name, value in defaults.items() if f"--{name}=" not in flags]
+    named = {word.lstrip("-").split("=")[0] for word in flags.split()}  # `--flag` alone counts as set
+    added = [f"--{name}={value}" for name, value in defaults.items() if name not in named]
     return " ".join([flags.strip(), *added]).strip()
 
 
 def set_xla_flags(single_threaded: bool = False) -> None:
     """Add charrnn's XLA options to XLA_FLAGS; they take effect if JAX has not started its backends yet."""
-    flags = dict(CPU_XLA_FLAGS) if jaxlib_version() >= CPU_XLA_FLAGS_SINCE else {}
+    flags = dict(CPU_XLA_FLAGS) if jaxlib_version() == CPU_XLA_FLAGS_JAXLIB else {}
     if single_threaded:
         flags["xla_cpu_multi_thread_eigen"] = "false"
     os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""), flags)

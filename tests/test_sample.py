@@ -60,8 +60,9 @@ def test_draws_follow_the_tempered_softmax(temperature, top_k):
         np.testing.assert_allclose(share, expected[stream], atol=0.015)
 
 
-def test_high_temperature_flattens():
-    chosen = draws(LOGITS, 100.0, 0, 1.0, count=20000)[:, 0]
+@pytest.mark.parametrize("temperature", [100.0, 3e38])  # the largest float32 temperatures too
+def test_high_temperature_flattens(temperature):
+    chosen = draws(LOGITS, temperature, 0, 1.0, count=20000)[:, 0]
     assert np.allclose(np.bincount(chosen, minlength=5) / len(chosen), 0.2, atol=0.02)
 
 
