@@ -101,9 +101,9 @@ def generate_block(prepared: dict, config: ModelConfig, carry: tuple, last_ids: 
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def prime(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array) -> tuple:
-    """Run the model over priming ids [T, B] and return the state after them."""
-    carry, _, _ = model.run_layers(model.prepare(params, config), config, carry, inputs)
+def prime(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array) -> tuple:
+    """Run the model with `prepare`d params over priming ids [T, B] and return the state after them."""
+    carry, _, _ = model.run_layers(prepared, config, carry, inputs)
     return carry
 
 
@@ -119,15 +119,15 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     split = distributed.local_split(num_samples, model.recurrent_step_macs(config, num_samples))
     if split is not None:  # each CPU core runs its share of the streams, as in training
         params = distributed.put(jax.device_get(params), split.replicated)
-        carry, last_ids = distributed.put(jax.device_get((carry, last_ids)), split.batch)
+        carry, last_ids = distributed.put_streams(jax.device_get((carry, last_ids)), split, num_samples)
+    prepared = prepare(params, config, num_samples == 1 and jax.default_backend() == "cpu")
     if len(prime_ids) > 1:
-        carry = prime(params, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
+        carry = prime(prepared, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
     key = jax.random.key(seed)
     top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
     nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort
     temperature = jnp.float32(temperature)
     block = min(BLOCK, max(length, 1))
-    prepared = prepare(params, config, num_samples == 1 and jax.default_backend() == "cpu")
 
     def on_host(position: int, ids: jax.Array) -> np.ndarray:  # waits for the block
         return np.asarray(ids)[: length - position]
