@@ -45,9 +45,14 @@ def jaxlib_version() -> tuple[int, ...] | None:
     return tuple(int("".join(takewhile(str.isdigit, part)) or 0) for part in release)
 
 
+def xla_flag_names(flags: str) -> set[str]:
+    """The options an XLA_FLAGS string sets (`--flag` alone counts: it means true)."""
+    return {word.lstrip("-").split("=")[0] for word in flags.split()}
+
+
 def with_xla_flags(flags: str, defaults: dict[str, str]) -> str:
     """XLA_FLAGS `flags` with each of `defaults` added unless `flags` sets it already (the user's choice stands)."""
-    named = {word.lstrip("-").split("=")[0] for word in flags.split()}  # `--flag` alone counts as set
+    named = xla_flag_names(flags)
     added = [f"--{name}={value}" for name, value in defaults.items() if name not in named]
     return " ".join([flags.strip(), *added]).strip()
 
@@ -77,7 +82,8 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
 
     if platform:
         jax.config.update("jax_platforms", platform)
-    if cpu_device_per_core and threads != 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    forced_count = "xla_force_host_platform_device_count" in xla_flag_names(os.environ.get("XLA_FLAGS", ""))
+    if cpu_device_per_core and threads != 1 and not forced_count:
         try:
             jax.config.update("jax_num_cpu_devices", usable_cores())
         except RuntimeError:
