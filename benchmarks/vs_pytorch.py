@@ -31,7 +31,8 @@ import time
 import torch
 from torch import nn
 
-from charrnn import bench, config as config_lib, entry, runtime
+from charrnn import bench, config as config_lib, entry, model, runtime
+from charrnn.cells import CELLS
 
 VOCAB = bench.VOCAB_SIZE
 CONFIGS = {  # name: (num_layers, hidden_size, batch_size, seq_len)
@@ -178,6 +179,22 @@ def run_side(side: str, row: dict, argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def train_matmul_flops_per_char(side: str, row: dict) -> float:
+    """Matmul work per training character of each side's model (forward, and twice that backward).
+
+    PyTorch multiplies each character's embedding by the first layer's input
+    weights; charrnn looks up a row of a [V, G*H] table instead.
+    """
+    if side == "charrnn":
+        config = charrnn_config(row["cell"], row["layers"], row["hidden"], row["batch"], row["seq_len"],
+                                row["embedding"], row["dtype"], 1)
+        return model.training_matmul_flops(config.model, VOCAB, row["batch"], row["seq_len"]) / (
+            row["batch"] * row["seq_len"])
+    hidden, width = row["hidden"], CELLS[row["cell"]].num_gates * row["hidden"]
+    forward = (row["embedding"] + hidden) * width + (row["layers"] - 1) * 2 * hidden * width + hidden * VOCAB
+    return 6 * forward
+
+
 def compare(row: dict, sides: list[str], args, argv: list[str]) -> dict:
     measured = {side: [] for side in sides}
     for _ in range(args.repeats):
@@ -189,6 +206,8 @@ def compare(row: dict, sides: list[str], args, argv: list[str]) -> dict:
             row[f"{side}_{key}"] = statistics.median(result[key] for result in measured[side])
         best_torch = max(row[f"{side}_{key}"] for side in sides if side.startswith("torch"))
         row[f"ratio_{key}"] = row[f"charrnn_{key}"] / best_torch
+    for side in sides:
+        row[f"{side}_train_gflops"] = row[f"{side}_train"] * train_matmul_flops_per_char(side, row) / 1e9
     return row
 
 
@@ -231,7 +250,8 @@ def format_row(row: dict, sides: list[str], sample: bool) -> str:
     line = (f"{row['config']} {row['cell']:4} {row['dtype']:8} {row['layers']}x{row['hidden']} b{row['batch']} "
             f"t{row['seq_len']} e{row['embedding']}: "
             + "  ".join(f"{side} {row[f'{side}_train']:,.0f}" for side in sides)
-            + f" chars/s  ratio {row['ratio_train']:.2f}x")
+            + f" chars/s  ratio {row['ratio_train']:.2f}x  (matmul GFLOP/s: "
+            + " ".join(f"{side} {row[f'{side}_train_gflops']:,.0f}" for side in sides) + ")")
     for batch in (1, 64) if sample else ():
         line += f"  | sample b{batch}: " + " ".join(f"{side} {row[f'{side}_sample_b{batch}']:,.0f}" for side in sides)
         line += f" ({row[f'ratio_sample_b{batch}']:.1f}x)"

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from charrnn import data, distributed, model, runtime, sample, train
+from charrnn import cells, data, distributed, model, runtime, sample, train
 from charrnn.config import Config
 from charrnn.runner import peak_rss_mb
 
@@ -93,6 +94,43 @@ def measure_training(config: Config, repeats: int, seconds: float) -> dict[str, 
             "train_devices": bench.placement.num_devices}
 
 
+PEAK_MATMUL_SIZE = 1024  # [N, N] x [N, N]; on a 2-core CPU 1024 to 4096 run alike, 1024 the steadiest
+
+
+def measure_matmul_peak(dtype: str, repeats: int, seconds: float = 0.3) -> float:
+    """GFLOP/s of back-to-back [N, N] x [N, N] matmuls in `dtype` with float32 sums, as the model's.
+
+    This is the limit a training step's matmuls are measured against: each product
+    feeds the next inside one compiled loop, so neither dispatch nor the host counts.
+    The best of `repeats` windows, not the median: a limit is what the device can
+    do, and a busy machine only ever slows a window down.
+    """
+    size = PEAK_MATMUL_SIZE
+    weights = jnp.eye(size, dtype=dtype)  # keeps the values where they are, however many products
+
+    @jax.jit
+    def chain(x, count):
+        return jax.lax.fori_loop(0, count, lambda _, y: cells.matmul(y, weights).astype(dtype), x)
+
+    x = jnp.ones((size, size), dtype)
+    products = 2
+    first = _timed(lambda: jax.block_until_ready(chain(x, products)))  # compiles, then warm:
+    first = _timed(lambda: jax.block_until_ready(chain(x, products)))
+    products = max(1, round(products * seconds / max(first, 1e-6)))
+    fastest = min(_timed(lambda: jax.block_until_ready(chain(x, products))) for _ in range(repeats))
+    return 2 * size**3 * products / fastest / 1e9
+
+
+def matmul_figures(config: Config, train_chars_per_s: float, peak_gflops: float) -> dict[str, float]:
+    """Training's matmul work per character, the rate it ran at and its fraction of the matmul peak."""
+    train = config.train
+    flops_per_char = model.training_matmul_flops(config.model, VOCAB_SIZE, train.batch_size, train.seq_len) / (
+        train.batch_size * train.seq_len)
+    gflops = flops_per_char * train_chars_per_s / 1e9
+    return {"train_matmul_mflop_per_char": flops_per_char / 1e6, "train_matmul_gflops": gflops,
+            "matmul_peak_gflops": peak_gflops, "train_fraction_of_matmul_peak": gflops / peak_gflops}
+
+
 def measure_sampling(config: Config, batch_size: int, length: int, repeats: int) -> float:
     """Median chars/s (all streams together) of generating `length` characters per stream."""
     params = model.init_params(jax.random.key(0), config.model, VOCAB_SIZE)
@@ -112,6 +150,7 @@ def benchmark(config: Config, repeats: int = 5, seconds: float = 2.0, sample_len
     """Everything `charrnn bench` reports for one model configuration."""
     result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
               **measure_training(config, repeats, seconds)}
+    result.update(matmul_figures(config, result["train_chars_per_s"], measure_matmul_peak(config.model.dtype, repeats)))
     result["sample_chars_per_s_b1"] = measure_sampling(config, 1, sample_length, repeats)
     result["sample_chars_per_s_b64"] = measure_sampling(config, 64, sample_length, repeats)
     result["peak_rss_mb"] = peak_rss_mb()

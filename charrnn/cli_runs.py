@@ -97,8 +97,9 @@ def benchmark(
     if json_output:
         print(json.dumps(result))
         return
+    width = max(len(key) for key in result)
     for key, value in result.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else value
-        print(f"{key:28} {shown}")
+        print(f"{key:{width}} {shown}")
 
 

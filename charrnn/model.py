@@ -173,5 +173,31 @@ def recurrent_step_macs(config: ModelConfig, batch_size: int) -> int:
     return batch_size * config.hidden_size * CELLS[config.cell].num_gates * config.hidden_size
 
 
+def generation_matmul_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
+    """Floating-point operations of the matmuls that one character of one stream costs going forward.
+
+    The first layer's input is a row of the projection table, no matmul; each
+    layer above it multiplies its input and its state by [H, G*H] weights, every
+    layer multiplies its state, and the output layer is [H, V].
+    """
+    width = CELLS[config.cell].num_gates * config.hidden_size
+    multiply_adds = ((2 * config.num_layers - 1) * config.hidden_size * width
+                     + config.hidden_size * vocab_size)
+    return 2 * multiply_adds
+
+
+def training_matmul_flops(config: ModelConfig, vocab_size: int, batch_size: int, seq_len: int) -> int:
+    """Floating-point operations of the matmuls of one training step, forward and backward.
+
+    Each forward product x W is matched by two in the backward pass, dy Wᵀ for
+    the input's gradient and xᵀ dy for the weights', so a step costs three times
+    its forward matmuls: those of batch_size × seq_len characters, plus the
+    projection table [V, E] × [E, G*H] that `prepare` builds once per step.
+    """
+    width = CELLS[config.cell].num_gates * config.hidden_size
+    table_flops = 2 * vocab_size * config.embedding_size * width
+    return 3 * (batch_size * seq_len * generation_matmul_flops_per_char(config, vocab_size) + table_flops)
+
+
 def parameter_count(params: dict) -> int:
     return sum(int(leaf.size) for leaf in jax.tree.leaves(params))

@@ -1,6 +1,9 @@
 """The model: gradients, carried state, the projection table, bfloat16, resets and dropout."""
 
+import math
+
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -168,6 +171,43 @@ def test_projecting_inside_or_before_the_time_loop_gives_the_same_loss_and_gradi
     (inside_loss, inside_gradient), (before_loss, before_gradient) = loss_and_gradient(True), loss_and_gradient(False)
     np.testing.assert_allclose(inside_loss, before_loss, rtol=1e-6)
     assert_trees_close(inside_gradient, before_gradient, atol=1e-5)
+
+
+def traced_matmul_flops(jaxpr) -> int:
+    """2 × multiply-adds of every dot_general a jaxpr runs, a scan's body counted once per step."""
+    total = 0
+    for equation in jaxpr.eqns:
+        name = equation.primitive.name
+        assert name not in ("while", "cond"), f"cannot count through {name}"
+        if name == "dot_general":
+            (lhs_contracting, _), _ = equation.params["dimension_numbers"]
+            lhs_shape, output_shape = equation.invars[0].aval.shape, equation.outvars[0].aval.shape
+            total += 2 * math.prod(output_shape) * math.prod(lhs_shape[axis] for axis in lhs_contracting)
+        repeats = equation.params["length"] if name == "scan" else 1
+        total += repeats * sum(traced_matmul_flops(getattr(inner, "jaxpr", inner))
+                               for inner in jax_core.jaxprs_in_params(equation.params))
+    return total
+
+
+@pytest.mark.parametrize("per_step", [True, False])
+@pytest.mark.parametrize("cell,layers,residual", [("lstm", 2, False), ("gru", 3, True), ("rnn", 1, False)])
+def test_matmul_flop_counts_equal_the_traced_training_step_and_generation_step(cell, layers, residual, per_step,
+                                                                                monkeypatch):
+    """The counts `charrnn bench` divides by are those of the dot_generals the gradient really runs."""
+    monkeypatch.setattr(model, "projects_per_step", lambda: per_step)
+    config = make_config(cell, num_layers=layers, residual=residual, learn_initial_state=True)
+    params, inputs, targets = random_params(config, seed=41), random_ids(42), random_ids(43)
+
+    def loss(params):
+        return model.loss(params, config, model.initial_carry(params, config, BATCH), inputs, targets)[0]
+
+    traced = traced_matmul_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert model.training_matmul_flops(config, VOCAB, BATCH, STEPS) == traced
+
+    prepared = model.prepare(params, config)
+    one_character = jax.make_jaxpr(lambda carry, ids: model.step(prepared, config, carry, ids))(
+        model.initial_carry(params, config, 1), jnp.zeros((1,), jnp.int32))
+    assert model.generation_matmul_flops_per_char(config, VOCAB) == traced_matmul_flops(one_character.jaxpr)
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)

@@ -1,0 +1,44 @@
+"""`charrnn bench`: what --json reports, and the arithmetic behind the matmul figures."""
+
+import json
+
+import pytest
+from clihelp import TINY, run_in_process
+
+from charrnn import bench, config as config_lib, model
+
+ISSUE_KEYS = {"train_chars_per_s", "sample_chars_per_s_b1", "sample_chars_per_s_b64", "compile_s", "peak_rss_mb"}
+
+
+def test_bench_json_reports_throughputs_and_the_fraction_of_the_matmul_peak(capsys):
+    result = run_in_process(capsys, "bench", "--config", TINY, "--repeats", "1", "--seconds", "0.2", "--json")
+    assert result.code == 0, result.err
+    figures = json.loads(result.out)
+    assert ISSUE_KEYS <= set(figures)
+    assert all(figures[key] > 0 for key in ISSUE_KEYS)
+
+    config = config_lib.resolve(TINY, [], {})
+    chars_per_step = config.train.batch_size * config.train.seq_len
+    flops_per_char = model.training_matmul_flops(config.model, bench.VOCAB_SIZE, config.train.batch_size,
+                                                 config.train.seq_len) / chars_per_step
+    assert figures["train_matmul_mflop_per_char"] == pytest.approx(flops_per_char / 1e6)
+    assert figures["train_matmul_gflops"] == pytest.approx(flops_per_char * figures["train_chars_per_s"] / 1e9)
+    assert figures["matmul_peak_gflops"] > 0
+    assert figures["train_fraction_of_matmul_peak"] == pytest.approx(
+        figures["train_matmul_gflops"] / figures["matmul_peak_gflops"])
+
+
+def test_bench_table_lists_every_figure(capsys):
+    result = run_in_process(capsys, "bench", "--config", TINY, "--repeats", "1", "--seconds", "0.2")
+    assert result.code == 0, result.err
+    names = [line.split()[0] for line in result.out.splitlines()]
+    assert ISSUE_KEYS | {"train_fraction_of_matmul_peak"} <= set(names)
+
+
+def test_matmul_peak_counts_the_products_it_times_and_keeps_the_fastest_window(monkeypatch):
+    """With a clock that says 0.1 s for the calibration call, 0.3 s windows hold 6 products of 2 N³ each."""
+    windows = iter([0.1, 0.1, 0.5, 0.25, 0.4])  # compile, warm, then three timed windows
+    monkeypatch.setattr(bench, "_timed", lambda function: (function(), next(windows))[1])
+    monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", 32)
+    peak = bench.measure_matmul_peak("float32", repeats=3, seconds=0.3)
+    assert peak == pytest.approx(2 * 32**3 * 6 / 0.25 / 1e9)
