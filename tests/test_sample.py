@@ -80,6 +80,29 @@ def test_generation_does_not_depend_on_how_it_is_cut_into_blocks(monkeypatch):
     assert not np.array_equal(whole[:, 0], whole[:, 1])  # streams are independent draws
 
 
+@pytest.mark.parametrize("length", [1, 5, 127, 128, 129, 200, 800, 1000, 1024, 5000])
+def test_blocks_cover_the_length_in_the_fewest_calls_of_one_length(length):
+    block = sample.block_length(length)
+    blocks = -(-length // block)
+    assert block <= sample.BLOCK and blocks == -(-length // sample.BLOCK)
+    assert length <= blocks * block < length + blocks
+
+
+def test_generate_runs_equal_blocks_and_yields_exactly_the_length(monkeypatch):
+    config = ModelConfig(cell="rnn", num_layers=1, hidden_size=8, embedding_size=4)
+    params = model.init_params(jax.random.key(2), config, 7)
+    lengths, run_block = [], sample.generate_block
+
+    def recording_block(*args, **kwargs):
+        lengths.append(args[-2])
+        return run_block(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate_block", recording_block)
+    monkeypatch.setattr(sample, "BLOCK", 16)
+    out = np.concatenate(list(sample.generate(params, config, np.array([1]), 50, 2, 0, 1.0)))
+    assert out.shape == (50, 2) and lengths == [13, 13, 13, 13]  # not 16, 16, 16, 16 with 14 thrown away
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_one_stream_steps_with_transposed_weights_as_with_the_weights(cell):
     config = ModelConfig(cell=cell, num_layers=2, hidden_size=16, embedding_size=8)
