@@ -185,14 +185,12 @@ def train_matmul_flops_per_char(side: str, row: dict) -> float:
     PyTorch multiplies each character's embedding by the first layer's input
     weights; charrnn looks up a row of a [V, G*H] table instead.
     """
+    config = charrnn_config(row["cell"], row["layers"], row["hidden"], row["batch"], row["seq_len"],
+                            row["embedding"], row["dtype"], 1)
     if side == "charrnn":
-        config = charrnn_config(row["cell"], row["layers"], row["hidden"], row["batch"], row["seq_len"],
-                                row["embedding"], row["dtype"], 1)
-        return model.training_matmul_flops(config.model, VOCAB, row["batch"], row["seq_len"]) / (
-            row["batch"] * row["seq_len"])
-    hidden, width = row["hidden"], CELLS[row["cell"]].num_gates * row["hidden"]
-    forward = (row["embedding"] + hidden) * width + (row["layers"] - 1) * 2 * hidden * width + hidden * VOCAB
-    return 6 * forward
+        return bench.train_matmul_flops_per_char(config)
+    first_input_flops = 2 * row["embedding"] * CELLS[row["cell"]].num_gates * row["hidden"]
+    return 3 * (model.generation_matmul_flops_per_char(config.model, VOCAB) + first_input_flops)
 
 
 def compare(row: dict, sides: list[str], args, argv: list[str]) -> dict:

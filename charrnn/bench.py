@@ -114,18 +114,23 @@ def measure_matmul_peak(dtype: str, repeats: int, seconds: float = 0.3) -> float
 
     x = jnp.ones((size, size), dtype)
     products = 2
-    first = _timed(lambda: jax.block_until_ready(chain(x, products)))  # compiles, then warm:
-    first = _timed(lambda: jax.block_until_ready(chain(x, products)))
-    products = max(1, round(products * seconds / max(first, 1e-6)))
+    _timed(lambda: jax.block_until_ready(chain(x, products)))  # compiles
+    warm = _timed(lambda: jax.block_until_ready(chain(x, products)))
+    products = max(1, round(products * seconds / max(warm, 1e-6)))
     fastest = min(_timed(lambda: jax.block_until_ready(chain(x, products))) for _ in range(repeats))
     return 2 * size**3 * products / fastest / 1e9
 
 
+def train_matmul_flops_per_char(config: Config) -> float:
+    """A training step's matmul work (`model.training_matmul_flops`) per character it trains on."""
+    train = config.train
+    return model.training_matmul_flops(config.model, VOCAB_SIZE, train.batch_size, train.seq_len) / (
+        train.batch_size * train.seq_len)
+
+
 def matmul_figures(config: Config, train_chars_per_s: float, peak_gflops: float) -> dict[str, float]:
     """Training's matmul work per character, the rate it ran at and its fraction of the matmul peak."""
-    train = config.train
-    flops_per_char = model.training_matmul_flops(config.model, VOCAB_SIZE, train.batch_size, train.seq_len) / (
-        train.batch_size * train.seq_len)
+    flops_per_char = train_matmul_flops_per_char(config)
     gflops = flops_per_char * train_chars_per_s / 1e9
     return {"train_matmul_mflop_per_char": flops_per_char / 1e6, "train_matmul_gflops": gflops,
             "matmul_peak_gflops": peak_gflops, "train_fraction_of_matmul_peak": gflops / peak_gflops}

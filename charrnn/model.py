@@ -58,6 +58,11 @@ def reset_where(reset: jax.Array, fresh: tuple, carry: tuple) -> tuple:
     return jax.tree.map(choose, fresh, carry)
 
 
+def _map_weight_matrices(function, tree: dict) -> dict:
+    """A layer's or the output's params with `function` applied to each weight matrix (w_x, w_h, w), not the biases."""
+    return {name: function(leaf) if name.startswith("w") else leaf for name, leaf in tree.items()}
+
+
 def prepare(params: dict, config: ModelConfig) -> dict:
     """Turn params into what the forward pass multiplies with, once per compiled call.
 
@@ -69,7 +74,7 @@ def prepare(params: dict, config: ModelConfig) -> dict:
     def cast(tree):
         if config.dtype == "float32":
             return tree
-        return {name: leaf.astype(config.dtype) if name.startswith("w") else leaf for name, leaf in tree.items()}
+        return _map_weight_matrices(lambda leaf: leaf.astype(config.dtype), tree)
 
     first = params["layers"][0]
     return {
@@ -82,7 +87,7 @@ def prepare(params: dict, config: ModelConfig) -> dict:
 def transpose_weights(prepared: dict) -> dict:
     """Prepared params with each weight matrix held transposed, for matmuls of one row at a time."""
     def transpose(tree: dict) -> dict:
-        return {name: TransposedWeight(leaf.T) if name.startswith("w") else leaf for name, leaf in tree.items()}
+        return _map_weight_matrices(lambda leaf: TransposedWeight(leaf.T), tree)
 
     return {**prepared, "layers": [transpose(layer) for layer in prepared["layers"]], "output": transpose(prepared["output"])}
 
