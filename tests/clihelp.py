@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from charrnn import checkpoint
+from charrnn import checkpoint, rundir
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.toml"
@@ -62,6 +62,16 @@ def start_subprocess(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
 def checkpoint_arrays(path: Path) -> dict[str, np.ndarray]:
     arrays, _ = checkpoint.read(path)
     return arrays
+
+
+def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
+    """The arrays of the run's newest step checkpoint."""
+    return checkpoint_arrays(checkpoint.step_files(run_dir / "checkpoints")[-1])
+
+
+def logged_train_steps(run_dir: Path) -> list[int]:
+    """The step of every train record in the run's metrics, in the order they were written."""
+    return [record["step"] for record in rundir.read_metrics(run_dir) if record.get("event") == "train"]
 
 
 def assert_identical_arrays(left: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> None:

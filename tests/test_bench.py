@@ -42,3 +42,26 @@ def test_matmul_peak_counts_the_products_it_times_and_keeps_the_fastest_window(m
     monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", 32)
     peak = bench.measure_matmul_peak("float32", repeats=3, seconds=0.3)
     assert peak == pytest.approx(2 * 32**3 * 6 / 0.25 / 1e9)
+
+
+def test_training_chars_per_s_counts_every_character_of_every_timed_call(monkeypatch):
+    """A 0.125 s warm call makes a 0.5 s window 4 calls; each trains batch x seq_len x steps_per_call characters."""
+    windows = iter([5.0, 0.125, 0.75])  # compile, warm, then the timed window
+    monkeypatch.setattr(bench, "_timed", lambda function: (function(), next(windows))[1])
+    config = config_lib.resolve(TINY, ["train.steps_per_call=3"], {})
+    training = bench.TrainingBench(config)
+    calls = []
+    training.run_call = lambda: calls.append(1)  # the arithmetic, not the train step, is under test
+    assert training.compile() == 5.0
+    calls.clear()
+    rate = training.chars_per_second(0.5)
+    assert len(calls) == 4
+    assert rate == pytest.approx(4 * config.train.batch_size * config.train.seq_len * 3 / 0.75)
+
+
+def test_sampling_chars_per_s_counts_every_stream_and_takes_the_median_window(monkeypatch):
+    """3 streams of 10 characters in windows of 0.5, 0.1 and 0.4 s: 30 characters per median 0.4 s."""
+    windows = iter([0.5, 0.1, 0.4])  # median, mean and fastest all differ
+    monkeypatch.setattr(bench, "_timed", lambda function: (function(), next(windows))[1])
+    config = config_lib.resolve(TINY, [], {})
+    assert bench.measure_sampling(config, batch_size=3, length=10, repeats=3) == pytest.approx(3 * 10 / 0.4)

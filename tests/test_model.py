@@ -157,6 +157,25 @@ def test_projection_table_equals_embedding_then_projection(cell, residual):
 
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
+def test_loss_is_the_mean_nats_per_character_of_the_targets(cell):
+    """model.loss against -log softmax(logits)[target] in float64, averaged over every [T, B] position."""
+    config = make_config(cell)
+    params, carry = random_params(config, seed=21), random_carry(config, seed=22)
+    inputs, targets = random_ids(23), np.asarray(random_ids(24))
+
+    loss, carry_after = model.loss(params, config, carry, inputs, targets)
+
+    explicit_carry, logits = explicit_forward(params, config, carry, inputs)
+    logits = np.asarray(logits, np.float64)  # [T, B, V]
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    nats = -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [T, B]
+    assert nats.shape == (STEPS, BATCH)
+    np.testing.assert_allclose(float(loss), nats.mean(), rtol=1e-5)
+    assert_trees_close(carry_after, explicit_carry, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELL_NAMES)
 def test_projecting_inside_or_before_the_time_loop_gives_the_same_loss_and_gradients(cell, monkeypatch):
     """CPUs project each step's input inside the loop, GPUs before it; both are the same function."""
     config = make_config(cell, residual=True, learn_initial_state=True)
