@@ -13,6 +13,8 @@ from charrnn import distributed, model
 from charrnn.config import ModelConfig
 
 BLOCK = 128  # characters generated per compiled call; each block is streamed out as it ends
+# Beyond this temperature every draw is uniform already; capping it keeps it, and T * noise, finite in float32.
+MAX_TEMPERATURE = 1e30
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
@@ -20,20 +22,24 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: 
 
     Logits are shifted so the largest is 0 before dividing by the temperature, so
     a tiny positive temperature gives -inf for the others, never inf - inf = nan.
+    The top k are chosen before the division: a huge temperature would round the
+    tempered logits to one value, and the k largest of equal values are all of them.
     """
     logits = logits.astype(jnp.float32)
     logits = logits - jnp.max(logits, axis=-1, keepdims=True)
-    logits = logits / jnp.where(temperature > 0, temperature, 1.0)
     if top_k:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]  # [B, 1]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    # Capped, because XLA may multiply by 1/T, and past 1e38 that rounds to 0: -inf * 0 = nan.
+    logits = logits / jnp.where(temperature > 0, jnp.minimum(temperature, MAX_TEMPERATURE), 1.0)
     if top_p is None:  # no nucleus: skip the sort
         return logits
     order = jnp.argsort(-logits, axis=-1)  # most likely first
     sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
     # Keep a character while the probability before it is below top_p: the smallest
-    # set reaching top_p, never empty.
-    keep_sorted = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+    # set reaching top_p. The most likely is always kept, even where top_p rounds to 0.
+    most_likely = jax.lax.broadcasted_iota(jnp.int32, sorted_probs.shape, sorted_probs.ndim - 1) == 0
+    keep_sorted = ((jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p) | most_likely
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
     return jnp.where(keep, logits, -jnp.inf)
 
@@ -49,7 +55,7 @@ def choose(logits: jax.Array, noise: jax.Array, temperature: jax.Array, top_k: i
     argmax(logits + T * noise): two fewer operations in every character's step.
     """
     if not top_k and top_p is None:  # nothing to filter: argmax(logits / T + noise) = argmax(logits + T * noise)
-        scale = jnp.clip(temperature, 0.0, 1e30)  # beyond 1e30 the draw is uniform already, and T * noise stays finite
+        scale = jnp.clip(temperature, 0.0, MAX_TEMPERATURE)  # T * noise stays finite
         return first_argmax(logits.astype(jnp.float32) + scale * noise)
     filtered = filter_logits(logits, temperature, top_k, top_p)
     return first_argmax(filtered + jnp.where(temperature > 0, noise, 0.0))
@@ -137,7 +143,7 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     key = jax.random.key(seed)
     top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
     nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort
-    temperature = jnp.float32(temperature)
+    temperature = jnp.float32(min(temperature, MAX_TEMPERATURE))
     block = block_length(length)
 
     def on_host(position: int, ids: jax.Array) -> np.ndarray:  # waits for the block

@@ -66,6 +66,28 @@ def test_high_temperature_flattens(temperature):
     assert np.allclose(np.bincount(chosen, minlength=5) / len(chosen), 0.2, atol=0.02)
 
 
+@pytest.mark.parametrize("temperature", [1e36, 3e38])  # tempered logits all round to 0 here
+def test_top_k_holds_at_any_temperature(temperature):
+    assert (draws(LOGITS, temperature, 1, 1.0, count=200) == np.array([1, 0])).all()
+    chosen = draws(LOGITS, temperature, 2, 1.0, count=4000)
+    for stream, allowed in enumerate([{1, 3}, {0, 1}]):
+        assert set(np.unique(chosen[:, stream]).tolist()) == allowed
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_character():
+    assert np.float32(1e-50) == 0
+    assert (draws(LOGITS, 1.0, 0, 1e-50, count=200) == np.array([1, 0])).all()
+
+
+def test_temperatures_past_float32_sample_without_overflow_warnings(recwarn):
+    config = ModelConfig(cell="rnn", num_layers=1, hidden_size=8, embedding_size=4)
+    params = model.init_params(jax.random.key(0), config, 5)
+    texts = [np.concatenate(list(sample.generate(params, config, np.array([0]), 40, 2, seed=1, temperature=t,
+                                                 top_k=2))) for t in (1e40, sample.MAX_TEMPERATURE)]
+    np.testing.assert_array_equal(texts[0], texts[1])
+    assert not [warning for warning in recwarn if "overflow" in str(warning.message)]
+
+
 def test_generation_does_not_depend_on_how_it_is_cut_into_blocks(monkeypatch):
     config = ModelConfig(cell="gru", num_layers=2, hidden_size=16, embedding_size=8)
     params = model.init_params(jax.random.key(1), config, 11)
