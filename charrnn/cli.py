@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from charrnn import __version__
 from charrnn.errors import EXIT_SIGINT, CharrnnError, UsageError
+from charrnn.stdout import ReaderGone, command_stdout
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 app = typer.Typer(
@@ -103,11 +104,12 @@ class _ProgressReporter:
 
     def progress(self, step: int, info: dict[str, Any]) -> None:
         val = "-" if info.get("val_loss") is None else f"{info['val_loss']:.3f}"
+        speed = "-" if info.get("chars_per_s") is None else f"{info['chars_per_s']:,.0f}"
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{info['loss']:.3f}", val=val, speed=f"{info['chars_per_s']:,.0f}")
+            self.bar.update(self.task, completed=step, loss=f"{info['loss']:.3f}", val=val, speed=speed)
         elif not self.quiet:
             err_console.print(f"step {step}  loss {info['loss']:.4f}  val {val}  lr {info['lr']:.2e}  "
-                              f"{info['chars_per_s']:,.0f} chars/s  {info['elapsed_s']:.0f}s")
+                              f"{speed} chars/s  {info['elapsed_s']:.0f}s")
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -217,12 +219,6 @@ def _encode_checked(vocab, text: str, what: str, skip_unknown: bool):
     return vocab.encode(text), text
 
 
-def _utf8_stdout() -> None:
-    """Write UTF-8 whatever the locale says (LANG=C with a redirect would otherwise fail)."""
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(encoding="utf-8", errors="strict")
-
-
 @app.command()
 def sample(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file (default: newest run under ./runs).", rich_help_panel=SAMPLING)] = None,
@@ -245,7 +241,7 @@ def sample(
     _setup(platform, threads, cpu_device_per_core=True)  # many samples of a small model split over the cores
     from charrnn import loading
     from charrnn import sample as sampling
-    from charrnn.config import check_sampling
+    from charrnn.config import check_sampling, check_seed
 
     trained = loading.load(checkpoint)
     defaults = trained.config.sample
@@ -265,15 +261,10 @@ def sample(
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") >> 1
         err_console.print(f"seed {seed}", style="dim")
-    _utf8_stdout()
+    check_seed(seed, "--seed")
     blocks = sampling.generate(trained.params, trained.config.model, prime_ids, length, num_samples, seed,
                                temperature, top_k, top_p)
-    try:
-        _write_samples(blocks, vocab, prime_text, num_samples, stop, json_output, seed)
-    except BrokenPipeError:
-        # The reader (e.g. `head`) has all it wanted: stop quietly, and keep
-        # Python's final flush from complaining about the closed pipe.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    _write_samples(blocks, vocab, prime_text, num_samples, stop, json_output, seed)
 
 
 def _write_samples(blocks, vocab, prime_text: str, num_samples: int, stop: str | None, json_output: bool,
@@ -343,9 +334,18 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one `charrnn: error:` line and a documented exit code."""
+    with command_stdout():
+        code = _run(argv)
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         result = app(args=argv, prog_name="charrnn", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+        sys.stdout.flush()
+    except ReaderGone:  # `charrnn ... | head` after head has all it wanted
+        code = 0
     except typer.Abort:
         code = EXIT_SIGINT
     except typer.TyperException as error:  # bad options: Typer's usage errors
@@ -356,8 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         code = EXIT_SIGINT
     except Exception as error:  # a bug, not a user error: still one line unless --debug
         code = _fail(f"internal error: {type(error).__name__}: {error}", 1)
-    sys.stdout.flush()
-    sys.exit(code)
+    return code
 
 
 def _fail(message: str, code: int) -> int:

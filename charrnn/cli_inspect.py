@@ -7,7 +7,7 @@ import math
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import numpy as np
 import typer
@@ -16,8 +16,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from charrnn.cli import OUTPUT, Platform, PlatformOption, ThreadsOption, _encode_checked, _setup, _text_option, \
-    _utf8_stdout, app, err_console
+from charrnn.cli import OUTPUT, Platform, PlatformOption, ThreadsOption, _encode_checked, _setup, _text_option, app, \
+    err_console
 from charrnn.errors import UsageError
 from charrnn.units import bits
 
@@ -64,6 +64,14 @@ def terminal_blocks(text: str, units: dict[int, np.ndarray]) -> list[Text]:
     return blocks
 
 
+def _write(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(path), with a path that cannot be written reported as a usage error."""
+    try:
+        write(path)
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+
+
 @app.command()
 def viz(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file (default: the newest run under ./runs).")] = None,
@@ -107,19 +115,15 @@ def viz(
         err_console.print("  ".join(f"unit {unit}: {measure} {score:+.3f}" for unit, score in ranked), style="dim")
         chosen = [unit for unit, _ in ranked]
     if dump is not None:
-        np.savez_compressed(dump, text=np.array(text), ids=ids, layer=layer, **recorded)
+        _write(dump, lambda path: np.savez_compressed(path, text=np.array(text), ids=ids, layer=layer, **recorded))
     shown = {unit: values[:, unit] for unit in chosen}
     if output is not None:
         predictions = [[(trained.vocab.chars[int(i)], float(p)) for i, p in zip(top_ids, top_probs)]
                        for top_ids, top_probs in zip(recorded["top_ids"], recorded["top_probs"])]
         title = f"{trained.path.name}: layer {layer} {state.value}"
-        try:
-            output.write_text(render.html(text, shown, predictions, title), encoding="utf-8")
-        except OSError as error:
-            raise UsageError(f"cannot write {output}: {error.strerror}") from None
+        _write(output, lambda path: path.write_text(render.html(text, shown, predictions, title), encoding="utf-8"))
         err_console.print(f"wrote {output}")
         return
-    _utf8_stdout()
     console = Console(highlight=False)
     for unit, block in zip(shown, terminal_blocks(text, shown)):
         console.rule(f"layer {layer} {state.value}, unit {unit}")
@@ -149,7 +153,6 @@ def novelty(
     if json_output:
         print(json.dumps(result))
         return
-    _utf8_stdout()
     print(f"longest copy: {result['longest_copy_length']} characters: {result['longest_copy']!r}")
     shares = [f"{n}: {'-' if share is None else f'{share:.1%}'}" for n, share in result["ngram_fractions"].items()]
     print(f"n-grams also in {train_file}: " + "  ".join(shares))
@@ -186,7 +189,6 @@ def inspect_checkpoint(
     shapes = Table("parameter", "shape", "count")
     for name, shape in summary["parameter_shapes"].items():
         shapes.add_row(name, " x ".join(map(str, shape)), f"{math.prod(shape):,}")
-    _utf8_stdout()
     console = Console(highlight=False)
     console.print(overview)
     console.print(shapes)

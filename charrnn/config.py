@@ -194,7 +194,16 @@ def validate(config: Config) -> None:
     _require(train.schedule != "exponential" or train.final_lr_fraction > 0,
              "train.final_lr_fraction must be > 0 for the exponential schedule")
     _require(0.0 < train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
+    check_seed(train.seed, "train.seed")
     check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
+
+
+SEED_LIMIT = 2**32  # JAX's default PRNG keys hold 32 bits: seeds s and s + 2**32 would be the same key
+
+
+def check_seed(seed: int, name: str) -> None:
+    """Raise UsageError for a seed that two different numbers would share, or one NumPy refuses (negative)."""
+    _require(0 <= seed < SEED_LIMIT, f"{name} must be in [0, {SEED_LIMIT - 1}], got {seed}")
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, length: int) -> None:

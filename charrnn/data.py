@@ -96,7 +96,13 @@ class CorpusFile(NamedTuple):
 
 
 def scan_corpus(path: Path) -> CorpusFile:
-    """Check and measure a corpus a block at a time, never holding the whole text."""
+    """Check and measure a corpus a block at a time, never holding the whole text.
+
+    A training corpus is read twice (here, then by `encode_file`), so it must be a
+    regular file: a pipe would be empty the second time, a FIFO would wait forever.
+    """
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise CorpusError(f"{path} is not a regular file (a pipe?); save the text to a file and train on that")
     digest, chars, num_chars = hashlib.sha256(), set(), 0
     for text in _decode_blocks(_hashed(_file_blocks(path), digest), str(path)):
         chars.update(text)
@@ -113,12 +119,26 @@ def _hashed(blocks: Iterable[bytes], digest) -> Iterator[bytes]:
 
 
 def encode_file(path: Path, corpus: CorpusFile) -> np.ndarray:
-    """The corpus as a compact id array (uint8 for up to 256 symbols), encoded a block at a time."""
+    """The corpus as a compact id array (uint8 for up to 256 symbols), encoded a block at a time.
+
+    This is the file's second pass after `scan_corpus`, so it must read the same
+    bytes: a pipe gives nothing the second time, and a file being written gives
+    more. Either is an error rather than ids made of whatever memory held.
+    """
+    changed = CorpusError(f"{path} changed between two reads (a pipe, or a file being written); "
+                          "train from a regular file that stays as it is")
     ids = np.empty(corpus.num_chars, dtype=corpus.vocab.dtype)
-    start = 0
-    for text in _decode_blocks(_file_blocks(path), str(path)):
-        ids[start : start + len(text)] = corpus.vocab.encode(text)
+    digest, start = hashlib.sha256(), 0
+    for text in _decode_blocks(_hashed(_file_blocks(path), digest), str(path)):
+        if start + len(text) > corpus.num_chars:
+            raise changed
+        try:
+            ids[start : start + len(text)] = corpus.vocab.encode(text)
+        except CorpusError:  # a character the first pass did not see
+            raise changed from None
         start += len(text)
+    if start != corpus.num_chars or digest.hexdigest()[:16] != corpus.checksum:
+        raise changed
     return ids
 
 

@@ -26,7 +26,8 @@ class Clock:
         return time.monotonic() - self.start
 
     def steady_chars_per_s(self, step: int, chars_per_step: int) -> float | None:
-        if self.steady_from is None:
+        """Training chars/s after the first call, or None where no step ran after it (a run of one call)."""
+        if self.steady_from is None or step <= self.steady_from[0]:
             return None
         seconds = time.monotonic() - self.steady_from[1] - self.paused_s
         return (step - self.steady_from[0]) * chars_per_step / seconds if seconds > 0 else None
@@ -86,7 +87,9 @@ class Loop:
         window_step, window_time = self.clock.window
         loss = float(np.mean(self.window_losses)) if self.window_losses else float("nan")
         info = {"event": "train", "step": step, "loss": loss, "bpc": bits(loss), "lr": lr,
-                "chars_per_s": (step - window_step) * self.chars_per_step / max(now - window_time, 1e-9),
+                # None for a window with no step in it (a log just after the first, compiling call).
+                "chars_per_s": (step - window_step) * self.chars_per_step / max(now - window_time, 1e-9)
+                if step > window_step else None,
                 "chars_seen": step * self.chars_per_step, "elapsed_s": now - self.clock.start,
                 "val_loss": self.session.run.last_val_loss}
         self.session.log(info)
@@ -114,7 +117,7 @@ class Loop:
         self.clock.window = (step, time.monotonic())
         last_eval_block, last_log_block = step // config.eval_every, step // config.log_every
         last_save_time = time.monotonic()
-        stopping = False
+        stopping, last_lr = False, None
         while step < config.steps:
             # Every process must take the same decisions, from process 0's clock and signals.
             elapsed, stopping = distributed.agree(np.array([self.clock.elapsed(), session.stop_requested()]))
@@ -129,13 +132,14 @@ class Loop:
                 run.state, run.carry, batches, distributed.put(lrs, session.placement.replicated))
             self.pending.append((step, metrics))
             step += count
+            last_lr = float(lrs[-1])
             self.drain(keep_last=1)  # one call stays in flight while the one before is checked
             if self.clock.steady_from is None:
                 self.drain(keep_last=0)
                 self.clock.steady_from = self.clock.window = (step, time.monotonic())
             if step // config.log_every > last_log_block or step == config.steps:
                 last_log_block = step // config.log_every
-                self.log(step, float(lrs[-1]))
+                self.log(step, last_lr)
             if step // config.eval_every > last_eval_block and step < config.steps:
                 last_eval_block = step // config.eval_every
                 self.checkpoint(evaluate=True)
@@ -145,6 +149,8 @@ class Loop:
                 last_save_time = time.monotonic()
 
         self.drain(keep_last=0)
+        if self.window_losses:  # a signal or the budget ended the run inside a log window: its losses are logged too
+            self.log(step, last_lr)
         if stopping:
             self.checkpoint(evaluate=False)
             session.interrupted(step)

@@ -188,16 +188,22 @@ class Session:
             rundir.write_status(self.run_dir, status, {**identity, "step": int(self.run.state.step), **fields})
 
     def save(self, best: bool) -> Path:
-        """Write the step checkpoint (and best copy), then rotate older ones away."""
+        """Write the best copy (when `best`) and the step checkpoint, then rotate older ones away.
+
+        The best copy goes first: a step checkpoint records the best loss so far,
+        so one written before a crash that lost the best copy would make a resumed
+        run believe that copy exists. The other way round, a resume starts from the
+        step before, evaluates the same step again and rewrites the same best copy.
+        """
         step = int(self.run.state.step)
         arrays = _state_arrays(self.run)  # a collective: every process takes part
         directory = rundir.checkpoints_dir(self.run_dir)
         path = checkpoint.step_path(directory, step)
         if self.is_main:
             payload = checkpoint.encode(arrays, self._metadata(step))
-            checkpoint.write_atomic(path, payload)
             if best:
                 checkpoint.write_atomic(directory / rundir.BEST_FILE, payload)
+            checkpoint.write_atomic(path, payload)
             checkpoint.rotate(directory, self.config.train.keep)
         self.run.last_checkpoint = path
         return path

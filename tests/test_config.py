@@ -175,6 +175,8 @@ def test_missing_config_file(tmp_path):
         (["train.save_minutes=-1"], "train.save_minutes"),
         (["train.val_fraction=0"], "train.val_fraction"),
         (["train.val_fraction=1"], "train.val_fraction"),
+        (["train.seed=-1"], "train.seed"),
+        ([f"train.seed={2**32}"], "train.seed"),  # the same PRNG key as seed 0
         (["sample.temperature=-0.5"], "temperature"),
         (["sample.temperature=nan"], "temperature"),
         (["sample.temperature=inf"], "temperature"),
@@ -206,6 +208,8 @@ def test_validate_rejects_infinite_weight_decay():
         ["train.clip_norm=0"],
         ["train.max_minutes=0"],
         ["train.val_fraction=0.001"],
+        ["train.seed=0"],
+        [f"train.seed={2**32 - 1}"],
         ["sample.temperature=0", "sample.top_k=0", "sample.top_p=1", "sample.length=0"],
         ["model.cell=rnn", "model.dtype=bfloat16"],
     ],

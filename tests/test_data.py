@@ -1,6 +1,7 @@
 """Corpus decoding, the vocabulary, the train/val split and the batch streams."""
 
 import codecs
+import os
 
 import numpy as np
 import pytest
@@ -298,6 +299,24 @@ def test_corpus_read_in_small_blocks_equals_whole_read(tmp_path, monkeypatch, bl
     assert f"offset {len(bad) - 4}" in _corpus_error(data.scan_corpus, path)
     path.write_bytes(text.encode("utf-8") + "é".encode("utf-8")[:1])
     assert "ends inside a character" in _corpus_error(data.scan_corpus, path)
+
+
+@pytest.mark.parametrize("change", ["shorter", "longer", "same length", "new character"])
+def test_a_corpus_that_changes_between_its_two_reads_is_refused(tmp_path, change):
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcabcabc\n" * 50, encoding="utf-8")
+    scanned = data.scan_corpus(path)
+    text = {"shorter": "abcabc\n", "longer": "abcabcabc\n" * 60, "same length": "cbacbacba\n" * 50,
+            "new character": "abcabcabz\n" * 50}[change]
+    path.write_text(text, encoding="utf-8")
+    assert "changed between two reads" in _corpus_error(lambda p: data.encode_file(p, scanned), path)
+
+
+def test_a_training_corpus_must_be_a_regular_file(tmp_path):
+    """A pipe holds its text for one read only; the second would see nothing (or a FIFO would block)."""
+    fifo = tmp_path / "corpus.fifo"
+    os.mkfifo(fifo)
+    assert "not a regular file" in _corpus_error(data.scan_corpus, fifo)
 
 
 def test_scan_checksum_tells_texts_apart(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -53,6 +54,7 @@ def workspace(tmp_path_factory):
     write(root / "bad" / "one_char.txt", "a" * 5000)
     write(root / "bad" / "not_a_dir", "a regular file")
     (root / "bad" / "folder").mkdir()
+    os.mkfifo(root / "bad" / "pipe")  # read once it would be empty the second time, or block with no writer
     write(root / "unknown.txt", "Zebra quiz 42 €\n")
     return root
 
@@ -70,6 +72,9 @@ CASES = [
     ("UTF-16", [*TRAIN, "bad/utf16.txt"], CORPUS, "UTF-16"),
     ("NUL byte", [*TRAIN, "bad/nul.txt"], CORPUS, "offset 50"),
     ("one-character vocabulary", [*TRAIN, "bad/one_char.txt"], CORPUS, "single distinct character"),
+    ("corpus from a pipe", [*TRAIN, "bad/pipe"], CORPUS, "not a regular file"),
+    ("negative seed", [*TRAIN, "corpus.txt", "--seed", "-1"], USAGE, "train.seed"),
+    ("seed past 32 bits", [*TRAIN, "corpus.txt", "--seed", str(2**64)], USAGE, "train.seed"),
     ("unknown --set key", [*TRAIN, "corpus.txt", "--set", "model.colour=red"], USAGE, "model.colour"),
     ("unknown --set section", [*TRAIN, "corpus.txt", "--set", "optim.lr=1"], USAGE, "optim"),
     ("wrong --set type", [*TRAIN, "corpus.txt", "--set", "model.hidden_size=big"], USAGE, "model.hidden_size"),
@@ -87,6 +92,9 @@ CASES = [
     ("top-p above one", ["sample", "--top-p", "1.5"], USAGE, "top-p"),
     ("negative top-k", ["sample", "--top-k", "-2"], USAGE, "top-k"),
     ("negative length", ["sample", "--length", "-5"], USAGE, "length"),
+    ("sampling seed past 32 bits", ["sample", "--seed", str(2**32)], USAGE, "--seed"),
+    ("unwritable --dump", ["viz", "-c", "runs/good", "--text", "ab", "--units", "1", "--dump", "bad/not_a_dir/a.npz"],
+     USAGE, "cannot write"),
     ("missing checkpoint", ["sample", "-c", "ckpt/none.safetensors"], CHECKPOINT, "no such checkpoint"),
     ("empty checkpoint", ["sample", "-c", "ckpt/empty.safetensors"], CHECKPOINT, "empty"),
     ("truncated checkpoint", ["sample", "-c", "ckpt/truncated.safetensors"], CHECKPOINT, "truncated"),
@@ -137,19 +145,34 @@ def test_length_zero_prints_only_the_prime(workspace, capsys, monkeypatch):
     assert result.code == 0 and result.out == "ROMEO\n"
 
 
-def test_output_piped_into_head_exits_quietly(workspace):
-    process = subprocess.Popen([sys.executable, "-m", "charrnn", "sample", "--length", "100000", "--seed", "1"],
-                               cwd=workspace, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert len(process.stdout.read(20)) == 20
-    process.stdout.close()  # what `head -c 20` does once it has enough
+@pytest.mark.parametrize("argv, read", [
+    (["sample", "--length", "100000", "--seed", "1"], 20),  # closed mid-stream, as `head -c 20` does
+    (["eval", "corpus.txt"], 0),  # closed before the one result line is written
+    (["inspect", "runs/good", "--json"], 0),
+    (["runs", "runs"], 0),
+    (["--help"], 0),
+], ids=["sample", "eval", "inspect", "runs", "help"])
+def test_output_piped_into_head_exits_quietly(workspace, argv, read):
+    process = subprocess.Popen([sys.executable, "-m", "charrnn", *argv], cwd=workspace, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(read)) == read
+    process.stdout.close()  # the reader has all it wanted
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
-    assert b"Traceback" not in err and b"error" not in err
+    assert b"Traceback" not in err and b"error" not in err and b"Exception" not in err
 
 
-def test_c_locale_with_redirected_stdout_writes_utf8(workspace):
-    done = subprocess.run([sys.executable, "-m", "charrnn", "sample", "--prime", "café — naïve", "--length", "30",
-                           "--seed", "1"], cwd=workspace, env=subprocess_env(LANG="C", LC_ALL="C", PYTHONIOENCODING=""),
-                          capture_output=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.decode("utf-8").startswith("café — naïve")
+@pytest.mark.parametrize("argv, expected", [
+    (["sample", "--prime", "café — naïve", "--length", "30", "--seed", "1"], "café — naïve"),
+    (["eval", "naïve.txt"], "naïve.txt: "),
+    (["runs", "rün"], "rün"),
+], ids=["sample", "eval", "runs"])
+def test_an_ascii_locale_with_redirected_stdout_writes_utf8(workspace, argv, expected):
+    if not (workspace / "naïve.txt").exists():
+        write(workspace / "naïve.txt", TEXT[:400])
+        shutil.copytree(workspace / "runs" / "good", workspace / "rün" / "good")
+    for env in ({"LANG": "C", "LC_ALL": "C", "PYTHONIOENCODING": ""}, {"PYTHONIOENCODING": "ascii"}):
+        done = subprocess.run([sys.executable, "-m", "charrnn", *argv], cwd=workspace, env=subprocess_env(**env),
+                              capture_output=True)
+        assert done.returncode == 0, done.stderr
+        assert expected in done.stdout.decode("utf-8")

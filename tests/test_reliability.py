@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, run_in_process, run_subprocess, snapshot, \
-    start_subprocess
+from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_in_process, \
+    run_subprocess, snapshot, start_subprocess
 
 from charrnn import checkpoint, rundir
 
@@ -25,10 +25,6 @@ def cli(capsys, tmp_path, monkeypatch):
     return lambda *args: run_in_process(capsys, *args)
 
 
-def final_arrays(run_dir):
-    return checkpoint_arrays(checkpoint.step_files(run_dir / "checkpoints")[-1])
-
-
 def test_resume_continues_bit_identically(cli, small_corpus, tmp_path):
     constant = [*LAYOUT, "--set", "train.schedule=constant", "--set", "train.eval_every=15",
                 "--set", "model.dropout=0.1", "--set", "train.steps_per_call=2"]
@@ -37,7 +33,30 @@ def test_resume_continues_bit_identically(cli, small_corpus, tmp_path):
     resumed = cli("train", "--resume", "split", "--steps", "40")
     assert resumed.code == 0, resumed.err
     assert json.loads(resumed.out.splitlines()[-1])["steps"] == 40
+    # The resumed session trains steps 21-40 only: a resume that started over
+    # from the seed would reach the same arrays, having logged steps 5-20 twice.
+    steps = logged_train_steps(tmp_path / "split")
+    assert steps == logged_train_steps(tmp_path / "whole") and steps == sorted(set(steps)) and steps[-1] == 40
     assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "split"))
+
+
+def test_resume_starts_from_the_checkpoint_it_finds(cli, small_corpus, tmp_path):
+    """A resume continues from the checkpoint's own arrays: altered ones give a different end."""
+    constant = [*LAYOUT, "--set", "train.schedule=constant", "--set", "train.eval_every=1000"]
+    assert cli("train", small_corpus, *constant, "--steps", "20", "--out", "reference").code == 0
+    shutil.copytree(tmp_path / "reference", tmp_path / "altered")
+    assert cli("train", "--resume", "reference", "--steps", "30").code == 0
+
+    [saved] = checkpoint.step_files(tmp_path / "altered" / "checkpoints")
+    arrays, metadata = checkpoint.read(saved)
+    name = next(name for name in arrays if name.startswith("params/") and name.endswith("w_h"))
+    arrays[name] = arrays[name] + np.float32(0.01)
+    checkpoint.write(saved, arrays, metadata)
+    assert cli("train", "--resume", "altered", "--steps", "30").code == 0
+
+    reference, altered = final_arrays(tmp_path / "reference"), final_arrays(tmp_path / "altered")
+    assert reference.keys() == altered.keys()
+    assert not np.array_equal(reference[name], altered[name])
 
 
 def wait_for_line(path, pattern, timeout=60.0):
@@ -65,6 +84,10 @@ def test_signal_saves_and_resume_matches_uninterrupted(cli, small_corpus, tmp_pa
 
     assert cli("train", "--resume", "stopped").code == 0
     assert cli("train", small_corpus, *args, "--out", "whole").code == 0
+    # None trained twice, and the interrupted window's losses logged (at the step the signal stopped it).
+    stopped_steps, whole_steps = logged_train_steps(tmp_path / "stopped"), logged_train_steps(tmp_path / "whole")
+    assert stopped_steps == sorted(set(stopped_steps)) and set(stopped_steps) - set(whole_steps) <= {stopped_at}
+    assert set(whole_steps) <= set(stopped_steps) and stopped_at in stopped_steps
     assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "stopped"))
 
 
@@ -119,6 +142,25 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(small_corpus, tmp_
     resumed = run_subprocess("train", "--resume", "run", "--quiet", cwd=tmp_path)
     assert resumed.code == 0, resumed.err
     assert json.loads(resumed.out)["steps"] == 40
+
+
+@pytest.mark.parametrize("write", [3, 4])
+def test_a_kill_between_the_best_copy_and_the_step_checkpoint_leaves_the_best_copy_true(small_corpus, tmp_path,
+                                                                                         write):
+    """After a kill at any write of an improving save, and a resume, best.safetensors holds the best loss."""
+    args = [*LAYOUT, "--steps", "10", "--set", "train.eval_every=5", "--set", "train.schedule=constant"]
+    killed = run_subprocess("train", small_corpus, *args, "--out", "run", cwd=tmp_path,
+                            **{checkpoint.FAULT_ENV: f"before_write@{write}"})
+    assert killed.code == -signal.SIGKILL
+    resumed = run_subprocess("train", "--resume", "run", "--quiet", cwd=tmp_path)
+    assert resumed.code == 0, resumed.err
+
+    _, _, final, _ = checkpoint.read_latest(tmp_path / "run" / "checkpoints")
+    _, best = checkpoint.read(tmp_path / "run" / "checkpoints" / rundir.BEST_FILE)
+    evals = {record["step"]: record["val_loss"] for record in rundir.read_metrics(tmp_path / "run")
+             if record.get("event") == "eval"}
+    assert final["best_val_loss"] == min(evals.values()) == best["val_loss"]
+    assert evals[best["step"]] == best["val_loss"]
 
 
 def test_random_sigkills_never_lose_a_reported_checkpoint(small_corpus, tmp_path):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clihelp import REPO, TINY, start_subprocess, subprocess_env
+from clihelp import REPO, TINY, run_subprocess, start_subprocess, subprocess_env
 from conftest import SAMPLE_TEXT
 
 from charrnn import config, rundir, runs
@@ -108,6 +108,15 @@ def test_a_gap_in_the_summary_is_filled_from_metrics(sweep, tmp_path):
     (row,) = runs.collect([run_dir])
     assert row["chars_per_s"] == statistics.median(speeds)
     assert row["best_val_bpc"] == summaries["lstm-32"]["best_val_bpc"]
+
+
+def test_a_run_of_one_compiled_call_reports_no_speed_rather_than_zero(small_corpus, tmp_path):
+    """The steady speed is timed from the end of the first call (it compiles), so one call leaves nothing to time."""
+    done = run_subprocess("train", small_corpus, "--config", TINY, "--steps", "2", "--set", "train.steps_per_call=4",
+                          "--quiet", "--out", "once", cwd=tmp_path)
+    assert done.code == 0, done.err
+    assert json.loads(done.out)["train_chars_per_s"] is None
+    assert runs.collect([tmp_path / "once"])[0]["chars_per_s"] != 0
 
 
 def test_diverged_row_names_the_step_and_has_no_results(sweep, rows):
