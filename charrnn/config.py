@@ -22,7 +22,7 @@ class ModelConfig:
     num_layers: int = 2  # stacked recurrent layers
     hidden_size: int = 512  # units per layer; with dropout, the best size for 10 CPU minutes
     embedding_size: int = 64  # characters need few dimensions; folded into layer 0
-    dropout: float = 0.25  # between layers, training only; Tiny Shakespeare overfits without it
+    dropout: float = 0.25  # on each layer's output, the top one's too (as char-rnn), in training; Tiny Shakespeare overfits without it
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32)
