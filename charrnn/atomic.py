@@ -5,6 +5,7 @@ Stdlib only, so that commands which only read run directories start without JAX.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -57,5 +58,6 @@ def write_atomic(path: Path, payload: bytes) -> None:
         _fault_point("replaced", path)
         fsync_directory(path.parent)
     except OSError as error:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # also when the folder itself is the problem (a file, not a directory)
+            temp.unlink()
         raise StorageError(f"cannot write {path}: {error.strerror or error}") from None

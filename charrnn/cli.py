@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from charrnn import __version__
-from charrnn.errors import EXIT_SIGINT, CharrnnError, UsageError
+from charrnn.errors import EXIT_SIGINT, CharrnnError, CorpusError, UsageError
 from charrnn.stdout import ReaderGone, command_stdout
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -203,8 +203,8 @@ def _text_option(text: str | None, text_file: Path | None, option: str) -> str |
 
         try:
             return decode_text(text_file.read_bytes(), str(text_file))
-        except OSError as error:
-            raise UsageError(f"cannot read {text_file}: {error.strerror}") from None
+        except OSError as error:  # a text that cannot be read, like a corpus that cannot (exit 3)
+            raise CorpusError(f"cannot read {text_file}: {error.strerror}") from None
     return text
 
 
@@ -222,13 +222,13 @@ def _encode_checked(vocab, text: str, what: str, skip_unknown: bool):
 @app.command()
 def sample(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file (default: newest run under ./runs).", rich_help_panel=SAMPLING)] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = always the most likely character (default: 0.8).", rich_help_panel=SAMPLING)] = None,
-    length: Annotated[Optional[int], typer.Option("--length", "-n", help="Characters to generate per sample (default: 1000).", rich_help_panel=SAMPLING)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = always the most likely character (default: the run's sample.temperature, 0.8 unless set).", rich_help_panel=SAMPLING)] = None,
+    length: Annotated[Optional[int], typer.Option("--length", "-n", help="Characters to generate per sample (default: the run's sample.length, 1000 unless set).", rich_help_panel=SAMPLING)] = None,
     prime: Annotated[Optional[str], typer.Option("--prime", help="Text to start from (printed first).", rich_help_panel=SAMPLING)] = None,
     prime_file: Annotated[Optional[Path], typer.Option("--prime-file", help="Read the priming text from a file.", rich_help_panel=SAMPLING)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text (default: random, shown on stderr).", rich_help_panel=SAMPLING)] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample only among the k most likely characters (0 = off).", rich_help_panel=SAMPLING)] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Sample only from the smallest set holding this probability (1 = off).", rich_help_panel=SAMPLING)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample only among the k most likely characters (0 = off; default: the run's sample.top_k).", rich_help_panel=SAMPLING)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Sample only from the smallest set holding this probability (1 = off; default: the run's sample.top_p).", rich_help_panel=SAMPLING)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent samples, generated as one batch.", rich_help_panel=SAMPLING)] = 1,
     stop: Annotated[Optional[str], typer.Option("--stop", help="End a sample once it contains this text (e.g. a blank line).", rich_help_panel=SAMPLING)] = None,
     skip_unknown: Annotated[bool, typer.Option("--skip-unknown", help="Drop prime characters outside the model's vocabulary instead of failing.", rich_help_panel=SAMPLING)] = False,

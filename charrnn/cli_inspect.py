@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
@@ -18,7 +19,8 @@ from rich.text import Text
 
 from charrnn.cli import OUTPUT, Platform, PlatformOption, ThreadsOption, _encode_checked, _setup, _text_option, app, \
     err_console
-from charrnn.errors import UsageError
+from charrnn.atomic import write_atomic
+from charrnn.errors import CorpusError, UsageError
 from charrnn.units import bits
 
 VIEW = "View"
@@ -64,14 +66,6 @@ def terminal_blocks(text: str, units: dict[int, np.ndarray]) -> list[Text]:
     return blocks
 
 
-def _write(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(path), with a path that cannot be written reported as a usage error."""
-    try:
-        write(path)
-    except OSError as error:
-        raise UsageError(f"cannot write {path}: {error.strerror}") from None
-
-
 @app.command()
 def viz(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory or checkpoint file (default: the newest run under ./runs).")] = None,
@@ -114,14 +108,16 @@ def viz(
         measure = f"correlation with {feature.value}" if feature else "variance"
         err_console.print("  ".join(f"unit {unit}: {measure} {score:+.3f}" for unit, score in ranked), style="dim")
         chosen = [unit for unit, _ in ranked]
-    if dump is not None:
-        _write(dump, lambda path: np.savez_compressed(path, text=np.array(text), ids=ids, layer=layer, **recorded))
+    if dump is not None:  # through a buffer: written to a path, NumPy would add ".npz" to any other name
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, text=np.array(text), ids=ids, layer=layer, **recorded)
+        write_atomic(dump, buffer.getvalue())
     shown = {unit: values[:, unit] for unit in chosen}
     if output is not None:
         predictions = [[(trained.vocab.chars[int(i)], float(p)) for i, p in zip(top_ids, top_probs)]
                        for top_ids, top_probs in zip(recorded["top_ids"], recorded["top_probs"])]
         title = f"{trained.path.name}: layer {layer} {state.value}"
-        _write(output, lambda path: path.write_text(render.html(text, shown, predictions, title), encoding="utf-8"))
+        write_atomic(output, render.html(text, shown, predictions, title).encode("utf-8"))
         err_console.print(f"wrote {output}")
         return
     console = Console(highlight=False)
@@ -149,6 +145,8 @@ def novelty(
         raise UsageError(f"--ngrams lengths must be at least 1; got {ngrams!r}")
     train_text = read_text(train_file)
     sample_text = decode_text(sys.stdin.buffer.read(), "stdin") if str(sample_file) == "-" else read_text(sample_file)
+    if not sample_text:  # as read_text says of an empty file
+        raise CorpusError("stdin is empty")
     result = {"train_file": str(train_file), "sample_file": str(sample_file), **measure(train_text, sample_text, ns)}
     if json_output:
         print(json.dumps(result))

@@ -13,7 +13,7 @@ def describe(trained: TrainedModel) -> dict[str, Any]:
     metadata = trained.metadata
     return {
         "path": str(trained.path),
-        "file_bytes": trained.path.stat().st_size,
+        "file_bytes": trained.file_bytes,
         "format_version": metadata.get("format_version"),
         "step": metadata.get("step"),
         "val_loss": metadata.get("val_loss"),

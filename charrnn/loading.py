@@ -20,6 +20,7 @@ class TrainedModel(NamedTuple):
     params: dict
     metadata: dict[str, Any]
     path: Path
+    file_bytes: int  # the size of the file when it was read
 
 
 def find_checkpoint(path: Path | None) -> Path:
@@ -41,10 +42,29 @@ def find_checkpoint(path: Path | None) -> Path:
     return path
 
 
+def _read_newest(path: Path | None, attempts: int = 5) -> tuple[Path, int, dict, dict]:
+    """(file, its size in bytes, arrays, metadata) of the checkpoint `find_checkpoint` names.
+
+    A run still training deletes its older step checkpoints as it saves new ones,
+    so the file just listed can be gone by the time it is read: then the run is
+    listed again, for its newer checkpoint.
+    """
+    for attempt in range(attempts):
+        file = find_checkpoint(path)
+        try:
+            size = file.stat().st_size
+            return (file, size, *checkpoint.read(file))
+        except (CheckpointError, FileNotFoundError) as error:
+            if file == path or file.exists() or attempt == attempts - 1:
+                if isinstance(error, FileNotFoundError):
+                    raise CheckpointError(f"{file}: no such checkpoint") from None
+                raise
+    raise AssertionError("unreachable")
+
+
 def load(path: Path | None) -> TrainedModel:
     """Load and verify a checkpoint; the model is rebuilt from what it stores."""
-    file = find_checkpoint(path)
-    arrays, metadata = checkpoint.read(file)
+    file, file_bytes, arrays, metadata = _read_newest(path)
     try:
         config = config_lib.from_dict(metadata["config"])
         vocab = Vocab(metadata["vocab"])
@@ -52,4 +72,4 @@ def load(path: Path | None) -> TrainedModel:
         raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
     template = jax.eval_shape(lambda: model.init_params(jax.random.key(0), config.model, len(vocab)))
     params = jax.device_put(checkpoint.unflatten(template, "params", arrays))
-    return TrainedModel(config, vocab, params, metadata, file)
+    return TrainedModel(config, vocab, params, metadata, file, file_bytes)

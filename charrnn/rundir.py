@@ -158,6 +158,6 @@ def newest_run(root: Path) -> Path:
     """The most recently modified run directory under `root` that holds a checkpoint."""
     runs = [path for path in root.glob("*") if is_run_dir(path) and any(checkpoints_dir(path).glob("step-*"))]
     if not runs:
-        raise CheckpointError(f"no trained run under {root}/ (train one, or pass --checkpoint)")
+        raise CheckpointError(f"no trained run under {root}/ (train one, or name a run directory or checkpoint file)")
     return max(runs, key=lambda path: (path / STATUS_FILE).stat().st_mtime if (path / STATUS_FILE).exists() else 0)
 

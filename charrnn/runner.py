@@ -133,6 +133,9 @@ def prepare_run(corpus_path: Path, run_dir: Path, config_file: Path | None, assi
         saved = config_lib.from_dict(metadata["config"])
         config = config_lib.resolve(config_file, assignments, options, base=saved)
         _check_resumable(saved, config)
+        if config.train.steps < metadata["step"]:  # train.steps is the run's total, not steps to add
+            raise UsageError(f"{run_dir} is at step {metadata['step']}; train.steps is the run's total, so "
+                             f"{config.train.steps} would end it before where it is")
         corpus = load_corpus(corpus_path, config.train.val_fraction, resuming=metadata)
         resumed = (path, arrays, metadata, skipped)
     else:

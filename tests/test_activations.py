@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn import activations, model
-from charrnn.config import ModelConfig
+from charrnn import activations, checkpoint, config as config_lib, model
+from charrnn.config import Config, ModelConfig
 
 VOCAB, LENGTH, CHUNK = 9, 37, 16  # 37 characters in chunks of 16: two boundaries and a padded last chunk
 
@@ -127,3 +127,32 @@ def test_top_units_refuses_mismatched_text_and_unknown_feature():
         activations.top_units(units, "abc", 1, "quotes")
     with pytest.raises(ValueError, match="unknown feature"):
         activations.top_units(units, "abcde", 1, "vowels")
+
+
+def test_viz_writes_the_dump_and_the_page_at_the_names_given(tmp_path, capsys):
+    """--dump FILE is FILE whatever its suffix (NumPy alone would add .npz), holding what `record` gives."""
+    from clihelp import run_in_process
+
+    config = Config(model=ModelConfig(cell="lstm", num_layers=2, hidden_size=8, embedding_size=5))
+    vocab = "\n abcdefg"  # VOCAB characters
+    params = noisy_params(config.model, seed=3)
+    metadata = {"config": config_lib.to_dict(config), "vocab": vocab, "corpus_sha": "0" * 16, "step": 1,
+                "elapsed_s": 0.0, "val_loss": 2.0, "best_val_loss": 2.0, "chars_seen": 1, "saved_at": 0.0}
+    path = checkpoint.step_path(tmp_path, 1)
+    checkpoint.write(path, checkpoint.flatten(params, "params"), metadata)
+    text = "a bad cafe\nfed a bag"
+    dump, page = tmp_path / "acts.bin", tmp_path / "page.html"
+
+    result = run_in_process(capsys, "viz", "-c", path, "--text", text, "--layer", "2", "--units", "0,3",
+                            "--dump", dump, "-o", page)
+
+    assert result.code == 0, result.err
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["acts.bin", "page.html", path.name]
+    saved = np.load(dump)
+    ids = np.array([vocab.index(char) for char in text])
+    expected = activations.record(params, config.model, ids, 1)
+    assert str(saved["text"]) == text and int(saved["layer"]) == 2
+    np.testing.assert_array_equal(saved["ids"], ids)
+    for name in ("h", "c", "top_ids", "top_probs"):
+        np.testing.assert_allclose(saved[name], expected[name], rtol=0, atol=1e-6)
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")  # its content: tests/test_render.py

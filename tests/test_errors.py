@@ -94,7 +94,13 @@ CASES = [
     ("negative length", ["sample", "--length", "-5"], USAGE, "length"),
     ("sampling seed past 32 bits", ["sample", "--seed", str(2**32)], USAGE, "--seed"),
     ("unwritable --dump", ["viz", "-c", "runs/good", "--text", "ab", "--units", "1", "--dump", "bad/not_a_dir/a.npz"],
-     USAGE, "cannot write"),
+     STORAGE, "cannot write"),
+    ("unwritable viz -o", ["viz", "-c", "runs/good", "--text", "ab", "--units", "1", "-o", "bad/not_a_dir/a.html"],
+     STORAGE, "cannot write"),
+    ("plot under a file", ["plot", "runs/good", "-o", "bad/not_a_dir/curves.png"], STORAGE, "cannot write"),
+    ("missing --prime-file", ["sample", "--prime-file", "nowhere.txt"], CORPUS, "cannot read"),
+    ("missing viz --text-file", ["viz", "-c", "runs/good", "--text-file", "nowhere.txt"], CORPUS, "cannot read"),
+    ("resume past --steps", ["train", "--resume", "runs/good", "--steps", "2"], USAGE, "at step 10"),
     ("missing checkpoint", ["sample", "-c", "ckpt/none.safetensors"], CHECKPOINT, "no such checkpoint"),
     ("empty checkpoint", ["sample", "-c", "ckpt/empty.safetensors"], CHECKPOINT, "empty"),
     ("truncated checkpoint", ["sample", "-c", "ckpt/truncated.safetensors"], CHECKPOINT, "truncated"),
@@ -117,6 +123,13 @@ def test_bad_input_gets_one_clear_line(workspace, capsys, monkeypatch, argv, cod
     assert words in lines[0]
     assert "Traceback" not in result.err and result.out == ""
     assert snapshot(workspace) == before
+
+
+def test_novelty_of_an_empty_stdin_is_a_corpus_error_as_of_an_empty_file(workspace):
+    for argv, stdin in ((["bad/empty.txt"], b""), (["-"], b"")):
+        done = subprocess.run([sys.executable, "-m", "charrnn", "novelty", "corpus.txt", *argv], input=stdin,
+                              cwd=workspace, env=subprocess_env(), capture_output=True)
+        assert done.returncode == CORPUS and b"is empty" in done.stderr, done.stderr
 
 
 def test_no_trained_run_is_a_checkpoint_error(tmp_path, capsys, monkeypatch):

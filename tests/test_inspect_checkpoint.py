@@ -10,14 +10,19 @@ from charrnn.config import Config, ModelConfig
 from charrnn.inspect_checkpoint import describe
 
 
-def test_describe_a_small_checkpoint(tmp_path):
+def write_small_checkpoint(directory, step):
     config = Config(model=ModelConfig(cell="gru", num_layers=2, hidden_size=8, embedding_size=4))
     vocab = "\n !abc"
     params = model.init_params(jax.random.key(0), config.model, len(vocab))
-    metadata = {"config": config_lib.to_dict(config), "vocab": vocab, "corpus_sha": "0" * 16, "step": 10,
-                "elapsed_s": 1.5, "val_loss": 1.25, "best_val_loss": 1.2, "chars_seen": 1280, "saved_at": 0.0}
-    path = checkpoint.step_path(tmp_path, 10)
+    metadata = {"config": config_lib.to_dict(config), "vocab": vocab, "corpus_sha": "0" * 16, "step": step,
+                "elapsed_s": 1.5, "val_loss": 1.25, "best_val_loss": 1.2, "chars_seen": 128 * step, "saved_at": 0.0}
+    path = checkpoint.step_path(directory, step)
     checkpoint.write(path, checkpoint.flatten(params, "params"), metadata)
+    return path, vocab
+
+
+def test_describe_a_small_checkpoint(tmp_path):
+    path, vocab = write_small_checkpoint(tmp_path, 10)
 
     summary = describe(loading.load(path))
 
@@ -32,3 +37,20 @@ def test_describe_a_small_checkpoint(tmp_path):
     assert shapes["params/layers/0/w_x"] == [4, 24] and shapes["params/layers/1/w_h"] == [8, 24]
     assert shapes["params/layers/1/b_hn"] == [8] and shapes["params/output/w"] == [8, 6]
     assert summary["parameter_count"] == sum(math.prod(shape) for shape in shapes.values())
+
+
+def test_a_checkpoint_rotated_away_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch):
+    """A live run saves step 20 and deletes step 10 between `load` listing the directory and reading the file."""
+    old, _ = write_small_checkpoint(tmp_path, 10)
+    real_read = checkpoint.read
+
+    def read_after_a_save(path):
+        if path == old and path.exists():
+            write_small_checkpoint(tmp_path, 20)
+            old.unlink()
+        return real_read(path)
+
+    monkeypatch.setattr(checkpoint, "read", read_after_a_save)
+    trained = loading.load(tmp_path)
+    assert trained.path == checkpoint.step_path(tmp_path, 20) and trained.metadata["step"] == 20
+    assert describe(trained)["file_bytes"] == trained.path.stat().st_size

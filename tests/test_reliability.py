@@ -94,6 +94,8 @@ def test_signal_saves_and_resume_matches_uninterrupted(cli, small_corpus, tmp_pa
 def test_resume_refuses_changed_architecture_or_corpus(cli, small_corpus, tmp_path):
     assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
     before = snapshot(tmp_path / "run")
+    fewer = cli("train", "--resume", "run", "--steps", "5")  # --steps is the total: the run is past it
+    assert fewer.code == 2 and "at step 10" in fewer.err
     wider = cli("train", "--resume", "run", "--hidden", "64")
     assert wider.code == 2 and "model.hidden_size" in wider.err
     other = tmp_path / "other.txt"
