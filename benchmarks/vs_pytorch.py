@@ -90,15 +90,18 @@ class TorchBench:
             torch.cuda.synchronize()
 
     def chars_per_second(self, seconds: float) -> float:
+        """As charrnn's `TrainingBench.chars_per_second`: doubling groups of steps until `seconds` have passed."""
         self.step(), self.sync()
-        began = time.perf_counter()
-        self.step(), self.sync()
-        steps = max(1, int(seconds / (time.perf_counter() - began)))
-        began = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        self.sync()
-        return steps * self.chars / (time.perf_counter() - began)
+        steps, began = 0, time.perf_counter()
+        while True:
+            group = max(1, steps)
+            for _ in range(group):
+                self.step()
+            self.sync()
+            steps += group
+            elapsed = time.perf_counter() - began
+            if elapsed >= seconds:
+                return steps * self.chars / elapsed
 
 
 @torch.no_grad()

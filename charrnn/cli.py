@@ -23,7 +23,7 @@ from charrnn import __version__
 from charrnn.errors import EXIT_SIGINT, CharrnnError, CorpusError, UsageError
 from charrnn.stdout import ReaderGone, command_stdout
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # "[" in a path is a path
 app = typer.Typer(
     name="charrnn",
     help="Character-level RNN / GRU / LSTM text generator: train, sample, eval.",
@@ -77,10 +77,12 @@ ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="
 PlatformOption = Annotated[Optional[Platform], typer.Option("--platform", help="Force a JAX platform (default: GPU when JAX sees one).", rich_help_panel=RUN)]
 
 
-def _setup(platform: Platform | None, threads: int | None, cpu_device_per_core: bool = False) -> None:
+def _setup(platform: Platform | None, threads: int | None, cpu_device_per_core: bool = False,
+           compilation_cache: bool = True, multi_process: bool = False) -> None:
     from charrnn import runtime
 
-    runtime.configure(platform.value if platform else None, threads, cpu_device_per_core=cpu_device_per_core)
+    runtime.configure(platform.value if platform else None, threads, compilation_cache, cpu_device_per_core,
+                      multi_process)
 
 
 class _ProgressReporter:
@@ -159,11 +161,12 @@ def train(
         raise UsageError("give either --resume RUN or --out DIR, not both")
     run_dir = resume or out
     # One process per host splits its streams over the CPU's cores itself; several take a device each.
-    _setup(platform, threads, cpu_device_per_core=not (coordinator or distributed_auto))
+    multi_process = bool(coordinator or distributed_auto)
+    _setup(platform, threads, cpu_device_per_core=not multi_process, multi_process=multi_process)
     from charrnn import distributed, rundir, runner
 
     summary_out = sys.stdout
-    if coordinator or distributed_auto:
+    if multi_process:
         # The collectives' native code prints on file descriptor 1; keep stdout for the summary alone.
         summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -182,7 +185,7 @@ def train(
     if not quiet:
         err_console.print(f"done: best val {summary['best_val_loss']:.4f} nats/char "
                           f"({summary['best_val_bpc']:.3f} bits/char) in {summary['wall_s']:.0f}s")
-    print(json.dumps(summary), file=summary_out, flush=True)
+    print(rundir.strict_json(summary), file=summary_out, flush=True)
 
 
 def _resume_corpus(run_dir: Path) -> Path:
@@ -318,6 +321,7 @@ def evaluate(
     text = read_text(file)
     _setup(platform, threads)
     from charrnn import loading, train as training
+    from charrnn.rundir import strict_json
     from charrnn.units import bits
 
     trained = loading.load(checkpoint)
@@ -326,7 +330,7 @@ def evaluate(
     result = {"file": str(file), "checkpoint": str(trained.path), "chars": int(len(ids) - 1),
               "nats_per_char": nats, "bits_per_char": bits(nats), "perplexity": math.exp(nats)}
     if json_output:
-        print(json.dumps(result))
+        print(strict_json(result))
     else:
         print(f"{file}: {nats:.4f} nats/char, {result['bits_per_char']:.4f} bits/char, "
               f"perplexity {result['perplexity']:.3f} over {result['chars']} characters")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import sys
 from enum import Enum
@@ -21,6 +20,7 @@ from charrnn.cli import OUTPUT, Platform, PlatformOption, ThreadsOption, _encode
     err_console
 from charrnn.atomic import write_atomic
 from charrnn.errors import CorpusError, UsageError
+from charrnn.rundir import strict_json
 from charrnn.units import bits
 
 VIEW = "View"
@@ -149,7 +149,7 @@ def novelty(
         raise CorpusError("stdin is empty")
     result = {"train_file": str(train_file), "sample_file": str(sample_file), **measure(train_text, sample_text, ns)}
     if json_output:
-        print(json.dumps(result))
+        print(strict_json(result))
         return
     print(f"longest copy: {result['longest_copy_length']} characters: {result['longest_copy']!r}")
     shares = [f"{n}: {'-' if share is None else f'{share:.1%}'}" for n, share in result["ngram_fractions"].items()]
@@ -168,7 +168,7 @@ def inspect_checkpoint(
 
     summary = describe(loading.load(checkpoint))
     if json_output:
-        print(json.dumps(summary))
+        print(strict_json(summary))
         return
 
     def loss(nats: float | None) -> str:

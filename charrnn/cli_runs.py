@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -13,6 +13,7 @@ from rich.table import Table
 
 from charrnn.cli import OUTPUT, RUN, PlatformOption, ThreadsOption, _setup, app, default_corpus, err_console
 from charrnn.errors import UsageError
+from charrnn.rundir import strict_json
 
 RunPaths = Annotated[list[Path], typer.Argument(exists=True, help="Run directories, or directories holding them (one level down).", show_default=False)]
 # How `charrnn runs` shows its result columns; config keys and the rest show as they are.
@@ -20,6 +21,8 @@ _RUN_HEADERS = {"best_val_loss": "best val nats/char", "best_val_bpc": "best val
                 "wall_s": "time (s)"}
 _RUN_FORMATS = {"best_val_loss": "{:.4f}", "best_val_bpc": "{:.4f}", "chars_per_s": "{:,.0f}", "wall_s": "{:,.0f}"}
 _STATUS_STYLES = {"diverged": "red", "interrupted": "yellow", "running": "cyan", "unknown": "dim"}
+MAX_WINDOW_S = 3600.0  # bench's timed windows: an hour each is already more than any measurement needs
+MAX_CORPUS_MB = 100_000.0  # 100 GB: what a disk can hold for the memory measurement, and more than RAM
 
 
 @app.command("runs")
@@ -38,7 +41,7 @@ def compare_runs(
     rows = runs.sort_rows(runs.collect(runs.find_runs(paths)), sort, descending)
     columns = runs.table_columns(rows)
     if json_output:
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows, indent=2))
     elif csv_output:
         sys.stdout.write(runs.to_csv(rows, columns))
     else:
@@ -86,8 +89,16 @@ def benchmark(
     from charrnn import config as config_lib
 
     config = config_lib.resolve(config_file, assignments or [], {})
-    _setup(platform, threads, cpu_device_per_core=True)  # training is measured as `charrnn train` runs it
+    if not math.isfinite(seconds) or seconds > MAX_WINDOW_S:
+        raise UsageError(f"--seconds must be at most {MAX_WINDOW_S:g}, got {seconds}")
     from charrnn import bench as benchmarks
+
+    if corpus_mb and not (benchmarks.BASELINE_CORPUS_MB < corpus_mb <= MAX_CORPUS_MB):
+        raise UsageError(f"--corpus-mb must be above the {benchmarks.BASELINE_CORPUS_MB:g} MB baseline and at most "
+                         f"{MAX_CORPUS_MB:g}, got {corpus_mb}")
+    # Training is measured as `charrnn train` runs it, but without the compilation cache: a
+    # compile time read back from it would be the time to load a cached program.
+    _setup(platform, threads, cpu_device_per_core=True, compilation_cache=False)
 
     err_console.print(f"measuring {config.model.cell} {config.model.num_layers}x{config.model.hidden_size}, "
                       f"batch {config.train.batch_size}, seq {config.train.seq_len} ...")
@@ -95,7 +106,7 @@ def benchmark(
     if corpus_mb:
         result.update(benchmarks.measure_corpus_memory(corpus_mb, default_corpus().read_text(encoding="utf-8")))
     if json_output:
-        print(json.dumps(result))
+        print(strict_json(result))
         return
     width = max(len(key) for key in result)
     for key, value in result.items():

@@ -111,8 +111,10 @@ def apply_overrides(config: Config, overrides: dict[str, dict[str, Any]]) -> Con
     """Return `config` with `{section: {key: value}}` applied; unknown keys are errors."""
     sections = {}
     for section_name, values in overrides.items():
-        if section_name not in ("model", "train", "sample") or not isinstance(values, dict):
+        if section_name not in ("model", "train", "sample"):
             raise UsageError(f"unknown config section {section_name!r} (model, train, sample)")
+        if not isinstance(values, dict):
+            raise UsageError(f"config {section_name!r} must be a section ([{section_name}]), got {values!r}")
         section = getattr(config, section_name)
         types = _section_types(section)
         changes = {}
@@ -145,6 +147,9 @@ def load_toml(path: Path) -> dict[str, dict[str, Any]]:
         raise UsageError(f"cannot read config {path}: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"config {path} is not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise UsageError(f"config {path} is not UTF-8 text: byte 0x{error.object[error.start]:02x} "
+                         f"at offset {error.start}") from error
 
 
 def resolve(config_file: Path | None, assignments: list[str], options: dict[str, dict[str, Any]],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -91,8 +92,23 @@ def is_locked(run_dir: Path) -> bool:
         os.close(descriptor)
 
 
+def strict_json(value: Any, **options) -> str:
+    """json.dumps with NaN and infinities written as null, so that strict parsers (jq, JavaScript) read every line."""
+    return json.dumps(_finite(value), allow_nan=False, **options)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(path: Path, value: Any) -> None:
-    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode())
+    write_atomic(path, (strict_json(value, indent=2) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -122,7 +138,7 @@ class MetricsLog:
         self.path = run_dir / METRICS_FILE
 
     def write(self, record: dict[str, Any]) -> None:
-        line = (json.dumps(record) + "\n").encode()
+        line = (strict_json(record) + "\n").encode()
         try:
             with open(self.path, "a+b") as file:
                 # After a crash mid-line, start on a fresh line so only the torn record is lost.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 import signal
@@ -228,6 +229,11 @@ class Session:
         run, train_config = self.run, self.config.train
         val_loss = train.evaluate(run.state.params, self.config.model, self.corpus.val_ids,
                                   train_config.eval_batch_size, eval_call=eval_call, placement=self.placement)
+        if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
+            step = int(run.state.step)
+            last = run.last_checkpoint or "none (no checkpoint was saved yet)"
+            self.log({"event": "diverged", "step": step})
+            raise DivergedError(f"validation loss became non-finite at step {step}; last good checkpoint: {last}")
         run.last_val_loss = val_loss
         improved = run.best_val_loss is None or val_loss < run.best_val_loss
         if improved:

@@ -11,6 +11,8 @@ import os
 from itertools import takewhile
 from pathlib import Path
 
+from charrnn.errors import UsageError
+
 CACHE_ENV = "CHARRNN_CACHE_DIR"
 # XLA CPU options that made training faster here (benchmarks/README.md: A +6%, B +4%):
 # copy insertion that looks into while-loop bodies, which halves the copies of the
@@ -66,12 +68,14 @@ def set_xla_flags(single_threaded: bool = False) -> None:
 
 
 def configure(platform: str | None = None, threads: int | None = None, compilation_cache: bool = True,
-              cpu_device_per_core: bool = False) -> None:
+              cpu_device_per_core: bool = False, multi_process: bool = False) -> None:
     """Pick the platform, cap CPU threads, and turn on the shared compilation cache.
 
     With `cpu_device_per_core`, JAX sees each core this process may use as a CPU
     device of its own, so that training can split its streams over them
-    (`distributed.default_device_count` decides whether it does).
+    (`distributed.default_device_count` decides whether it does). A platform asked
+    for is started at once, so that a missing one is a usage error, except in a
+    `multi_process` run, whose backend must not start before jax.distributed does.
     """
     set_xla_flags(single_threaded=threads == 1)  # one thread: several runs can share a machine, one per core
     if threads and threads > 1:
@@ -89,11 +93,25 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
         except RuntimeError:
             pass  # JAX has started already in this process (a library caller's): it keeps its devices
     if compilation_cache and os.environ.get(CACHE_ENV, "x") != "":
-        directory = cache_dir()
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            return  # an unwritable cache only costs compile time
-        jax.config.update("jax_compilation_cache_dir", str(directory))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        _use_compilation_cache(jax, cache_dir())
+    if platform and not multi_process:
+        _check_platform(jax, platform)
+
+
+def _use_compilation_cache(jax, directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # an unwritable cache only costs compile time
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _check_platform(jax, platform: str) -> None:
+    """A usage error, now, for a platform JAX cannot start (--platform gpu with no GPU or no CUDA wheels)."""
+    try:
+        jax.devices()
+    except RuntimeError:
+        hint = " (install JAX's CUDA wheels: pip install -e '.[cuda]')" if platform == "gpu" else ""
+        raise UsageError(f"--platform {platform}: JAX finds no such device here{hint}") from None

@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from clihelp import TINY, run_in_process
+from clihelp import TINY, run_in_process, run_subprocess
 
-from charrnn import bench, config as config_lib, model
+from charrnn import bench, config as config_lib, model, runtime
 
 ISSUE_KEYS = {"train_chars_per_s", "sample_chars_per_s_b1", "sample_chars_per_s_b64", "compile_s", "peak_rss_mb"}
 
@@ -44,19 +44,43 @@ def test_matmul_peak_counts_the_products_it_times_and_keeps_the_fastest_window(m
     assert peak == pytest.approx(2 * 32**3 * 6 / 0.25 / 1e9)
 
 
-def test_training_chars_per_s_counts_every_character_of_every_timed_call(monkeypatch):
-    """A 0.125 s warm call makes a 0.5 s window 4 calls; each trains batch x seq_len x steps_per_call characters."""
-    windows = iter([5.0, 0.125, 0.75])  # compile, warm, then the timed window
-    monkeypatch.setattr(bench, "_timed", lambda function: (function(), next(windows))[1])
+def test_training_chars_per_s_counts_every_character_of_every_call_in_a_window_of_at_least_the_seconds(monkeypatch):
+    """Calls of 0.125 s in doubling groups (1, 1, 2): 4 calls reach a 0.5 s window; each trains B x T x K characters."""
+    now = [0.0]
+    monkeypatch.setattr(bench, "_clock", lambda: now[0])
     config = config_lib.resolve(TINY, ["train.steps_per_call=3"], {})
     training = bench.TrainingBench(config)
     calls = []
-    training.run_call = lambda: calls.append(1)  # the arithmetic, not the train step, is under test
-    assert training.compile() == 5.0
-    calls.clear()
+
+    def run_call():  # the arithmetic, not the train step, is under test
+        calls.append(1)
+        now[0] += 0.125
+
+    training.run_call = run_call
     rate = training.chars_per_second(0.5)
     assert len(calls) == 4
-    assert rate == pytest.approx(4 * config.train.batch_size * config.train.seq_len * 3 / 0.75)
+    assert rate == pytest.approx(4 * config.train.batch_size * config.train.seq_len * 3 / 0.5)
+    calls.clear()
+    training.chars_per_second(0.51)  # just past 4 calls: the next group doubles to 8
+    assert len(calls) == 8
+
+
+def test_bench_compiles_rather_than_reading_the_compilation_cache(tmp_path):
+    """compile_s is a compile: with a cache, a second bench would report the time to load the program."""
+    cache = tmp_path / "cache"
+    result = run_subprocess("bench", "--config", TINY, "--repeats", "1", "--seconds", "0.1", "--json", cwd=tmp_path,
+                            **{runtime.CACHE_ENV: str(cache)})
+    assert result.code == 0, result.err
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.mark.parametrize("size_mb", [1.5, 2.0000005])
+def test_the_memory_corpus_is_the_size_asked_for_in_whole_characters(tmp_path, size_mb):
+    path = tmp_path / "corpus.txt"
+    bench._write_corpus(path, size_mb, "naïve café — 🙂\n" * 1000)
+    size = path.stat().st_size
+    assert round(size_mb * 1e6) - 4 < size <= round(size_mb * 1e6)  # cut before a character that would not fit
+    path.read_text(encoding="utf-8")  # whole characters only
 
 
 def test_sampling_chars_per_s_counts_every_stream_and_takes_the_median_window(monkeypatch):

@@ -111,3 +111,12 @@ def test_output_without_a_terminal_has_no_control_codes(small_corpus, tmp_path):
     assert "step 5" in result.err and "val" in result.err  # periodic plain lines instead of a bar
     quiet = run_subprocess("train", small_corpus, "--config", TINY, *STEPS, "--out", "quiet", "--quiet", cwd=tmp_path)
     assert quiet.err == "" and json.loads(quiet.out)["status"] == "finished"
+
+
+def test_paths_with_brackets_are_printed_as_they_are(cli, small_corpus, tmp_path):
+    """Progress and messages print paths literally: "[/r]" is part of a name, not a closing style tag."""
+    (tmp_path / "o[").mkdir()
+    result = cli("train", small_corpus, "--config", TINY, "--steps", "4", "--out", "o[/r]")
+    assert result.code == 0, result.err
+    assert "into o[/r]" in result.err
+    assert (tmp_path / "o[" / "r]" / "checkpoints").is_dir()

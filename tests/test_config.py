@@ -123,11 +123,13 @@ def test_resolve_starts_from_a_base_config():
         ("[train]\nlr = [1]\n", "train.lr"),
         ("[model\ncell = 1\n", "not valid TOML"),
         ("[model]\nhidden_size = 0\n", "model.hidden_size"),  # validated after loading
+        ("model = 3\n", "must be a section ([model])"),
+        (b"\xff\xfe[model]\n", "not UTF-8 text: byte 0xff at offset 0"),
     ],
 )
 def test_bad_config_files_name_the_problem(content, key, tmp_path):
     path = tmp_path / "bad.toml"
-    path.write_text(content, encoding="utf-8")
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     assert key in _usage_error(config_lib.resolve, path, [], {})
 
 

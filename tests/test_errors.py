@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 from clihelp import TINY, run_in_process, snapshot, subprocess_env
 
@@ -101,6 +102,10 @@ CASES = [
     ("missing --prime-file", ["sample", "--prime-file", "nowhere.txt"], CORPUS, "cannot read"),
     ("missing viz --text-file", ["viz", "-c", "runs/good", "--text-file", "nowhere.txt"], CORPUS, "cannot read"),
     ("resume past --steps", ["train", "--resume", "runs/good", "--steps", "2"], USAGE, "at step 10"),
+    ("config not UTF-8", [*TRAIN, "corpus.txt", "--config", "bad/latin1.txt"], USAGE, "not UTF-8"),
+    ("endless bench window", ["bench", "--config", str(TINY), "--seconds", "inf"], USAGE, "--seconds"),
+    ("bench corpus below the baseline", ["bench", "--config", str(TINY), "--corpus-mb", "0.5"], USAGE, "--corpus-mb"),
+    ("bench corpus of inf MB", ["bench", "--config", str(TINY), "--corpus-mb", "inf"], USAGE, "--corpus-mb"),
     ("missing checkpoint", ["sample", "-c", "ckpt/none.safetensors"], CHECKPOINT, "no such checkpoint"),
     ("empty checkpoint", ["sample", "-c", "ckpt/empty.safetensors"], CHECKPOINT, "empty"),
     ("truncated checkpoint", ["sample", "-c", "ckpt/truncated.safetensors"], CHECKPOINT, "truncated"),
@@ -130,6 +135,14 @@ def test_novelty_of_an_empty_stdin_is_a_corpus_error_as_of_an_empty_file(workspa
         done = subprocess.run([sys.executable, "-m", "charrnn", "novelty", "corpus.txt", *argv], input=stdin,
                               cwd=workspace, env=subprocess_env(), capture_output=True)
         assert done.returncode == CORPUS and b"is empty" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(any(device.platform == "gpu" for device in jax.devices()), reason="a GPU is there")
+def test_asking_for_a_gpu_where_there_is_none_is_a_usage_error(workspace):
+    done = subprocess.run([sys.executable, "-m", "charrnn", *TRAIN, "corpus.txt", "--platform", "gpu", "--out", "g"],
+                          cwd=workspace, env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == USAGE and done.stderr.startswith("charrnn: error: --platform gpu"), done.stderr
+    assert "Traceback" not in done.stderr and not (workspace / "g").exists()
 
 
 def test_no_trained_run_is_a_checkpoint_error(tmp_path, capsys, monkeypatch):

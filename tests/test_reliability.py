@@ -128,6 +128,23 @@ def test_divergence_stops_with_its_own_code_and_keeps_good_checkpoints(cli, smal
     assert_identical_arrays(good, final_arrays(tmp_path / "run"))
 
 
+def test_a_validation_loss_that_is_not_finite_is_a_divergence(cli, small_corpus, tmp_path, monkeypatch):
+    """Finite training losses can still give a model that scores inf: the run stops as diverged, in strict JSON."""
+    assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
+    from charrnn import train
+
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: float("inf"))
+    diverged = cli("train", "--resume", "run", "--steps", "30", "--set", "train.eval_every=5")
+    assert diverged.code == 5, diverged.err
+    stopped_at = int(re.search(r"validation loss became non-finite at step (\d+)", diverged.err).group(1))
+    assert 10 < stopped_at < 30 and "step-000000010" in diverged.err
+    assert rundir.read_status(tmp_path / "run")["status"] == rundir.DIVERGED
+    records = [json.loads(line, parse_constant=pytest.fail)  # NaN / Infinity are not JSON
+               for line in (tmp_path / "run" / rundir.METRICS_FILE).read_text().splitlines()]
+    assert (records[-1]["event"], records[-1]["step"]) == ("diverged", stopped_at)
+    assert not [record for record in records if record.get("event") == "eval" and record["step"] > 10]
+
+
 def reported_saves(stderr: str) -> list[int]:
     return [int(step) for step in re.findall(r"saved step-(\d+)", stderr)]
 

@@ -194,3 +194,14 @@ def test_new_run_dir_does_not_reuse_names(tmp_path):
         run_dir.mkdir()
         names.add(run_dir.name)
     assert len(names) == 3
+
+
+def test_json_files_and_lines_hold_null_where_a_number_is_not_finite(tmp_path):
+    """NaN and Infinity are not JSON: jq and JavaScript reject a line that holds them."""
+    value = {"loss": float("nan"), "speeds": [float("inf"), 1.5], "nested": {"low": float("-inf")}, "steps": 3}
+    expected = {"loss": None, "speeds": [None, 1.5], "nested": {"low": None}, "steps": 3}
+    assert json.loads(rundir.strict_json(value), parse_constant=pytest.fail) == expected
+    rundir.write_json(tmp_path / "status.json", value)
+    assert json.loads((tmp_path / "status.json").read_text(), parse_constant=pytest.fail) == expected
+    rundir.MetricsLog(tmp_path).write(value)
+    assert json.loads((tmp_path / rundir.METRICS_FILE).read_text(), parse_constant=pytest.fail) == expected
