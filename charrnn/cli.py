@@ -6,6 +6,7 @@ go to stderr, so `charrnn sample > out.txt` is clean and sweeps can parse stdout
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 _debug = {"on": False}
+_multi_process = {"on": False}  # set once a train command joins a multi-process run
 
 MODEL, TRAINING, SAMPLING, RUN, OUTPUT, SCALE = "Model", "Training", "Sampling", "Run", "Output", "Scaling out"
 DEFAULT_CORPUS_NAME = Path("data") / "tinyshakespeare.txt"
@@ -165,14 +167,22 @@ def train(
     _setup(platform, threads, cpu_device_per_core=not multi_process, multi_process=multi_process)
     from charrnn import distributed, rundir, runner
 
+    distributed.check_scale_out(coordinator, num_processes, process_id, distributed_auto, run_dir is not None)
     summary_out = sys.stdout
     if multi_process:
-        # The collectives' native code prints on file descriptor 1; keep stdout for the summary alone.
+        _multi_process["on"] = True
+        # The collectives' native code prints on file descriptor 1; keep stdout for the summary alone,
+        # and send the rest to stderr (or nowhere, with --quiet).
         summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+        native_out = os.open(os.devnull, os.O_WRONLY) if quiet else sys.stderr.fileno()
+        os.dup2(native_out, sys.stdout.fileno())
+    if multi_process and not quiet:
+        err_console.print(f"joining the multi-process run (up to {distributed.JOIN_TIMEOUT_S} s for every process "
+                          f"to start)", style="dim")
     distributed.initialize(coordinator, num_processes, process_id, distributed_auto)
 
-    if run_dir is None:
+    made_run_dir = run_dir is None
+    if made_run_dir:
         run_dir = rundir.new_run_dir(Path("runs"))
     if corpus is None:
         corpus = _resume_corpus(run_dir) if resume else default_corpus()
@@ -180,6 +190,11 @@ def train(
     try:
         summary = runner.run_training(corpus, run_dir, config_file, assignments or [], options, resume is not None,
                                       reporter, devices)
+    except CharrnnError:
+        if made_run_dir:  # refused before anything was written: leave no empty run behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
     finally:
         reporter.stop()
     if not quiet:
@@ -340,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every failure ends as one `charrnn: error:` line and a documented exit code."""
     with command_stdout():
         code = _run(argv)
+    if code and _multi_process["on"]:
+        # JAX's exit would wait at a shutdown barrier for processes that may be gone (minutes,
+        # then a native abort): the error line is out, the checkpoint is on disk, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

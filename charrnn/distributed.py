@@ -9,6 +9,7 @@ supplies only the streams that belong to its own devices.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, NamedTuple
 
 import jax
@@ -16,9 +17,42 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from charrnn.errors import UsageError
+from charrnn.errors import PeerError, UsageError
 
 AXIS = "streams"
+
+
+# How long a process waits for the others to join, and how long a silent one is
+# taken to be alive: long enough for hosts started by hand, short enough that a
+# process whose peer died ends with an error instead of hanging for minutes.
+JOIN_TIMEOUT_S = 120
+HEARTBEAT_TIMEOUT_S = 30
+
+
+def check_scale_out(coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool,
+                    has_out: bool) -> None:
+    """Usage errors for multi-process options that cannot work together, before anything starts."""
+    if coordinator is None and not auto:
+        if num_processes is not None or process_id is not None:
+            raise UsageError("--num-processes and --process-id need --coordinator HOST:PORT (or --distributed)")
+        return
+    if not has_out:
+        raise UsageError("a multi-process run needs --out or --resume: every process must name the same directory")
+    if coordinator is None:
+        return
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--coordinator wants HOST:PORT with a port in 1-65535, got {coordinator!r}")
+    if num_processes is None or process_id is None:
+        raise UsageError("--coordinator needs --num-processes and --process-id")
+    if process_id >= num_processes:
+        raise UsageError(f"--process-id {process_id} must be below --num-processes {num_processes}")
+    if process_id == 0:  # process 0 serves the coordinator: its port must be free
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
+            try:
+                probe.bind(("", int(port)))
+            except OSError as error:
+                raise UsageError(f"--coordinator {coordinator}: cannot listen on port {port}: {error.strerror}") from None
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool) -> None:
@@ -28,12 +62,10 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     if jax.config.jax_platforms in (None, "", "cpu") or jax.default_backend() == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        if coordinator is None:
-            jax.distributed.initialize()
-        else:
-            jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=JOIN_TIMEOUT_S, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except (RuntimeError, ValueError) as error:
-        raise UsageError(f"cannot join the distributed run: {error}") from None
+        raise PeerError(f"cannot join the distributed run: {error}") from None
 
 
 class Placement(NamedTuple):

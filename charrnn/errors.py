@@ -43,6 +43,12 @@ class BusyError(CharrnnError):
     exit_code = 7
 
 
+class PeerError(CharrnnError):
+    """Another process of a multi-process run failed, left, or never joined."""
+
+    exit_code = 8
+
+
 # Conventional shell codes for a run stopped by a signal: 128 + signal number.
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143

@@ -29,13 +29,22 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def new_run_dir(root: Path) -> Path:
-    """Return a fresh, not yet existing directory name under `root`, by date and time."""
+    """Create and return a fresh, empty directory under `root`, named by date and time.
+
+    Made here, not only named: runs started together (a sweep's `&`) pick names
+    in the same second, and only creating the directory claims one for good.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     candidate, suffix = root / stamp, 1
-    while candidate.exists():
-        suffix += 1
-        candidate = root / f"{stamp}-{suffix}"
-    return candidate
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = root / f"{stamp}-{suffix}"
+        except OSError as error:
+            raise StorageError(f"cannot create a run directory under {root}: {error.strerror}") from None
 
 
 def prepare(run_dir: Path) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 
 from charrnn import checkpoint, config as config_lib, data, distributed, model, rundir, train
 from charrnn.config import Config
-from charrnn.errors import EXIT_SIGINT, EXIT_SIGTERM, CharrnnError, CheckpointError, CorpusError, DivergedError, UsageError
+from charrnn.errors import EXIT_SIGINT, EXIT_SIGTERM, CharrnnError, CheckpointError, CorpusError, DivergedError, \
+    PeerError, UsageError
 from charrnn.loop import Loop
 from charrnn.units import bits
 
@@ -300,6 +301,23 @@ def run_training(corpus_path: Path, run_dir: Path, config_file: Path | None = No
                  assignments: list[str] = (), options: dict | None = None, resume: bool = False,
                  reporter: Reporter | None = None, devices: int | None = None) -> dict[str, Any]:
     """Train into `run_dir` (new, or resumed from its newest checkpoint); return the run's summary."""
+    try:
+        return _run_training(corpus_path, run_dir, config_file, assignments, options, resume, reporter, devices)
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: another process died, left, or stopped on an error of its own. The
+        # state is the failed call's output, so nothing reads it; status.json keeps "running", which
+        # reads as "interrupted" once this process lets go of the run's lock.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        last = checkpoint.step_files(rundir.checkpoints_dir(run_dir))
+        raise PeerError(f"another process of the run failed or left ({first_line}); last checkpoint: "
+                        f"{last[-1] if last else 'none'}; see the other processes' errors, then resume "
+                        f"every process with --resume {run_dir}") from None
+
+
+def _run_training(corpus_path: Path, run_dir: Path, config_file: Path | None, assignments, options: dict | None,
+                  resume: bool, reporter: Reporter | None, devices: int | None) -> dict[str, Any]:
     config, corpus, resumed = prepare_run(corpus_path, run_dir, config_file, list(assignments), options or {}, resume)
     placement = distributed.make_placement(devices, config.train.batch_size,
                                            model.recurrent_step_macs(config.model, config.train.batch_size))

@@ -6,8 +6,10 @@ before the first computation.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
+import warnings
 from itertools import takewhile
 from pathlib import Path
 
@@ -99,10 +101,25 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
 
 
 def _use_compilation_cache(jax, directory: Path) -> None:
+    """Keep compiled programs in `directory`, if it can be written; a cache that fails only costs compile time.
+
+    JAX never replaces an entry whose file exists, so one left empty by a full disk
+    or a killed writer would be read, fail and be recompiled by every later run:
+    such entries are removed first. JAX warns of each entry it cannot read or
+    write; those warnings are silenced, since the only consequence is a compile.
+    """
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
     except OSError:
-        return  # an unwritable cache only costs compile time
+        return
+    for entry in directory.glob("*-cache"):
+        with contextlib.suppress(OSError):
+            if entry.stat().st_size == 0:
+                entry.unlink()
+    warnings.filterwarnings("ignore", message="Error (reading|writing) persistent compilation cache entry")
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -4,6 +4,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 from typing import NamedTuple
 
@@ -116,6 +117,45 @@ def test_two_processes_train_like_one(small_corpus, tmp_path):
     single = run_subprocess("train", small_corpus, *ARGS, "--out", "single", cwd=tmp_path)
     assert single.code == 0, single.err
     assert_close(final_arrays(tmp_path / "single"), final_arrays(tmp_path / "multi"))
+
+
+def test_a_process_that_dies_ends_the_others_with_one_line_and_a_resumable_run(small_corpus, tmp_path):
+    coordinator = f"127.0.0.1:{free_port()}"
+    args = ["--config", TINY, "--steps", "100000", "--set", "train.eval_every=20", "--quiet", "--out", "multi",
+            "--coordinator", coordinator, "--num-processes", "2"]
+    survivor, victim = [start_subprocess("train", small_corpus, *args, "--process-id", str(index), cwd=tmp_path)
+                        for index in range(2)]
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "multi" / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victim.kill()
+    victim.communicate(timeout=60)
+    began = time.monotonic()
+    out, err = survivor.communicate(timeout=120)
+    assert survivor.returncode == 8, err
+    assert time.monotonic() - began < 60  # not JAX's minutes-long shutdown barrier
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("charrnn: error: another process of the run failed"), err
+    assert "--resume multi" in lines[0] and out == ""
+    resumed = run_subprocess("train", "--resume", "multi", "--steps", "60", "--quiet", cwd=tmp_path)
+    assert resumed.code == 0, resumed.err
+
+
+def test_scale_out_options_that_cannot_work_are_usage_errors(small_corpus, tmp_path):
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("", port))
+        busy.listen()
+        cases = [(["--num-processes", "2", "--process-id", "1", "--out", "a"], "need --coordinator"),
+                 (["--coordinator", "nonsense", "--num-processes", "2", "--process-id", "0", "--out", "a"], "HOST:PORT"),
+                 (["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0"], "--out"),
+                 (["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--out", "a"],
+                  f"cannot listen on port {port}")]
+        for extra, words in cases:
+            done = run_subprocess("train", small_corpus, "--config", TINY, "--steps", "2", "--quiet", *extra,
+                                  cwd=tmp_path)
+            assert done.code == 2 and words in done.err and len(done.err.strip().splitlines()) == 1, done.err
+    assert not (tmp_path / "a").exists()
 
 
 def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path):

@@ -186,14 +186,22 @@ def test_prepare_refuses_an_unwritable_location(below, tmp_path):
     assert caught.value.exit_code == 6 and str(blocker / below) in str(caught.value)
 
 
-def test_new_run_dir_does_not_reuse_names(tmp_path):
-    names = set()
-    for _ in range(3):
-        run_dir = rundir.new_run_dir(tmp_path)
-        assert not run_dir.exists() and run_dir.parent == tmp_path
-        run_dir.mkdir()
-        names.add(run_dir.name)
-    assert len(names) == 3
+def test_new_run_dir_claims_a_name_no_other_run_gets(tmp_path):
+    """Made, not only named: three runs started in one second (a sweep's `&`) get three directories."""
+    made = [rundir.new_run_dir(tmp_path / "runs") for _ in range(3)]
+    assert len(set(made)) == 3
+    assert all(run_dir.is_dir() and not any(run_dir.iterdir()) and run_dir.parent == tmp_path / "runs"
+               for run_dir in made)
+
+
+def test_runs_started_together_without_out_each_train(small_corpus, tmp_path):
+    from clihelp import TINY, start_subprocess
+
+    processes = [start_subprocess("train", small_corpus, "--config", TINY, "--steps", "2", "--threads", "1",
+                                  "--quiet", cwd=tmp_path) for _ in range(3)]
+    results = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], [err for _, err in results]
+    assert len({json.loads(out)["run_dir"] for out, _ in results}) == 3
 
 
 def test_json_files_and_lines_hold_null_where_a_number_is_not_finite(tmp_path):

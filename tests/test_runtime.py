@@ -26,3 +26,23 @@ def test_configure_sets_the_flags_and_xla_starts_with_them():
     assert "--xla_cpu_multi_thread_eigen=false" in flags
     if runtime.jaxlib_version() == runtime.CPU_XLA_FLAGS_JAXLIB:
         assert {f"--{name}={value}" for name, value in runtime.CPU_XLA_FLAGS.items()} <= set(flags)
+
+
+def test_a_damaged_compilation_cache_costs_only_compile_time(small_corpus, tmp_path):
+    """Entries left empty (full disk, killed writer) or corrupted: runs stay quiet, and empty ones are replaced."""
+    from clihelp import TINY, run_subprocess
+
+    cache = tmp_path / "cache"
+    args = ["train", small_corpus, "--config", TINY, "--steps", "2", "--quiet"]
+    first = run_subprocess(*args, "--out", "first", cwd=tmp_path, **{runtime.CACHE_ENV: str(cache)})
+    assert first.code == 0, first.err
+    entries = sorted(cache.glob("*-cache"))
+    assert len(entries) >= 2
+    entries[0].write_bytes(b"")
+    for entry in entries[1:]:
+        entry.write_bytes(b"not a compiled program")
+
+    second = run_subprocess(*args, "--out", "second", cwd=tmp_path, **{runtime.CACHE_ENV: str(cache)})
+    assert second.code == 0, second.err
+    assert second.err == ""  # --quiet: nothing but errors, and a bad cache entry is none
+    assert entries[0].stat().st_size > 0  # compiled again and written back
