@@ -77,24 +77,35 @@ class TrainingBench:
         return compile_s
 
     def chars_per_second(self, seconds: float) -> float:
-        """Throughput of back-to-back calls over at least `seconds`.
+        """Throughput of back-to-back calls over at least `seconds` (see `calls_per_second`)."""
+        queued = []  # the metrics of the calls since the last wait
 
-        Calls go out in groups that double (1, 1, 2, 4, ...), each waited for at its
-        end to read the clock: the device is never left idle between calls, the
-        waits are a handful however long the window, and the window lasts between
-        `seconds` and about twice that. (One waited-for call would underrate what
-        queued calls achieve, and a count made from it cut the window short.)
-        """
-        calls, began = 0, _clock()
-        while True:
-            group = max(1, calls)
-            for _ in range(group):
-                metrics = self.run_call()
-            jax.block_until_ready(metrics)
-            calls += group
-            elapsed = _clock() - began
-            if elapsed >= seconds:
-                return calls * self.chars_per_call / elapsed
+        def wait():
+            jax.block_until_ready(queued[-1])  # calls run in order: the last done means all are
+            queued.clear()
+
+        return calls_per_second(lambda: queued.append(self.run_call()), wait, seconds) * self.chars_per_call
+
+
+def calls_per_second(call, wait, seconds: float) -> float:
+    """Rate of `call`s queued back to back for at least `seconds`, `wait` returning once all queued are done.
+
+    Calls go out in groups that double (1, 1, 2, 4, ...), each waited for at its
+    end to read the clock: the device is never left idle between calls, the
+    waits are a handful however long the window, and the window lasts between
+    `seconds` and about twice that. (One waited-for call would underrate what
+    queued calls achieve, and a count made from it cut the window short.)
+    """
+    calls, began = 0, _clock()
+    while True:
+        group = max(1, calls)
+        for _ in range(group):
+            call()
+        wait()
+        calls += group
+        elapsed = _clock() - began
+        if elapsed >= seconds:
+            return calls / elapsed
 
 
 def measure_training(config: Config, repeats: int, seconds: float) -> dict[str, float]:

@@ -98,15 +98,19 @@ def decode(payload: bytes, name: str) -> tuple[dict[str, np.ndarray], dict[str, 
 
 def read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Load and verify one checkpoint file."""
+    return decode(read_bytes(path), str(path))
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of a checkpoint file, with one-line errors for a path that cannot be read."""
     try:
-        payload = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory with no checkpoints") from None
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
-    return decode(payload, str(path))
 
 
 def write(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from charrnn import __version__
 from charrnn.errors import EXIT_SIGINT, CharrnnError, CorpusError, UsageError
-from charrnn.stdout import ReaderGone, command_stdout
+from charrnn.stdout import EndsWhenReaderLeaves, ReaderGone, command_stdout
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)  # "[" in a path is a path
 app = typer.Typer(
@@ -173,7 +173,7 @@ def train(
         _multi_process["on"] = True
         # The collectives' native code prints on file descriptor 1; keep stdout for the summary alone,
         # and send the rest to stderr (or nowhere, with --quiet).
-        summary_out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        summary_out = EndsWhenReaderLeaves(os.fdopen(os.dup(sys.stdout.fileno()), "w"))
         native_out = os.open(os.devnull, os.O_WRONLY) if quiet else sys.stderr.fileno()
         os.dup2(native_out, sys.stdout.fileno())
     if multi_process and not quiet:

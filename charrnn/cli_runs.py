@@ -93,9 +93,9 @@ def benchmark(
         raise UsageError(f"--seconds must be at most {MAX_WINDOW_S:g}, got {seconds}")
     from charrnn import bench as benchmarks
 
-    if corpus_mb and not (benchmarks.BASELINE_CORPUS_MB < corpus_mb <= MAX_CORPUS_MB):
-        raise UsageError(f"--corpus-mb must be above the {benchmarks.BASELINE_CORPUS_MB:g} MB baseline and at most "
-                         f"{MAX_CORPUS_MB:g}, got {corpus_mb}")
+    if corpus_mb and not (2 * benchmarks.BASELINE_CORPUS_MB <= corpus_mb <= MAX_CORPUS_MB):
+        raise UsageError(f"--corpus-mb must be at least twice the {benchmarks.BASELINE_CORPUS_MB:g} MB baseline and "
+                         f"at most {MAX_CORPUS_MB:g}, got {corpus_mb}")
     # Training is measured as `charrnn train` runs it, but without the compilation cache: a
     # compile time read back from it would be the time to load a cached program.
     _setup(platform, threads, cpu_device_per_core=True, compilation_cache=False)

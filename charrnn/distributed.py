@@ -48,11 +48,13 @@ def check_scale_out(coordinator: str | None, num_processes: int | None, process_
     if process_id >= num_processes:
         raise UsageError(f"--process-id {process_id} must be below --num-processes {num_processes}")
     if process_id == 0:  # process 0 serves the coordinator: its port must be free
-        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
-            try:
+        try:
+            with socket.socket(socket.AF_INET) as probe:
+                # As the coordinator's own server binds: a port left in TIME_WAIT by a run that died is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(("", int(port)))
-            except OSError as error:
-                raise UsageError(f"--coordinator {coordinator}: cannot listen on port {port}: {error.strerror}") from None
+        except OSError as error:
+            raise UsageError(f"--coordinator {coordinator}: cannot listen on port {port}: {error.strerror}") from None
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None, auto: bool) -> None:
@@ -64,7 +66,9 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     try:
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
                                    initialization_timeout=JOIN_TIMEOUT_S, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-    except (RuntimeError, ValueError) as error:
+    except ValueError as error:  # what JAX was told (or found in the environment) does not describe a run
+        raise UsageError(f"cannot join the distributed run: {error}") from None
+    except RuntimeError as error:  # the others did not come, or the coordinator cannot be reached
         raise PeerError(f"cannot join the distributed run: {error}") from None
 
 

@@ -52,13 +52,12 @@ def _read_newest(path: Path | None, attempts: int = 5) -> tuple[Path, int, dict,
     for attempt in range(attempts):
         file = find_checkpoint(path)
         try:
-            size = file.stat().st_size
-            return (file, size, *checkpoint.read(file))
-        except (CheckpointError, FileNotFoundError) as error:
+            payload = checkpoint.read_bytes(file)  # one read: the size and the arrays are of one version
+        except CheckpointError:
             if file == path or file.exists() or attempt == attempts - 1:
-                if isinstance(error, FileNotFoundError):
-                    raise CheckpointError(f"{file}: no such checkpoint") from None
                 raise
+            continue
+        return (file, len(payload), *checkpoint.decode(payload, str(file)))
     raise AssertionError("unreachable")
 
 

@@ -36,15 +36,17 @@ def new_run_dir(root: Path) -> Path:
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     candidate, suffix = root / stamp, 1
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            suffix += 1
-            candidate = root / f"{stamp}-{suffix}"
-        except OSError as error:
-            raise StorageError(f"cannot create a run directory under {root}: {error.strerror}") from None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                candidate.mkdir()  # FileExistsError here can only mean this name is taken
+                return candidate
+            except FileExistsError:
+                suffix += 1
+                candidate = root / f"{stamp}-{suffix}"
+    except OSError as error:
+        raise StorageError(f"cannot create a run directory under {root}: {error.strerror}") from None
 
 
 def prepare(run_dir: Path) -> None:

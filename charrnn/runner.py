@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import resource
 import signal
 import time
@@ -304,16 +305,21 @@ def run_training(corpus_path: Path, run_dir: Path, config_file: Path | None = No
     try:
         return _run_training(corpus_path, run_dir, config_file, assignments, options, resume, reporter, devices)
     except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1:
-            raise
+        if jax.process_count() == 1 or not _LOST_PEER.search(str(error)):
+            raise  # this process's own failure (out of memory, ...): an internal error, traceback with --debug
         # A collective failed: another process died, left, or stopped on an error of its own. The
         # state is the failed call's output, so nothing reads it; status.json keeps "running", which
         # reads as "interrupted" once this process lets go of the run's lock.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = str(error).strip().splitlines()[0]
         last = checkpoint.step_files(rundir.checkpoints_dir(run_dir))
         raise PeerError(f"another process of the run failed or left ({first_line}); last checkpoint: "
                         f"{last[-1] if last else 'none'}; see the other processes' errors, then resume "
-                        f"every process with --resume {run_dir}") from None
+                        f"every process with --resume {run_dir}") from error
+
+
+# How the runtime words a collective or the coordination service losing a process.
+_LOST_PEER = re.compile(r"gloo|unavailable|deadline_exceeded|connection (reset|refused|closed)|coordination|"
+                        r"socket closed|heartbeat", re.IGNORECASE)
 
 
 def _run_training(corpus_path: Path, run_dir: Path, config_file: Path | None, assignments, options: dict | None,

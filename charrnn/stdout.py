@@ -21,7 +21,7 @@ class ReaderGone(Exception):
     """stdout's reader closed the pipe: the command has no one left to write for."""
 
 
-class _EndsWhenReaderLeaves:
+class EndsWhenReaderLeaves:
     """A text stream that raises ReaderGone, not BrokenPipeError, once the reader has gone."""
 
     def __init__(self, stream):
@@ -54,7 +54,7 @@ def command_stdout() -> Iterator[None]:
     original = sys.stdout
     if hasattr(original, "reconfigure"):
         original.reconfigure(encoding="utf-8", errors="strict")
-    sys.stdout = _EndsWhenReaderLeaves(original)
+    sys.stdout = EndsWhenReaderLeaves(original)
     try:
         yield
     finally:

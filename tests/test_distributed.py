@@ -149,6 +149,7 @@ def test_scale_out_options_that_cannot_work_are_usage_errors(small_corpus, tmp_p
         cases = [(["--num-processes", "2", "--process-id", "1", "--out", "a"], "need --coordinator"),
                  (["--coordinator", "nonsense", "--num-processes", "2", "--process-id", "0", "--out", "a"], "HOST:PORT"),
                  (["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0"], "--out"),
+                 (["--distributed", "--out", "a"], "cannot join"),  # no launcher describes a run here
                  (["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0", "--out", "a"],
                   f"cannot listen on port {port}")]
         for extra, words in cases:

@@ -42,7 +42,7 @@ def test_describe_a_small_checkpoint(tmp_path):
 def test_a_checkpoint_rotated_away_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch):
     """A live run saves step 20 and deletes step 10 between `load` listing the directory and reading the file."""
     old, _ = write_small_checkpoint(tmp_path, 10)
-    real_read = checkpoint.read
+    real_read = checkpoint.read_bytes
 
     def read_after_a_save(path):
         if path == old and path.exists():
@@ -50,7 +50,7 @@ def test_a_checkpoint_rotated_away_while_it_is_read_gives_way_to_the_newer_one(t
             old.unlink()
         return real_read(path)
 
-    monkeypatch.setattr(checkpoint, "read", read_after_a_save)
+    monkeypatch.setattr(checkpoint, "read_bytes", read_after_a_save)
     trained = loading.load(tmp_path)
     assert trained.path == checkpoint.step_path(tmp_path, 20) and trained.metadata["step"] == 20
     assert describe(trained)["file_bytes"] == trained.path.stat().st_size

@@ -194,6 +194,13 @@ def test_new_run_dir_claims_a_name_no_other_run_gets(tmp_path):
                for run_dir in made)
 
 
+def test_a_runs_folder_that_cannot_be_made_is_a_storage_error(tmp_path):
+    (tmp_path / "runs").symlink_to(tmp_path / "nowhere" / "runs")  # a dangling link where runs/ would be
+    with pytest.raises(StorageError) as caught:
+        rundir.new_run_dir(tmp_path / "runs")
+    assert caught.value.exit_code == 6
+
+
 def test_runs_started_together_without_out_each_train(small_corpus, tmp_path):
     from clihelp import TINY, start_subprocess
 
