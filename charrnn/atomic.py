@@ -41,6 +41,14 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def probe_writable(directory: Path) -> None:
+    """Make `directory` (and its parents) and write and remove a file in it; OSError where either fails."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".probe-{os.getpid()}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
 def write_atomic(path: Path, payload: bytes) -> None:
     """Write bytes so that `path` holds either its old content or all of `payload`."""
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")

@@ -176,9 +176,9 @@ def train(
         summary_out = EndsWhenReaderLeaves(os.fdopen(os.dup(sys.stdout.fileno()), "w"))
         native_out = os.open(os.devnull, os.O_WRONLY) if quiet else sys.stderr.fileno()
         os.dup2(native_out, sys.stdout.fileno())
-    if multi_process and not quiet:
-        err_console.print(f"joining the multi-process run (up to {distributed.JOIN_TIMEOUT_S} s for every process "
-                          f"to start)", style="dim")
+        if not quiet:
+            err_console.print(f"joining the multi-process run (up to {distributed.JOIN_TIMEOUT_S} s for every "
+                              f"process to start)", style="dim")
     distributed.initialize(coordinator, num_processes, process_id, distributed_auto)
 
     made_run_dir = run_dir is None

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from charrnn import data, distributed, train
-from charrnn.errors import DivergedError
 from charrnn.units import bits
 
 
@@ -75,10 +74,7 @@ class Loop:
             first_step, metrics = self.pending.pop(0)
             finite = np.asarray(metrics.finite)
             if not finite.all():
-                bad_step = first_step + int(np.argmin(finite)) + 1
-                last = self.session.run.last_checkpoint or "none (no checkpoint was saved yet)"
-                self.session.log({"event": "diverged", "step": bad_step})
-                raise DivergedError(f"loss became non-finite at step {bad_step}; last good checkpoint: {last}")
+                raise self.session.diverged(first_step + int(np.argmin(finite)) + 1, "loss")
             self.window_losses.extend(np.asarray(metrics.loss).tolist())
 
     def log(self, step: int, lr: float) -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from charrnn.atomic import write_atomic
+from charrnn.atomic import probe_writable, write_atomic
 from charrnn.errors import BusyError, CheckpointError, StorageError
 
 CONFIG_FILE = "config.json"
@@ -53,9 +53,7 @@ def prepare(run_dir: Path) -> None:
     """Create the run directory and prove it writable, before any training step."""
     try:
         checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".probe-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(run_dir)
     except OSError as error:
         raise StorageError(f"cannot write to run directory {run_dir}: {error.strerror}") from None
 

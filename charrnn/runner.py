@@ -188,6 +188,12 @@ class Session:
         if self.is_main:
             self.metrics_log.write(record)
 
+    def diverged(self, step: int, what: str) -> DivergedError:
+        """Log the divergence at `step` and return the error naming `what` went non-finite and the last checkpoint."""
+        last = self.run.last_checkpoint or "none (no checkpoint was saved yet)"
+        self.log({"event": "diverged", "step": step})
+        return DivergedError(f"{what} became non-finite at step {step}; last good checkpoint: {last}")
+
     def status(self, status: str, fields: dict[str, Any]) -> None:
         if self.is_main:
             identity = {"corpus": str(self.corpus_path.resolve()), "pid": os.getpid()}
@@ -232,10 +238,7 @@ class Session:
         val_loss = train.evaluate(run.state.params, self.config.model, self.corpus.val_ids,
                                   train_config.eval_batch_size, eval_call=eval_call, placement=self.placement)
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
-            step = int(run.state.step)
-            last = run.last_checkpoint or "none (no checkpoint was saved yet)"
-            self.log({"event": "diverged", "step": step})
-            raise DivergedError(f"validation loss became non-finite at step {step}; last good checkpoint: {last}")
+            raise self.diverged(int(run.state.step), "validation loss")
         run.last_val_loss = val_loss
         improved = run.best_val_loss is None or val_loss < run.best_val_loss
         if improved:

@@ -13,6 +13,7 @@ import warnings
 from itertools import takewhile
 from pathlib import Path
 
+from charrnn.atomic import probe_writable
 from charrnn.errors import UsageError
 
 CACHE_ENV = "CHARRNN_CACHE_DIR"
@@ -109,10 +110,7 @@ def _use_compilation_cache(jax, directory: Path) -> None:
     write; those warnings are silenced, since the only consequence is a compile.
     """
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        probe_writable(directory)
     except OSError:
         return
     for entry in directory.glob("*-cache"):
