@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from charrnn import data, runner
+import charrnn
+from charrnn import data, training
 from charrnn.units import bits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,11 +34,11 @@ EVAL_STREAMS = 16
 
 def train_charrnn(minutes: float, config: Path) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
-        summary = runner.run_training(CORPUS, Path(scratch) / "run", config, [], {"train": {"max_minutes": minutes}})
-    return {"val_nats": summary["final_val_loss"], "steps": summary["steps"], "chars_per_s": summary["train_chars_per_s"]}
+        summary = charrnn.train(CORPUS, Path(scratch) / "run", config, max_minutes=minutes)
+    return {"val_nats": summary.final_val_loss, "steps": summary.steps, "chars_per_s": summary.train_chars_per_s}
 
 
-def train_torch(minutes: float, corpus: runner.Corpus) -> dict:
+def train_torch(minutes: float, corpus: data.Corpus) -> dict:
     import torch
     from torch import nn
 
@@ -101,7 +102,7 @@ def main() -> None:
         results["charrnn"] = train_charrnn(args.minutes, args.config)
         print(json.dumps({"charrnn": results["charrnn"]}), flush=True)
     if args.only != "charrnn":
-        corpus = runner.load_corpus(CORPUS, 0.1)
+        corpus = training.load_corpus(CORPUS, 0.1)
         results["torch"] = train_torch(args.minutes, corpus)
         print(json.dumps({"torch": results["torch"]}), flush=True)
     for name, result in results.items():

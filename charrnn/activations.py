@@ -1,12 +1,10 @@
 """Look inside a trained network: per-character activations, text features, and the units that track them.
 
-`record` runs the model over a text as one stream, state carried from the
-initial state, and keeps the chosen layer's state after every character (h, and
-c for an LSTM) with the model's top-5 guesses for the next character.
-
-Features describe the text as the network has read it: the value at character
-i is the state after reading character i, so an opening quote is inside its
-quotation and a closing one outside, and "(" already has depth 1.
+`record` reads a text as one stream from the initial state and keeps one layer's
+state after every character (h, and c for an LSTM) with the model's top guesses for
+the next one. A feature's value at character i describes the text up to and
+including i, as the state does: an opening quote is inside its quotation, a closing
+one outside, and "(" already has depth 1.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from charrnn import cells, data, distributed, model, runtime, sample, train
+from charrnn import cells, data, distributed, model, runtime, sample, steps
 from charrnn.config import Config
-from charrnn.runner import peak_rss_mb
+from charrnn.loop import peak_rss_mb
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -47,12 +47,10 @@ class TrainingBench:
         train_config = config.train
         self.placement = distributed.make_placement(
             num_devices, train_config.batch_size, model.recurrent_step_macs(config.model, train_config.batch_size))
-        optimizer = train.make_optimizer(train_config)
-        self.call = train.make_train_call(config.model, train_config, optimizer, self.placement)
-        state = jax.device_get(train.init_state(jax.random.key(train_config.seed), config.model, optimizer, VOCAB_SIZE))
-        self.state = distributed.put(state, self.placement.replicated)
-        carry = jax.device_get(model.initial_carry(state.params, config.model, train_config.batch_size))
-        self.carry = distributed.put_streams(carry, self.placement, train_config.batch_size)
+        optimizer = steps.make_optimizer(train_config)
+        self.call = steps.make_train_call(config.model, train_config, optimizer, self.placement)
+        self.state, self.carry = steps.place(*steps.fresh_state(config, optimizer, VOCAB_SIZE), self.placement,
+                                             train_config.batch_size)
         chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
         self.ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
         self.layout = data.stream_layout(len(self.ids), train_config.batch_size, train_config.seq_len)
@@ -117,7 +115,7 @@ def measure_training(config: Config, repeats: int, seconds: float) -> dict[str, 
             "train_devices": bench.placement.num_devices}
 
 
-PEAK_MATMUL_SIZE = 1024  # [N, N] x [N, N]; on a 2-core CPU 1024 to 4096 run alike, 1024 the steadiest
+PEAK_MATMUL_SIZE = 1024  # [N, N] x [N, N]: large enough to keep every core at its matmul peak
 
 
 def measure_matmul_peak(dtype: str, repeats: int, seconds: float = 0.3) -> float:

@@ -1,18 +1,11 @@
-"""Recurrent cells: vanilla RNN (tanh), LSTM and GRU behind one contract.
+"""Recurrent cells (RNN, LSTM, GRU) behind one contract, and a registry of them.
 
-Every cell provides
-    init(key, input_size, hidden_size) -> params
-    initial_carry(batch_size, hidden_size) -> carry
-    step(params, carry, x_proj) -> (carry, h)
-where `x_proj = x @ params["w_x"] + params["b"]` is the input projection of one
-time step (for the first layer, a row of a [V, G*H] table). It does not depend
-on the carry, so the layer (charrnn/layer.py) computes it apart from the
-recurrent matmul `recurrent = h @ params["w_h"]`, and the elementwise gate
-arithmetic is `gates(params, carry, x_proj, recurrent) -> (carry, h)`. Keeping
-the two apart lets the backward pass compute each weight gradient of all time
-steps as one matmul. (`step` follows `lax.scan`'s argument order.)
-All gates of a cell are one matmul: weights are [in, G*H] with the G gate
-blocks side by side, in the order the equations below name them.
+`step(params, carry, x_proj) -> (carry, h)` follows `lax.scan`'s order; `x_proj` is
+the step's input projection (`x @ w_x + b`, or a row of the first layer's [V, G*H]
+table). A step is the recurrent matmul `h @ w_h` then `gates(params, carry, x_proj,
+recurrent)`, kept apart so that charrnn/layer.py can compute each weight gradient of
+all steps as one matmul. Weights are [in, G*H]: the G gate blocks side by side, in
+the order the equations below name them.
 """
 
 from __future__ import annotations
@@ -64,9 +57,8 @@ class TransposedWeight:
     """A weight matrix w [I, O] held as its transpose [O, I]: each output's weights one contiguous row.
 
     `matmul` then computes x @ w as a dot product of x with each row. For one row
-    of x, a matrix-vector product that is bound by how fast the weights stream
-    from cache, a CPU reads rows 1.2-1.4× as fast as w's columns (generating one
-    sample, where a 2×512 LSTM reads 12.6 MB of weights per character).
+    of x (generating one sample) the product is bound by how fast the weights
+    stream from cache, and a CPU streams rows faster than w's columns.
     """
 
     rows: jax.Array  # [O, I]

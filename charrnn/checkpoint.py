@@ -1,11 +1,10 @@
-"""Checkpoint files: safetensors arrays + JSON metadata, written atomically, verified on load.
+"""Checkpoints: how one is written, rotated, found and loaded.
 
 A checkpoint is one `.safetensors` file. Its arrays are named by their pytree
 path (`params/layers/0/w_h`); its metadata holds the format version, a SHA-256
-of every array, and whatever the caller stores (config, vocabulary, step).
-Files are written to a temporary name in the same directory, fsynced, renamed
-over the final name and the directory fsynced, so a kill at any moment leaves
-either the old file or the new one, never a torn one.
+of every array, the config, vocabulary and progress. Files are written
+atomically (`atomic.write_atomic`), so a kill at any moment leaves either the
+old file or the new one. The model is rebuilt from what the file stores.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -22,11 +21,15 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
+from charrnn import config as config_lib, model, rundir, steps
 from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (FAULT_ENV: for tests)
-from charrnn.errors import CheckpointError
+from charrnn.data import Vocab
+from charrnn.errors import CheckpointError, UsageError
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
+
+
 def _named_leaves(tree: Any, prefix: str) -> list[tuple[str, Any]]:
     """Every leaf of a pytree with its path as a name: [("prefix/layers/0/w_x", leaf)]."""
     named = []
@@ -147,3 +150,119 @@ def read_latest(directory: Path) -> tuple[Path, dict[str, np.ndarray], dict[str,
         except CheckpointError as error:
             problems.append(str(error))
     raise CheckpointError(f"no checkpoint in {directory} loads: {problems[0]}")
+
+
+def save(run_dir: Path, step: int, arrays: dict[str, np.ndarray], metadata: dict[str, Any], best: bool,
+         keep: int) -> Path:
+    """Write the best copy (when `best`) and the step checkpoint, then rotate older ones away.
+
+    The best copy goes first: a step checkpoint records the best loss so far, so
+    one written before a crash that lost the best copy would make a resumed run
+    believe that copy exists. The other way round, a resume starts from the step
+    before, evaluates the same step again and rewrites the same best copy.
+    """
+    directory = rundir.checkpoints_dir(run_dir)
+    path = step_path(directory, step)
+    payload = encode(arrays, metadata)
+    if best:
+        write_atomic(directory / rundir.BEST_FILE, payload)
+    write_atomic(path, payload)
+    rotate(directory, keep)
+    return path
+
+
+def find(path: Path | None) -> Path:
+    """A checkpoint file from a file, a run directory, a folder of runs or (None) the newest run under ./runs."""
+    if path is None:
+        path = rundir.newest_run(rundir.DEFAULT_RUNS)
+    if path.is_dir():
+        if rundir.is_run_dir(path):
+            files = step_files(rundir.checkpoints_dir(path))
+            if not files:
+                raise CheckpointError(f"run {path} has no checkpoint yet")
+            return files[-1]
+        files = step_files(path)
+        if files:
+            return files[-1]
+        if any(rundir.is_run_dir(child) for child in path.iterdir()):
+            return find(rundir.newest_run(path))
+        raise CheckpointError(f"{path} is neither a run directory nor holds checkpoints or runs")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    return path
+
+
+class Loaded(NamedTuple):
+    """A verified checkpoint file: the model it holds, rebuilt from its own metadata."""
+
+    config: config_lib.Config
+    vocab: Vocab
+    params: dict
+    metadata: dict[str, Any]
+    path: Path
+    file_bytes: int  # the size of the file when it was read
+
+
+def load(path: Path | None, attempts: int = 5) -> Loaded:
+    """Find, read and verify a checkpoint (see `find`) and rebuild its parameters.
+
+    A run still training deletes its older step checkpoints as it saves new ones,
+    so the file just listed can be gone by the time it is read: then the run is
+    listed again, for its newer checkpoint.
+    """
+    for attempt in range(attempts):
+        file = find(path)
+        try:
+            payload = read_bytes(file)  # one read: the size and the arrays are of one version
+        except CheckpointError:
+            if file == path or file.exists() or attempt == attempts - 1:
+                raise
+            continue
+        arrays, metadata = decode(payload, str(file))
+        try:
+            config = config_lib.from_dict(metadata["config"])
+            vocab = Vocab(metadata["vocab"])
+        except (KeyError, TypeError, UsageError) as error:
+            raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
+        params = jax.device_put(restore_params(arrays, config.model, len(vocab)))
+        return Loaded(config, vocab, params, metadata, file, len(payload))
+    raise AssertionError("unreachable")
+
+
+def restore_params(arrays: dict[str, np.ndarray], model_config: config_lib.ModelConfig, vocab_size: int) -> dict:
+    """The parameters stored in `arrays`, shaped as `model.init_params` makes them."""
+    template = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_config, vocab_size))
+    return unflatten(template, "params", arrays)
+
+
+def restore_training(arrays: dict[str, np.ndarray], config: config_lib.Config, optimizer, vocab_size: int,
+                     step: int) -> tuple[steps.TrainState, tuple]:
+    """The training state and carried hidden state stored in `arrays` (host arrays)."""
+    params = restore_params(arrays, config.model, vocab_size)
+    opt_state = unflatten(jax.eval_shape(optimizer.init, params), "opt_state", arrays)
+    carry_template = jax.eval_shape(lambda: model.initial_carry(params, config.model, config.train.batch_size))
+    carry = unflatten(carry_template, "carry", arrays)
+    return steps.TrainState(params, opt_state, np.asarray(step, np.int32)), carry
+
+
+def training_arrays(params: dict, opt_state: Any, carry: tuple) -> dict[str, np.ndarray]:
+    """Everything a resume needs as named host arrays: `restore_training`'s inverse."""
+    return {**flatten(params, "params"), **flatten(opt_state, "opt_state"), **flatten(carry, "carry")}
+
+
+def describe(loaded: Loaded) -> dict[str, Any]:
+    """A JSON-ready summary of a loaded checkpoint: architecture, vocabulary, progress, parameter shapes."""
+    metadata = loaded.metadata
+    return {
+        "path": str(loaded.path),
+        "file_bytes": loaded.file_bytes,
+        "format_version": metadata.get("format_version"),
+        "step": metadata.get("step"),
+        "val_loss": metadata.get("val_loss"),
+        "best_val_loss": metadata.get("best_val_loss"),
+        "config": config_lib.to_dict(loaded.config),
+        "vocab": loaded.vocab.chars,
+        "vocab_size": len(loaded.vocab),
+        "parameter_count": model.parameter_count(loaded.params),
+        "parameter_shapes": {name: list(array.shape) for name, array in flatten(loaded.params, "params").items()},
+    }

@@ -52,6 +52,7 @@ class TrainConfig:
     keep: int = 1  # step checkpoints kept besides best
     save_minutes: float = 0.0  # also checkpoint every this many minutes; 0 = only at evals
     random_offset: bool = True  # new random stream offset (and reset state) each epoch
+    tensorboard: str = ""  # TensorBoard event files: "" = none; a relative path is inside the run directory
 
 
 @dataclass(frozen=True)
@@ -152,12 +153,26 @@ def load_toml(path: Path) -> dict[str, dict[str, Any]]:
                          f"at offset {error.start}") from error
 
 
-def resolve(config_file: Path | None, assignments: list[str], options: dict[str, dict[str, Any]],
+def options_from_names(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Turn keys named without their section, `{"hidden_size": 256}`, into `{"model": {"hidden_size": 256}}`."""
+    sections = {field.name: _section_types(field.default_factory()) for field in dataclasses.fields(Config)}
+    options: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        section = next((section for section, types in sections.items() if name in types), None)
+        if section is None:
+            raise UsageError(f"unknown config key {name!r} (a key of {', '.join(sections)})")
+        options.setdefault(section, {})[name] = value
+    return options
+
+
+def resolve(source: Config | Path | str | None, assignments: list[str], options: dict[str, dict[str, Any]],
             base: Config | None = None) -> Config:
-    """Build the run's config: defaults (or `base`) < file < `--set` < first-class options."""
+    """Build the run's config: defaults (or `base`) < `source` (a Config or TOML file) < `--set` < options."""
     config = base or Config()
-    if config_file is not None:
-        config = apply_overrides(config, load_toml(config_file))
+    if isinstance(source, Config):
+        config = apply_overrides(config, to_dict(source))
+    elif source is not None:
+        config = apply_overrides(config, load_toml(Path(source)))
     config = apply_overrides(config, parse_set(assignments))
     config = apply_overrides(config, options)
     validate(config)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -177,13 +176,6 @@ class Vocab:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
 
-    def to_json(self) -> str:
-        return json.dumps(self.chars, ensure_ascii=True)
-
-    @classmethod
-    def from_json(cls, payload: str) -> Vocab:
-        return cls(json.loads(payload))
-
 
 def _show_chars(chars: list[str], limit: int = 20) -> str:
     shown = " ".join(repr(char) for char in chars[:limit])
@@ -283,3 +275,12 @@ def evaluation_chunks(ids: np.ndarray, num_streams: int, seq_len: int) -> list[E
         EvalChunk(inputs[:, k : k + seq_len].T, targets[:, k : k + seq_len].T, mask[:, k : k + seq_len].T)
         for k in range(0, padded_len, seq_len)
     ]
+
+
+class Corpus(NamedTuple):
+    """A corpus cut for training: encoded train and validation ids, and what identifies it."""
+
+    vocab: Vocab
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    checksum: str

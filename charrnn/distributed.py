@@ -94,14 +94,12 @@ class Placement(NamedTuple):
         return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
 
-# On a CPU, XLA runs a small matmul on one core and leaves the others idle.
-# Splitting the streams over one CPU device per core runs the parts side by side;
-# a large matmul XLA already spreads over the cores, and there a split only adds
-# the gradient all-reduce. The bound is where the two broke even on a 2-core
-# AVX-512 machine (training chars/s split vs not: 1.46x for a 2x128 LSTM at
-# batch 50, 3.3M multiply-adds per step; 1.05x at 17M; 0.95x at 34M and 67M).
+# On a CPU, XLA runs a small matmul on one core and leaves the others idle, so
+# splitting the streams over one device per core runs the parts side by side; a
+# large matmul XLA spreads over the cores already, and a split only adds the
+# gradient all-reduce. The bound is where the two broke even (benchmarks/README.md).
 CPU_SPLIT_MAX_STEP_MACS = 20_000_000
-# The gains above were measured with 16 and 25 streams per core; fewer streams
+# The split's gains were measured with at least this many streams per core: fewer
 # make each core's matmul smaller still, and more devices a costlier all-reduce.
 CPU_MIN_STREAMS_PER_DEVICE = 16
 

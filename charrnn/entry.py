@@ -1,12 +1,10 @@
 """The `charrnn` command's entry point: set up the allocator, then run the CLI.
 
-XLA allocates each compiled call's temporaries as one large block (about 0.5 GB
-for a 2×512 LSTM training step), which glibc's malloc maps fresh from the kernel
-and unmaps after the call. On 4 KiB pages that is ~137k page faults and a fifth
-of the CPU time of every step; with transparent huge pages (glibc's
-`glibc.malloc.hugetlb=1` tunable) it is about a thousand. glibc reads tunables
-only at process start, so commands that train or evaluate re-run the process
-once with the tunable set, before anything heavy is imported.
+XLA allocates each compiled call's temporaries as one large block, which glibc maps
+fresh and unmaps after the call; on 4 KiB pages every training step pays for it in
+page faults, which huge pages (the `glibc.malloc.hugetlb=1` tunable) avoid. glibc
+reads tunables only at process start, so heavy commands re-run the process once
+with the tunable set, before anything heavy is imported.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Errors a user can cause, each with the exit code a script can test."""
 
+import signal
+
 
 class CharrnnError(Exception):
     """A failure explained in one line; `exit_code` tells scripts which kind."""
@@ -52,3 +54,11 @@ class PeerError(CharrnnError):
 # Conventional shell codes for a run stopped by a signal: 128 + signal number.
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+
+class Interrupted(CharrnnError):
+    """Training stopped by SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = EXIT_SIGINT if signal_number == signal.SIGINT else EXIT_SIGTERM

@@ -1,21 +1,16 @@
 """One recurrent layer over a whole chunk, with backpropagation through time written out.
 
-Forward, each step t projects its input,  x_t = table[id_t]  for the first layer
-(the embedding and input weights folded into one [V, G*H] table) or
-x_t = in_t W_x + b  above it, then does  r_t = h_{t-1} W_h  and
-(carry_t, h_t) = gates(carry_{t-1}, x_t, r_t). Projecting inside the loop, rather
-than for the whole chunk before it, means no [T, B, G*H] array of projections is
-written to memory and read back: on a CPU that traffic costs as much as a matmul.
-
-Backward runs the same steps in reverse: the gates' local derivatives give
-dx_t and dr_t, dr_t W_hᵀ carries the gradient to h_{t-1} and dx_t W_xᵀ to the
-layer below. The weight gradients  dW_h = Σ_t h_{t-1}ᵀ dr_t  and  dW_x = Σ_t in_tᵀ dx_t
-need nothing from later steps, so instead of accumulating B-row outer products
-inside the loop (what differentiating the scan does), each is one [H, T·B] × [T·B, G·H]
-matmul after the loop: the same arithmetic at the efficiency of a large matmul.
-The reverse loop writes each step's dr_t (and dx_t) over the products it saved
-for that step, which it has just read for the last time: the backward pass needs
-no [T, B, G·H] arrays of its own to allocate and zero-fill.
+Forward, step t projects its input inside the loop, so no [T, B, G*H] array of
+projections goes through memory: x_t = table[id_t] in the first layer (embedding
+and input weights folded into one [V, G*H] table), in_t W_x + b above. Then
+r_t = h_{t-1} W_h and (carry_t, h_t) = gates(carry_{t-1}, x_t, r_t).
+Backward runs the steps in reverse: the gates' local derivatives give dx_t and
+dr_t; dr_t W_hᵀ flows to h_{t-1}, dx_t W_xᵀ to the layer below. dW_h = Σ_t h_{t-1}ᵀ dr_t
+and dW_x = Σ_t in_tᵀ dx_t need nothing from later steps, so each is one
+[I, T·B] × [T·B, G·H] matmul after the loop, not B-row outer products inside it
+(what differentiating the scan does). The reverse loop writes each step's
+gradients over the products it saved for that step, so the backward pass
+allocates and zero-fills no [T, B, G·H] arrays of its own.
 """
 
 from __future__ import annotations
@@ -83,7 +78,7 @@ def _forward(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int):
 
 def _transposed(w: jax.Array) -> jax.Array:
     # The transpose made once, as its own array: a dot that reads w transposed
-    # inside the loop runs at about half the speed of one over a row-major copy.
+    # inside the loop is slower than one over a row-major copy.
     return jax.lax.optimization_barrier(w.T)
 
 

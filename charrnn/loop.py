@@ -1,15 +1,26 @@
-"""The step loop of a run: dispatch compiled calls, read metrics one call behind, log, evaluate, save."""
+"""The step loop of a run: dispatch compiled calls, read metrics one call behind, evaluate, save, emit events."""
 
 from __future__ import annotations
 
+import math
+import resource
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from charrnn import data, distributed, train
+from charrnn import checkpoint, config as config_lib, data, distributed, events, rundir, steps
+from charrnn.config import Config
+from charrnn.errors import DivergedError, Interrupted
+from charrnn.events import Listener
 from charrnn.units import bits
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
@@ -33,40 +44,62 @@ class Clock:
 
 
 @dataclass
-class Loop:
-    """One run's loop over optimizer steps; `session` (runner.Session) owns files and state."""
+class Progress:
+    """What the loop carries between calls and what a checkpoint stores beside the arrays."""
 
-    session: Any
+    state: steps.TrainState
+    carry: tuple
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    last_checkpoint: Path | None = None
+
+
+@dataclass
+class Loop:
+    """One run's loop over optimizer steps; what happens is told to `emit`, and only process 0 writes files."""
+
+    config: Config
+    corpus: data.Corpus
+    run_dir: Path
+    placement: distributed.Placement
+    optimizer: object
+    progress: Progress
+    stop_signal: Callable[[], int | None]  # the signal that asked the run to stop, or None
+    emit: Listener
     pending: list = field(default_factory=list)  # (first step, StepMetrics) of calls not yet read
-    window_losses: list = field(default_factory=list)
+    window: list = field(default_factory=list)  # (loss, grad_norm) of each step of the log window
 
     def __post_init__(self):
-        session = self.session
-        self.config, self.train_config = session.config, session.config.train
-        self.layout = data.stream_layout(len(session.corpus.train_ids), self.train_config.batch_size,
-                                         self.train_config.seq_len)
-        self.local_streams = session.placement.local_streams(self.train_config.batch_size)
-        self.train_call = train.make_train_call(self.config.model, self.train_config, session.optimizer,
-                                                session.placement)
-        self.eval_call = train.make_eval_call(self.config.model)
-        self.chars_per_step = self.train_config.batch_size * self.train_config.seq_len
-        self.budget_s = self.train_config.max_minutes * 60.0
-        self.clock = Clock(time.monotonic() - session.run.elapsed_s)
+        train_config = self.config.train
+        self.layout = data.stream_layout(len(self.corpus.train_ids), train_config.batch_size, train_config.seq_len)
+        self.local_streams = self.placement.local_streams(train_config.batch_size)
+        self.train_call = steps.make_train_call(self.config.model, train_config, self.optimizer, self.placement)
+        self.eval_call = steps.make_eval_call(self.config.model)
+        self.chars_per_step = train_config.batch_size * train_config.seq_len
+        self.budget_s = train_config.max_minutes * 60.0
+        self.clock = Clock(time.monotonic() - self.progress.elapsed_s)
 
-    def progress(self, step: int, elapsed: float) -> float:
+    def schedule_position(self, step: int, elapsed: float) -> float:
         """How far through the run: by steps, or by the wall-clock budget if that is further."""
-        by_steps = step / self.train_config.steps
+        by_steps = step / self.config.train.steps
         return max(by_steps, elapsed / self.budget_s) if self.budget_s else by_steps
 
     def batches(self, step: int, count: int) -> data.Batch:
         """Minibatches of steps [step, step + count) for this process's streams, placed on the mesh."""
-        config, placement = self.train_config, self.session.placement
+        train_config = self.config.train
         stacked = data.stack_batches([
-            data.training_batch(self.session.corpus.train_ids, self.layout, step + i, config.seed,
-                                config.random_offset, self.local_streams)
+            data.training_batch(self.corpus.train_ids, self.layout, step + i, train_config.seed,
+                                train_config.random_offset, self.local_streams)
             for i in range(count)
         ])
-        return distributed.put_batches(stacked, placement)
+        return distributed.put_batches(stacked, self.placement)
+
+    def diverged(self, step: int, what: str) -> DivergedError:
+        """Report the divergence at `step`; the error names what went non-finite and the last checkpoint."""
+        self.emit(events.Diverged(step))
+        last = self.progress.last_checkpoint or "none (no checkpoint was saved yet)"
+        return DivergedError(f"{what} became non-finite at step {step}; last good checkpoint: {last}")
 
     def drain(self, keep_last: int) -> None:
         """Read the metrics of finished calls, all but the newest `keep_last`; stop on divergence."""
@@ -74,58 +107,96 @@ class Loop:
             first_step, metrics = self.pending.pop(0)
             finite = np.asarray(metrics.finite)
             if not finite.all():
-                raise self.session.diverged(first_step + int(np.argmin(finite)) + 1, "loss")
-            self.window_losses.extend(np.asarray(metrics.loss).tolist())
+                raise self.diverged(first_step + int(np.argmin(finite)) + 1, "loss")
+            self.window.extend(zip(np.asarray(metrics.loss).tolist(), np.asarray(metrics.grad_norm).tolist()))
 
     def log(self, step: int, lr: float) -> None:
         self.drain(keep_last=0)
         now = time.monotonic()
         window_step, window_time = self.clock.window
-        loss = float(np.mean(self.window_losses)) if self.window_losses else float("nan")
-        info = {"event": "train", "step": step, "loss": loss, "bpc": bits(loss), "lr": lr,
-                # None for a window with no step in it (a log just after the first, compiling call).
-                "chars_per_s": (step - window_step) * self.chars_per_step / max(now - window_time, 1e-9)
-                if step > window_step else None,
-                "chars_seen": step * self.chars_per_step, "elapsed_s": now - self.clock.start,
-                "val_loss": self.session.run.last_val_loss}
-        self.session.log(info)
-        self.session.reporter.progress(step, info)
-        self.window_losses.clear()
+        loss, grad_norm = np.mean(self.window, axis=0).tolist() if self.window else (math.nan, math.nan)
+        self.emit(events.Logged(
+            step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+            chars_per_s=(step - window_step) * self.chars_per_step / max(now - window_time, 1e-9)
+            if step > window_step else None,
+            chars_seen=step * self.chars_per_step, elapsed_s=now - self.clock.start,
+            val_loss=self.progress.last_val_loss))
+        self.window.clear()
         self.clock.window = (step, now)
+
+    def save(self, best: bool) -> Path:
+        """Write the checkpoints of the current step (process 0); every process takes part in gathering them."""
+        progress, step = self.progress, int(self.progress.state.step)
+        host = distributed.to_host((progress.state.params, progress.state.opt_state, progress.carry))
+        path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
+        if self.placement.is_main:
+            metadata = {
+                "config": config_lib.to_dict(self.config), "vocab": self.corpus.vocab.chars,
+                "corpus_sha": self.corpus.checksum, "step": step, "elapsed_s": progress.elapsed_s,
+                "val_loss": progress.last_val_loss, "best_val_loss": progress.best_val_loss,
+                "chars_seen": step * self.chars_per_step, "saved_at": time.time(),
+            }
+            path = checkpoint.save(self.run_dir, step, checkpoint.training_arrays(*host), metadata, best,
+                                   self.config.train.keep)
+        progress.last_checkpoint = path
+        return path
+
+    def validate_and_save(self, final: bool) -> None:
+        progress, step = self.progress, int(self.progress.state.step)
+        val_loss = steps.evaluate(progress.state.params, self.config.model, self.corpus.val_ids,
+                                  self.config.train.eval_batch_size, eval_call=self.eval_call,
+                                  placement=self.placement)
+        if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
+            raise self.diverged(step, "validation loss")
+        progress.last_val_loss = val_loss
+        improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
+        if improved:
+            progress.best_val_loss = val_loss
+        path = self.save(best=improved)
+        self.emit(events.Evaluated(step, val_loss, step * self.chars_per_step, progress.elapsed_s, final, path,
+                                   improved))
 
     def checkpoint(self, evaluate: bool, final: bool = False) -> None:
         """Save (after a validation pass when `evaluate`); the time is not counted as training."""
         self.drain(keep_last=0)
         began = time.monotonic()
-        self.session.run.elapsed_s = self.clock.elapsed()
+        self.progress.elapsed_s = self.clock.elapsed()
         if evaluate:
-            self.session.validate_and_save(self.eval_call, final)
+            self.validate_and_save(final)
         else:
-            self.session.save(best=False)
+            self.emit(events.Saved(int(self.progress.state.step), self.save(best=False)))
         self.clock.paused_s += time.monotonic() - began
-        self.clock.window = (int(self.session.run.state.step), time.monotonic())
+        self.clock.window = (int(self.progress.state.step), time.monotonic())
 
-    def run(self) -> dict[str, Any]:
+    def summary(self, step: int) -> events.Summary:
+        progress = self.progress
+        return events.Summary(
+            run_dir=str(self.run_dir), status="finished", steps=step,
+            best_val_loss=progress.best_val_loss, best_val_bpc=bits(progress.best_val_loss),
+            final_val_loss=progress.last_val_loss, final_val_bpc=bits(progress.last_val_loss),
+            train_chars_per_s=self.clock.steady_chars_per_s(step, self.chars_per_step), wall_s=self.clock.elapsed(),
+            peak_rss_mb=peak_rss_mb(), devices=self.placement.num_devices, checkpoint=str(progress.last_checkpoint))
+
+    def run(self) -> events.Summary:
         """Train until the step count, the budget or a signal ends the run; return the summary."""
-        session, config = self.session, self.train_config
-        step = int(session.run.state.step)
-        session.reporter.start(config.steps, step, self.budget_s)
+        train_config = self.config.train
+        step = int(self.progress.state.step)
         self.clock.window = (step, time.monotonic())
-        last_eval_block, last_log_block = step // config.eval_every, step // config.log_every
+        last_eval_block, last_log_block = step // train_config.eval_every, step // train_config.log_every
         last_save_time = time.monotonic()
         stopping, last_lr = False, None
-        while step < config.steps:
+        while step < train_config.steps:
             # Every process must take the same decisions, from process 0's clock and signals.
-            elapsed, stopping = distributed.agree(np.array([self.clock.elapsed(), session.stop_requested()]))
+            elapsed, stopping = distributed.agree(np.array([self.clock.elapsed(), self.stop_signal() is not None]))
             if stopping or (self.budget_s and elapsed >= self.budget_s):
                 break
-            count = min(config.steps_per_call, config.steps - step)
-            lrs = np.array([train.learning_rate(config, step + i, self.progress(step + i, elapsed))
+            count = min(train_config.steps_per_call, train_config.steps - step)
+            lrs = np.array([steps.learning_rate(train_config, step + i, self.schedule_position(step + i, elapsed))
                             for i in range(count)], np.float32)
-            batches = self.batches(step, count)
-            run = session.run
-            run.state, run.carry, metrics = self.train_call(
-                run.state, run.carry, batches, distributed.put(lrs, session.placement.replicated))
+            progress = self.progress
+            progress.state, progress.carry, metrics = self.train_call(
+                progress.state, progress.carry, self.batches(step, count),
+                distributed.put(lrs, self.placement.replicated))
             self.pending.append((step, metrics))
             step += count
             last_lr = float(lrs[-1])
@@ -133,22 +204,25 @@ class Loop:
             if self.clock.steady_from is None:
                 self.drain(keep_last=0)
                 self.clock.steady_from = self.clock.window = (step, time.monotonic())
-            if step // config.log_every > last_log_block or step == config.steps:
-                last_log_block = step // config.log_every
+            if step // train_config.log_every > last_log_block or step == train_config.steps:
+                last_log_block = step // train_config.log_every
                 self.log(step, last_lr)
-            if step // config.eval_every > last_eval_block and step < config.steps:
-                last_eval_block = step // config.eval_every
+            if step // train_config.eval_every > last_eval_block and step < train_config.steps:
+                last_eval_block = step // train_config.eval_every
                 self.checkpoint(evaluate=True)
                 last_save_time = time.monotonic()
-            elif config.save_minutes and time.monotonic() - last_save_time >= config.save_minutes * 60:
+            elif train_config.save_minutes and time.monotonic() - last_save_time >= train_config.save_minutes * 60:
                 self.checkpoint(evaluate=False)
                 last_save_time = time.monotonic()
 
         self.drain(keep_last=0)
-        if self.window_losses:  # a signal or the budget ended the run inside a log window: its losses are logged too
+        if self.window:  # a signal or the budget ended the run inside a log window: its losses are logged too
             self.log(step, last_lr)
         if stopping:
             self.checkpoint(evaluate=False)
-            session.interrupted(step)
+            number = self.stop_signal() or signal.SIGTERM
+            raise Interrupted(f"stopped by {signal.Signals(number).name} at step {step}; saved "
+                              f"{self.progress.last_checkpoint}; continue with: charrnn train --resume {self.run_dir}",
+                              number)
         self.checkpoint(evaluate=True, final=True)
-        return session.summary(step, self.clock.elapsed(), self.clock.steady_chars_per_s(step, self.chars_per_step))
+        return self.summary(step)

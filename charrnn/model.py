@@ -102,21 +102,17 @@ def projects_per_step() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
-    """Run the recurrent stack over `inputs` [T, B] from `carry`.
+def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, run_one, dropout_key=None):
+    """The recurrent layers one above the other, each run by `run_one(layer params, carry, input) -> (carry, h)`.
 
-    Returns (carry, [per-layer outputs [T, B, H]], top-layer output after dropout).
+    Returns (carry, [per-layer outputs], top-layer output after dropout). Layers
+    above the first add their input to their output when `residual`; dropout
+    (training only) applies to every layer's output, the top one's too.
     """
-    cell = CELLS[config.cell]
     layer_input = inputs
     new_carry, outputs = [], []
     for index, layer_carry in enumerate(carry):
-        layer = _with_input_params(prepared, index)
-        run_params, run_inputs = layer, layer_input
-        if not projects_per_step():  # all steps' projections in one matmul (or gather) before the loop
-            run_params = recurrent_params(layer)
-            run_inputs = project_input(layer, layer_input)  # [T, B, G*H]
-        layer_carry, hidden = run_layer(cell, run_params, layer_carry, run_inputs, config.scan_unroll)  # [T, B, H]
+        layer_carry, hidden = run_one(_with_input_params(prepared, index), layer_carry, layer_input)
         if config.residual and index > 0:
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
@@ -128,6 +124,23 @@ def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Ar
     return tuple(new_carry), outputs, layer_input
 
 
+def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
+    """Run the recurrent stack over `inputs` [T, B] from `carry`.
+
+    Returns (carry, [per-layer outputs [T, B, H]], top-layer output after dropout).
+    """
+    cell = CELLS[config.cell]
+
+    def run_over_time(layer: dict, layer_carry, layer_input: jax.Array):
+        if projects_per_step():
+            return run_layer(cell, layer, layer_carry, layer_input, config.scan_unroll)  # [T, B, H]
+        # All steps' projections in one matmul (or gather) before the loop.
+        projections = project_input(layer, layer_input)  # [T, B, G*H]
+        return run_layer(cell, recurrent_params(layer), layer_carry, projections, config.scan_unroll)
+
+    return _stack(prepared, config, carry, inputs, run_over_time, dropout_key)
+
+
 def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
     """Return (carry, logits [T, B, V]) from prepared params."""
     carry, _, top = run_layers(prepared, config, carry, inputs, dropout_key)
@@ -137,15 +150,12 @@ def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: 
 def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
     """One character per stream, ids [B] -> (carry, logits [B, V]): the body of generation's time loop."""
     cell = CELLS[config.cell]
-    layer_input, new_carry = ids, []
-    for index, layer_carry in enumerate(carry):
-        layer = _with_input_params(prepared, index)
-        layer_carry, hidden = cell.step(layer, layer_carry, project_input(layer, layer_input))  # [B, H]
-        if config.residual and index > 0:
-            hidden = hidden + layer_input
-        new_carry.append(layer_carry)
-        layer_input = hidden
-    return tuple(new_carry), dense(layer_input, prepared["output"]["w"], prepared["output"]["b"])
+
+    def one_step(layer: dict, layer_carry, layer_input: jax.Array):
+        return cell.step(layer, layer_carry, project_input(layer, layer_input))  # [B, H]
+
+    carry, _, top = _stack(prepared, config, carry, ids, one_step)
+    return carry, dense(top, prepared["output"]["w"], prepared["output"]["b"])
 
 
 def _with_input_params(prepared: dict, index: int) -> dict:

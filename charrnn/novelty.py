@@ -2,10 +2,10 @@
 
 Substrings of one length are compared by key: two polynomial hashes modulo
 31-bit primes packed into one int64, computed for every window of a text at
-once with NumPy, so a 1 MB training text takes a few dozen milliseconds per
-length. The longest match is found by binary search on its length and checked
-character by character, so a hash collision cannot change it; the n-gram shares
-trust the keys (a false match needs both hashes to collide, about 2**-62 per pair).
+once with NumPy rather than in a Python loop. The longest match is found by
+binary search on its length and checked character by character, so a hash
+collision cannot change it; the n-gram shares trust the keys (a false match
+needs both hashes to collide, about 2**-62 per pair).
 """
 
 from __future__ import annotations

@@ -6,12 +6,15 @@ import io
 from pathlib import Path
 
 from charrnn import rundir, runs
-from charrnn.checkpoint import write_atomic
+from charrnn.atomic import write_atomic
 from charrnn.errors import UsageError
 
 
-def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = None) -> None:
-    """Draw training (left) and validation (right) curves of every run and write the figure to `output`."""
+def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = None, log_scale: bool = False) -> None:
+    """Draw training (left) and validation (right) curves of every run and write the figure to `output`.
+
+    With `log_scale`, bits/char are on a logarithmic axis: a run whose loss blew up no longer flattens the others.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -42,6 +45,8 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         axes.set_xlabel("characters seen")
         axes.grid(alpha=0.3)
     train_axes.set_ylabel("bits per character")
+    if log_scale:  # the axes share y: setting one sets both
+        train_axes.set_yscale("log")
     # Below both panels, so that many runs with long labels never hide a curve.
     figure.legend(handles=val_axes.get_lines(), loc="outside lower center", ncols=min(len(labels), 2), fontsize="small")
     buffer = io.BytesIO()

@@ -19,6 +19,7 @@ STATUS_FILE = "status.json"
 CHECKPOINTS = "checkpoints"
 BEST_FILE = "best.safetensors"
 LOCK_FILE = ".lock"
+DEFAULT_RUNS = Path("runs")  # where new runs go, and where the newest is looked for
 
 # Values of status.json's "status"; "running" with no live lock holder reads as "interrupted".
 RUNNING, FINISHED, INTERRUPTED, DIVERGED = "running", "finished", "interrupted", "diverged"
@@ -49,7 +50,7 @@ def new_run_dir(root: Path) -> Path:
         raise StorageError(f"cannot create a run directory under {root}: {error.strerror}") from None
 
 
-def prepare(run_dir: Path) -> None:
+def create(run_dir: Path) -> None:
     """Create the run directory and prove it writable, before any training step."""
     try:
         checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
@@ -103,16 +104,16 @@ def is_locked(run_dir: Path) -> bool:
 
 def strict_json(value: Any, **options) -> str:
     """json.dumps with NaN and infinities written as null, so that strict parsers (jq, JavaScript) read every line."""
-    return json.dumps(_finite(value), allow_nan=False, **options)
+    return json.dumps(_nonfinite_as_none(value), allow_nan=False, **options)
 
 
-def _finite(value: Any) -> Any:
+def _nonfinite_as_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: _nonfinite_as_none(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [_nonfinite_as_none(item) for item in value]
     return value
 
 

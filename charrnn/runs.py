@@ -36,7 +36,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return sorted(found.values())
 
 
-def _finite(value: Any) -> bool:
+def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -62,8 +62,8 @@ def _results_from_summary(status: dict[str, Any]) -> dict[str, Any]:
 
 def _results_from_metrics(records: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
     """The result columns of a run without a summary (running, interrupted, diverged), from its metrics."""
-    evals = [record for record in records if record.get("event") == "eval" and _finite(record.get("val_loss"))]
-    trains = [record for record in records if record.get("event") == "train" and _finite(record.get("chars_per_s"))]
+    evals = [record for record in records if record.get("event") == "eval" and _is_finite_number(record.get("val_loss"))]
+    trains = [record for record in records if record.get("event") == "train" and _is_finite_number(record.get("chars_per_s"))]
     steps = max([record["step"] for record in records if "step" in record] + [status.get("step", 0)])
     if status["status"] == rundir.DIVERGED:
         # The step whose loss was non-finite; status.json names the step of the call in flight after it.
@@ -76,7 +76,7 @@ def _results_from_metrics(records: list[dict[str, Any]], status: dict[str, Any])
         "final_val_bpc": evals[-1]["val_bpc"] if evals else None,
         # Each log window's rate leaves out compilation and evaluation; the median ignores a slow window.
         "chars_per_s": statistics.median(record["chars_per_s"] for record in trains) if trains else None,
-        "wall_s": max((record["elapsed_s"] for record in records if _finite(record.get("elapsed_s"))), default=None),
+        "wall_s": max((record["elapsed_s"] for record in records if _is_finite_number(record.get("elapsed_s"))), default=None),
     }
 
 

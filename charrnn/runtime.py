@@ -17,11 +17,10 @@ from charrnn.atomic import probe_writable
 from charrnn.errors import UsageError
 
 CACHE_ENV = "CHARRNN_CACHE_DIR"
-# XLA CPU options that made training faster here (benchmarks/README.md: A +6%, B +4%):
-# copy insertion that looks into while-loop bodies, which halves the copies of the
-# time loops' carries, and elementwise code in 512-bit vectors where the CPU has
-# them (the gate arithmetic; LLVM's default of 256 bits guards older CPUs whose
-# clock drops on 512-bit code, but the matmul kernels use 512 bits there anyway).
+# XLA CPU options that make training faster (figures in benchmarks/README.md): copy
+# insertion that looks into while-loop bodies, so the time loops copy their carries
+# less, and 512-bit vectors for elementwise code such as the gate arithmetic (LLVM's
+# 256-bit default spares older CPUs' clocks, but the matmul kernels use 512 bits anyway).
 CPU_XLA_FLAGS = {"xla_cpu_copy_insertion_use_region_analysis": "true", "xla_cpu_prefer_vector_width": "512"}
 # XLA aborts at start on a flag it does not know, so they go only to the jaxlib
 # release they were measured with; a later one gets them once measured again.
@@ -79,6 +78,9 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
     (`distributed.default_device_count` decides whether it does). A platform asked
     for is started at once, so that a missing one is a usage error, except in a
     `multi_process` run, whose backend must not start before jax.distributed does.
+    Call it before the first computation (as `--platform` and `--threads` do):
+
+        >>> charrnn.configure(platform="cpu", threads=1)
     """
     set_xla_flags(single_threaded=threads == 1)  # one thread: several runs can share a machine, one per core
     if threads and threads > 1:

@@ -11,6 +11,7 @@ import numpy as np
 
 from charrnn import distributed, model
 from charrnn.config import ModelConfig
+from charrnn.data import Vocab
 
 BLOCK = 128  # characters generated per compiled call; each block is streamed out as it ends
 # Beyond this temperature every draw is uniform already; capping it keeps it, and T * noise, finite in float32.
@@ -85,11 +86,11 @@ def block_length(length: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "one_stream"))
-def prepare(params: dict, config: ModelConfig, one_stream: bool) -> dict:
-    """The params as the generation loop multiplies with them, made once per `generate`.
+def generation_params(params: dict, config: ModelConfig, one_stream: bool) -> dict:
+    """The params as the generation loop multiplies with them (`model.prepare`), made once per `generate`.
 
-    One stream's matmuls are matrix-vector products, which read transposed weights
-    faster on a CPU (measured there only).
+    One stream's matmuls are matrix-vector products, which stream transposed
+    weights row by row on a CPU.
     """
     prepared = model.prepare(params, config)
     return model.transpose_weights(prepared) if one_stream else prepared
@@ -137,7 +138,7 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     if split is not None:  # each CPU core runs its share of the streams, as in training
         params = distributed.put(jax.device_get(params), split.replicated)
         carry, last_ids = distributed.put_streams(jax.device_get((carry, last_ids)), split, num_samples)
-    prepared = prepare(params, config, num_samples == 1 and jax.default_backend() == "cpu")
+    prepared = generation_params(params, config, num_samples == 1 and jax.default_backend() == "cpu")
     if len(prime_ids) > 1:
         carry = prime(prepared, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
     key = jax.random.key(seed)
@@ -158,3 +159,36 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
         queued = (position, ids)
     if queued is not None:
         yield on_host(*queued)
+
+
+def prime_ids(vocab: Vocab, prime: str) -> np.ndarray:
+    """The ids generation starts from: the prime's, or with no prime a newline (else the first character)."""
+    return vocab.encode(prime or ("\n" if "\n" in vocab.index else vocab.chars[0]))
+
+
+def generate_text(params: dict, config: ModelConfig, vocab: Vocab, prime: str, length: int, num_samples: int,
+                  seed: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                  stop: str | None = None) -> Iterator[list[str]]:
+    """Yield each sample's new text block by block, the prime first; a sample ends after `stop` ("" once ended).
+
+    The text of every sample, joined, is the prime and then at most `length`
+    characters, cut just after the first `stop` the generated text completes.
+    """
+    texts = [prime] * num_samples
+    yield texts[:]
+    done = [False] * num_samples
+    for ids in generate(params, config, prime_ids(vocab, prime), length, num_samples, seed, temperature, top_k, top_p):
+        pieces = []
+        for index in range(num_samples):
+            piece = "" if done[index] else vocab.decode(ids[:, index])
+            if stop and not done[index]:
+                searched_from = max(len(texts[index]) - len(stop) + 1, len(prime))
+                found = (texts[index] + piece).find(stop, searched_from)
+                if found >= 0:
+                    piece = piece[: found + len(stop) - len(texts[index])]
+                    done[index] = True
+            texts[index] += piece
+            pieces.append(piece)
+        yield pieces
+        if all(done):
+            return

@@ -1,11 +1,9 @@
 """Standard output as a command's results need it: UTF-8 whatever the locale, and a quiet end when the reader leaves.
 
-`charrnn sample | head` closes the pipe once `head` has its lines. The next write
-raises BrokenPipeError, which Typer would turn into a silent exit 1, and which
-would otherwise reach the user as an internal error. Here it ends the command
-instead: the stream is pointed at /dev/null, so the interpreter's last flush has
-somewhere to go, and `ReaderGone` unwinds to `cli.main`, which exits 0, as a
-writer whose reader had all it wanted should.
+When `charrnn sample | head` closes the pipe, the next write raises BrokenPipeError
+(a silent exit 1 under Typer, an internal error otherwise). Here the stream is pointed
+at /dev/null, so the interpreter's last flush has somewhere to go, and `ReaderGone`
+unwinds to `cli.main`, which exits 0: the reader had all it wanted.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Checkpoint files: pytree naming, bit-identical round trips, damage detection, atomic writes."""
 
+import json
+import math
 import os
 import signal
 import struct
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from charrnn import checkpoint
+from charrnn import checkpoint, config as config_lib, model
+from charrnn.config import Config, ModelConfig
 from charrnn.errors import CheckpointError, StorageError
 
 
@@ -310,9 +313,9 @@ def test_read_latest_raises_when_nothing_loads(steps, tmp_path):
 
 def test_checkpoint_made_on_a_gpu_loads_and_samples_on_the_cpu():
     """tests/data/gpu_tiny_lstm.safetensors was written by `charrnn train` on an NVIDIA H200."""
-    from charrnn import loading, runner, sample, train
+    from charrnn import sample, steps, training
 
-    trained = loading.load(Path(__file__).parent / "data" / "gpu_tiny_lstm.safetensors")
+    trained = checkpoint.load(Path(__file__).parent / "data" / "gpu_tiny_lstm.safetensors")
     assert trained.metadata["step"] == 60 and trained.config.model.cell == "lstm"
     blocks = list(sample.generate(trained.params, trained.config.model, trained.vocab.encode("\n"), 40, 2, 0, 0.8))
     text = trained.vocab.decode(np.concatenate(blocks)[:, 0])
@@ -321,9 +324,72 @@ def test_checkpoint_made_on_a_gpu_loads_and_samples_on_the_cpu():
     # The parameters are the trained ones: the CPU scores the run's validation split (111,539 characters,
     # half a second) with the run's streams as the GPU did. Measured gap 2e-6 (GPU vs CPU float32
     # arithmetic); a zeroed output bias moves the loss by 2.2e-3, fresh parameters by 0.87.
-    # resuming=: refuses any corpus but the one the metadata's corpus_sha names, and uses the stored vocabulary.
-    corpus = runner.load_corpus(Path(__file__).parents[1] / "data" / "tinyshakespeare.txt",
-                                trained.config.train.val_fraction, resuming=trained.metadata)
-    val_loss = train.evaluate(trained.params, trained.config.model, corpus.val_ids,
+    # Refuses any corpus but the one the metadata's corpus_sha names, and uses the stored vocabulary.
+    corpus = training.load_corpus(Path(__file__).parents[1] / "data" / "tinyshakespeare.txt",
+                                  trained.config.train.val_fraction, trained.vocab, trained.metadata["corpus_sha"])
+    val_loss = steps.evaluate(trained.params, trained.config.model, corpus.val_ids,
                               trained.config.train.eval_batch_size)
     assert val_loss == pytest.approx(trained.metadata["val_loss"], rel=0, abs=1e-4)
+
+
+def write_small_checkpoint(directory, step):
+    config = Config(model=ModelConfig(cell="gru", num_layers=2, hidden_size=8, embedding_size=4))
+    vocab = "\n !abc"
+    params = model.init_params(jax.random.key(0), config.model, len(vocab))
+    metadata = {"config": config_lib.to_dict(config), "vocab": vocab, "corpus_sha": "0" * 16, "step": step,
+                "elapsed_s": 1.5, "val_loss": 1.25, "best_val_loss": 1.2, "chars_seen": 128 * step, "saved_at": 0.0}
+    path = checkpoint.step_path(directory, step)
+    checkpoint.write(path, checkpoint.flatten(params, "params"), metadata)
+    return path, vocab
+
+
+def test_describe_a_small_checkpoint(tmp_path):
+    path, vocab = write_small_checkpoint(tmp_path, 10)
+
+    summary = checkpoint.describe(checkpoint.load(path))
+
+    assert json.loads(json.dumps(summary)) == summary  # ready for --json
+    assert summary["path"] == str(path) and summary["file_bytes"] == path.stat().st_size
+    assert summary["format_version"] == checkpoint.FORMAT_VERSION
+    assert (summary["step"], summary["val_loss"], summary["best_val_loss"]) == (10, 1.25, 1.2)
+    assert summary["config"]["model"]["cell"] == "gru" and summary["config"]["model"]["hidden_size"] == 8
+    assert summary["vocab"] == vocab and summary["vocab_size"] == 6
+    shapes = summary["parameter_shapes"]
+    assert shapes["params/embedding"] == [6, 4]
+    assert shapes["params/layers/0/w_x"] == [4, 24] and shapes["params/layers/1/w_h"] == [8, 24]
+    assert shapes["params/layers/1/b_hn"] == [8] and shapes["params/output/w"] == [8, 6]
+    assert summary["parameter_count"] == sum(math.prod(shape) for shape in shapes.values())
+
+
+def test_a_checkpoint_rotated_away_while_it_is_read_gives_way_to_the_newer_one(tmp_path, monkeypatch):
+    """A live run saves step 20 and deletes step 10 between `load` listing the directory and reading the file."""
+    old, _ = write_small_checkpoint(tmp_path, 10)
+    real_read = checkpoint.read_bytes
+
+    def read_after_a_save(path):
+        if path == old and path.exists():
+            write_small_checkpoint(tmp_path, 20)
+            old.unlink()
+        return real_read(path)
+
+    monkeypatch.setattr(checkpoint, "read_bytes", read_after_a_save)
+    trained = checkpoint.load(tmp_path)
+    assert trained.path == checkpoint.step_path(tmp_path, 20) and trained.metadata["step"] == 20
+    assert checkpoint.describe(trained)["file_bytes"] == trained.path.stat().st_size
+
+
+def test_a_folder_of_runs_loads_its_newest_run(tmp_path):
+    """`-c runs/`: a folder holding run directories names the run most recently updated."""
+    from charrnn import rundir
+
+    for name, step, updated in (("old", 10, 1000), ("new", 20, 3000), ("older", 5, 2000)):
+        run_dir = tmp_path / name
+        rundir.create(run_dir)
+        rundir.write_json(run_dir / rundir.CONFIG_FILE, {})
+        write_small_checkpoint(rundir.checkpoints_dir(run_dir), step)
+        rundir.write_status(run_dir, rundir.FINISHED, {})
+        os.utime(run_dir / rundir.STATUS_FILE, (updated, updated))
+    assert checkpoint.find(tmp_path) == checkpoint.step_path(rundir.checkpoints_dir(tmp_path / "new"), 20)
+    assert checkpoint.load(tmp_path).metadata["step"] == 20
+    (tmp_path / "stray").mkdir()
+    assert "neither" in _checkpoint_error(checkpoint.find, tmp_path / "stray")

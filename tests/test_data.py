@@ -149,14 +149,6 @@ def test_encode_of_unknown_characters_names_them(text):
         assert repr(char) not in message
 
 
-@pytest.mark.parametrize("text", TEXTS + ['quote " backslash \\ newline \n tab \t'])
-def test_vocab_json_round_trip(text):
-    vocab = data.Vocab.from_text(text)
-    restored = data.Vocab.from_json(vocab.to_json())
-    assert restored.chars == vocab.chars
-    np.testing.assert_array_equal(restored.encode(text), vocab.encode(text))
-
-
 def test_encode_across_block_boundaries(monkeypatch):
     text = _distinct_text(40)[:53]  # 53 = 7 * 7 + 4: several full blocks and a partial one
     vocab = data.Vocab.from_text(text)

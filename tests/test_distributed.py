@@ -9,14 +9,15 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-from clihelp import TINY, assert_identical_arrays, final_arrays, logged_train_steps, run_subprocess, start_subprocess, \
-    subprocess_env
+from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_subprocess, \
+    start_subprocess, subprocess_env
 
-from charrnn import distributed, runtime
+from charrnn import checkpoint, data, distributed, runtime
 
 TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 CPU_DEVICE_PER_CORE = {"XLA_FLAGS": ""}  # no forced count: charrnn train gives JAX one CPU device per core
-ARGS = ["--config", TINY, "--steps", "12", "--set", "train.eval_every=6", "--set", "model.dropout=0.1", "--quiet"]
+COMMON = ["--config", TINY, "--set", "train.eval_every=6", "--set", "model.dropout=0.1", "--quiet"]
+ARGS = [*COMMON, "--steps", "12"]
 
 
 def assert_close(left, right):
@@ -25,16 +26,82 @@ def assert_close(left, right):
         assert np.allclose(left[name], right[name], rtol=1e-4, atol=1e-5), name
 
 
-def test_two_devices_train_like_one(small_corpus, tmp_path):
-    for devices in ("1", "2"):
-        result = run_subprocess("train", small_corpus, *ARGS, "--devices", devices, "--out", f"d{devices}",
-                                cwd=tmp_path, **TWO_CPU_DEVICES)
+def test_two_devices_train_like_one_and_resume_on_one(small_corpus, tmp_path):
+    # A constant schedule makes step 12 of a 14-step run the end of a 12-step run; keep=2 keeps its checkpoint.
+    constant = [*COMMON, "--set", "train.schedule=constant"]
+    for devices, steps in (("1", "14"), ("2", "12")):
+        result = run_subprocess("train", small_corpus, *constant, "--steps", steps, "--set", "train.keep=2",
+                                "--devices", devices, "--out", f"d{devices}", cwd=tmp_path, **TWO_CPU_DEVICES)
         assert result.code == 0, result.err
         assert json.loads(result.out)["devices"] == int(devices)
-    assert_close(final_arrays(tmp_path / "d1"), final_arrays(tmp_path / "d2"))
+    one_device = tmp_path / "d1" / "checkpoints"
+    assert_close(checkpoint_arrays(checkpoint.step_path(one_device, 12)), final_arrays(tmp_path / "d2"))
     resumed = run_subprocess("train", "--resume", "d2", "--devices", "1", "--steps", "14", "--quiet", cwd=tmp_path,
                              **TWO_CPU_DEVICES)
-    assert resumed.code == 0, resumed.err  # a 2-device checkpoint continues on one device
+    assert resumed.code == 0, resumed.err
+    # The 2-device checkpoint continues on one device as if never interrupted: parameters,
+    # optimizer state and carry all restored, the step counted on from 12.
+    assert_close(checkpoint_arrays(checkpoint.step_path(one_device, 14)), final_arrays(tmp_path / "d2"))
+    assert checkpoint.read_latest(tmp_path / "d2" / "checkpoints")[2]["step"] == 14
+    assert logged_train_steps(tmp_path / "d2") == [10, 12, 14]
+
+
+# A multi-process run simulated in one process: what each of 4 processes supplies of 12 streams.
+NUM_PROCESSES = 4
+NUM_STREAMS = 12
+
+
+def as_process(monkeypatch, index: int) -> None:
+    """Make charrnn.distributed see this process as process `index` of NUM_PROCESSES."""
+    monkeypatch.setattr(distributed.jax, "process_index", lambda *args, **kwargs: index)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda *args, **kwargs: NUM_PROCESSES)
+
+
+def test_processes_supply_disjoint_contiguous_blocks_of_streams_in_order(monkeypatch):
+    placement = distributed.make_placement(1, NUM_STREAMS, 0)  # the slice follows the process, not the devices
+    blocks = []
+    for index in range(NUM_PROCESSES):
+        as_process(monkeypatch, index)
+        blocks.append(list(range(NUM_STREAMS))[placement.local_streams(NUM_STREAMS)])
+    assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_each_process_reads_its_own_streams_of_the_minibatch(monkeypatch):
+    placement = distributed.make_placement(1, NUM_STREAMS, 0)
+    ids = np.arange(4000)  # every position its own id: a wrong stream cannot go unseen
+    layout = data.stream_layout(len(ids), NUM_STREAMS, 16)
+    step = layout.chunks_per_epoch + 3  # the second epoch, with its own random offset
+    whole = data.training_batch(ids, layout, step, seed=7, random_offset=True)
+    parts = []
+    for index in range(NUM_PROCESSES):
+        as_process(monkeypatch, index)
+        streams = placement.local_streams(NUM_STREAMS)
+        part = data.training_batch(ids, layout, step, seed=7, random_offset=True, streams=streams)
+        np.testing.assert_array_equal(part.inputs, whole.inputs[:, streams])  # [T, B / processes]
+        np.testing.assert_array_equal(part.targets, whole.targets[:, streams])
+        parts.append(part)
+    np.testing.assert_array_equal(np.concatenate([part.inputs for part in parts], axis=1), whole.inputs)
+    np.testing.assert_array_equal(np.concatenate([part.targets for part in parts], axis=1), whole.targets)
+
+
+def test_put_streams_hands_jax_only_this_process_rows_or_columns(monkeypatch):
+    placement = distributed.make_placement(1, NUM_STREAMS, 0)
+    carry = np.arange(NUM_STREAMS * 5).reshape(NUM_STREAMS, 5)  # [B, H]
+    chunk = np.arange(7 * NUM_STREAMS).reshape(7, NUM_STREAMS)  # [T, B]
+    handed = []  # (sharding, local data) of each call, as a multi-process run gives them to JAX
+    monkeypatch.setattr(distributed.jax, "make_array_from_process_local_data",
+                        lambda sharding, local: handed.append((sharding, local)))
+    for index in range(NUM_PROCESSES):
+        as_process(monkeypatch, index)
+        own = slice(3 * index, 3 * index + 3)
+        handed.clear()
+        distributed.put_streams((carry, -carry), placement, NUM_STREAMS)
+        distributed.put_streams(chunk, placement, NUM_STREAMS, axis=1)
+        (h_sharding, h), (c_sharding, c), (chunk_sharding, chunk_part) = handed
+        assert h_sharding == c_sharding == placement.batch and chunk_sharding == placement.time_major
+        np.testing.assert_array_equal(h, carry[own])  # [B / processes, H]
+        np.testing.assert_array_equal(c, -carry[own])
+        np.testing.assert_array_equal(chunk_part, chunk[:, own])  # [T, B / processes]
 
 
 class FakeDevice(NamedTuple):
@@ -76,17 +143,16 @@ def test_streams_really_are_split(small_corpus, tmp_path):
     probe = f"""
 import jax, numpy as np
 from pathlib import Path
-from charrnn import config, distributed, runner, train
+from charrnn import config, distributed, loop, steps, training
 cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
-corpus = runner.load_corpus(Path({str(small_corpus)!r}), 0.1)
+corpus = training.load_corpus(Path({str(small_corpus)!r}), 0.1)
 placement = distributed.make_placement(2, cfg.train.batch_size, 0)
-session = runner.Session(cfg, corpus, Path("unused"), Path("unused"), train.make_optimizer(cfg.train), placement,
-                         runner.Reporter(), runner.StopFlag())
-session.start(None)
-from charrnn.loop import Loop
-loop = Loop(session)
-state, carry, _ = loop.train_call(session.run.state, session.run.carry, loop.batches(0, 1),
-                                  distributed.put(np.ones(1, np.float32), placement.replicated))
+optimizer = steps.make_optimizer(cfg.train)
+state, carry = steps.place(*steps.fresh_state(cfg, optimizer, len(corpus.vocab)), placement, cfg.train.batch_size)
+run = loop.Loop(cfg, corpus, Path("unused"), placement, optimizer, loop.Progress(state, carry), lambda: None,
+                lambda event: None)
+state, carry, _ = run.train_call(state, carry, run.batches(0, 1),
+                                 distributed.put(np.ones(1, np.float32), placement.replicated))
 h = carry[0].h
 print(len(jax.devices()), [tuple(shard.data.shape) for shard in h.addressable_shards],
       [shard.data.shape for shard in state.params["embedding"].addressable_shards])

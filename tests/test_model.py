@@ -119,6 +119,29 @@ def test_two_chunks_with_carry_equal_one_long_chunk(cell):
     assert not np.allclose(carry_first[0][0], carry_second[0][0])  # the state moved between chunks
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"residual": True},
+    {"residual": True, "num_layers": 3},  # a residual sum feeding another residual layer
+    {"learn_initial_state": True},
+    {"residual": True, "learn_initial_state": True},
+], ids=["plain", "residual", "residual-3-layers", "learned-initial", "residual-learned-initial"])
+@pytest.mark.parametrize("cell", CELL_NAMES)
+def test_generation_step_by_step_equals_one_forward_pass(cell, overrides):
+    """`step`, generation's per-character body, is the same model as the chunked `forward` training runs."""
+    config = make_config(cell, **overrides)
+    params, inputs = random_params(config, seed=51), random_ids(52)  # inputs [T, B]
+    carry = model.initial_carry(params, config, BATCH)  # the learned state, where there is one
+
+    carry_whole, logits_whole = model.forward(params, config, carry, inputs)  # logits [T, B, V]
+
+    step = jax.jit(lambda carry, ids: model.step(model.prepare(params, config), config, carry, ids))
+    for time, ids in enumerate(inputs):  # ids [B]
+        carry, logits = step(carry, ids)  # logits [B, V]
+        np.testing.assert_allclose(logits, logits_whole[time], rtol=0, atol=1e-5, err_msg=f"step {time}")
+    assert_trees_close(carry, carry_whole, atol=1e-5)
+
+
 def explicit_forward(params: dict, config: ModelConfig, carry: tuple, inputs):
     """Embedding lookup, then x @ w_x + b per layer, then cell steps one time step at a time."""
     cell = CELLS[config.cell]

@@ -1,11 +1,13 @@
 """Never lose a run: exact resume, graceful signals, divergence, one writer, kills at any moment."""
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import signal
+import threading
 import time
 
 import numpy as np
@@ -17,6 +19,8 @@ from charrnn import checkpoint, rundir
 
 # 16 streams x 16 chars: the small corpus gives 28 chunks per epoch, so runs cross epochs.
 LAYOUT = ["--config", TINY, "--batch-size", "16", "--seq-len", "16", "--set", "train.log_every=5"]
+# Where a checkpoint write can be killed (charrnn.atomic's fault points), in the order it reaches them.
+WRITE_PHASES = ["before_write", "half_written", "written", "synced", "replaced"]
 
 
 @pytest.fixture
@@ -131,9 +135,9 @@ def test_divergence_stops_with_its_own_code_and_keeps_good_checkpoints(cli, smal
 def test_a_validation_loss_that_is_not_finite_is_a_divergence(cli, small_corpus, tmp_path, monkeypatch):
     """Finite training losses can still give a model that scores inf: the run stops as diverged, in strict JSON."""
     assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
-    from charrnn import train
+    from charrnn import steps
 
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: float("inf"))
+    monkeypatch.setattr(steps, "evaluate", lambda *args, **kwargs: float("inf"))
     diverged = cli("train", "--resume", "run", "--steps", "30", "--set", "train.eval_every=5")
     assert diverged.code == 5, diverged.err
     stopped_at = int(re.search(r"validation loss became non-finite at step (\d+)", diverged.err).group(1))
@@ -149,7 +153,7 @@ def reported_saves(stderr: str) -> list[int]:
     return [int(step) for step in re.findall(r"saved step-(\d+)", stderr)]
 
 
-@pytest.mark.parametrize("phase", ["before_write", "half_written", "written", "synced", "replaced"])
+@pytest.mark.parametrize("phase", WRITE_PHASES)
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(small_corpus, tmp_path, phase):
     result = run_subprocess("train", small_corpus, *LAYOUT, "--steps", "40", "--set", "train.eval_every=5",
                             "--set", "train.keep=2", "--out", "run", cwd=tmp_path,
@@ -182,27 +186,57 @@ def test_a_kill_between_the_best_copy_and_the_step_checkpoint_leaves_the_best_co
     assert evals[best["step"]] == best["val_loss"]
 
 
+def kill_after_reported_saves(process, saves: float, delay_s: float) -> str:
+    """SIGKILL `process` `delay_s` after its stderr reports `saves` saves (0: after its first line); return stderr.
+
+    Progress, not time, says when: on a slow machine as on a fast one, the kill comes after what was asked.
+    A thread reads stderr as it comes, so that the child never blocks on a full pipe.
+    """
+    lines, reached = [], threading.Event()
+
+    def read() -> None:
+        reported = 0
+        for line in process.stderr:
+            lines.append(line)
+            reported += len(reported_saves(line))
+            if reported >= saves:
+                reached.set()
+        reached.set()  # it ended by itself (or killed itself at a fault point)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert reached.wait(timeout=300), "the run reported nothing"  # a guard against a hang only
+        time.sleep(delay_s)
+    finally:
+        process.kill()
+        reader.join()
+        process.communicate(timeout=60)
+    return "".join(lines)
+
+
 def test_random_sigkills_never_lose_a_reported_checkpoint(small_corpus, tmp_path):
+    """Sessions killed after a random number of saves, or inside a random write, never lose a reported save."""
     kills = int(os.environ.get("CHARRNN_SOAK_KILLS", "20"))
     rng = random.Random(0)
     args = [*LAYOUT, "--steps", "100000", "--set", "train.eval_every=3", "--set", "train.keep=2"]
     newest_reported = 0
-    run_dir = tmp_path / "run"
-    for _ in range(kills):
-        if not (run_dir / rundir.CONFIG_FILE).exists():  # killed before it began: nothing to keep
-            shutil.rmtree(run_dir, ignore_errors=True)
-            command = ["train", small_corpus, *args, "--out", "run"]
-        else:
-            command = ["train", "--resume", "run"]
-        process = start_subprocess(*command, cwd=tmp_path)
-        time.sleep(rng.uniform(1.5, 5.0))
-        process.kill()
-        _, err = process.communicate(timeout=60)
+    for kill in range(kills):
+        command = ["train", "--resume", "run"] if kill else ["train", small_corpus, *args, "--out", "run"]
+        if kill and rng.random() < 0.5:  # the session kills itself at a phase of its n-th checkpoint write
+            fault = {checkpoint.FAULT_ENV: f"{rng.choice(WRITE_PHASES)}@{rng.randint(1, 6)}"}
+            saves, delay_s = math.inf, 0.0
+        else:  # after 0-3 saves (0: while it starts or resumes), at a random moment of the save cycle; the
+            # first session saves once at least, so that every later one has a checkpoint to resume
+            fault, saves, delay_s = {}, rng.randint(0 if kill else 1, 3), rng.uniform(0.0, 0.3)
+        process = start_subprocess(*command, cwd=tmp_path, **fault)
+        err = kill_after_reported_saves(process, saves, delay_s)
+        assert process.returncode == -signal.SIGKILL, err
         newest_reported = max([newest_reported, *reported_saves(err)])
-        if newest_reported:
-            _, _, metadata, skipped = checkpoint.read_latest(tmp_path / "run" / "checkpoints")
-            assert metadata["step"] >= newest_reported
-            assert skipped == []
+        _, _, metadata, skipped = checkpoint.read_latest(tmp_path / "run" / "checkpoints")
+        assert metadata["step"] >= newest_reported
+        assert skipped == []
+        checkpoint.read(tmp_path / "run" / "checkpoints" / rundir.BEST_FILE)  # whole, old or new
     assert newest_reported > 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from charrnn import render
-from charrnn.cli_inspect import terminal_blocks
+from charrnn.cli.viz import terminal_blocks
 
 TEXT = "if (a < b && c > \"d\") {\n  x = 'it''s';\n}\n\tend & <b>bold</b>?"  # no "/" in it: the page may hold none
 VOID_ELEMENTS = {"meta", "br", "hr", "img", "input", "link"}

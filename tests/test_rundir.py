@@ -138,7 +138,7 @@ def test_metrics_log_to_a_vanished_directory_is_a_storage_error(tmp_path):
 
 def _make_run(root, name, status_mtime=None, checkpoint=True, config=True):
     run_dir = root / name
-    rundir.prepare(run_dir)
+    rundir.create(run_dir)
     if config:
         (run_dir / rundir.CONFIG_FILE).write_text(json.dumps({}), encoding="utf-8")
     if checkpoint:
@@ -172,7 +172,7 @@ def test_newest_run_raises_without_runs(setup, tmp_path):
 
 def test_prepare_creates_a_clean_run_directory(tmp_path):
     run_dir = tmp_path / "runs" / "first"
-    rundir.prepare(run_dir)
+    rundir.create(run_dir)
     assert rundir.checkpoints_dir(run_dir).is_dir()
     assert os.listdir(run_dir) == [rundir.CHECKPOINTS]  # the write probe is gone
 
@@ -182,7 +182,7 @@ def test_prepare_refuses_an_unwritable_location(below, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(StorageError) as caught:
-        rundir.prepare(blocker / below)
+        rundir.create(blocker / below)
     assert caught.value.exit_code == 6 and str(blocker / below) in str(caught.value)
 
 

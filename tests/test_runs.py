@@ -225,7 +225,7 @@ def test_plot_without_matplotlib_says_how_to_install(sweep, tmp_path, monkeypatc
 
 
 def test_unreadable_metrics_and_config_give_empty_values(tmp_path):
-    rundir.prepare(tmp_path)
+    rundir.create(tmp_path)
     (tmp_path / rundir.CONFIG_FILE).write_text("{torn")
     (tmp_path / rundir.METRICS_FILE).write_text('{"event": "train", "step": 5, "chars_per_s": NaN}\n{"event": ')
     (row,) = runs.collect([tmp_path])
@@ -235,7 +235,7 @@ def test_unreadable_metrics_and_config_give_empty_values(tmp_path):
 
 
 def test_config_keys_a_run_predates_take_their_defaults(tmp_path):
-    rundir.prepare(tmp_path)
+    rundir.create(tmp_path)
     rundir.write_json(tmp_path / rundir.CONFIG_FILE, {"model": {"cell": "gru"}, "train": {"lr": 0.5}})
     (row,) = runs.collect([tmp_path])
     assert row["model.cell"] == "gru" and row["train.lr"] == 0.5

@@ -42,6 +42,55 @@ def test_kept_characters_keep_their_relative_probabilities():
     assert abs(share - 0.4 / 0.65) < 0.02  # renormalised over the two kept characters
 
 
+# Nucleus sets worked by hand from LOGITS = log p, tempered first: at T = 2 the probabilities are
+# proportional to sqrt(p), at T = 0.5 to p**2, renormalised over the top k when k is set.
+# In every case the nucleus of the untempered p would be another set (given after "not").
+TEMPERED_NUCLEUS_CASES = [
+    # row 0: .298 + .236 = .534 < .6 keeps a third, not {1, 3}; row 1: .340 + .215 < .6, not {0, 1}
+    (2.0, 0, 0.6, [{1, 3, 4}, {0, 1, 2}]),
+    # row 0: .582 < .75, .809 reaches it, not {1, 3, 4}; row 1: .769 alone, not {0, 1, 2}
+    (0.5, 0, 0.75, [{1, 3}, {0}]),
+    # over the top 3: row 0 .400 < .55, .717 reaches it (without top-k .534 < .55 would keep 4 too);
+    # row 1 .459 < .55, not {0}: untempered .588 alone reaches it
+    (2.0, 3, 0.55, [{1, 3}, {0, 1}]),
+    # over the top 4: row 0 .587 < .8, .817 reaches it, not {1, 3, 4}; row 1 .775 < .8, .899, not {0, 1, 2}
+    (0.5, 4, 0.8, [{1, 3}, {0, 1}]),
+]
+
+
+def kept_mask(kept) -> np.ndarray:
+    """Sets of kept character ids, one per row, as a boolean mask [B, V] shaped like LOGITS."""
+    return np.array([[character in row for character in range(LOGITS.shape[1])] for row in kept])
+
+
+def renormalised_tempered(temperature: float, kept: np.ndarray) -> np.ndarray:
+    """softmax(LOGITS / T) in float64, zero outside `kept` [B, V] and rescaled to sum to 1 per row."""
+    tempered = np.exp(np.asarray(LOGITS, np.float64) / temperature)
+    weights = np.where(kept, tempered, 0.0)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", TEMPERED_NUCLEUS_CASES)
+def test_top_p_keeps_the_nucleus_of_the_tempered_distribution_with_its_shares(temperature, top_k, top_p, kept):
+    filtered = np.asarray(sample.filter_logits(LOGITS, jnp.float32(temperature), top_k, jnp.float32(top_p)))  # [B, V]
+    kept = kept_mask(kept)
+    np.testing.assert_array_equal(np.isneginf(filtered), ~kept)  # exactly the nucleus is left, nothing else is -inf
+    assert np.isfinite(filtered[kept]).all()
+    # The kept characters share in proportion to their tempered probabilities, not equally.
+    shares = np.exp(filtered - filtered.max(axis=-1, keepdims=True))
+    shares /= shares.sum(axis=-1, keepdims=True)
+    np.testing.assert_allclose(shares, renormalised_tempered(temperature, kept), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", TEMPERED_NUCLEUS_CASES[::2])  # one per top-k setting
+def test_draws_follow_the_renormalised_tempered_nucleus(temperature, top_k, top_p, kept):
+    chosen = draws(LOGITS, temperature, top_k, top_p, count=20000)  # [count, B]
+    expected = renormalised_tempered(temperature, kept_mask(kept))
+    for stream in range(2):
+        share = np.bincount(chosen[:, stream], minlength=5) / len(chosen)
+        np.testing.assert_allclose(share, expected[stream], atol=0.015)
+
+
 def test_temperature_zero_and_tiny_temperatures_are_argmax():
     for temperature in (0.0, 1e-30, 1e-6):
         chosen = draws(LOGITS, temperature, 0, 1.0, count=50)
@@ -129,7 +178,7 @@ def test_generate_runs_equal_blocks_and_yields_exactly_the_length(monkeypatch):
 def test_one_stream_steps_with_transposed_weights_as_with_the_weights(cell):
     config = ModelConfig(cell=cell, num_layers=2, hidden_size=16, embedding_size=8)
     params = model.init_params(jax.random.key(3), config, 11)
-    plain, transposed = sample.prepare(params, config, False), sample.prepare(params, config, True)
+    plain, transposed = sample.generation_params(params, config, False), sample.generation_params(params, config, True)
     assert isinstance(transposed["layers"][1]["w_h"], TransposedWeight) and isinstance(transposed["output"]["w"], TransposedWeight)
     carries = [model.initial_carry(params, config, 1)] * 2
     for character in [3, 1, 4, 1, 5, 9, 2, 6]:  # the state carried over several steps

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from charrnn import distributed, model
-from charrnn.config import ModelConfig, TrainConfig
+from charrnn.config import Config, ModelConfig, TrainConfig
 from charrnn.data import Batch, EvalChunk, evaluation_chunks
 
 
@@ -64,6 +64,19 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
 def init_state(key: jax.Array, model_config: ModelConfig, optimizer, vocab_size: int) -> TrainState:
     params = model.init_params(key, model_config, vocab_size)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def fresh_state(config: Config, optimizer, vocab_size: int) -> tuple[TrainState, tuple]:
+    """A new run's training state and carried state as host arrays, the same on every process (from the seed)."""
+    key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
+    state = jax.device_get(init_state(key, config.model, optimizer, vocab_size))
+    carry = jax.device_get(model.initial_carry(state.params, config.model, config.train.batch_size))
+    return state, carry
+
+
+def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[TrainState, tuple]:
+    """The state replicated over the placement's devices, the carry split with its streams."""
+    return distributed.put(state, placement.replicated), distributed.put_streams(carry, placement, batch_size)
 
 
 def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimizer, placement=None):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from charrnn import data, model, train
+from charrnn import data, model, steps
 from charrnn.config import ModelConfig, TrainConfig
 
 MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8, dropout=0.0)
@@ -34,8 +34,8 @@ def batches(ids, train_config: TrainConfig, first_step: int, count: int) -> list
 
 def fresh_start(model_config: ModelConfig, train_config: TrainConfig, vocab_size: int, seed: int = 0):
     """Return (optimizer, state, carry), all new buffers (the train call donates them)."""
-    optimizer = train.make_optimizer(train_config)
-    state = train.init_state(jax.random.key(seed), model_config, optimizer, vocab_size)
+    optimizer = steps.make_optimizer(train_config)
+    state = steps.init_state(jax.random.key(seed), model_config, optimizer, vocab_size)
     return optimizer, state, model.initial_carry(state.params, model_config, train_config.batch_size)
 
 
@@ -57,7 +57,7 @@ def assert_trees_close(actual, expected, atol: float) -> None:
 
 def test_warmup_is_linear_up_to_lr():
     config = TrainConfig(lr=0.5, warmup_steps=4, schedule="constant")
-    rates = [train.learning_rate(config, step, progress=0.0) for step in range(6)]
+    rates = [steps.learning_rate(config, step, progress=0.0) for step in range(6)]
     np.testing.assert_allclose(rates, [0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
 
 
@@ -65,25 +65,25 @@ def test_warmup_is_linear_up_to_lr():
 def test_cosine_goes_from_lr_to_final_fraction(final):
     config = TrainConfig(lr=2.0, warmup_steps=3, schedule="cosine", final_lr_fraction=final)
     after_warmup = 10
-    assert train.learning_rate(config, after_warmup, 0.0) == pytest.approx(2.0)
-    assert train.learning_rate(config, after_warmup, 0.5) == pytest.approx(2.0 * (1.0 + final) / 2)
-    assert train.learning_rate(config, after_warmup, 1.0) == pytest.approx(2.0 * final, abs=1e-12)
-    assert train.learning_rate(config, after_warmup, 0.25) == pytest.approx(2.0 * (final + (1 - final) * (2 + 2**0.5) / 4))
-    assert train.learning_rate(config, after_warmup, 1.7) == train.learning_rate(config, after_warmup, 1.0)
-    assert train.learning_rate(config, 0, 0.0) == pytest.approx(2.0 / 3)  # warm-up multiplies the schedule
+    assert steps.learning_rate(config, after_warmup, 0.0) == pytest.approx(2.0)
+    assert steps.learning_rate(config, after_warmup, 0.5) == pytest.approx(2.0 * (1.0 + final) / 2)
+    assert steps.learning_rate(config, after_warmup, 1.0) == pytest.approx(2.0 * final, abs=1e-12)
+    assert steps.learning_rate(config, after_warmup, 0.25) == pytest.approx(2.0 * (final + (1 - final) * (2 + 2**0.5) / 4))
+    assert steps.learning_rate(config, after_warmup, 1.7) == steps.learning_rate(config, after_warmup, 1.0)
+    assert steps.learning_rate(config, 0, 0.0) == pytest.approx(2.0 / 3)  # warm-up multiplies the schedule
 
 
 def test_exponential_reaches_final_fraction():
     config = TrainConfig(lr=1.0, warmup_steps=0, schedule="exponential", final_lr_fraction=0.01)
-    assert train.learning_rate(config, 0, 0.0) == pytest.approx(1.0)
-    assert train.learning_rate(config, 0, 0.5) == pytest.approx(0.1)
-    assert train.learning_rate(config, 0, 1.0) == pytest.approx(0.01)
-    assert train.learning_rate(config, 0, -1.0) == pytest.approx(1.0)
+    assert steps.learning_rate(config, 0, 0.0) == pytest.approx(1.0)
+    assert steps.learning_rate(config, 0, 0.5) == pytest.approx(0.1)
+    assert steps.learning_rate(config, 0, 1.0) == pytest.approx(0.01)
+    assert steps.learning_rate(config, 0, -1.0) == pytest.approx(1.0)
 
 
 def test_constant_stays_constant():
     config = TrainConfig(lr=0.3, warmup_steps=0, schedule="constant", final_lr_fraction=0.1)
-    assert {train.learning_rate(config, step, progress) for step, progress in [(0, 0.0), (7, 0.4), (99, 1.0)]} == {0.3}
+    assert {steps.learning_rate(config, step, progress) for step, progress in [(0, 0.0), (7, 0.4), (99, 1.0)]} == {0.3}
 
 
 # ---------------------------------------------------------------- the train call
@@ -96,7 +96,7 @@ def test_k_steps_in_one_call_equal_k_calls_of_one_step(corpus):
     lrs = [1e-2, 5e-3, 2e-3]
 
     optimizer, state_one_call, carry_one_call = fresh_start(model_config, TRAIN, vocab_size)
-    call = train.make_train_call(model_config, TRAIN, optimizer)
+    call = steps.make_train_call(model_config, TRAIN, optimizer)
     state_one_call, carry_one_call, metrics = call(
         state_one_call, carry_one_call, data.stack_batches(step_batches), jnp.asarray(lrs, jnp.float32)
     )
@@ -121,7 +121,7 @@ def test_every_parameter_changes_after_one_step(corpus, cell):
     optimizer, state, carry = fresh_start(model_config, TRAIN, vocab_size)
     before = host_copy(state.params)
 
-    state, _, metrics = run_steps(train.make_train_call(model_config, TRAIN, optimizer), state, carry,
+    state, _, metrics = run_steps(steps.make_train_call(model_config, TRAIN, optimizer), state, carry,
                                   batches(ids, TRAIN, 0, 1), TRAIN.lr)
 
     assert bool(metrics.finite[0])
@@ -135,7 +135,7 @@ def test_learned_initial_state_changes_after_one_step(corpus):
     optimizer, state, carry = fresh_start(model_config, TRAIN, vocab_size)
     before = host_copy(state.params["initial"])
 
-    state, _, _ = run_steps(train.make_train_call(model_config, TRAIN, optimizer), state, carry,
+    state, _, _ = run_steps(steps.make_train_call(model_config, TRAIN, optimizer), state, carry,
                             batches(ids, TRAIN, 0, 1), TRAIN.lr)  # step 0 starts an epoch: reset
 
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.params["initial"]), strict=True):
@@ -149,7 +149,7 @@ def test_non_finite_step_changes_nothing(corpus):
     bad, good = batches(ids, TRAIN, first_step=1, count=1)[0], batches(ids, TRAIN, first_step=0, count=1)[0]
     assert not bad.reset and good.reset  # the NaN state is used by the first step, reset by the second
     before = host_copy(state)
-    call = train.make_train_call(MODEL, TRAIN, optimizer)
+    call = steps.make_train_call(MODEL, TRAIN, optimizer)
 
     state_after_bad, carry_after_bad, metrics = run_steps(call, state, poisoned, [bad], TRAIN.lr)
     assert not bool(metrics.finite[0]) and np.isnan(metrics.loss[0])
@@ -175,7 +175,7 @@ def test_step_gradient_treats_incoming_carry_as_constant(corpus):
     optimizer, state, carry = fresh_start(MODEL, TRAIN, vocab_size)
     params, opt_state, initial = host_copy(state.params), host_copy(state.opt_state), host_copy(carry)
 
-    state, carry_after, _ = run_steps(train.make_train_call(MODEL, TRAIN, optimizer), state, carry, [first, second], TRAIN.lr)
+    state, carry_after, _ = run_steps(steps.make_train_call(MODEL, TRAIN, optimizer), state, carry, [first, second], TRAIN.lr)
 
     @jax.jit
     def adam_step(params, opt_state, carry, batch):
@@ -202,16 +202,16 @@ def test_tiny_corpus_is_overfit():
     model_config = ModelConfig(cell="lstm", num_layers=1, hidden_size=32, embedding_size=8, dropout=0.0)
     train_config = TrainConfig(batch_size=4, seq_len=16, lr=1e-2, schedule="constant", warmup_steps=0, seed=0)
     optimizer, state, carry = fresh_start(model_config, train_config, len(vocab))
-    untrained = train.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)
+    untrained = steps.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)
 
-    call = train.make_train_call(model_config, train_config, optimizer)
+    call = steps.make_train_call(model_config, train_config, optimizer)
     steps_per_call = 50
     for first_step in range(0, 200, steps_per_call):
         state, carry, metrics = run_steps(call, state, carry, batches(ids, train_config, first_step, steps_per_call),
                                           train_config.lr)
         assert bool(np.all(metrics.finite))
 
-    trained = train.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)
+    trained = steps.evaluate(state.params, model_config, ids, num_streams=1, seq_len=64)
     assert untrained > 0.8 * math.log(len(vocab))
     assert trained < 0.05  # only the first character, from a cold start, is unpredictable
 
@@ -221,7 +221,7 @@ def test_evaluate_one_stream_equals_one_forward_pass():
     ids = rng.integers(0, 7, 38).astype(np.uint8)  # 37 predictions: the last chunk is padded
     params = model.init_params(jax.random.key(30), MODEL, 7)
 
-    mean = train.evaluate(params, MODEL, ids, num_streams=1, seq_len=5)
+    mean = steps.evaluate(params, MODEL, ids, num_streams=1, seq_len=5)
 
     _, logits = model.forward(params, MODEL, model.initial_carry(params, MODEL, 1), jnp.asarray(ids[:-1, None]))
     losses = model.token_losses(logits, jnp.asarray(ids[1:, None]))  # [T, 1]
@@ -251,7 +251,7 @@ def test_evaluate_several_streams_equals_forward_per_stream():
     params = model.init_params(jax.random.key(32), MODEL, 7)
     num_streams, seq_len = 3, 4
 
-    mean = train.evaluate(params, MODEL, ids, num_streams, seq_len)
+    mean = steps.evaluate(params, MODEL, ids, num_streams, seq_len)
 
     chunks = data.evaluation_chunks(ids, num_streams, seq_len)
     mask = np.concatenate([chunk.mask for chunk in chunks]) == 1.0  # [T, B]

@@ -1,0 +1,247 @@
+"""`charrnn.train`: check the inputs, set up or resume the run directory, run the loop, stop cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+
+from charrnn import checkpoint, config as config_lib, data, distributed, events, model, rundir, steps
+from charrnn.config import Config
+from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, UsageError
+from charrnn.loop import Loop, Progress
+from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
+
+# Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
+_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
+# Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
+_RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll")
+DEFAULT_CORPUS_NAME = Path("data") / "tinyshakespeare.txt"
+TENSORBOARD_DIR = "tensorboard"  # `--tensorboard` alone: event files inside the run directory
+
+
+def default_corpus() -> Path:
+    """data/tinyshakespeare.txt here, else the copy beside the installed package."""
+    if DEFAULT_CORPUS_NAME.exists():
+        return DEFAULT_CORPUS_NAME
+    return Path(__file__).resolve().parent.parent / DEFAULT_CORPUS_NAME
+
+
+def train(corpus: str | Path | None = None, out: str | Path | None = None,
+          config: Config | str | Path | None = None, *, resume: str | Path | None = None, sets: Sequence[str] = (),
+          callbacks: Sequence[events.Listener] = (), devices: int | None = None, **overrides: Any) -> events.Summary:
+    """Train a model on `corpus` into the run directory `out`, or continue the run `resume`; return its summary.
+
+    `config` is a `Config` or a TOML file; `sets` are "section.key=value" strings
+    and `overrides` config keys by name (`hidden_size=256`), applied in that
+    order. Each of `callbacks` receives every event of the run (`charrnn.events`).
+    Raises the `charrnn.errors` exceptions the command line maps to exit codes.
+
+        >>> summary = charrnn.train("corpus.txt", "runs/small", "configs/tiny.toml", steps=200, max_minutes=0)
+        >>> summary.best_val_bpc
+    """
+    if resume is not None and out is not None and Path(out) != Path(resume):
+        raise UsageError("give either --resume RUN or --out DIR, not both")
+    made_run_dir = resume is None and out is None
+    run_dir = Path(resume or out) if not made_run_dir else rundir.new_run_dir(rundir.DEFAULT_RUNS)
+    if corpus is None:
+        corpus = _resume_corpus(run_dir) if resume is not None else default_corpus()
+    options = config_lib.options_from_names(overrides)
+    try:
+        return _train(Path(corpus), run_dir, config, list(sets), options, resume is not None, list(callbacks),
+                      devices)
+    except CharrnnError:
+        if made_run_dir:  # refused before anything was written: leave no empty run behind
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1 or not _LOST_PEER.search(str(error)):
+            raise  # this process's own failure (out of memory, ...): an internal error, traceback with --debug
+        # A collective failed: another process died, left, or stopped on an error of its own. The
+        # state is the failed call's output, so nothing reads it; status.json keeps "running", which
+        # reads as "interrupted" once this process lets go of the run's lock.
+        first_line = str(error).strip().splitlines()[0]
+        last = checkpoint.step_files(rundir.checkpoints_dir(run_dir))
+        raise PeerError(f"another process of the run failed or left ({first_line}); last checkpoint: "
+                        f"{last[-1] if last else 'none'}; see the other processes' errors, then resume "
+                        f"every process with --resume {run_dir}") from error
+
+
+# How the runtime words a collective or the coordination service losing a process.
+_LOST_PEER = re.compile(r"gloo|unavailable|deadline_exceeded|connection (reset|refused|closed)|coordination|"
+                        r"socket closed|heartbeat", re.IGNORECASE)
+
+
+def load_corpus(path: Path, val_fraction: float, vocab: data.Vocab | None = None,
+                checksum: str | None = None) -> data.Corpus:
+    """Read, check and split a corpus; a resumed run passes its `vocab` and the `checksum` its corpus had.
+
+    The file is read twice, a block at a time (check and measure, then encode),
+    so memory holds the compact id array and one block, never the whole text.
+    """
+    scanned = data.scan_corpus(path)
+    if checksum is not None and scanned.checksum != checksum:
+        raise UsageError(f"cannot resume on another corpus: {path} has checksum {scanned.checksum}, "
+                         f"the run used {checksum}")
+    if vocab is not None:
+        scanned = scanned._replace(vocab=vocab)
+    if len(scanned.vocab) < 2:
+        raise CorpusError(f"{path} has a single distinct character ({scanned.vocab.chars!r}); there is nothing to learn")
+    train_ids, val_ids = data.split(data.encode_file(path, scanned), val_fraction)
+    if len(val_ids) < 2:
+        raise CorpusError(f"{path}: the validation split (train.val_fraction) has under 2 characters; use a longer text")
+    return data.Corpus(scanned.vocab, train_ids, val_ids, scanned.checksum)
+
+
+def _resume_corpus(run_dir: Path) -> Path:
+    try:
+        return Path(rundir.read_json(run_dir / rundir.STATUS_FILE)["corpus"])
+    except (OSError, ValueError, KeyError):
+        return default_corpus()
+
+
+class StopFlag:
+    """Remembers the first SIGINT/SIGTERM; later ones are ignored so a save in progress completes.
+
+    Signal handlers can be set only from the main thread; elsewhere (a notebook's
+    worker thread) a signal keeps its usual effect.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number, frame) -> None:
+        if self.signal_number is None:
+            self.signal_number = number
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _check_resumable(saved: Config, wanted: Config) -> None:
+    conflicts = [line for line in config_lib.differences(saved, wanted, ("model",))
+                 if line.split(":")[0].removeprefix("model.") not in _RESUME_FREE_MODEL_KEYS]
+    conflicts += [line for line in config_lib.differences(saved, wanted, ("train",))
+                  if line.split(":")[0].removeprefix("train.") in _RESUME_FIXED_TRAIN_KEYS]
+    if conflicts:
+        raise UsageError("cannot resume with a changed architecture or data layout: " + "; ".join(conflicts))
+
+
+def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[str],
+                  options: dict[str, dict[str, Any]], resume: bool):
+    """Check everything a run needs before writing anything; return (config, corpus, resumed checkpoint)."""
+    if resume and not checkpoint.step_files(rundir.checkpoints_dir(run_dir)):
+        # Stopped before its first checkpoint: start again from the run's saved config.
+        try:
+            saved = config_lib.from_dict(rundir.read_json(run_dir / rundir.CONFIG_FILE))
+        except (OSError, ValueError):
+            raise CheckpointError(f"{run_dir} is not a charrnn run directory (nothing to resume)") from None
+        config = config_lib.resolve(source, assignments, options, base=saved)
+        return config, load_corpus(corpus_path, config.train.val_fraction), None
+    if resume:
+        latest = checkpoint.read_latest(rundir.checkpoints_dir(run_dir))
+        metadata = latest[2]
+        saved = config_lib.from_dict(metadata["config"])
+        config = config_lib.resolve(source, assignments, options, base=saved)
+        _check_resumable(saved, config)
+        if config.train.steps < metadata["step"]:  # train.steps is the run's total, not steps to add
+            raise UsageError(f"{run_dir} is at step {metadata['step']}; train.steps is the run's total, so "
+                             f"{config.train.steps} would end it before where it is")
+        corpus = load_corpus(corpus_path, config.train.val_fraction, data.Vocab(metadata["vocab"]),
+                                  metadata["corpus_sha"])
+        return config, corpus, latest
+    config = config_lib.resolve(source, assignments, options)
+    # Only process 0 writes the run directory; the others may find it already begun.
+    if jax.process_index() == 0 and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UsageError(f"{run_dir} already exists; continue a run with --resume, or choose another --out")
+    return config, load_corpus(corpus_path, config.train.val_fraction), None
+
+
+def _file_writers(run_dir: Path, corpus_path: Path, config: Config, first_step: int) -> list[events.Listener]:
+    """The listeners that keep the run directory's record: metrics.jsonl, status.json, TensorBoard."""
+    metrics_log = rundir.MetricsLog(run_dir)
+    identity = {"corpus": str(corpus_path.resolve()), "pid": os.getpid()}
+
+    def record(event: events.Event) -> None:
+        if hasattr(event, "record"):
+            metrics_log.write(event.record())
+
+    def status(event: events.Event) -> None:
+        if isinstance(event, events.Started):
+            rundir.write_status(run_dir, rundir.RUNNING, {**identity, "step": event.first_step})
+        elif isinstance(event, events.Stopped):
+            summary = event.summary.to_dict() if event.summary else {}
+            rundir.write_status(run_dir, event.status, {**identity, "step": event.step, **summary})
+
+    writers = [record, status]
+    if config.train.tensorboard:
+        # A resumed run hides what the stopped one logged after its checkpoint.
+        writers.append(TensorBoardWriter(run_dir / config.train.tensorboard, first_step + 1 if first_step else None))
+    return writers
+
+
+def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], options: dict, resume: bool,
+           callbacks: list[events.Listener], devices: int | None) -> events.Summary:
+    config, corpus, resumed = _check_inputs(corpus_path, run_dir, source, assignments, options, resume)
+    if config.train.tensorboard:
+        summary_writer_class()  # the optional extra is there, before anything is written
+    placement = distributed.make_placement(devices, config.train.batch_size,
+                                           model.recurrent_step_macs(config.model, config.train.batch_size))
+    optimizer = steps.make_optimizer(config.train)
+    if resumed:
+        path, arrays, metadata, skipped = resumed
+        state, carry = checkpoint.restore_training(arrays, config, optimizer, len(corpus.vocab), metadata["step"])
+        progress = Progress(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
+                            metadata.get("val_loss"), path)
+    else:
+        skipped, (state, carry) = [], steps.fresh_state(config, optimizer, len(corpus.vocab))
+        progress = Progress(state, carry)
+    progress.state, progress.carry = steps.place(progress.state, progress.carry, placement, config.train.batch_size)
+    first_step = int(state.step)
+    listeners: list[events.Listener] = []  # filled below, once the run directory may be written
+    emit = events.broadcast(listeners)
+    stop = StopFlag()
+    # Made before anything is written: it refuses a corpus too short for the batch layout.
+    loop = Loop(config, corpus, run_dir, placement, optimizer, progress, lambda: stop.signal_number, emit)
+    if placement.is_main:  # the other processes of a multi-process run keep quiet and write nothing
+        rundir.create(run_dir)
+        listeners += [*_file_writers(run_dir, corpus_path, config, first_step), *callbacks]
+    lock = rundir.RunLock(run_dir) if placement.is_main else contextlib.nullcontext()
+    with lock, stop:
+        emit(events.Message(f"training on {corpus_path} ({len(corpus.train_ids):,} + {len(corpus.val_ids):,} "
+                            f"characters, {len(corpus.vocab)} symbols) into {run_dir}, "
+                            f"{placement.num_devices} device(s)"))
+        for line in config_lib.describe(config):
+            emit(events.Message(line))
+        if placement.is_main:
+            rundir.write_json(run_dir / rundir.CONFIG_FILE, config_lib.to_dict(config))
+        for problem in skipped:
+            emit(events.Message(f"skipped a damaged checkpoint: {problem}"))
+        if resumed:
+            emit(events.Message(f"resuming {run_dir} at step {first_step}"))
+        emit(events.Started(run_dir, first_step, config.train.steps, config.train.max_minutes * 60.0))
+        try:
+            summary = loop.run()
+        except DivergedError:
+            emit(events.Stopped(rundir.DIVERGED, int(progress.state.step)))
+            raise
+        except Interrupted:
+            emit(events.Stopped(rundir.INTERRUPTED, int(progress.state.step)))
+            raise
+        emit(events.Stopped(rundir.FINISHED, summary.steps, summary))
+        return summary
