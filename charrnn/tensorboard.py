@@ -6,6 +6,7 @@ Written with tensorboardX: the lightest maintained writer, needing neither Tenso
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from charrnn.errors import UsageError
@@ -19,7 +20,7 @@ def summary_writer_class() -> type:
         from tensorboardX import SummaryWriter
     except ImportError:
         raise UsageError("TensorBoard logging needs the tensorboard extra: "
-                         "pip install 'charrnn[tensorboard]'") from None
+                         "pip install -e '.[tensorboard]'") from None
     return SummaryWriter
 
 
@@ -33,7 +34,11 @@ class TensorBoardWriter:
         step + 1: TensorBoard then hides the earlier files' points at that step or later, which the
         crashed or interrupted run wrote after its checkpoint, instead of drawing both runs over each other.
         """
-        self.writer = summary_writer_class()(logdir=str(directory), purge_step=purge_step)
+        # tensorboardX names its file by the second it opens and opens it with "wb": a second writer here within
+        # that second (a quick resume, runs sharing a folder) would empty the first's file. A nanosecond suffix
+        # keeps every file, in the order they were opened.
+        self.writer = summary_writer_class()(logdir=str(directory), purge_step=purge_step,
+                                             filename_suffix=f".{time.time_ns()}")
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Logged):

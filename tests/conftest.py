@@ -30,3 +30,12 @@ def small_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(SAMPLE_TEXT * 40, encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def cli(capsys, tmp_path, monkeypatch):
+    """Run `charrnn ARGS...` in this process, in tmp_path; returns (code, out, err)."""
+    from clihelp import run_in_process
+
+    monkeypatch.chdir(tmp_path)
+    return lambda *args: run_in_process(capsys, *args)

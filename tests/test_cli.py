@@ -4,17 +4,11 @@ import json
 import math
 
 import pytest
-from clihelp import TINY, run_in_process
+from clihelp import TINY
 
 from charrnn import checkpoint, rundir
 
 STEPS = ["--steps", "20", "--set", "train.eval_every=10", "--set", "train.log_every=5"]
-
-
-@pytest.fixture
-def cli(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return lambda *args: run_in_process(capsys, *args)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])

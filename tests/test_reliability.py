@@ -12,8 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_in_process, \
-    run_subprocess, snapshot, start_subprocess
+from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_subprocess, snapshot, start_subprocess
 
 from charrnn import checkpoint, rundir
 
@@ -21,12 +20,6 @@ from charrnn import checkpoint, rundir
 LAYOUT = ["--config", TINY, "--batch-size", "16", "--seq-len", "16", "--set", "train.log_every=5"]
 # Where a checkpoint write can be killed (charrnn.atomic's fault points), in the order it reaches them.
 WRITE_PHASES = ["before_write", "half_written", "written", "synced", "replaced"]
-
-
-@pytest.fixture
-def cli(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return lambda *args: run_in_process(capsys, *args)
 
 
 def test_resume_continues_bit_identically(cli, small_corpus, tmp_path):

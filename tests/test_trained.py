@@ -1,0 +1,208 @@
+"""The Model API (`charrnn.load`, then sample, stream, score, activations) gives what the command line gives."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from clihelp import TINY, subprocess_env
+from conftest import SAMPLE_TEXT
+
+import charrnn
+from charrnn import activations as activations_lib, rundir
+
+TEXT = "First Citizen:\nSpeak, speak.\n\nAll:\nResolved. resolved.\n"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs/first (20 steps) and runs/second (10 steps, another seed), second the newer: a folder of two runs."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 40, encoding="utf-8")
+    charrnn.train(corpus, root / "runs" / "first", TINY, steps=20, eval_every=10, log_every=10)
+    charrnn.train(corpus, root / "runs" / "second", TINY, steps=10, seed=1, eval_every=10, log_every=10)
+    # "Newest" is by status.json's modification time: make the order certain whatever the clock's resolution.
+    os.utime(root / "runs" / "first" / rundir.STATUS_FILE, (1_000_000_000, 1_000_000_000))
+    return root / "runs"
+
+
+@pytest.fixture(scope="module")
+def run(runs):
+    return runs / "first"
+
+
+@pytest.fixture(scope="module")
+def model(run):
+    return charrnn.load(run)
+
+
+OPTIONS = {"prime": "--prime", "length": "--length", "temperature": "--temp", "top_k": "--top-k",
+           "top_p": "--top-p", "stop": "--stop", "seed": "--seed"}
+
+
+def sample_options(settings: dict) -> list[str]:
+    return [word for key, value in settings.items() for word in (OPTIONS[key], str(value))]
+
+
+# Over BLOCK (128) characters, so that generation takes several compiled blocks and streams in pieces.
+SETTINGS = [
+    {"seed": 1, "length": 300},  # the run's own sample settings, no prime
+    {"prime": "First Citizen:", "seed": 2, "length": 150, "temperature": 1.3, "top_k": 5},
+    {"prime": "All:", "seed": 3, "length": 400, "top_p": 0.9, "stop": "\n\n"},
+    {"prime": "A", "seed": 4, "length": 60, "temperature": 0},
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["defaults", "top_k", "top_p_stop", "greedy"])
+def test_api_and_cli_give_the_same_text_for_a_seed(cli, run, model, settings):
+    text = model.sample(**settings)
+    assert text.startswith(settings.get("prime", ""))
+    if "stop" in settings:
+        assert text.endswith(settings["stop"]) and text.count(settings["stop"]) == 1
+    else:
+        assert len(text) == len(settings.get("prime", "")) + settings["length"]
+
+    result = cli("sample", "-c", run, *sample_options(settings))
+    assert result.code == 0, result.err
+    assert result.out == text + "\n"
+
+    pieces = list(model.stream(**settings))
+    assert "".join(pieces) == text
+    if "stop" not in settings and settings["length"] > 128:
+        assert len(pieces) > 2  # the prime or first block, then more blocks as they are generated
+
+    texts = model.sample(**settings, num_samples=3)
+    assert isinstance(texts, list) and len(texts) == 3
+    batch = cli("sample", "-c", run, *sample_options(settings), "--num-samples", "3", "--json")
+    assert batch.code == 0, batch.err
+    lines = [json.loads(line) for line in batch.out.splitlines()]
+    assert [line["text"] for line in lines] == texts
+    assert [(line["index"], line["seed"], line["prime"]) for line in lines] == \
+        [(index, settings["seed"], settings.get("prime", "")) for index in range(3)]
+
+
+def test_a_different_seed_gives_different_text(model):
+    assert model.sample("All:", length=100, seed=1) != model.sample("All:", length=100, seed=2)
+    assert model.sample("All:", length=100, seed=1) == model.sample("All:", length=100, seed=1)
+
+
+@pytest.mark.parametrize("streams", [None, 3])
+def test_score_gives_eval_figures(cli, run, model, tmp_path, streams):
+    file = tmp_path / "held_out.txt"
+    file.write_text(TEXT * 3, encoding="utf-8")
+    options = [] if streams is None else ["--streams", str(streams)]
+    result = cli("eval", file, "-c", run, "--json", *options)
+    assert result.code == 0, result.err
+    figures = json.loads(result.out)
+
+    score = model.score(TEXT * 3) if streams is None else model.score(TEXT * 3, streams=streams)
+    assert isinstance(score, charrnn.Score)
+    assert (figures["nats_per_char"], figures["bits_per_char"], figures["perplexity"], figures["chars"]) == \
+        (score.nats_per_char, score.bits_per_char, score.perplexity, score.chars)
+    assert score.chars == len(TEXT * 3) - 1
+    assert score.bits_per_char == pytest.approx(score.nats_per_char / math.log(2))
+    assert score.perplexity == pytest.approx(math.exp(score.nats_per_char))
+    assert figures["checkpoint"] == str(model.path)
+
+
+def test_activations_are_the_cores_and_vizs_dump(cli, run, model, tmp_path):
+    acts = model.activations(TEXT, layer=1)
+    assert isinstance(acts, charrnn.Activations)
+    assert acts.text == TEXT and acts.layer == 1
+    np.testing.assert_array_equal(acts.ids, model.vocab.encode(TEXT))
+    hidden = model.config.model.hidden_size
+    assert acts.states.keys() == {"h", "c"} and acts.states["h"].shape == (len(TEXT), hidden)
+
+    core = activations_lib.record(model.params, model.config.model, model.vocab.encode(TEXT), 0)  # 0-based layer
+    assert core.keys() == {"h", "c", "top_ids", "top_probs"}
+    for name in ("h", "c"):
+        np.testing.assert_array_equal(acts.states[name], core[name])
+    np.testing.assert_array_equal(acts.top_ids, core["top_ids"])
+    np.testing.assert_array_equal(acts.top_probs, core["top_probs"])
+
+    top = model.activations(TEXT)  # default: the top layer
+    assert top.layer == model.config.model.num_layers == 2
+    assert not np.array_equal(top.states["h"], acts.states["h"])
+
+    dump = tmp_path / "acts.npz"
+    result = cli("viz", "-c", run, "--text", TEXT, "--layer", "1", "--dump", dump)
+    assert result.code == 0, result.err
+    with np.load(dump) as saved:
+        assert str(saved["text"]) == acts.text and int(saved["layer"]) == 1
+        np.testing.assert_array_equal(saved["ids"], acts.ids)
+        for name in ("h", "c"):
+            np.testing.assert_array_equal(saved[name], acts.states[name])
+        np.testing.assert_array_equal(saved["top_ids"], acts.top_ids)
+        np.testing.assert_array_equal(saved["top_probs"], acts.top_probs)
+
+
+def test_unknown_characters_are_usage_errors_unless_skipped(cli, run, model):
+    with pytest.raises(charrnn.UsageError, match="vocabulary"):
+        model.sample("All:\u20ac", length=10, seed=1)
+    kept = model.sample("All:\u20ac", length=10, seed=1, skip_unknown=True)
+    assert kept == model.sample("All:", length=10, seed=1)
+    with pytest.raises(charrnn.UsageError):
+        model.score("All\u20ac")
+    assert model.score("All:\u20ac\n", skip_unknown=True) == model.score("All:\n")
+    assert model.activations("A\u20acll", skip_unknown=True).text == "All"
+
+    refused = cli("sample", "-c", run, "--prime", "All:\u20ac", "--length", "10", "--seed", "1")
+    assert refused.code == charrnn.UsageError.exit_code == 2
+    assert refused.out == "" and refused.err.startswith("charrnn: error:")
+    skipped = cli("sample", "-c", run, "--prime", "All:\u20ac", "--length", "10", "--seed", "1", "--skip-unknown")
+    assert skipped.code == 0 and skipped.out == kept + "\n"
+
+
+@pytest.mark.parametrize("settings", [{"temperature": -1.0}, {"temperature": float("nan")}, {"top_p": 0.0},
+                                      {"top_k": -1}, {"length": -5}, {"seed": -1}, {"num_samples": 0}])
+def test_bad_settings_are_usage_errors(model, settings):
+    with pytest.raises(charrnn.UsageError):
+        model.sample("All:", **{"length": 10, "seed": 1, **settings})
+    if "num_samples" not in settings:
+        with pytest.raises(charrnn.UsageError):
+            model.stream("All:", **{"length": 10, "seed": 1, **settings})  # at the call, before any piece
+
+
+def test_loading_what_is_not_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(charrnn.CheckpointError):
+        charrnn.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(charrnn.CheckpointError):
+        charrnn.load(tmp_path / "empty")
+    assert issubclass(charrnn.CheckpointError, charrnn.CharrnnError) and charrnn.CheckpointError.exit_code == 4
+
+
+def test_a_folder_of_runs_loads_its_newest_run(cli, runs):
+    newest = charrnn.load(runs)
+    assert newest.path.parent.parent == runs / "second"
+    assert charrnn.load(runs / "second").path == newest.path
+    assert charrnn.load(newest.path).path == newest.path  # a checkpoint file
+    older = charrnn.load(runs / "first")
+    settings = {"prime": "All:", "length": 80, "seed": 9}
+    assert older.sample(**settings) != newest.sample(**settings)  # the two runs can be told apart
+
+    result = cli("sample", "-c", runs, *sample_options(settings))
+    assert result.code == 0, result.err
+    assert result.out == newest.sample(**settings) + "\n"
+
+
+def test_the_library_imports_and_samples_without_typer_or_rich(run, model, tmp_path):
+    script = (
+        "import sys\n"
+        "sys.modules['typer'] = None\n"  # `import typer` now raises ImportError
+        "sys.modules['rich'] = None\n"
+        "import charrnn\n"
+        "model = charrnn.load(sys.argv[1])\n"
+        "text = model.sample('All:', length=150, temperature=0.9, top_k=8, seed=5)\n"
+        "assert not any(name.startswith('charrnn.cli') for name in sys.modules)\n"
+        "sys.stdout.write(text)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(run)], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    # Another process, the same seed: the same text.
+    assert done.stdout == model.sample("All:", length=150, temperature=0.9, top_k=8, seed=5)

@@ -1,0 +1,186 @@
+"""`charrnn.train` and the events it reports: the same run as `charrnn train`, told to every listener."""
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+from clihelp import TINY
+from test_tensorboard import needs_tensorboardx, read_scalars
+
+import charrnn
+from charrnn import config as config_lib, events, rundir
+
+# 20 steps, two evaluations, four log lines: a few seconds on a CPU.
+KEYS = {"steps": 20, "eval_every": 10, "log_every": 5}
+CLI_KEYS = ["--steps", "20", "--set", "train.eval_every=10", "--set", "train.log_every=5"]
+
+
+class Recorder:
+    """A callback that keeps every event, and checks each Evaluated's checkpoint while it is still on disk."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event):
+        if isinstance(event, events.Evaluated):
+            assert event.checkpoint.is_file()  # rotation may delete it later (train.keep = 1)
+            assert not event.best or (event.checkpoint.parent / rundir.BEST_FILE).is_file()
+        self.events.append(event)
+
+    def of(self, *types):
+        return [event for event in self.events if isinstance(event, types)]
+
+
+def test_train_returns_the_summary_the_cli_prints(cli, small_corpus, tmp_path):
+    summary = charrnn.train(small_corpus, tmp_path / "api", TINY, **KEYS)
+    assert isinstance(summary, charrnn.Summary)
+    assert summary.status == "finished" and summary.steps == 20
+    assert summary.run_dir == str(tmp_path / "api")
+    assert summary.checkpoint.endswith("step-000000020.safetensors")
+    assert summary.best_val_loss is not None and summary.final_val_loss is not None
+
+    result = cli("train", small_corpus, "--config", TINY, "--out", "cli", *CLI_KEYS, "--json")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    printed = json.loads(lines[-1])
+    assert list(printed) == list(summary.to_dict())
+    # One seed, one device, the same compiled steps: the same run, to the last bit.
+    for key in ("steps", "best_val_loss", "final_val_loss", "best_val_bpc", "final_val_bpc", "status", "devices"):
+        assert printed[key] == summary.to_dict()[key], key
+
+    # --json: every metrics record as it is written, in metrics.jsonl's order, then the summary.
+    metrics_lines = (tmp_path / "cli" / rundir.METRICS_FILE).read_text(encoding="utf-8").splitlines()
+    assert lines[:-1] == metrics_lines
+    assert [json.loads(line)["event"] for line in metrics_lines] == ["train", "train", "eval", "train", "train", "eval"]
+
+
+def test_callbacks_see_the_events_in_order(small_corpus, tmp_path):
+    recorder = Recorder()
+    summary = charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=6, log_every=2,
+                            eval_every=3, steps_per_call=1)
+
+    messages = 0
+    while isinstance(recorder.events[messages], events.Message):
+        messages += 1
+    assert messages >= 1 and str(tmp_path / "run") in recorder.events[0].text
+    sequence = [(type(event).__name__, getattr(event, "step", getattr(event, "first_step", None)))
+                for event in recorder.events[messages:]]
+    assert sequence == [("Started", 0), ("Logged", 2), ("Evaluated", 3), ("Logged", 4), ("Logged", 6),
+                        ("Evaluated", 6), ("Stopped", 6)]
+
+    started = recorder.of(events.Started)[0]
+    assert (started.run_dir, started.first_step, started.total_steps) == (tmp_path / "run", 0, 6)
+    first_eval, final_eval = recorder.of(events.Evaluated)
+    assert (first_eval.final, final_eval.final) == (False, True)
+    assert first_eval.best
+    assert final_eval.best == (final_eval.val_loss < first_eval.val_loss)
+    assert str(final_eval.checkpoint) == summary.checkpoint
+    logged = recorder.of(events.Logged)
+    # Each log window carries the latest evaluation's loss.
+    assert [event.val_loss for event in logged] == [None, first_eval.val_loss, first_eval.val_loss]
+    assert [event.chars_seen for event in logged] == [2 * 8 * 16, 4 * 8 * 16, 6 * 8 * 16]
+    stopped = recorder.events[-1]
+    assert (stopped.status, stopped.summary) == ("finished", summary)
+    assert summary.final_val_loss == final_eval.val_loss
+    assert summary.best_val_loss == min(first_eval.val_loss, final_eval.val_loss)
+
+    # metrics.jsonl is one more listener of the same events.
+    assert rundir.read_metrics(tmp_path / "run") == [event.record() for event in recorder.of(events.Logged,
+                                                                                               events.Evaluated)]
+
+
+def test_a_diverging_run_tells_its_callbacks_then_raises(small_corpus, tmp_path):
+    recorder = Recorder()
+    with pytest.raises(charrnn.DivergedError, match="non-finite"):
+        charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=30, lr=1e38, clip_norm=0.0,
+                      log_every=1, eval_every=100)
+    diverged, stopped = recorder.events[-2:]
+    assert isinstance(diverged, events.Diverged) and isinstance(stopped, events.Stopped)
+    assert (stopped.status, stopped.summary) == ("diverged", None)
+    assert 1 <= diverged.step <= stopped.step <= 30
+    assert not recorder.of(events.Evaluated)
+    assert all(np.isfinite(event.loss) for event in recorder.of(events.Logged))
+    assert rundir.read_metrics(tmp_path / "run")[-1] == diverged.record()
+    assert rundir.read_status(tmp_path / "run")["status"] == rundir.DIVERGED
+
+
+def losses(run_dir):
+    """{(tag, step): loss} of the run's metrics.jsonl, as TensorBoard stores them (float32)."""
+    found = {}
+    for record in rundir.read_metrics(run_dir):
+        tag, key = ("train/loss", "loss") if record["event"] == "train" else ("val/loss", "val_loss")
+        found[(tag, record["step"])] = float(np.float32(record[key]))
+    return found
+
+
+def tensorboard_losses(directory):
+    return {(tag, step): value for tag, step, value in read_scalars(directory) if tag in ("train/loss", "val/loss")}
+
+
+class SameSecond:
+    """The `time` module as tensorboardX's event file writer sees it, its clock stopped at one second."""
+
+    def time(self) -> float:
+        return 1_700_000_000.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+TENSORBOARD_ARGS = ["--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5"]
+
+
+@needs_tensorboardx
+def test_tensorboard_scalars_are_the_metrics_and_a_resume_adds_to_them(cli, small_corpus, tmp_path, monkeypatch):
+    # tensorboardX names an event file by the second it opens it: both sessions here open theirs in
+    # the same second, as a quick resume does, whatever the speed of the machine.
+    from tensorboardX import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", SameSecond())
+    first = cli("train", small_corpus, *TENSORBOARD_ARGS, "--steps", "10", "--out", "run", "--tensorboard")
+    assert first.code == 0, first.err
+    assert tensorboard_losses(tmp_path / "run" / "tensorboard") == losses(tmp_path / "run")
+    assert {step for _, step in losses(tmp_path / "run")} == {5, 10}
+
+    resumed = cli("train", "--resume", "run", "--steps", "20", "--tensorboard")
+    assert resumed.code == 0, resumed.err
+    assert [path.name for path in (tmp_path / "run").iterdir() if "tensorboard" in path.name] == ["tensorboard"]
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert tensorboard_losses(tmp_path / "run" / "tensorboard") == losses(tmp_path / "run")
+    assert {step for _, step in losses(tmp_path / "run")} == {5, 10, 15, 20}
+
+
+@needs_tensorboardx
+def test_tensorboard_dir_writes_there(cli, small_corpus, tmp_path):
+    result = cli("train", small_corpus, *TENSORBOARD_ARGS, "--steps", "5", "--out", "run",
+                 "--tensorboard-dir", "boards")
+    assert result.code == 0, result.err
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    assert tensorboard_losses(tmp_path / "boards") == losses(tmp_path / "run") != {}
+
+
+def test_unknown_keys_are_usage_errors_that_name_the_key(small_corpus, tmp_path):
+    with pytest.raises(charrnn.UsageError, match="hiden_size"):
+        charrnn.train(small_corpus, tmp_path / "run", TINY, hiden_size=3)
+    with pytest.raises(charrnn.UsageError, match="model.hiden_size"):
+        charrnn.train(small_corpus, tmp_path / "run", TINY, sets=["model.hiden_size=3"])
+    with pytest.raises(charrnn.UsageError):
+        charrnn.train(small_corpus, tmp_path / "run", TINY, resume=tmp_path / "other")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()
+
+
+def test_config_then_sets_then_keys(small_corpus, tmp_path):
+    tiny = config_lib.resolve(TINY, [], {})
+    config = dataclasses.replace(tiny, train=dataclasses.replace(tiny.train, lr=0.02, seed=3, warmup_steps=2,
+                                                                 steps=4, eval_every=2))
+    summary = charrnn.train(small_corpus, tmp_path / "run", config, sets=["train.seed=4", "train.warmup_steps=1"],
+                            seed=5, steps=2)
+    saved = json.loads((tmp_path / "run" / rundir.CONFIG_FILE).read_text())
+    assert saved["train"]["lr"] == 0.02  # the Config, over the defaults (3e-3)
+    assert saved["train"]["warmup_steps"] == 1  # sets, over the Config
+    assert saved["train"]["seed"] == 5 and saved["train"]["steps"] == 2  # keys, over sets and the Config
+    assert saved["train"]["eval_every"] == 2 and saved["model"]["hidden_size"] == tiny.model.hidden_size == 32
+    assert summary.steps == 2
+    assert charrnn.load(tmp_path / "run").config == config_lib.from_dict(saved)
