@@ -6,6 +6,11 @@
     >>> print(model.sample("ROMEO:", length=200, seed=1))
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from charrnn.config import Config, ModelConfig, SampleConfig, TrainConfig
@@ -13,8 +18,23 @@ from charrnn.errors import (BusyError, CharrnnError, CheckpointError, CorpusErro
                             PeerError, StorageError, UsageError)
 from charrnn.events import Summary
 from charrnn.runtime import configure
-from charrnn.trained import Activations, Model, Score, load
-from charrnn.training import train
+
+# Imported on first use: they bring JAX, which `charrnn --help` and the commands that only read files never need.
+_LAZY = {"Activations": "charrnn.trained", "Model": "charrnn.trained", "Score": "charrnn.trained",
+         "load": "charrnn.trained", "train": "charrnn.training"}
+
+if TYPE_CHECKING:
+    from charrnn.trained import Activations, Model, Score, load
+    from charrnn.training import train
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'charrnn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Activations", "BusyError", "CharrnnError", "CheckpointError", "Config", "CorpusError", "DivergedError",

@@ -18,7 +18,6 @@ import numpy as np
 
 from charrnn import cells, data, distributed, model, runtime, sample, steps
 from charrnn.config import Config
-from charrnn.loop import peak_rss_mb
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -179,7 +178,7 @@ def benchmark(config: Config, repeats: int = 5, seconds: float = 2.0, sample_len
     result.update(matmul_figures(config, result["train_chars_per_s"], measure_matmul_peak(config.model.dtype, repeats)))
     result["sample_chars_per_s_b1"] = measure_sampling(config, 1, sample_length, repeats)
     result["sample_chars_per_s_b64"] = measure_sampling(config, 64, sample_length, repeats)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_rss_mb"] = runtime.peak_rss_mb()
     return result
 
 

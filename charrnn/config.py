@@ -245,7 +245,7 @@ def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str
     ]
 
 
-def describe(config: Config) -> list[str]:
+def summary_lines(config: Config) -> list[str]:
     """One line per section, `key=value` pairs: how a run shows its resolved config."""
     return [f"{section}: " + " ".join(f"{key}={value}" for key, value in values.items())
             for section, values in to_dict(config).items()]

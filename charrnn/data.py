@@ -13,7 +13,15 @@ from charrnn.errors import CorpusError
 
 _ENCODE_BLOCK = 1 << 20  # characters encoded at a time
 _READ_BLOCK = 1 << 22  # bytes read at a time: memory stays near the size of the id array
+DEFAULT_CORPUS_NAME = Path("data") / "tinyshakespeare.txt"
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
+
+
+def default_corpus() -> Path:
+    """data/tinyshakespeare.txt here, else the copy beside the installed package."""
+    if DEFAULT_CORPUS_NAME.exists():
+        return DEFAULT_CORPUS_NAME
+    return Path(__file__).resolve().parent.parent / DEFAULT_CORPUS_NAME
 
 
 def _decode_blocks(blocks: Iterable[bytes], name: str) -> Iterator[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -12,15 +11,11 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn import checkpoint, config as config_lib, data, distributed, events, rundir, steps
+from charrnn import checkpoint, config as config_lib, data, distributed, events, rundir, runtime, steps
 from charrnn.config import Config
 from charrnn.errors import DivergedError, Interrupted
 from charrnn.events import Listener
 from charrnn.units import bits
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
@@ -44,7 +39,7 @@ class Clock:
 
 
 @dataclass
-class Progress:
+class LoopState:
     """What the loop carries between calls and what a checkpoint stores beside the arrays."""
 
     state: steps.TrainState
@@ -64,7 +59,7 @@ class Loop:
     run_dir: Path
     placement: distributed.Placement
     optimizer: object
-    progress: Progress
+    progress: LoopState
     stop_signal: Callable[[], int | None]  # the signal that asked the run to stop, or None
     emit: Listener
     pending: list = field(default_factory=list)  # (first step, StepMetrics) of calls not yet read
@@ -156,7 +151,7 @@ class Loop:
         self.emit(events.Evaluated(step, val_loss, step * self.chars_per_step, progress.elapsed_s, final, path,
                                    improved))
 
-    def checkpoint(self, evaluate: bool, final: bool = False) -> None:
+    def pause_to_save(self, evaluate: bool, final: bool = False) -> None:
         """Save (after a validation pass when `evaluate`); the time is not counted as training."""
         self.drain(keep_last=0)
         began = time.monotonic()
@@ -171,11 +166,11 @@ class Loop:
     def summary(self, step: int) -> events.Summary:
         progress = self.progress
         return events.Summary(
-            run_dir=str(self.run_dir), status="finished", steps=step,
+            run_dir=str(self.run_dir), status=rundir.FINISHED, steps=step,
             best_val_loss=progress.best_val_loss, best_val_bpc=bits(progress.best_val_loss),
             final_val_loss=progress.last_val_loss, final_val_bpc=bits(progress.last_val_loss),
             train_chars_per_s=self.clock.steady_chars_per_s(step, self.chars_per_step), wall_s=self.clock.elapsed(),
-            peak_rss_mb=peak_rss_mb(), devices=self.placement.num_devices, checkpoint=str(progress.last_checkpoint))
+            peak_rss_mb=runtime.peak_rss_mb(), devices=self.placement.num_devices, checkpoint=str(progress.last_checkpoint))
 
     def run(self) -> events.Summary:
         """Train until the step count, the budget or a signal ends the run; return the summary."""
@@ -209,20 +204,20 @@ class Loop:
                 self.log(step, last_lr)
             if step // train_config.eval_every > last_eval_block and step < train_config.steps:
                 last_eval_block = step // train_config.eval_every
-                self.checkpoint(evaluate=True)
+                self.pause_to_save(evaluate=True)
                 last_save_time = time.monotonic()
             elif train_config.save_minutes and time.monotonic() - last_save_time >= train_config.save_minutes * 60:
-                self.checkpoint(evaluate=False)
+                self.pause_to_save(evaluate=False)
                 last_save_time = time.monotonic()
 
         self.drain(keep_last=0)
         if self.window:  # a signal or the budget ended the run inside a log window: its losses are logged too
             self.log(step, last_lr)
         if stopping:
-            self.checkpoint(evaluate=False)
+            self.pause_to_save(evaluate=False)
             number = self.stop_signal() or signal.SIGTERM
             raise Interrupted(f"stopped by {signal.Signals(number).name} at step {step}; saved "
                               f"{self.progress.last_checkpoint}; continue with: charrnn train --resume {self.run_dir}",
                               number)
-        self.checkpoint(evaluate=True, final=True)
+        self.pause_to_save(evaluate=True, final=True)
         return self.summary(step)

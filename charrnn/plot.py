@@ -46,7 +46,11 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         axes.grid(alpha=0.3)
     train_axes.set_ylabel("bits per character")
     if log_scale:  # the axes share y: setting one sets both
+        from matplotlib.ticker import LogFormatter
+
         train_axes.set_yscale("log")
+        # Bits/char of most runs lie within one decade: label the ticks inside it, not only the powers of 10.
+        train_axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     # Below both panels, so that many runs with long labels never hide a curve.
     figure.legend(handles=val_axes.get_lines(), loc="outside lower center", ncols=min(len(labels), 2), fontsize="small")
     buffer = io.BytesIO()

@@ -1,4 +1,4 @@
-"""Show activations on the text: a self-contained HTML page (the terminal view is in cli_inspect).
+"""Show activations on the text: a self-contained HTML page (the terminal view is in cli/viz.py).
 
 Each character's background encodes one unit's value after reading it: white
 at 0, red for positive, blue for negative. Values in [-1, 1] (h, tanh-bounded)

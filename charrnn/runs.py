@@ -15,6 +15,8 @@ from charrnn.units import bits
 
 # The result columns of a row; every other key of a row is a flattened config key ("model.cell").
 RESULT_COLUMNS = ("run", "status", "steps", "best_val_loss", "best_val_bpc", "final_val_bpc", "chars_per_s", "wall_s")
+# Config keys that say where a run's records go, not how it trains: never a column or a label.
+RECORDING_KEYS = ("train.tensorboard",)
 # What the table shows after the run and the config keys that differ between runs.
 SHOWN_RESULTS = ("best_val_loss", "best_val_bpc", "chars_per_s", "steps", "wall_s", "status")
 
@@ -103,8 +105,12 @@ def config_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def differing_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Return the config keys whose values are not the same in every run (none for one run)."""
-    return [key for key in config_keys(rows) if any(row.get(key) != rows[0].get(key) for row in rows[1:])]
+    """Return the config keys whose values are not the same in every run (none for one run).
+
+    Where a run's records go (`train.tensorboard`) is no difference in what was trained.
+    """
+    return [key for key in config_keys(rows) if key not in RECORDING_KEYS
+            and any(row.get(key) != rows[0].get(key) for row in rows[1:])]
 
 
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:

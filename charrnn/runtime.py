@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import resource
 import warnings
 from itertools import takewhile
 from pathlib import Path
@@ -25,6 +26,11 @@ CPU_XLA_FLAGS = {"xla_cpu_copy_insertion_use_region_analysis": "true", "xla_cpu_
 # XLA aborts at start on a flag it does not know, so they go only to the jaxlib
 # release they were measured with; a later one gets them once measured again.
 CPU_XLA_FLAGS_JAXLIB = (0, 10)
+
+
+def peak_rss_mb() -> float:
+    """The most memory this process has held so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cache_dir() -> Path:

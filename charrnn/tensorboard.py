@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-from charrnn.errors import UsageError
+from charrnn.errors import StorageError, UsageError
 from charrnn.events import Evaluated, Event, Logged, Stopped
 from charrnn.units import bits
 
@@ -37,8 +37,11 @@ class TensorBoardWriter:
         # tensorboardX names its file by the second it opens and opens it with "wb": a second writer here within
         # that second (a quick resume, runs sharing a folder) would empty the first's file. A nanosecond suffix
         # keeps every file, in the order they were opened.
-        self.writer = summary_writer_class()(logdir=str(directory), purge_step=purge_step,
-                                             filename_suffix=f".{time.time_ns()}")
+        try:
+            self.writer = summary_writer_class()(logdir=str(directory), purge_step=purge_step,
+                                                 filename_suffix=f".{time.time_ns()}")
+        except OSError as error:
+            raise StorageError(f"cannot write TensorBoard files to {directory}: {error.strerror}") from None
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Logged):

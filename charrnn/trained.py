@@ -134,14 +134,14 @@ class Model:
         top_k = defaults.top_k if top_k is None else top_k
         top_p = defaults.top_p if top_p is None else top_p
         check_sampling(temperature, top_k, top_p, length)
-        seed = random_seed() if seed is None else seed
-        check_seed(seed, "--seed")
         if num_samples < 1:
             raise UsageError(f"num_samples must be at least 1, got {num_samples}")
         if prime:
             _, prime = self.encode(prime, "--prime", skip_unknown)
             if not prime:
                 raise UsageError("--prime has no character of the model's vocabulary left")
+        seed = random_seed() if seed is None else seed
+        check_seed(seed, "--seed")
         return sampling.generate_text(self.params, self.config.model, self.vocab, prime, length, num_samples, seed,
                                       temperature, top_k, top_p, stop)
 

@@ -13,24 +13,18 @@ from typing import Any, Sequence
 import jax
 
 from charrnn import checkpoint, config as config_lib, data, distributed, events, model, rundir, steps
+from charrnn.atomic import probe_writable
 from charrnn.config import Config
-from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, UsageError
-from charrnn.loop import Loop, Progress
+from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, \
+    StorageError, UsageError
+from charrnn.loop import Loop, LoopState
 from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 
 # Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
 _RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll")
-DEFAULT_CORPUS_NAME = Path("data") / "tinyshakespeare.txt"
 TENSORBOARD_DIR = "tensorboard"  # `--tensorboard` alone: event files inside the run directory
-
-
-def default_corpus() -> Path:
-    """data/tinyshakespeare.txt here, else the copy beside the installed package."""
-    if DEFAULT_CORPUS_NAME.exists():
-        return DEFAULT_CORPUS_NAME
-    return Path(__file__).resolve().parent.parent / DEFAULT_CORPUS_NAME
 
 
 def train(corpus: str | Path | None = None, out: str | Path | None = None,
@@ -48,11 +42,11 @@ def train(corpus: str | Path | None = None, out: str | Path | None = None,
     """
     if resume is not None and out is not None and Path(out) != Path(resume):
         raise UsageError("give either --resume RUN or --out DIR, not both")
+    options = config_lib.options_from_names(overrides)
     made_run_dir = resume is None and out is None
     run_dir = Path(resume or out) if not made_run_dir else rundir.new_run_dir(rundir.DEFAULT_RUNS)
     if corpus is None:
-        corpus = _resume_corpus(run_dir) if resume is not None else default_corpus()
-    options = config_lib.options_from_names(overrides)
+        corpus = _resume_corpus(run_dir) if resume is not None else data.default_corpus()
     try:
         return _train(Path(corpus), run_dir, config, list(sets), options, resume is not None, list(callbacks),
                       devices)
@@ -104,7 +98,7 @@ def _resume_corpus(run_dir: Path) -> Path:
     try:
         return Path(rundir.read_json(run_dir / rundir.STATUS_FILE)["corpus"])
     except (OSError, ValueError, KeyError):
-        return default_corpus()
+        return data.default_corpus()
 
 
 class StopFlag:
@@ -172,6 +166,13 @@ def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[st
     return config, load_corpus(corpus_path, config.train.val_fraction), None
 
 
+def _probe(directory: Path) -> None:
+    try:
+        probe_writable(directory)
+    except OSError as error:
+        raise StorageError(f"cannot write to {directory}: {error.strerror}") from None
+
+
 def _file_writers(run_dir: Path, corpus_path: Path, config: Config, first_step: int) -> list[events.Listener]:
     """The listeners that keep the run directory's record: metrics.jsonl, status.json, TensorBoard."""
     metrics_log = rundir.MetricsLog(run_dir)
@@ -198,19 +199,21 @@ def _file_writers(run_dir: Path, corpus_path: Path, config: Config, first_step: 
 def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], options: dict, resume: bool,
            callbacks: list[events.Listener], devices: int | None) -> events.Summary:
     config, corpus, resumed = _check_inputs(corpus_path, run_dir, source, assignments, options, resume)
-    if config.train.tensorboard:
-        summary_writer_class()  # the optional extra is there, before anything is written
+    if config.train.tensorboard:  # the optional extra is there, and a folder of its own writable, before any writing
+        summary_writer_class()
+        if Path(config.train.tensorboard).is_absolute():
+            _probe(Path(config.train.tensorboard))
     placement = distributed.make_placement(devices, config.train.batch_size,
                                            model.recurrent_step_macs(config.model, config.train.batch_size))
     optimizer = steps.make_optimizer(config.train)
     if resumed:
         path, arrays, metadata, skipped = resumed
         state, carry = checkpoint.restore_training(arrays, config, optimizer, len(corpus.vocab), metadata["step"])
-        progress = Progress(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
+        progress = LoopState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
                             metadata.get("val_loss"), path)
     else:
         skipped, (state, carry) = [], steps.fresh_state(config, optimizer, len(corpus.vocab))
-        progress = Progress(state, carry)
+        progress = LoopState(state, carry)
     progress.state, progress.carry = steps.place(progress.state, progress.carry, placement, config.train.batch_size)
     first_step = int(state.step)
     listeners: list[events.Listener] = []  # filled below, once the run directory may be written
@@ -218,15 +221,16 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     stop = StopFlag()
     # Made before anything is written: it refuses a corpus too short for the batch layout.
     loop = Loop(config, corpus, run_dir, placement, optimizer, progress, lambda: stop.signal_number, emit)
-    if placement.is_main:  # the other processes of a multi-process run keep quiet and write nothing
+    if placement.is_main:
         rundir.create(run_dir)
-        listeners += [*_file_writers(run_dir, corpus_path, config, first_step), *callbacks]
     lock = rundir.RunLock(run_dir) if placement.is_main else contextlib.nullcontext()
     with lock, stop:
+        if placement.is_main:  # the other processes of a multi-process run keep quiet and write nothing
+            listeners += [*_file_writers(run_dir, corpus_path, config, first_step), *callbacks]
         emit(events.Message(f"training on {corpus_path} ({len(corpus.train_ids):,} + {len(corpus.val_ids):,} "
                             f"characters, {len(corpus.vocab)} symbols) into {run_dir}, "
                             f"{placement.num_devices} device(s)"))
-        for line in config_lib.describe(config):
+        for line in config_lib.summary_lines(config):
             emit(events.Message(line))
         if placement.is_main:
             rundir.write_json(run_dir / rundir.CONFIG_FILE, config_lib.to_dict(config))

@@ -149,7 +149,7 @@ corpus = training.load_corpus(Path({str(small_corpus)!r}), 0.1)
 placement = distributed.make_placement(2, cfg.train.batch_size, 0)
 optimizer = steps.make_optimizer(cfg.train)
 state, carry = steps.place(*steps.fresh_state(cfg, optimizer, len(corpus.vocab)), placement, cfg.train.batch_size)
-run = loop.Loop(cfg, corpus, Path("unused"), placement, optimizer, loop.Progress(state, carry), lambda: None,
+run = loop.Loop(cfg, corpus, Path("unused"), placement, optimizer, loop.LoopState(state, carry), lambda: None,
                 lambda event: None)
 state, carry, _ = run.train_call(state, carry, run.batches(0, 1),
                                  distributed.put(np.ones(1, np.float32), placement.replicated))

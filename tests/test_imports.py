@@ -6,6 +6,8 @@ Read from the source with `ast`, never by importing, so a broken or cyclic modul
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -149,3 +151,10 @@ def test_only_the_command_line_imports_typer_or_rich():
 def test_import_charrnn_needs_neither_typer_nor_rich():
     reached = cli_deps_reached_from_init(PACKAGE, scan(PACKAGE))
     assert not reached, "`import charrnn` would import the command line's dependencies:\n" + "\n".join(reached)
+
+
+def test_the_command_line_starts_without_jax():
+    """`charrnn --help`, `runs` and tab completion need no JAX; train re-runs itself before loading it."""
+    probe = "import sys, charrnn, charrnn.cli, charrnn.entry; print(sorted(m for m in ('jax', 'optax') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -108,9 +108,11 @@ def test_one_writer_per_run_directory(cli, small_corpus, tmp_path):
     assert cli("train", small_corpus, *LAYOUT, "--steps", "10", "--out", "run").code == 0
     again = cli("train", small_corpus, *LAYOUT, "--out", "run")
     assert again.code == 2 and "--resume" in again.err
+    before = snapshot(tmp_path / "run")
     with rundir.RunLock(tmp_path / "run"):
-        busy = cli("train", "--resume", "run", "--steps", "20")
+        busy = cli("train", "--resume", "run", "--steps", "20", "--tensorboard")
     assert busy.code == 7 and "in use" in busy.err
+    assert snapshot(tmp_path / "run") == before  # not even a TensorBoard file beside the live run's
 
 
 def test_divergence_stops_with_its_own_code_and_keeps_good_checkpoints(cli, small_corpus, tmp_path):

@@ -139,6 +139,8 @@ def test_differing_keys_and_table_columns(rows):
                                          "wall_s", "status"]
     assert runs.labels([rows["lstm-32"], rows["lstm-16"]]) == ["model.hidden_size=32", "model.hidden_size=16"]
     assert runs.labels([rows["lstm-32"]]) == ["lstm-32"]
+    watched = {**rows["lstm-16"], "train.tensorboard": "tensorboard"}  # the same model, also written for TensorBoard
+    assert runs.differing_keys([rows["lstm-16"], watched]) == []
 
 
 def test_sort_puts_missing_values_last_both_ways(rows):

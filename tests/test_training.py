@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from clihelp import TINY
+from clihelp import TINY, start_subprocess
 from test_tensorboard import needs_tensorboardx, read_scalars
 
 import charrnn
@@ -184,3 +184,15 @@ def test_config_then_sets_then_keys(small_corpus, tmp_path):
     assert saved["train"]["eval_every"] == 2 and saved["model"]["hidden_size"] == tiny.model.hidden_size == 32
     assert summary.steps == 2
     assert charrnn.load(tmp_path / "run").config == config_lib.from_dict(saved)
+
+
+def test_a_reader_leaving_json_lines_does_not_stop_the_run(small_corpus, tmp_path):
+    """`charrnn train --json | head -1`: the lines stop, the run goes on to its end and its checkpoints."""
+    process = start_subprocess("train", small_corpus, "--config", TINY, "--steps", "40", "--json", "--quiet",
+                               "--out", "run", cwd=tmp_path)
+    first = json.loads(process.stdout.readline())
+    process.stdout.close()  # as head does once it has its line
+    process.wait(timeout=300)
+    assert first["event"] == "train" and process.returncode == 0, process.stderr.read()
+    assert rundir.read_status(tmp_path / "run")["status"] == rundir.FINISHED
+    assert rundir.read_json(tmp_path / "run" / rundir.STATUS_FILE)["steps"] == 40

@@ -33,7 +33,7 @@ def benchmark(
     config = config_lib.resolve(config_file, assignments or [], {})
     if not math.isfinite(seconds) or seconds > MAX_WINDOW_S:
         raise UsageError(f"--seconds must be at most {MAX_WINDOW_S:g}, got {seconds}")
-    from charrnn import bench as benchmarks, training
+    from charrnn import bench as benchmarks, data
 
     if corpus_mb and not (2 * benchmarks.BASELINE_CORPUS_MB <= corpus_mb <= MAX_CORPUS_MB):
         raise UsageError(f"--corpus-mb must be at least twice the {benchmarks.BASELINE_CORPUS_MB:g} MB baseline and "
@@ -46,7 +46,7 @@ def benchmark(
                       f"batch {config.train.batch_size}, seq {config.train.seq_len} ...")
     result = benchmarks.benchmark(config, repeats, seconds)
     if corpus_mb:
-        result.update(benchmarks.measure_corpus_memory(corpus_mb, training.default_corpus().read_text(encoding="utf-8")))
+        result.update(benchmarks.measure_corpus_memory(corpus_mb, data.default_corpus().read_text(encoding="utf-8")))
     if json_output:
         print(strict_json(result))
         return

@@ -33,7 +33,8 @@ class Platform(str, Enum):
 
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads: 1 = single-threaded (one run per core in a sweep); N = the first N cores (place parallel runs with taskset).", rich_help_panel=RUN)]
 PlatformOption = Annotated[Optional[Platform], typer.Option("--platform", help="Force a JAX platform (default: GPU when JAX sees one).", rich_help_panel=RUN)]
-CheckpointOption = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory, checkpoint file, or a folder of runs (its newest); default: the newest run under ./runs.")]
+CHECKPOINT_HELP = "Run directory, checkpoint file, or a folder of runs (its newest); default: the newest run under ./runs."
+CheckpointOption = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP)]
 RunPaths = Annotated[list[Path], typer.Argument(exists=True, help="Run directories, or directories holding them (one level down).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.", rich_help_panel=OUTPUT)]
 

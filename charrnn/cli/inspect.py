@@ -10,14 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from charrnn.cli.common import JsonOption, Platform, app, setup
+from charrnn.cli.common import CHECKPOINT_HELP, JsonOption, Platform, app, setup
 from charrnn.rundir import strict_json
 from charrnn.units import bits
 
 
 @app.command("inspect")
 def inspect_checkpoint(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Run directory, checkpoint file, or a folder of runs (its newest); default: the newest run under ./runs.", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help=CHECKPOINT_HELP, show_default=False)] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show what a checkpoint holds: architecture, vocabulary, progress, parameter shapes."""

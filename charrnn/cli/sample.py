@@ -9,12 +9,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from charrnn.cli.common import OUTPUT, SAMPLING, PlatformOption, ThreadsOption, app, err_console, setup, text_option
+from charrnn.cli.common import CHECKPOINT_HELP, OUTPUT, SAMPLING, PlatformOption, ThreadsOption, app, err_console, \
+    setup, text_option
 
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory, checkpoint file, or a folder of runs (its newest); default: the newest run under ./runs.", rich_help_panel=SAMPLING)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP, rich_help_panel=SAMPLING)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = always the most likely character (default: the run's sample.temperature, 0.8 unless set).", rich_help_panel=SAMPLING)] = None,
     length: Annotated[Optional[int], typer.Option("--length", "-n", help="Characters to generate per sample (default: the run's sample.length, 1000 unless set).", rich_help_panel=SAMPLING)] = None,
     prime: Annotated[Optional[str], typer.Option("--prime", help="Text to start from (printed first).", rich_help_panel=SAMPLING)] = None,

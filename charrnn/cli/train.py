@@ -12,10 +12,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from charrnn import events
-from charrnn.cli.common import MODEL, OUTPUT, RUN, SCALE, TRAINING, JsonOption, PlatformOption, ThreadsOption, \
+from charrnn.cli.common import MODEL, OUTPUT, RUN, SCALE, TRAINING, PlatformOption, ThreadsOption, \
     app, err_console, flags, setup
 from charrnn.rundir import strict_json
-from charrnn.stdout import EndsWhenReaderLeaves
+from charrnn.stdout import EndsWhenReaderLeaves, ReaderGone
 from charrnn.units import bits
 
 
@@ -68,10 +68,20 @@ class ProgressBar:
 
 
 def json_lines(out) -> events.Listener:
-    """A listener printing each event that metrics.jsonl records as one JSON line on `out`."""
+    """A listener printing each event that metrics.jsonl records as one JSON line on `out`.
+
+    A reader that leaves (`| head -1`) stops the lines, not the run: training
+    goes on to its end and its checkpoints, as without --json.
+    """
+    reader_gone = False
+
     def write(event: events.Event) -> None:
-        if hasattr(event, "record"):
-            print(strict_json(event.record()), file=out, flush=True)
+        nonlocal reader_gone
+        if hasattr(event, "record") and not reader_gone:
+            try:
+                print(strict_json(event.record()), file=out, flush=True)
+            except ReaderGone:
+                reader_gone = True
 
     return write
 
@@ -97,7 +107,7 @@ def train(
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="train.tensorboard: write TensorBoard event files into the run's tensorboard/ folder (needs the optional tensorboard extra).", rich_help_panel=OUTPUT)] = False,
     tensorboard_dir: Annotated[Optional[Path], typer.Option("--tensorboard-dir", file_okay=False, help="Write the TensorBoard event files into this folder instead (implies --tensorboard).", rich_help_panel=OUTPUT)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and the final JSON line.", rich_help_panel=OUTPUT)] = False,
-    json_output: JsonOption = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Also print every event on stdout as it happens, one JSON object a line (as metrics.jsonl), before the summary.", rich_help_panel=OUTPUT)] = False,
     threads: ThreadsOption = None,
     platform: PlatformOption = None,
     devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices to split the streams over; train.batch_size must divide. Default: all GPUs, or on a CPU each core when the model is small enough to gain.", rich_help_panel=SCALE)] = None,
