@@ -177,7 +177,7 @@ class Vocab:
             block = np.frombuffer(text[start : start + _ENCODE_BLOCK].encode("utf-32-le"), dtype=np.uint32)
             positions = np.minimum(np.searchsorted(code_points, block), len(code_points) - 1)
             if not np.array_equal(code_points[positions], block):
-                raise CorpusError(f"characters outside the vocabulary: {_show_chars(self.unknown(text))}")
+                raise CorpusError(f"characters outside the vocabulary: {show_chars(self.unknown(text))}")
             ids[start : start + len(block)] = positions
         return ids
 
@@ -185,7 +185,8 @@ class Vocab:
         return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
-def _show_chars(chars: list[str], limit: int = 20) -> str:
+def show_chars(chars: list[str], limit: int = 20) -> str:
+    """Characters as an error names them: quoted, the first `limit`, and how many more."""
     shown = " ".join(repr(char) for char in chars[:limit])
     return shown + (f" (+{len(chars) - limit} more)" if len(chars) > limit else "")
 

@@ -19,6 +19,7 @@ STATUS_FILE = "status.json"
 CHECKPOINTS = "checkpoints"
 BEST_FILE = "best.safetensors"
 LOCK_FILE = ".lock"
+TENSORBOARD_DIR = "tensorboard"  # `train --tensorboard`: the event files, inside the run directory
 DEFAULT_RUNS = Path("runs")  # where new runs go, and where the newest is looked for
 
 # Values of status.json's "status"; "running" with no live lock holder reads as "interrupted".

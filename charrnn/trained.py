@@ -12,7 +12,7 @@ import numpy as np
 
 from charrnn import activations as activations_lib, checkpoint, sample as sampling, steps
 from charrnn.config import Config, check_sampling, check_seed
-from charrnn.data import Vocab
+from charrnn.data import Vocab, show_chars
 from charrnn.errors import UsageError
 from charrnn.units import bits
 
@@ -79,8 +79,7 @@ class Model:
         unknown = self.vocab.unknown(text)
         if unknown:
             if not skip_unknown:
-                shown = " ".join(repr(char) for char in unknown[:20])
-                raise UsageError(f"{what} has characters outside the model's vocabulary: {shown} "
+                raise UsageError(f"{what} has characters outside the model's vocabulary: {show_chars(unknown)} "
                                  f"(--skip-unknown drops them)")
             text = "".join(char for char in text if char in self.vocab.index)
         return self.vocab.encode(text), text
@@ -113,9 +112,8 @@ class Model:
             >>> model = charrnn.load("runs/lstm")
             >>> print(model.sample("ROMEO:", length=200, temperature=0.8, seed=1))
         """
-        texts = [""] * num_samples
-        for pieces in self.generate(prime, length, temperature, top_k, top_p, stop, seed, num_samples, skip_unknown):
-            texts = [text + piece for text, piece in zip(texts, pieces)]
+        blocks = self.generate(prime, length, temperature, top_k, top_p, stop, seed, num_samples, skip_unknown)
+        texts = ["".join(pieces) for pieces in zip(*blocks)]
         return texts[0] if num_samples == 1 else texts
 
     def generate(self, prime: str = "", length: int | None = None, temperature: float | None = None,

@@ -24,7 +24,6 @@ from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
 _RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll")
-TENSORBOARD_DIR = "tensorboard"  # `--tensorboard` alone: event files inside the run directory
 
 
 def train(corpus: str | Path | None = None, out: str | Path | None = None,

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from charrnn import events
+from charrnn import events, rundir
 from charrnn.cli.common import MODEL, OUTPUT, RUN, SCALE, TRAINING, PlatformOption, ThreadsOption, \
     app, err_console, flags, setup
 from charrnn.rundir import strict_json
@@ -161,6 +161,4 @@ def _tensorboard_dir(in_run_dir: bool, directory: Path | None) -> str | None:
     """train.tensorboard for the options: DIR from here, the run's own folder, or unset (the config decides)."""
     if directory is not None:
         return str(directory.resolve())
-    from charrnn.training import TENSORBOARD_DIR
-
-    return TENSORBOARD_DIR if in_run_dir else None
+    return rundir.TENSORBOARD_DIR if in_run_dir else None
