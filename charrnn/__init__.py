@@ -21,9 +21,11 @@ from charrnn.runtime import configure
 
 # Imported on first use: they bring JAX, which `charrnn --help` and the commands that only read files never need.
 _LAZY = {"Activations": "charrnn.trained", "Model": "charrnn.trained", "Score": "charrnn.trained",
-         "load": "charrnn.trained", "train": "charrnn.training"}
+         "load": "charrnn.trained", "train": "charrnn.training", "Seq2SeqModel": "charrnn.seq2seq.trained",
+         "PairScore": "charrnn.seq2seq.trained"}
 
 if TYPE_CHECKING:
+    from charrnn.seq2seq.trained import PairScore, Seq2SeqModel
     from charrnn.trained import Activations, Model, Score, load
     from charrnn.training import train
 
@@ -38,6 +40,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Activations", "BusyError", "CharrnnError", "CheckpointError", "Config", "CorpusError", "DivergedError",
-    "Interrupted", "Model", "ModelConfig", "PeerError", "SampleConfig", "Score", "StorageError", "Summary",
+    "Interrupted", "Model", "ModelConfig", "PairScore", "PeerError", "SampleConfig", "Score", "Seq2SeqModel",
+    "StorageError", "Summary",
     "TrainConfig", "UsageError", "configure", "load", "train",
 ]

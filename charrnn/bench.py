@@ -48,7 +48,9 @@ class TrainingBench:
             num_devices, train_config.batch_size, model.recurrent_step_macs(config.model, train_config.batch_size))
         optimizer = steps.make_optimizer(train_config)
         self.call = steps.make_train_call(config.model, train_config, optimizer, self.placement)
-        self.state, self.carry = steps.place(*steps.fresh_state(config, optimizer, VOCAB_SIZE), self.placement,
+        self.state, self.carry = steps.place(*steps.fresh_state(
+            config, optimizer, lambda key: model.init_params(key, config.model, VOCAB_SIZE),
+            lambda params, batch_size: model.initial_carry(params, config.model, batch_size)), self.placement,
                                              train_config.batch_size)
         chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
         self.ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)

@@ -25,6 +25,7 @@ from charrnn import config as config_lib, model, rundir, steps
 from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (FAULT_ENV: for tests)
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
+from charrnn.seq2seq import model as seq2seq_model
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -201,6 +202,39 @@ class Loaded(NamedTuple):
     metadata: dict[str, Any]
     path: Path
     file_bytes: int  # the size of the file when it was read
+    source_vocab: Vocab | None = None  # an encoder–decoder's source side (`vocab` is its target side)
+
+
+class FromCheckpoint:
+    """What every trained model offers: the config, vocabulary, params and file it was rebuilt from."""
+
+    def __init__(self, loaded: Loaded):
+        self._loaded = loaded
+
+    @property
+    def config(self) -> config_lib.Config:
+        return self._loaded.config
+
+    @property
+    def vocab(self) -> Vocab:
+        """The characters the model writes (an encoder–decoder's target side)."""
+        return self._loaded.vocab
+
+    @property
+    def params(self) -> dict:
+        return self._loaded.params
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint file the model was read from."""
+        return self._loaded.path
+
+    def describe(self) -> dict[str, Any]:
+        """What the checkpoint holds: config, vocabulary, step, validation loss, parameter shapes (JSON-ready).
+
+            >>> model.describe()["parameter_count"]
+        """
+        return describe(self._loaded)
 
 
 def load(path: Path | None, attempts: int = 5) -> Loaded:
@@ -222,26 +256,29 @@ def load(path: Path | None, attempts: int = 5) -> Loaded:
         try:
             config = config_lib.from_dict(metadata["config"])
             vocab = Vocab(metadata["vocab"])
+            source_vocab = Vocab(metadata["source_vocab"]) if config.model.kind == "seq2seq" else None
         except (KeyError, TypeError, UsageError) as error:
             raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
-        params = jax.device_put(restore_params(arrays, config.model, len(vocab)))
-        return Loaded(config, vocab, params, metadata, file, len(payload))
+        template = jax.eval_shape(lambda: init_params(jax.random.key(0), config.model, vocab, source_vocab))
+        params = jax.device_put(unflatten(template, "params", arrays))
+        return Loaded(config, vocab, params, metadata, file, len(payload), source_vocab)
     raise AssertionError("unreachable")
 
 
-def restore_params(arrays: dict[str, np.ndarray], model_config: config_lib.ModelConfig, vocab_size: int) -> dict:
-    """The parameters stored in `arrays`, shaped as `model.init_params` makes them."""
-    template = jax.eval_shape(lambda: model.init_params(jax.random.key(0), model_config, vocab_size))
-    return unflatten(template, "params", arrays)
+def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Vocab,
+                source_vocab: Vocab | None = None) -> dict:
+    """Fresh parameters of the model `model_config` describes: the shapes a checkpoint's arrays fill."""
+    if model_config.kind == "seq2seq":  # id 0 is reserved on both sides
+        return seq2seq_model.init_params(key, model_config, len(source_vocab) + 1, len(vocab) + 1)
+    return model.init_params(key, model_config, len(vocab))
 
 
-def restore_training(arrays: dict[str, np.ndarray], config: config_lib.Config, optimizer, vocab_size: int,
+def restore_training(arrays: dict[str, np.ndarray], task, optimizer, batch_size: int,
                      step: int) -> tuple[steps.TrainState, tuple]:
-    """The training state and carried hidden state stored in `arrays` (host arrays)."""
-    params = restore_params(arrays, config.model, vocab_size)
+    """The training state and carried state stored in `arrays` (host arrays), shaped as `task` makes them."""
+    params = unflatten(jax.eval_shape(task.init_params, jax.random.key(0)), "params", arrays)
     opt_state = unflatten(jax.eval_shape(optimizer.init, params), "opt_state", arrays)
-    carry_template = jax.eval_shape(lambda: model.initial_carry(params, config.model, config.train.batch_size))
-    carry = unflatten(carry_template, "carry", arrays)
+    carry = unflatten(jax.eval_shape(lambda: task.initial_carry(params, batch_size)), "carry", arrays)
     return steps.TrainState(params, opt_state, np.asarray(step, np.int32)), carry
 
 
@@ -263,6 +300,7 @@ def describe(loaded: Loaded) -> dict[str, Any]:
         "config": config_lib.to_dict(loaded.config),
         "vocab": loaded.vocab.chars,
         "vocab_size": len(loaded.vocab),
+        **({"source_vocab": loaded.source_vocab.chars} if loaded.source_vocab else {}),
         "parameter_count": model.parameter_count(loaded.params),
         "parameter_shapes": {name: list(array.shape) for name, array in flatten(loaded.params, "params").items()},
     }

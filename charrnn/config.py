@@ -12,12 +12,15 @@ from typing import Any
 from charrnn.errors import UsageError
 
 CELL_NAMES = ("rnn", "gru", "lstm")
+MODEL_KINDS = ("lm", "seq2seq")
+ATTENTIONS = ("none", "additive", "dot")
 SCHEDULES = ("constant", "cosine", "exponential")
 DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: str = "lm"  # lm: continue text | seq2seq: map each source line to its target (a pairs file)
     cell: str = "lstm"  # rnn | gru | lstm; gated cells carry information further
     num_layers: int = 2  # stacked recurrent layers
     hidden_size: int = 512  # units per layer; with dropout, the best size for 10 CPU minutes
@@ -27,6 +30,9 @@ class ModelConfig:
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32)
     scan_unroll: int = 1  # time steps per loop iteration; more helps GPUs (8), not CPUs
+    encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
+    bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
+    attention: str = "additive"  # seq2seq: none | additive (Bahdanau's score) | dot (Luong's general score)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ class TrainConfig:
     keep: int = 1  # step checkpoints kept besides best
     save_minutes: float = 0.0  # also checkpoint every this many minutes; 0 = only at evals
     random_offset: bool = True  # new random stream offset (and reset state) each epoch
+    max_length: int = 100  # seq2seq: the longest source or target, in characters; longer pairs are errors
+    skip_bad_pairs: bool = False  # seq2seq: skip (and count) malformed or too-long lines instead of refusing the file
     tensorboard: str = ""  # TensorBoard event files: "" = none; a relative path is inside the run directory
 
 
@@ -61,6 +69,7 @@ class SampleConfig:
     length: int = 1000  # characters to generate
     top_k: int = 0  # keep the k most likely characters; 0 = all
     top_p: float = 1.0  # keep the smallest set with this much probability
+    beam: int = 1  # seq2seq: beam width; 1 = one output chosen character by character (greedy at temperature 0)
 
 
 @dataclass(frozen=True)
@@ -194,13 +203,18 @@ def _require(condition: bool, message: str) -> None:
 def validate(config: Config) -> None:
     """Raise UsageError naming the first key whose value cannot work."""
     model, train, sample = config.model, config.train, config.sample
+    _require(model.kind in MODEL_KINDS, f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {model.kind!r}")
+    _require(model.attention in ATTENTIONS,
+             f"model.attention must be one of {', '.join(ATTENTIONS)}, got {model.attention!r}")
+    _require(model.kind == "lm" or not model.learn_initial_state,
+             "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")
     _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
-    for key in ("num_layers", "hidden_size", "embedding_size", "scan_unroll"):
+    for key in ("num_layers", "hidden_size", "embedding_size", "scan_unroll", "encoder_layers"):
         _require(getattr(model, key) >= 1, f"model.{key} must be at least 1")
     _require(0.0 <= model.dropout < 1.0, "model.dropout must be in [0, 1)")
     for key in ("batch_size", "seq_len", "steps", "eval_every", "eval_batch_size", "log_every",
-                "steps_per_call", "keep"):
+                "steps_per_call", "keep", "max_length"):
         _require(getattr(train, key) >= 1, f"train.{key} must be at least 1")
     _require(train.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {train.schedule!r}")
     _require(math.isfinite(train.lr) and train.lr > 0, "train.lr must be a positive number")
@@ -216,6 +230,7 @@ def validate(config: Config) -> None:
     _require(0.0 < train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
     check_seed(train.seed, "train.seed")
     check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
+    _require(sample.beam >= 1, f"sample.beam must be at least 1, got {sample.beam}")
 
 
 SEED_LIMIT = 2**32  # JAX's default PRNG keys hold 32 bits: seeds s and s + 2**32 would be the same key

@@ -172,9 +172,9 @@ def put_streams(tree: Any, placement: Placement, num_streams: int, axis: int = 0
 
 
 def put_batches(batches, placement: Placement):
-    """Stacked minibatches [K, T, B] onto the mesh, each device getting its own streams."""
-    return type(batches)(put(batches.inputs, placement.stacked), put(batches.targets, placement.stacked),
-                         put(batches.reset, placement.replicated))
+    """Stacked minibatches onto the mesh: fields [K, T, B] split with their streams, the rest ([K] flags) whole."""
+    return type(batches)(*(put(part, placement.stacked if np.ndim(part) >= 3 else placement.replicated)
+                           for part in batches))
 
 
 def to_host(tree: Any) -> Any:

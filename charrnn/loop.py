@@ -11,10 +11,11 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn import checkpoint, config as config_lib, data, distributed, events, rundir, runtime, steps
+from charrnn import checkpoint, config as config_lib, distributed, events, rundir, runtime, steps
 from charrnn.config import Config
 from charrnn.errors import DivergedError, Interrupted
 from charrnn.events import Listener
+from charrnn.task import Task
 from charrnn.units import bits
 
 
@@ -55,7 +56,7 @@ class Loop:
     """One run's loop over optimizer steps; what happens is told to `emit`, and only process 0 writes files."""
 
     config: Config
-    corpus: data.Corpus
+    task: Task
     run_dir: Path
     placement: distributed.Placement
     optimizer: object
@@ -67,11 +68,9 @@ class Loop:
 
     def __post_init__(self):
         train_config = self.config.train
-        self.layout = data.stream_layout(len(self.corpus.train_ids), train_config.batch_size, train_config.seq_len)
         self.local_streams = self.placement.local_streams(train_config.batch_size)
-        self.train_call = steps.make_train_call(self.config.model, train_config, self.optimizer, self.placement)
-        self.eval_call = steps.make_eval_call(self.config.model)
-        self.chars_per_step = train_config.batch_size * train_config.seq_len
+        self.train_call = steps.compile_train_call(self.task.batch_loss, train_config, self.optimizer, self.placement)
+        self.chars_per_step = self.task.chars_per_step
         self.budget_s = train_config.max_minutes * 60.0
         self.clock = Clock(time.monotonic() - self.progress.elapsed_s)
 
@@ -80,15 +79,9 @@ class Loop:
         by_steps = step / self.config.train.steps
         return max(by_steps, elapsed / self.budget_s) if self.budget_s else by_steps
 
-    def batches(self, step: int, count: int) -> data.Batch:
+    def batches(self, step: int, count: int):
         """Minibatches of steps [step, step + count) for this process's streams, placed on the mesh."""
-        train_config = self.config.train
-        stacked = data.stack_batches([
-            data.training_batch(self.corpus.train_ids, self.layout, step + i, train_config.seed,
-                                train_config.random_offset, self.local_streams)
-            for i in range(count)
-        ])
-        return distributed.put_batches(stacked, self.placement)
+        return distributed.put_batches(self.task.batches(step, count, self.local_streams), self.placement)
 
     def diverged(self, step: int, what: str) -> DivergedError:
         """Report the divergence at `step`; the error names what went non-finite and the last checkpoint."""
@@ -126,8 +119,7 @@ class Loop:
         path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
         if self.placement.is_main:
             metadata = {
-                "config": config_lib.to_dict(self.config), "vocab": self.corpus.vocab.chars,
-                "corpus_sha": self.corpus.checksum, "step": step, "elapsed_s": progress.elapsed_s,
+                "config": config_lib.to_dict(self.config), **self.task.metadata(), "step": step, "elapsed_s": progress.elapsed_s,
                 "val_loss": progress.last_val_loss, "best_val_loss": progress.best_val_loss,
                 "chars_seen": step * self.chars_per_step, "saved_at": time.time(),
             }
@@ -138,9 +130,7 @@ class Loop:
 
     def validate_and_save(self, final: bool) -> None:
         progress, step = self.progress, int(self.progress.state.step)
-        val_loss = steps.evaluate(progress.state.params, self.config.model, self.corpus.val_ids,
-                                  self.config.train.eval_batch_size, eval_call=self.eval_call,
-                                  placement=self.placement)
+        val_loss = self.task.validation_loss(progress.state.params, self.placement)
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
         progress.last_val_loss = val_loss

@@ -63,25 +63,32 @@ def _map_weight_matrices(function, tree: dict) -> dict:
     return {name: function(leaf) if name.startswith("w") else leaf for name, leaf in tree.items()}
 
 
-def prepare(params: dict, config: ModelConfig) -> dict:
-    """Turn params into what the forward pass multiplies with, once per compiled call.
+def cast_weights(tree: dict, config: ModelConfig) -> dict:
+    """A layer's or the output's params with weight matrices in the matmul dtype (biases stay float32)."""
+    if config.dtype == "float32":
+        return tree
+    return _map_weight_matrices(lambda leaf: leaf.astype(config.dtype), tree)
 
-    Weight matrices are cast to the matmul dtype (biases and state stay float32),
-    and the embedding and the first layer's input projection become one [V, G*H]
-    table: each character's projection is a row lookup, no per-character matmul.
-    Gradients flow back through the table into both the embedding and the weights.
+
+def prepare_layers(embedding: jax.Array, layers: list, config: ModelConfig) -> dict:
+    """A recurrent stack's params as its forward pass multiplies with them.
+
+    Weight matrices are cast to the matmul dtype, and the embedding and the first
+    layer's input projection become one [V, G*H] table: each character's
+    projection is a row lookup, no per-character matmul. Gradients flow back
+    through the table into both the embedding and the weights.
     """
-    def cast(tree):
-        if config.dtype == "float32":
-            return tree
-        return _map_weight_matrices(lambda leaf: leaf.astype(config.dtype), tree)
-
-    first = params["layers"][0]
+    first = layers[0]
     return {
-        "projection_table": dense(params["embedding"], cast(first)["w_x"], first["b"]),  # [V, G*H]
-        "layers": [cast(layer) for layer in params["layers"]],
-        "output": cast(params["output"]),
+        "projection_table": dense(embedding, cast_weights(first, config)["w_x"], first["b"]),  # [V, G*H]
+        "layers": [cast_weights(layer, config) for layer in layers],
     }
+
+
+def prepare(params: dict, config: ModelConfig) -> dict:
+    """Turn params into what the forward pass multiplies with, once per compiled call (see `prepare_layers`)."""
+    return {**prepare_layers(params["embedding"], params["layers"], config),
+            "output": cast_weights(params["output"], config)}
 
 
 def transpose_weights(prepared: dict) -> dict:
@@ -102,6 +109,14 @@ def projects_per_step() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None, index: int) -> jax.Array:
+    """Inverted dropout of `x` with the mask of fold_in(key, index); `x` itself without a key (evaluation)."""
+    if key is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
 def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, run_one, dropout_key=None):
     """The recurrent layers one above the other, each run by `run_one(layer params, carry, input) -> (carry, h)`.
 
@@ -112,16 +127,27 @@ def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array,
     layer_input = inputs
     new_carry, outputs = [], []
     for index, layer_carry in enumerate(carry):
-        layer_carry, hidden = run_one(_with_input_params(prepared, index), layer_carry, layer_input)
+        layer_carry, hidden = run_one(layer_params(prepared, index), layer_carry, layer_input)
         if config.residual and index > 0:
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
         outputs.append(hidden)
-        if dropout_key is not None and config.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, index), 1.0 - config.dropout, hidden.shape)
-            hidden = jnp.where(keep, hidden / (1.0 - config.dropout), 0.0)
-        layer_input = hidden
+        layer_input = dropout(hidden, config.dropout, dropout_key, index)
     return tuple(new_carry), outputs, layer_input
+
+
+def over_time(config: ModelConfig):
+    """`run(layer params, carry, inputs [T, B, ...]) -> (carry, hidden [T, B, H])`: one layer over a whole chunk."""
+    cell = CELLS[config.cell]
+
+    def run(layer: dict, layer_carry, layer_input: jax.Array):
+        if projects_per_step():
+            return run_layer(cell, layer, layer_carry, layer_input, config.scan_unroll)  # [T, B, H]
+        # All steps' projections in one matmul (or gather) before the loop.
+        projections = project_input(layer, layer_input)  # [T, B, G*H]
+        return run_layer(cell, recurrent_params(layer), layer_carry, projections, config.scan_unroll)
+
+    return run
 
 
 def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
@@ -129,16 +155,7 @@ def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Ar
 
     Returns (carry, [per-layer outputs [T, B, H]], top-layer output after dropout).
     """
-    cell = CELLS[config.cell]
-
-    def run_over_time(layer: dict, layer_carry, layer_input: jax.Array):
-        if projects_per_step():
-            return run_layer(cell, layer, layer_carry, layer_input, config.scan_unroll)  # [T, B, H]
-        # All steps' projections in one matmul (or gather) before the loop.
-        projections = project_input(layer, layer_input)  # [T, B, G*H]
-        return run_layer(cell, recurrent_params(layer), layer_carry, projections, config.scan_unroll)
-
-    return _stack(prepared, config, carry, inputs, run_over_time, dropout_key)
+    return _stack(prepared, config, carry, inputs, over_time(config), dropout_key)
 
 
 def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
@@ -147,18 +164,24 @@ def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: 
     return carry, dense(top, prepared["output"]["w"], prepared["output"]["b"])  # [T, B, V]
 
 
-def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
-    """One character per stream, ids [B] -> (carry, logits [B, V]): the body of generation's time loop."""
+def step_top(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
+    """One character per stream, ids [B] -> (carry, top layer's output [B, H])."""
     cell = CELLS[config.cell]
 
     def one_step(layer: dict, layer_carry, layer_input: jax.Array):
         return cell.step(layer, layer_carry, project_input(layer, layer_input))  # [B, H]
 
     carry, _, top = _stack(prepared, config, carry, ids, one_step)
+    return carry, top
+
+
+def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
+    """One character per stream, ids [B] -> (carry, logits [B, V]): the body of generation's time loop."""
+    carry, top = step_top(prepared, config, carry, ids)
     return carry, dense(top, prepared["output"]["w"], prepared["output"]["b"])
 
 
-def _with_input_params(prepared: dict, index: int) -> dict:
+def layer_params(prepared: dict, index: int) -> dict:
     """Layer `index`'s params; the first layer's table replaces its embedding and input weights."""
     layer = prepared["layers"][index]
     if index > 0:

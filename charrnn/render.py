@@ -119,3 +119,39 @@ def html(text: str, units: dict[int, np.ndarray], predictions: list[list[tuple[s
         f"{blocks}\n<div id=\"tip\" hidden></div>\n"
         f"<script>\nconst PREDICTIONS = {_script_json(guesses)};\n{_SCRIPT}</script>\n</body>\n</html>\n"
     )
+
+
+_HEAT_STYLE = """
+table.heat { border-collapse: collapse; font-family: monospace; }
+table.heat td, table.heat th { width: 1.6em; height: 1.6em; text-align: center; font-weight: normal; }
+table.heat td { border: 1px solid #eee; font-size: 0.7em; color: transparent; }
+table.heat td:hover { color: #000; outline: 1px solid #000; }
+"""
+
+
+def _heat_colour(weight: float) -> str:
+    """White at 0 to red at 1."""
+    red, green, blue = np.rint(_WHITE + min(max(weight, 0.0), 1.0) * (_RED - _WHITE)).astype(int)
+    return f"#{red:02x}{green:02x}{blue:02x}"
+
+
+def attention_html(source: str, output: str, weights: np.ndarray, title: str) -> str:
+    """One self-contained page: a table with a row per written character (and the end symbol) and a
+    column per source character, each cell coloured by the attention weight; hovering shows the number."""
+    weights = np.asarray(weights, np.float64)
+    rows_wanted = (len(output) + 1, len(source))
+    if weights.shape != rows_wanted:
+        raise ValueError(f"weights have shape {weights.shape}; {rows_wanted} wanted (output + end, source)")
+    header = "".join(f"<th>{html_lib.escape(_label(char))}</th>" for char in source)
+    rows = []
+    for char, row in zip([*output, "\u2403"], weights):  # ␃ marks the end symbol
+        cells = "".join(f'<td style="background:{_heat_colour(w)}" title="{w:.3f}">{w:.2f}</td>' for w in row)
+        rows.append(f"<tr><th>{html_lib.escape(_label(char))}</th>{cells}</tr>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{html_lib.escape(title)}</title>\n<style>{_STYLE}{_HEAT_STYLE}</style>\n</head>\n<body>\n"
+        f"<h1>{html_lib.escape(title)}</h1>\n"
+        "<p>each row: where the decoder looked in the source (columns) while writing that character; "
+        "white 0, red 1; each row sums to 1</p>\n"
+        f"<table class=\"heat\">\n<tr><th></th>{header}</tr>\n" + "\n".join(rows) + "\n</table>\n</body>\n</html>\n"
+    )

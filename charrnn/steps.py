@@ -66,12 +66,15 @@ def init_state(key: jax.Array, model_config: ModelConfig, optimizer, vocab_size:
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def fresh_state(config: Config, optimizer, vocab_size: int) -> tuple[TrainState, tuple]:
-    """A new run's training state and carried state as host arrays, the same on every process (from the seed)."""
+def fresh_state(config: Config, optimizer, init_params, initial_carry) -> tuple[TrainState, tuple]:
+    """A new run's training state and carried state as host arrays, the same on every process (from the seed).
+
+    `init_params(key) -> params`, `initial_carry(params, batch_size) -> carry`: the task's.
+    """
     key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
-    state = jax.device_get(init_state(key, config.model, optimizer, vocab_size))
-    carry = jax.device_get(model.initial_carry(state.params, config.model, config.train.batch_size))
-    return state, carry
+    params = jax.device_get(init_params(key))
+    state = jax.device_get(TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)))
+    return state, jax.device_get(initial_carry(params, config.train.batch_size))
 
 
 def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[TrainState, tuple]:
@@ -79,31 +82,42 @@ def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[
     return distributed.put(state, placement.replicated), distributed.put_streams(carry, placement, batch_size)
 
 
+def language_model_loss(model_config: ModelConfig):
+    """`loss(params, carry, batch, dropout_key) -> (mean nats/char, carry)` of a chunk of text.
+
+    The carry is reset at epoch starts inside the differentiated function, so that
+    a learned initial state gets its gradient from the chunks that start from it.
+    """
+    def chunk_loss(params: dict, carry: tuple, batch: Batch, dropout_key: jax.Array):
+        fresh = model.initial_carry(params, model_config, batch.inputs.shape[1])
+        start = model.reset_where(batch.reset, fresh, carry)
+        return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key)
+
+    return chunk_loss
+
+
 def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimizer, placement=None):
+    """The language model's compiled train call (see `compile_train_call`)."""
+    return compile_train_call(language_model_loss(model_config), train_config, optimizer, placement)
+
+
+def compile_train_call(batch_loss, train_config: TrainConfig, optimizer, placement=None):
     """Compile `call(state, carry, batches, lrs) -> (state, carry, metrics)` for K stacked steps.
 
-    This is where truncated BPTT happens: the carry enters each step as data (no
-    gradient flows into the previous chunk), is reset at epoch starts, and leaves
-    through stop_gradient to become the next step's starting state. A step whose
-    loss or gradient is not finite changes nothing, so non-finite numbers never
-    reach the parameters.
+    `batch_loss(params, carry, batch, dropout_key) -> (loss, carry)`. This is where
+    truncated BPTT happens: the carry enters each step as data (no gradient flows
+    into the previous chunk) and leaves through stop_gradient to become the next
+    step's starting state. A step whose loss or gradient is not finite changes
+    nothing, so non-finite numbers never reach the parameters.
     """
     dropout_root = jax.random.fold_in(jax.random.key(train_config.seed), 1)
 
     def one_step(state_and_carry, step_inputs):
         state, carry = state_and_carry
         batch, lr = step_inputs
-        batch_size = batch.inputs.shape[1]
         dropout_key = jax.random.fold_in(dropout_root, state.step)
-
-        def chunk_loss(params):
-            # The reset is inside the differentiated function so that a learned
-            # initial state gets its gradient from the chunks that start from it.
-            fresh = model.initial_carry(params, model_config, batch_size)
-            start = model.reset_where(batch.reset, fresh, carry)
-            return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key)
-
-        (loss, new_carry), grads = jax.value_and_grad(chunk_loss, has_aux=True)(state.params)
+        (loss, new_carry), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, carry, batch,
+                                                                                dropout_key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)
@@ -113,7 +127,7 @@ def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimi
         new_carry = keep_finite(jax.lax.stop_gradient(new_carry), carry)
         return (new_state, new_carry), StepMetrics(loss, grad_norm, finite)
 
-    def call(state: TrainState, carry: tuple, batches: Batch, lrs: jax.Array):
+    def call(state: TrainState, carry: tuple, batches, lrs: jax.Array):
         (state, carry), metrics = jax.lax.scan(one_step, (state, carry), (batches, lrs))
         return state, carry, metrics
 

@@ -6,14 +6,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from charrnn import activations as activations_lib, checkpoint, sample as sampling, steps
-from charrnn.config import Config, check_sampling, check_seed
-from charrnn.data import Vocab, show_chars
+from charrnn.config import check_sampling, check_seed
+from charrnn.data import show_chars
 from charrnn.errors import UsageError
+from charrnn.seq2seq.trained import Seq2SeqModel
 from charrnn.units import bits
 
 
@@ -47,28 +48,8 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") >> 1
 
 
-class Model:
-    """A trained model rebuilt from a checkpoint alone (see `load`)."""
-
-    def __init__(self, loaded: checkpoint.Loaded):
-        self._loaded = loaded
-
-    @property
-    def config(self) -> Config:
-        return self._loaded.config
-
-    @property
-    def vocab(self) -> Vocab:
-        return self._loaded.vocab
-
-    @property
-    def params(self) -> dict:
-        return self._loaded.params
-
-    @property
-    def path(self) -> Path:
-        """The checkpoint file the model was read from."""
-        return self._loaded.path
+class Model(checkpoint.FromCheckpoint):
+    """A trained language model rebuilt from a checkpoint alone (see `load`)."""
 
     def __repr__(self) -> str:
         model = self.config.model
@@ -173,20 +154,15 @@ class Model:
         top_ids, top_probs = recorded.pop("top_ids"), recorded.pop("top_probs")
         return Activations(text, ids, layer, recorded, top_ids, top_probs)
 
-    def describe(self) -> dict[str, Any]:
-        """What the checkpoint holds: config, vocabulary, step, validation loss, parameter shapes (JSON-ready).
 
-            >>> model.describe()["parameter_count"]
-        """
-        return checkpoint.describe(self._loaded)
-
-
-def load(path: str | Path | None = None) -> Model:
+def load(path: str | Path | None = None) -> Model | Seq2SeqModel:
     """Load a model from a checkpoint file, a run directory or a folder of runs (its newest run).
 
     Without a path, the newest run under ./runs. The architecture comes from the
-    checkpoint itself; a damaged file raises `CheckpointError`.
+    checkpoint itself: a language model gives a `Model`, an encoder–decoder a
+    `Seq2SeqModel`. A damaged file raises `CheckpointError`.
 
         >>> model = charrnn.load("runs/lstm")
     """
-    return Model(checkpoint.load(None if path is None else Path(path)))
+    loaded = checkpoint.load(None if path is None else Path(path))
+    return Seq2SeqModel(loaded) if loaded.config.model.kind == "seq2seq" else Model(loaded)

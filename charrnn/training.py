@@ -18,6 +18,8 @@ from charrnn.config import Config
 from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, \
     StorageError, UsageError
 from charrnn.loop import Loop, LoopState
+from charrnn.seq2seq.task import PairsTask, load_pairs
+from charrnn.task import Task, TextTask
 from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 
 # Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
@@ -137,7 +139,7 @@ def _check_resumable(saved: Config, wanted: Config) -> None:
 
 def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[str],
                   options: dict[str, dict[str, Any]], resume: bool):
-    """Check everything a run needs before writing anything; return (config, corpus, resumed checkpoint)."""
+    """Check everything a run needs before writing anything; return (config, task, resumed checkpoint)."""
     if resume and not checkpoint.step_files(rundir.checkpoints_dir(run_dir)):
         # Stopped before its first checkpoint: start again from the run's saved config.
         try:
@@ -145,7 +147,7 @@ def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[st
         except (OSError, ValueError):
             raise CheckpointError(f"{run_dir} is not a charrnn run directory (nothing to resume)") from None
         config = config_lib.resolve(source, assignments, options, base=saved)
-        return config, load_corpus(corpus_path, config.train.val_fraction), None
+        return config, load_task(corpus_path, config), None
     if resume:
         latest = checkpoint.read_latest(rundir.checkpoints_dir(run_dir))
         metadata = latest[2]
@@ -155,14 +157,23 @@ def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[st
         if config.train.steps < metadata["step"]:  # train.steps is the run's total, not steps to add
             raise UsageError(f"{run_dir} is at step {metadata['step']}; train.steps is the run's total, so "
                              f"{config.train.steps} would end it before where it is")
-        corpus = load_corpus(corpus_path, config.train.val_fraction, data.Vocab(metadata["vocab"]),
-                                  metadata["corpus_sha"])
-        return config, corpus, latest
+        return config, load_task(corpus_path, config, metadata), latest
     config = config_lib.resolve(source, assignments, options)
     # Only process 0 writes the run directory; the others may find it already begun.
     if jax.process_index() == 0 and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"{run_dir} already exists; continue a run with --resume, or choose another --out")
-    return config, load_corpus(corpus_path, config.train.val_fraction), None
+    return config, load_task(corpus_path, config), None
+
+
+def load_task(path: Path, config: Config, metadata: dict[str, Any] | None = None) -> Task:
+    """What the run learns from `path`, by `model.kind`; a resumed run passes its checkpoint's `metadata`
+    (vocabularies and checksum), and the data must be the same."""
+    checksum = metadata["corpus_sha"] if metadata else None
+    if config.model.kind == "seq2seq":
+        vocabs = (data.Vocab(metadata["source_vocab"]), data.Vocab(metadata["vocab"])) if metadata else None
+        return PairsTask(config, load_pairs(path, config, vocabs, checksum))
+    vocab = data.Vocab(metadata["vocab"]) if metadata else None
+    return TextTask(config, load_corpus(path, config.train.val_fraction, vocab, checksum))
 
 
 def _probe(directory: Path) -> None:
@@ -197,7 +208,7 @@ def _file_writers(run_dir: Path, corpus_path: Path, config: Config, first_step: 
 
 def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], options: dict, resume: bool,
            callbacks: list[events.Listener], devices: int | None) -> events.Summary:
-    config, corpus, resumed = _check_inputs(corpus_path, run_dir, source, assignments, options, resume)
+    config, task, resumed = _check_inputs(corpus_path, run_dir, source, assignments, options, resume)
     if config.train.tensorboard:  # the optional extra is there, and a folder of its own writable, before any writing
         summary_writer_class()
         if Path(config.train.tensorboard).is_absolute():
@@ -207,27 +218,25 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     optimizer = steps.make_optimizer(config.train)
     if resumed:
         path, arrays, metadata, skipped = resumed
-        state, carry = checkpoint.restore_training(arrays, config, optimizer, len(corpus.vocab), metadata["step"])
+        state, carry = checkpoint.restore_training(arrays, task, optimizer, config.train.batch_size, metadata["step"])
         progress = LoopState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
                             metadata.get("val_loss"), path)
     else:
-        skipped, (state, carry) = [], steps.fresh_state(config, optimizer, len(corpus.vocab))
+        skipped, (state, carry) = [], steps.fresh_state(config, optimizer, task.init_params, task.initial_carry)
         progress = LoopState(state, carry)
     progress.state, progress.carry = steps.place(progress.state, progress.carry, placement, config.train.batch_size)
     first_step = int(state.step)
     listeners: list[events.Listener] = []  # filled below, once the run directory may be written
     emit = events.broadcast(listeners)
     stop = StopFlag()
-    # Made before anything is written: it refuses a corpus too short for the batch layout.
-    loop = Loop(config, corpus, run_dir, placement, optimizer, progress, lambda: stop.signal_number, emit)
+    loop = Loop(config, task, run_dir, placement, optimizer, progress, lambda: stop.signal_number, emit)
     if placement.is_main:
         rundir.create(run_dir)
     lock = rundir.RunLock(run_dir) if placement.is_main else contextlib.nullcontext()
     with lock, stop:
         if placement.is_main:  # the other processes of a multi-process run keep quiet and write nothing
             listeners += [*_file_writers(run_dir, corpus_path, config, first_step), *callbacks]
-        emit(events.Message(f"training on {corpus_path} ({len(corpus.train_ids):,} + {len(corpus.val_ids):,} "
-                            f"characters, {len(corpus.vocab)} symbols) into {run_dir}, "
+        emit(events.Message(f"training on {corpus_path} ({task.describe()}) into {run_dir}, "
                             f"{placement.num_devices} device(s)"))
         for line in config_lib.summary_lines(config):
             emit(events.Message(line))

@@ -186,6 +186,12 @@ def test_missing_config_file(tmp_path):
         (["sample.top_p=0"], "top-p"),
         (["sample.top_p=1.01"], "top-p"),
         (["sample.length=-1"], "length"),
+        (["model.kind=translator"], "model.kind"),
+        (["model.attention=multihead"], "model.attention"),
+        (["model.encoder_layers=0"], "model.encoder_layers"),
+        (["model.kind=seq2seq", "model.learn_initial_state=true"], "model.learn_initial_state"),
+        (["train.max_length=0"], "train.max_length"),
+        (["sample.beam=0"], "sample.beam"),
     ],
 )
 def test_validate_rejects_bad_values(assignments, key):

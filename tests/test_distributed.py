@@ -144,12 +144,13 @@ def test_streams_really_are_split(small_corpus, tmp_path):
 import jax, numpy as np
 from pathlib import Path
 from charrnn import config, distributed, loop, steps, training
+from charrnn.task import TextTask
 cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
-corpus = training.load_corpus(Path({str(small_corpus)!r}), 0.1)
+task = TextTask(cfg, training.load_corpus(Path({str(small_corpus)!r}), 0.1))
 placement = distributed.make_placement(2, cfg.train.batch_size, 0)
 optimizer = steps.make_optimizer(cfg.train)
-state, carry = steps.place(*steps.fresh_state(cfg, optimizer, len(corpus.vocab)), placement, cfg.train.batch_size)
-run = loop.Loop(cfg, corpus, Path("unused"), placement, optimizer, loop.LoopState(state, carry), lambda: None,
+state, carry = steps.place(*steps.fresh_state(cfg, optimizer, task.init_params, task.initial_carry), placement, cfg.train.batch_size)
+run = loop.Loop(cfg, task, Path("unused"), placement, optimizer, loop.LoopState(state, carry), lambda: None,
                 lambda event: None)
 state, carry, _ = run.train_call(state, carry, run.batches(0, 1),
                                  distributed.put(np.ones(1, np.float32), placement.replicated))

@@ -31,6 +31,9 @@ def benchmark(
     from charrnn import config as config_lib
 
     config = config_lib.resolve(config_file, assignments or [], {})
+    if config.model.kind != "lm":
+        raise UsageError("bench measures language models (model.kind = lm); time an encoder–decoder with "
+                         "charrnn train, whose summary gives train_chars_per_s")
     if not math.isfinite(seconds) or seconds > MAX_WINDOW_S:
         raise UsageError(f"--seconds must be at most {MAX_WINDOW_S:g}, got {seconds}")
     from charrnn import bench as benchmarks, data

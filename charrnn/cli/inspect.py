@@ -39,6 +39,8 @@ def inspect_checkpoint(
         ("best val loss", loss(summary["best_val_loss"])),
         ("parameters", f"{summary['parameter_count']:,}"),
         ("vocabulary", f"{summary['vocab_size']} characters: {summary['vocab']!r}"),
+        *((("source vocabulary", f"{len(summary['source_vocab'])} characters: {summary['source_vocab']!r}"),)
+          if "source_vocab" in summary else ()),
         *((f"{section}.{key}", str(value)) for section, values in summary["config"].items() for key, value in values.items()),
     ]:
         overview.add_row(key, value)

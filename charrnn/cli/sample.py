@@ -11,6 +11,10 @@ import typer
 
 from charrnn.cli.common import CHECKPOINT_HELP, OUTPUT, SAMPLING, PlatformOption, ThreadsOption, app, err_console, \
     setup, text_option
+from charrnn.data import read_text
+from charrnn.errors import UsageError
+
+CONVERTING = "Encoder–decoder runs"
 
 
 @app.command()
@@ -26,16 +30,29 @@ def sample(
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent samples, generated as one batch.", rich_help_panel=SAMPLING)] = 1,
     stop: Annotated[Optional[str], typer.Option("--stop", help="End a sample once it contains this text (e.g. a blank line).", rich_help_panel=SAMPLING)] = None,
     skip_unknown: Annotated[bool, typer.Option("--skip-unknown", help="Drop prime characters outside the model's vocabulary instead of failing.", rich_help_panel=SAMPLING)] = False,
+    source: Annotated[Optional[list[str]], typer.Option("--source", help="An encoder–decoder's input: write its target (repeat for several).", rich_help_panel=CONVERTING)] = None,
+    source_file: Annotated[Optional[Path], typer.Option("--source-file", help="An encoder–decoder's inputs, one per line: one output line each, in order.", rich_help_panel=CONVERTING)] = None,
+    beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Beam width: the most likely target among N kept hypotheses (default: the run's sample.beam; 1 = character by character).", rich_help_panel=CONVERTING)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per sample on stdout instead of plain text.", rich_help_panel=OUTPUT)] = False,
     threads: ThreadsOption = None,
     platform: PlatformOption = None,
 ) -> None:
-    """Generate text from a trained model, streamed to stdout as it is written."""
+    """Generate text from a trained model, streamed to stdout as it is written; or an encoder–decoder's targets."""
     prime_text = text_option(prime, prime_file, "prime") or ""
-    setup(platform, threads, cpu_device_per_core=True)  # many samples of a small model split over the cores
-    from charrnn.trained import load, random_seed
+    sources = _sources(source, source_file)
+    setup(platform, threads, cpu_device_per_core=sources is None)  # many samples of a small model split over the cores
+    from charrnn.trained import Seq2SeqModel, load, random_seed
 
     model = load(checkpoint)
+    if isinstance(model, Seq2SeqModel):
+        if prime_text:
+            raise UsageError("an encoder–decoder takes --source or --source-file, not --prime")
+        if not sources:
+            raise UsageError("an encoder–decoder needs its input: --source TEXT or --source-file FILE")
+        _convert(model, sources, temperature, beam, top_k, top_p, length, seed, json_output)
+        return
+    if sources is not None or beam is not None:
+        raise UsageError("--source, --source-file and --beam are for encoder–decoder runs; this is a language model")
     shown_seed = seed is None
     seed = random_seed() if seed is None else seed
     blocks = model.generate(prime_text, length, temperature, top_k, top_p, stop, seed, num_samples, skip_unknown)
@@ -54,3 +71,19 @@ def sample(
             print(json.dumps({"index": index, "seed": seed, "prime": primes[index], "text": text}, ensure_ascii=False))
     else:
         print("\n\n".join(texts))
+
+
+def _sources(source: list[str] | None, source_file: Path | None) -> list[str] | None:
+    """The sources given, in order; a file's lines each one (a final line ending adds none)."""
+    if source and source_file is not None:
+        raise UsageError("give --source or --source-file, not both")
+    if source_file is not None:
+        return read_text(source_file).removesuffix("\n").replace("\r\n", "\n").split("\n")
+    return source or None
+
+
+def _convert(model, sources: list[str], temperature, beam, top_k, top_p, length, seed, json_output) -> None:
+    seed = 0 if seed is None else seed  # outputs are most often greedy: the same every time unless asked
+    outputs = model.convert(sources, temperature, beam, top_k, top_p, length, seed, what="--source")
+    for source_text, output in zip(sources, outputs):
+        print(json.dumps({"source": source_text, "output": output}, ensure_ascii=False) if json_output else output)

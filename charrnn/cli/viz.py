@@ -66,6 +66,7 @@ def viz(
     checkpoint: CheckpointOption = None,
     text: Annotated[Optional[str], typer.Option("--text", help="Text to run the model over.")] = None,
     text_file: Annotated[Optional[Path], typer.Option("--text-file", help="Read the text from a UTF-8 file.")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="Encoder–decoder runs: the input whose attention to show (with --output).")] = None,
     layer: Annotated[Optional[int], typer.Option("--layer", min=1, help="Layer to look at, 1 = nearest the input (default: the top one).", rich_help_panel=VIEW)] = None,
     state: Annotated[State, typer.Option("--state", help="h, or an LSTM's memory cell c.", rich_help_panel=VIEW)] = State.h,
     units: Annotated[Optional[str], typer.Option("--units", help="Units to show, 0-based, comma-separated: 0,17,301.", rich_help_panel=VIEW)] = None,
@@ -77,15 +78,25 @@ def viz(
     threads: ThreadsOption = None,
     platform: PlatformOption = None,
 ) -> None:
-    """Colour each character of a text by hidden units' activations after reading it."""
+    """Colour each character of a text by hidden units' activations after reading it.
+
+    For an encoder–decoder run: a heat map of where the decoder looked in --source
+    while writing each character of its output, as an HTML page (--output).
+    """
     text = text_option(text, text_file, "text")
-    if not text:
+    if source is not None:
+        if output is None:
+            raise UsageError("--source draws an HTML heat map: give it a file with --output FILE")
+    elif not text:
         raise UsageError("give the text to look at with --text or --text-file")
     setup(platform, threads)
     from charrnn import render
-    from charrnn.trained import load
+    from charrnn.trained import Seq2SeqModel, load
 
     model = load(checkpoint)
+    if isinstance(model, Seq2SeqModel) or source is not None:
+        _attention_page(model, source, output)
+        return
     model_config = model.config.model
     if state is State.c and model_config.cell != "lstm":
         raise UsageError(f"--state c needs an LSTM; this model is a {model_config.cell}")
@@ -115,3 +126,17 @@ def viz(
     for unit, block in zip(shown, terminal_blocks(acts.text, shown)):
         console.rule(f"layer {acts.layer} {state.value}, unit {unit}")
         console.print(block)
+
+
+def _attention_page(model, source: str | None, output: Path | None) -> None:
+    from charrnn import render
+    from charrnn.trained import Seq2SeqModel
+
+    if not isinstance(model, Seq2SeqModel):
+        raise UsageError("--source is for encoder–decoder runs; this is a language model (use --text)")
+    if source is None or output is None:
+        raise UsageError("an encoder–decoder's view is its attention: give --source TEXT and --output FILE")
+    attention = model.attention(source)
+    title = f"{model.path.name}: {attention.source} \u2192 {attention.output}"
+    write_atomic(output, render.attention_html(attention.source, attention.output, attention.weights, title).encode())
+    err_console.print(f"wrote {output}")

@@ -1,0 +1,90 @@
+"""Grapheme-to-phoneme conversion on CMUdict: train encoder–decoder variants, score them on the test words.
+
+    pip install -e '.[g2p]'
+    python examples/cmudict_pairs.py data/g2p
+    python benchmarks/g2p.py data/g2p --minutes 30                         # the recipe, configs/g2p.toml
+    python benchmarks/g2p.py data/g2p --minutes 5 --variants all           # README's table of variants
+
+Each variant trains on train.tsv for the same minutes of wall-clock time
+(compilation and validation passes included), one after the other, then its best
+checkpoint converts every test word greedily and with a beam of 5. Word error
+rate: a word is wrong unless the output equals one of its listed
+pronunciations; phoneme error rate: edit distance over phonemes to the closest
+pronunciation, over that pronunciation's length. Prints a Markdown table and
+one JSON line per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import charrnn
+
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "g2p.toml"
+VARIANTS = {
+    "recipe": [],  # bidirectional encoder, additive attention
+    "dot": ["model.attention=dot"],
+    "none": ["model.attention=none"],
+    "unidirectional": ["model.bidirectional=false"],
+}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_variant(name: str, sets: list[str], data_dir: Path, out: Path, minutes: float) -> dict:
+    run_dir = out / name.replace(", ", "-")
+    summary = charrnn.train(data_dir / "train.tsv", run_dir, RECIPE, sets=sets, max_minutes=minutes)
+    model = charrnn.load(run_dir)
+    result = {"variant": name, "minutes": minutes, "steps": summary.steps, "best_val_loss": summary.best_val_loss,
+              "config": charrnn.config.to_dict(model.config)["model"]}
+    for beam in (1, 5):
+        began = time.monotonic()
+        score = model.score(data_dir / "test.tsv", beam=beam)
+        result[f"beam{beam}"] = {"wer": 1.0 - score.exact_match, "per": score.token_error_rate,
+                                 "nats_per_char": score.nats_per_char, "words": score.sources,
+                                 "seconds": time.monotonic() - began}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data_dir", type=Path, help="folder with train.tsv and test.tsv (examples/cmudict_pairs.py)")
+    parser.add_argument("--minutes", type=float, default=30.0, help="training minutes per variant")
+    parser.add_argument("--variants", default="recipe", help=f"comma-separated, or all: {', '.join(VARIANTS)}")
+    parser.add_argument("--out", type=Path, default=Path("runs/g2p-bench"), help="folder for the runs")
+    args = parser.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else [name.strip() for name in args.variants.split(",")]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    print(f"{date.today()}, {cpu_name()}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, "
+          f"{args.minutes:g} minutes per variant")
+    print("| variant | steps | best val nats/char | WER greedy | PER greedy | WER beam 5 | PER beam 5 |")
+    print("|---|---|---|---|---|---|---|")
+    results = []
+    for name in names:
+        result = run_variant(name, VARIANTS[name], args.data_dir, args.out, args.minutes)
+        results.append(result)
+        greedy, beam = result["beam1"], result["beam5"]
+        print(f"| {name} | {result['steps']:,} | {result['best_val_loss']:.4f} | {greedy['wer']:.1%} | "
+              f"{greedy['per']:.2%} | {beam['wer']:.1%} | {beam['per']:.2%} |", flush=True)
+    for result in results:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The encoder–decoder: a (bidirectional) recurrent encoder, a bridge, a recurrent decoder, attention.
+
+The recurrent layers are the language model's (`charrnn.model`, `charrnn.layer`).
+Params are a plain dict pytree:
+    encoder: {embedding [Vs, E], forward: [layers], backward: [layers] (bidirectional)}
+    bridge: {w [D, L*F*H], b}: the encoder's final state -> every decoder layer's initial carry
+    decoder: a language model's params (embedding [Vt, E], layers, output {w [H, Vt], b})
+    attention: {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c} (none: absent)
+with D = H, or 2H for a bidirectional encoder, and A = H.
+
+Source id 0 is padding; target id 0 is the boundary: the decoder's first input
+(start) and its last output (end). Sequences are time-major: [S, B] and [T, B].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from charrnn import model
+from charrnn.cells import CELLS, dense, matmul
+from charrnn.config import ModelConfig
+from charrnn.seq2seq.pairs import PAD, PairBatch
+
+class Memory(NamedTuple):
+    """What the decoder reads of the encoder: its outputs, their padding, and the attention's keys."""
+
+    values: jax.Array  # [S, B, D] the top encoder layer's output at each source position
+    mask: jax.Array  # [S, B] bool: True at real positions
+    keys: jax.Array | None  # [S, B, A] values projected for the attention score (None without attention)
+
+
+def directions(config: ModelConfig) -> tuple[str, ...]:
+    return ("forward", "backward") if config.bidirectional else ("forward",)
+
+
+def encoder_width(config: ModelConfig) -> int:
+    return len(directions(config)) * config.hidden_size
+
+
+def init_params(key: jax.Array, config: ModelConfig, source_vocab_size: int, target_vocab_size: int) -> dict:
+    """Freshly initialised parameters over source and target vocabularies (each counting its id 0)."""
+    cell = CELLS[config.cell]
+    hidden, width = config.hidden_size, encoder_width(config)
+    key_embedding, key_bridge, key_decoder, key_attention, key_layers = jax.random.split(key, 5)
+    encoder = {"embedding": jax.random.normal(key_embedding, (source_vocab_size, config.embedding_size), jnp.float32)}
+    for direction, direction_key in zip(directions(config), jax.random.split(key_layers, 2)):
+        layer_keys = jax.random.split(direction_key, config.encoder_layers)
+        encoder[direction] = [cell.init(layer_key, config.embedding_size if index == 0 else width, hidden)
+                              for index, layer_key in enumerate(layer_keys)]
+    carry_width = config.num_layers * len(cell.carry_type._fields) * hidden
+    params = {
+        "encoder": encoder,
+        "bridge": {"w": _uniform(key_bridge, (width, carry_width)), "b": jnp.zeros((carry_width,), jnp.float32)},
+        "decoder": model.init_params(key_decoder, config, target_vocab_size),
+    }
+    if config.attention != "none":
+        key_k, key_q, key_v, key_c = jax.random.split(key_attention, 4)
+        attention = {"w_k": _uniform(key_k, (width, hidden)),
+                     "w_c": _uniform(key_c, (hidden + width, hidden)), "b_c": jnp.zeros((hidden,), jnp.float32)}
+        if config.attention == "additive":
+            attention |= {"w_q": _uniform(key_q, (hidden, hidden)), "v": _uniform(key_v, (hidden,))}
+        params["attention"] = attention
+    return params
+
+
+def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as the recurrent layers are initialised."""
+    bound = shape[0] ** -0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def reversal(mask: jax.Array) -> jax.Array:
+    """[S, B] time indices that reverse each sequence's real positions and leave its padding in place.
+
+    Gathering with them twice gives the sequence back.
+    """
+    lengths = jnp.sum(mask, axis=0)  # [B]
+    positions = jnp.arange(mask.shape[0])[:, None]  # [S, 1]
+    return jnp.where(positions < lengths[None, :], lengths[None, :] - 1 - positions, positions)
+
+
+def take_time(x: jax.Array, indices: jax.Array) -> jax.Array:
+    """x [S, B, ...] gathered along time at `indices` [S, B]."""
+    return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=0)
+
+
+def encode(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """Run the encoder over source ids [S, B]: (outputs [S, B, D], final state [B, D]).
+
+    The backward direction reads each source's real characters last to first: the
+    forward direction's layer over the sequence reversed within its length, its
+    outputs put back in source order. Padding comes after the real positions in
+    both directions, so it never reaches them. Each layer's input is both
+    directions' outputs of the layer below. The final state joins the forward
+    direction's output at the last character and the backward one's at the first.
+    """
+    mask = source != PAD
+    back = reversal(mask)
+    run = model.over_time(config)
+    encoder = params["encoder"]
+    prepared = {direction: model.prepare_layers(encoder["embedding"], encoder[direction], config)
+                for direction in directions(config)}
+    batch_size, last = source.shape[1], jnp.sum(mask, axis=0) - 1  # [B]
+    layer_input = source
+    for index in range(config.encoder_layers):
+        outputs, finals = [], []
+        for direction in directions(config):
+            reverse = direction == "backward"
+            carry = CELLS[config.cell].initial_carry(batch_size, config.hidden_size)
+            _, hidden = run(model.layer_params(prepared[direction], index), carry,
+                            take_time(layer_input, back) if reverse else layer_input)  # [S, B, H]
+            finals.append(hidden[last, jnp.arange(batch_size)])  # the direction's last real step
+            outputs.append(take_time(hidden, back) if reverse else hidden)
+        layer_input = model.dropout(jnp.concatenate(outputs, axis=-1), config.dropout, dropout_key, index)
+    return layer_input, jnp.concatenate(finals, axis=-1)
+
+
+def bridge(params: dict, config: ModelConfig, final: jax.Array) -> tuple:
+    """Every decoder layer's initial carry from the encoder's final state: tanh(final W + b), cut per layer."""
+    cell = CELLS[config.cell]
+    fields = len(cell.carry_type._fields)
+    state = jnp.tanh(dense(final, params["bridge"]["w"], params["bridge"]["b"]))  # [B, L*F*H]
+    state = state.reshape(final.shape[0], config.num_layers, fields, config.hidden_size)
+    return tuple(cell.carry_type(*(state[:, layer, field] for field in range(fields)))
+                 for layer in range(config.num_layers))
+
+
+def memory(params: dict, config: ModelConfig, outputs: jax.Array, source: jax.Array) -> Memory:
+    """The encoder's outputs as the decoder attends to them; the keys are projected once per source."""
+    keys = matmul(outputs, params["attention"]["w_k"]) if config.attention != "none" else None
+    return Memory(outputs, source != PAD, keys)
+
+
+def attention_weights(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> jax.Array:
+    """Weights [T, B, S] of each decoder output `query` [T, B, H] over the source positions.
+
+    dot (Luong's general score): q · (W_k e_s). additive (Bahdanau's score):
+    v · tanh(W_q q + W_k e_s). A softmax over the real positions; padding gets 0.
+    """
+    if config.attention == "dot":
+        scores = jnp.einsum("tbh,sbh->tbs", query, memory.keys)
+    else:
+        projected = matmul(query, params["attention"]["w_q"])  # [T, B, A]
+        scores = jnp.einsum("tsba,a->tbs", jnp.tanh(projected[:, None] + memory.keys[None]), params["attention"]["v"])
+    scores = jnp.where(memory.mask.T[None], scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def attend(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> tuple[jax.Array, jax.Array | None]:
+    """(features [T, B, H] the output layer reads, attention weights [T, B, S] or None).
+
+    With attention, the features are tanh(W_c [q; c] + b_c), c = Σ_s a_s e_s
+    (Luong et al. 2015); without, the decoder's output q itself.
+    """
+    if config.attention == "none":
+        return query, None
+    weights = attention_weights(params, config, query, memory)
+    context = jnp.einsum("tbs,sbd->tbd", weights, memory.values)
+    features = jnp.tanh(dense(jnp.concatenate([query, context], axis=-1), params["attention"]["w_c"],
+                              params["attention"]["b_c"]))
+    return features, weights
+
+
+def start(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None) -> tuple[tuple, Memory]:
+    """Encode `source` [S, B]: (the decoder's initial carry, the memory it attends to)."""
+    outputs, final = encode(params, config, source, dropout_key)
+    return bridge(params, config, final), memory(params, config, outputs, source)
+
+
+def forward(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None):
+    """Teacher-forced logits [T, B, Vt] and attention weights [T, B, S] (or None) of a batch of pairs."""
+    encoder_key, decoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    carry, memory = start(params, config, batch.source, encoder_key)
+    prepared = model.prepare(params["decoder"], config)
+    _, _, top = model.run_layers(prepared, config, carry, batch.target_in, decoder_key)  # [T, B, H]
+    features, weights = attend(params, config, top, memory)
+    return dense(features, prepared["output"]["w"], prepared["output"]["b"]), weights
+
+
+def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """(nats summed over every real target character, end included; how many there are)."""
+    logits, _ = forward(params, config, batch, dropout_key)
+    mask = batch.target_mask.astype(jnp.float32)
+    return jnp.sum(model.token_losses(logits, batch.target_out) * mask), jnp.sum(mask)
+
+
+def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None) -> jax.Array:
+    """Mean nats per real target character of a batch; padding contributes nothing."""
+    total, count = summed_loss(params, config, batch, dropout_key)
+    return total / jnp.maximum(count, 1.0)
+
+
+def decoder_step(params: dict, prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array, memory: Memory):
+    """One target character per pair, ids [B] -> (carry, logits [B, Vt], attention weights [B, S] or None)."""
+    carry, top = model.step_top(prepared, config, carry, ids)
+    features, weights = attend(params, config, top[None], memory)
+    logits = dense(features[0], prepared["output"]["w"], prepared["output"]["b"])
+    return carry, logits, None if weights is None else weights[0]
+

@@ -1,0 +1,152 @@
+"""A trained encoder–decoder in a variable: `charrnn.load(path)` on a seq2seq run, then convert, score, look inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from charrnn import checkpoint
+from charrnn.config import check_sampling, check_seed
+from charrnn.data import Vocab
+from charrnn.errors import CorpusError, UsageError
+from charrnn.seq2seq import generate, pairs as pairs_lib
+from charrnn.seq2seq.pairs import PAD
+from charrnn.seq2seq.scoring import error_rates
+from charrnn.seq2seq.task import encode_pairs, mean_loss
+from charrnn.units import bits
+
+BATCH = 512  # sources converted per compiled call
+
+
+class PairScore(NamedTuple):
+    """How well a model maps sources to targets."""
+
+    nats_per_char: float  # teacher-forced loss per target character, end symbols included
+    bits_per_char: float
+    exact_match: float  # fraction of sources whose output is one of their targets
+    char_error_rate: float  # edit distance / reference characters, against the closest target
+    token_error_rate: float | None  # the same over space-separated tokens; None where targets have no spaces
+    pairs: int
+    sources: int  # distinct sources (a source may have several targets)
+
+
+class Attention(NamedTuple):
+    """Where the decoder looked while writing `output` for `source`."""
+
+    source: str
+    output: str
+    weights: np.ndarray  # [len(output) + 1, len(source)]: a row per output character and the end symbol
+
+
+class Seq2SeqModel(checkpoint.FromCheckpoint):
+    """A trained encoder–decoder rebuilt from a checkpoint alone (see `charrnn.load`)."""
+
+    @property
+    def source_vocab(self) -> Vocab:
+        return self._loaded.source_vocab
+
+    def __repr__(self) -> str:
+        model = self.config.model
+        encoder = "bidirectional " if model.bidirectional else ""
+        return (f"<charrnn.Seq2SeqModel {model.cell} {encoder}{model.encoder_layers}x{model.hidden_size} -> "
+                f"{model.num_layers}x{model.hidden_size}, attention {model.attention}, from {self.path}>")
+
+    def _sources(self, sources: Sequence[str], what: str) -> list[np.ndarray]:
+        """Sources as ids; an empty one or a character the model never saw is a usage error."""
+        for index, source in enumerate(sources):
+            if not source:
+                raise UsageError(f"{what}: source {index + 1} is empty")
+        try:
+            return pairs_lib.encode_side(self.source_vocab, list(sources), what)
+        except CorpusError as error:
+            raise UsageError(str(error)) from None
+
+    def convert(self, sources: Sequence[str], temperature: float | None = None, beam: int | None = None,
+                top_k: int | None = None, top_p: float | None = None, length: int | None = None,
+                seed: int = 0, what: str = "the sources") -> list[str]:
+        """The target written for each source, in order.
+
+        `beam` > 1 searches for the most likely target; otherwise characters are
+        chosen one at a time at `temperature` (0 = the most likely), as `sample`
+        chooses them. `length` caps a target (default: the run's train.max_length).
+        Unset settings take the run's `sample` config.
+
+            >>> model = charrnn.load("runs/g2p")
+            >>> model.convert(["hello", "world"], beam=5)
+            ['HH AH0 L OW1', 'W ER1 L D']
+        """
+        return [output for output, _ in self._write(sources, temperature, beam, top_k, top_p, length, seed, what)]
+
+    def _write(self, sources, temperature, beam, top_k, top_p, length, seed, what):
+        """(output, attention weights [length, S] or None) per source."""
+        defaults = self.config.sample
+        temperature = defaults.temperature if temperature is None else temperature
+        beam = defaults.beam if beam is None else beam
+        top_k = defaults.top_k if top_k is None else top_k
+        top_p = defaults.top_p if top_p is None else top_p
+        length = self.config.train.max_length + 1 if length is None else length + 1  # room for the end symbol
+        check_sampling(temperature, top_k, top_p, length)
+        check_seed(seed, "--seed")
+        if beam < 1:
+            raise UsageError(f"beam must be at least 1, got {beam}")
+        encoded = self._sources(sources, what)
+        vocab_size = len(self.vocab) + 1
+        # Sources of similar length batched together: each batch stops once its longest target has ended.
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        results: list = [None] * len(encoded)
+        for begin in range(0, len(order), BATCH):
+            rows = order[begin : begin + BATCH]
+            part = [encoded[row] for row in rows]
+            source = np.full((pairs_lib.padded_length(max(map(len, part))), len(part)), PAD, np.int32)
+            for column, ids in enumerate(part):
+                source[: len(ids), column] = ids
+            if beam > 1:
+                tokens, _ = generate.beam_search(self.params, self.config.model, source, length, beam)
+                ids, weights = np.asarray(tokens)[:, 0], None
+            else:
+                key = jax.random.fold_in(jax.random.key(seed), begin)
+                nucleus = np.float32(top_p) if top_p < 1.0 else None
+                ids, weights = generate.sample(self.params, self.config.model, source, key,
+                                               generate.capped_temperature(temperature), nucleus, length,
+                                               top_k if top_k < vocab_size else 0)
+                ids, weights = np.asarray(ids), np.asarray(weights)
+            for column, row in enumerate(rows):
+                results[row] = (pairs_lib.decode_ids(self.vocab, ids[column])[: length - 1],
+                                None if weights is None else weights[:, column, : len(part[column])])
+        return results
+
+    def attention(self, source: str, temperature: float = 0.0, seed: int = 0) -> Attention:
+        """The output for `source` and the attention weights of each of its characters over the source.
+
+            >>> model.attention("hello").weights.shape
+            (13, 5)
+        """
+        if self.config.model.attention == "none":
+            raise UsageError("the model has no attention (model.attention = none)")
+        [(output, weights)] = self._write([source], temperature, 1, None, None, None, seed, "--source")
+        return Attention(source, output, weights[: len(output) + 1])
+
+    def score(self, pairs: pairs_lib.Pairs | str | Path, beam: int | None = None) -> PairScore:
+        """Teacher-forced loss over `pairs` (or a pairs file), and error rates of the targets written for their sources.
+
+        A source with several targets (a word's pronunciations) counts as right if
+        its output equals any of them; error rates use the closest. Outputs are
+        chosen greedily, or by beam search with `beam` > 1.
+
+            >>> model.score("test.tsv", beam=5).exact_match
+        """
+        what = "the pairs"
+        if not isinstance(pairs, pairs_lib.Pairs):
+            what, pairs = str(pairs), pairs_lib.read_pairs(Path(pairs), self.config.train.max_length).pairs
+        sources, targets = encode_pairs(self.source_vocab, self.vocab, pairs, what)
+        nats = mean_loss(self.params, self.config.model, sources, targets)
+        references: dict[str, list[str]] = {}
+        for source, target in zip(*pairs):
+            references.setdefault(source, []).append(target)
+        outputs = self.convert(list(references), temperature=0.0, beam=beam, what=what)
+        rates = error_rates(outputs, list(references.values()))
+        return PairScore(nats, bits(nats), rates.exact_match, rates.char_error_rate, rates.token_error_rate,
+                         len(pairs.sources), rates.sources)

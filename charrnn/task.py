@@ -1,0 +1,72 @@
+"""What a run learns from: the Task a loop trains, and the language model's task over a text corpus.
+
+A task gives the loop its parameters, its carried state, its loss, its batches,
+its validation score and what a checkpoint records of the data. The
+encoder–decoder's task over a pairs file is `charrnn.seq2seq.task`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+from charrnn import data, model, steps
+from charrnn.config import Config
+
+
+class Task(Protocol):
+    chars_per_step: int  # characters one optimizer step learns from (targets)
+
+    def init_params(self, key: jax.Array) -> dict: ...
+
+    def initial_carry(self, params: dict, batch_size: int) -> tuple: ...
+
+    def batch_loss(self, params: dict, carry: tuple, batch: Any, dropout_key: jax.Array) -> tuple[jax.Array, tuple]: ...
+
+    def batches(self, step: int, count: int, streams: slice) -> Any:
+        """Host minibatches of steps [step, step + count), stacked [K, ...], for the `streams` of this process."""
+
+    def validation_loss(self, params: dict, placement) -> float: ...
+
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint records of the data: the vocabulary (or vocabularies) and the file's checksum."""
+
+    def describe(self) -> str:
+        """The data in a few words, for the run's first line."""
+
+
+class TextTask:
+    """Continue text: a character language model over a corpus, state carried along contiguous streams."""
+
+    def __init__(self, config: Config, corpus: data.Corpus):
+        self.config, self.corpus = config, corpus
+        train = config.train
+        self.layout = data.stream_layout(len(corpus.train_ids), train.batch_size, train.seq_len)
+        self.chars_per_step = train.batch_size * train.seq_len
+        self.batch_loss = steps.language_model_loss(config.model)
+        self.eval_call = steps.make_eval_call(config.model)
+
+    def init_params(self, key: jax.Array) -> dict:
+        return model.init_params(key, self.config.model, len(self.corpus.vocab))
+
+    def initial_carry(self, params: dict, batch_size: int) -> tuple:
+        return model.initial_carry(params, self.config.model, batch_size)
+
+    def batches(self, step: int, count: int, streams: slice) -> data.Batch:
+        train = self.config.train
+        return data.stack_batches([
+            data.training_batch(self.corpus.train_ids, self.layout, step + i, train.seed, train.random_offset, streams)
+            for i in range(count)
+        ])
+
+    def validation_loss(self, params: dict, placement) -> float:
+        return steps.evaluate(params, self.config.model, self.corpus.val_ids, self.config.train.eval_batch_size,
+                              eval_call=self.eval_call, placement=placement)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"vocab": self.corpus.vocab.chars, "corpus_sha": self.corpus.checksum}
+
+    def describe(self) -> str:
+        corpus = self.corpus
+        return f"{len(corpus.train_ids):,} + {len(corpus.val_ids):,} characters, {len(corpus.vocab)} symbols"

@@ -1,0 +1,167 @@
+"""Encoder–decoder runs end to end: training learns, resumes exactly, and sample / eval / viz / runs work on them."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from clihelp import assert_identical_arrays, final_arrays, run_in_process, snapshot
+
+import charrnn
+
+CONFIG = """
+[model]
+kind = "seq2seq"
+cell = "lstm"
+hidden_size = 64
+embedding_size = 16
+num_layers = 1
+encoder_layers = 1
+dropout = 0.0
+
+[train]
+batch_size = 32
+lr = 0.01
+warmup_steps = 20
+steps = 600
+max_minutes = 0
+eval_every = 300
+log_every = 50
+max_length = 12
+
+[sample]
+temperature = 0
+"""
+
+
+def reversal_pairs(seed: int, count: int) -> str:
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 6))) for _ in range(count)]
+    return "".join(f"{word}\t{word[::-1]}\n" for word in words)
+
+
+@pytest.fixture(scope="module")
+def reversal(tmp_path_factory):
+    """A model trained to reverse words (a few seconds), and held-out words it never saw."""
+    folder = tmp_path_factory.mktemp("reversal")
+    (folder / "train.tsv").write_text(reversal_pairs(0, 6000), encoding="utf-8")
+    (folder / "held_out.tsv").write_text(reversal_pairs(1, 300), encoding="utf-8")
+    (folder / "reverse.toml").write_text(CONFIG, encoding="utf-8")
+    summary = charrnn.train(folder / "train.tsv", folder / "run", folder / "reverse.toml")
+    return folder, summary
+
+
+def test_learns_to_reverse_words(reversal):
+    folder, summary = reversal
+    assert summary.steps == 600 and summary.best_val_loss < 0.05
+    model = charrnn.load(folder / "run")
+    assert isinstance(model, charrnn.Seq2SeqModel)
+    score = model.score(folder / "held_out.tsv")
+    assert score.exact_match >= 0.99, score
+    assert model.convert(["abc", "fedcba"]) == ["cba", "abcdef"]
+    assert score.token_error_rate is None and score.pairs == 300
+
+
+def test_sample_writes_one_line_per_source(reversal, capsys, monkeypatch):
+    folder, _ = reversal
+    monkeypatch.chdir(folder)
+    result = run_in_process(capsys, "sample", "-c", "run", "--source", "abc", "--source", "ddef")
+    assert result.code == 0, result.err
+    assert result.out.splitlines() == ["cba", "fedd"]
+    (folder / "sources.txt").write_text("ab\ncab\nfed\n", encoding="utf-8")
+    result = run_in_process(capsys, "sample", "-c", "run", "--source-file", "sources.txt", "--beam", "3", "--json")
+    assert [json.loads(line) for line in result.out.splitlines()] == [
+        {"source": "ab", "output": "ba"}, {"source": "cab", "output": "bac"}, {"source": "fed", "output": "def"}]
+
+
+def test_eval_reports_loss_and_error_rates(reversal, capsys, monkeypatch):
+    folder, _ = reversal
+    monkeypatch.chdir(folder)
+    result = run_in_process(capsys, "eval", "held_out.tsv", "-c", "run", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["exact_match"] >= 0.99 and report["char_error_rate"] <= 0.01 and report["pairs"] == 300
+    assert report["nats_per_char"] < 0.2 and report["token_error_rate"] is None
+    plain = run_in_process(capsys, "eval", "held_out.tsv", "-c", "run", "--beam", "2")
+    assert "exact match" in plain.out and "character error rate" in plain.out
+
+
+def test_viz_draws_the_attention_as_a_heat_map(reversal, capsys, monkeypatch):
+    folder, _ = reversal
+    monkeypatch.chdir(folder)
+    result = run_in_process(capsys, "viz", "-c", "run", "--source", "abcd", "--output", "attention.html")
+    assert result.code == 0, result.err
+    page = (folder / "attention.html").read_text(encoding="utf-8")
+    assert page.count("<tr>") == 1 + 5  # the header, "dcba" and the end symbol
+    attention = charrnn.load(folder / "run").attention("abcd")
+    assert attention.output == "dcba"
+    np.testing.assert_allclose(attention.weights.sum(axis=1), 1.0, rtol=1e-5)
+    # Reversing: writing the first character, the decoder looks mostly at the last one.
+    assert int(np.argmax(attention.weights[0])) == 3
+
+
+def test_runs_lists_the_run(reversal, capsys, monkeypatch):
+    folder, _ = reversal
+    monkeypatch.chdir(folder)
+    result = run_in_process(capsys, "runs", "run", "--json")
+    assert result.code == 0, result.err
+    [row] = json.loads(result.out)
+    assert row["status"] == "finished" and row["steps"] == 600 and row["model.kind"] == "seq2seq"
+    assert row["best_val_loss"] == reversal[1].best_val_loss
+
+
+def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.tsv").write_text(reversal_pairs(2, 600), encoding="utf-8")
+    (tmp_path / "reverse.toml").write_text(CONFIG, encoding="utf-8")
+    common = ["train", "pairs.tsv", "--config", "reverse.toml", "--set", "train.eval_every=6",
+              "--set", "train.steps_per_call=2", "--set", "model.dropout=0.3", "--quiet",
+              "--set", "train.schedule=constant"]  # the same learning rates whichever steps the first session ends at
+    assert run_in_process(capsys, *common, "--out", "whole", "--steps", "30").code == 0
+    assert run_in_process(capsys, *common, "--out", "split", "--steps", "14").code == 0
+    result = run_in_process(capsys, "train", "--resume", "split", "--steps", "30", "--quiet")
+    assert result.code == 0, result.err
+    assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "split"))
+
+
+BAD_PAIRS = [
+    ("no tab", "abc\tcba\nabc cba\n", "pairs.tsv:2: no tab"),
+    ("empty target", "abc\tcba\nabc\t\n", "pairs.tsv:2: empty target"),
+    ("too long", "abc\tcba\n" + "a" * 13 + "\tx\n", "pairs.tsv:2: the source has 13 characters"),
+]
+
+
+@pytest.mark.parametrize("text, words", [case[1:] for case in BAD_PAIRS], ids=[case[0] for case in BAD_PAIRS])
+def test_a_bad_pairs_file_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, text, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.tsv").write_text(text, encoding="utf-8")
+    (tmp_path / "reverse.toml").write_text(CONFIG, encoding="utf-8")
+    before = snapshot(tmp_path)
+    result = run_in_process(capsys, "train", "pairs.tsv", "--config", "reverse.toml")
+    lines = result.err.strip().splitlines()
+    assert result.code == 3 and len(lines) == 1 and words in lines[0], result.err
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sample", "-c", "run", "--source", "abz"], "'z'"),
+    (["sample", "-c", "run", "--source", "abc", "--prime", "x"], "not --prime"),
+    (["sample", "-c", "run"], "--source TEXT or --source-file"),
+    (["viz", "-c", "run", "--source", "abc"], "--output"),
+])
+def test_bad_conversion_requests_are_usage_errors(reversal, capsys, monkeypatch, argv, words):
+    folder, _ = reversal
+    monkeypatch.chdir(folder)
+    before = snapshot(folder)
+    result = run_in_process(capsys, *argv)
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and words in lines[0], result.err
+    assert result.out == "" and snapshot(folder) == before
+
+
+def test_a_language_model_refuses_sources(cli, small_corpus):
+    from clihelp import TINY
+
+    assert cli("train", small_corpus, "--config", TINY, "--out", "lm", "--steps", "4", "--quiet").code == 0
+    result = cli("sample", "-c", "lm", "--source", "abc")
+    assert result.code == 2 and "language model" in result.err

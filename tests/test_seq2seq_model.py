@@ -1,0 +1,233 @@
+"""The encoder–decoder's mathematics: against a NumPy reference, padding, bidirectionality, attention, search."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charrnn.config import ModelConfig
+from charrnn.seq2seq import generate, model as s2s, pairs as pairs_lib
+
+SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
+SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0)
+
+
+def random_pairs(seed: int, count: int, max_source: int = 6, max_target: int = 5):
+    rng = np.random.default_rng(seed)
+    sources = [rng.integers(1, SOURCE_VOCAB, rng.integers(1, max_source + 1)).astype(np.int32) for _ in range(count)]
+    targets = [rng.integers(1, TARGET_VOCAB, rng.integers(1, max_target + 1)).astype(np.int32) for _ in range(count)]
+    return sources, targets
+
+
+def params_for(config: ModelConfig, seed: int = 0) -> dict:
+    params = s2s.init_params(jax.random.key(seed), config, SOURCE_VOCAB, TARGET_VOCAB)
+    # Larger output weights than the initialisation's, so that the distributions are far from uniform.
+    return jax.tree.map(lambda leaf: np.asarray(leaf, np.float64) * 3.0, params)
+
+
+# --- an independent reference: the textbook equations, one pair at a time, in float64 NumPy ---
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def cell_step(cell: str, p: dict, carry: tuple, x: np.ndarray) -> tuple:
+    h = carry[0]
+    if cell == "lstm":
+        i, f, g, o = np.split(x @ p["w_x"] + p["b"] + h @ p["w_h"], 4)
+        c = sigmoid(f) * carry[1] + sigmoid(i) * np.tanh(g)
+        return (sigmoid(o) * np.tanh(c), c)
+    if cell == "gru":
+        x_r, x_u, x_n = np.split(x @ p["w_x"] + p["b"], 3)
+        h_r, h_u, h_n = np.split(h @ p["w_h"], 3)
+        r, u = sigmoid(x_r + h_r), sigmoid(x_u + h_u)
+        return ((1 - u) * np.tanh(x_n + r * (h_n + p["b_hn"])) + u * h,)
+    return (np.tanh(x @ p["w_x"] + p["b"] + h @ p["w_h"]),)
+
+
+def run_layer(cell: str, p: dict, inputs: np.ndarray, hidden: int) -> np.ndarray:
+    carry = tuple(np.zeros(hidden) for _ in range(2 if cell == "lstm" else 1))
+    outputs = []
+    for x in inputs:
+        carry = cell_step(cell, p, carry, x)
+        outputs.append(carry[0])
+    return np.array(outputs)
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def reference_nats(params: dict, config: ModelConfig, source: np.ndarray, target: np.ndarray) -> float:
+    """Summed nats of one unpadded pair, target's end symbol included."""
+    hidden, cell = config.hidden_size, config.cell
+    encoder = params["encoder"]
+    layer_input = encoder["embedding"][source]  # [S, E]
+    for index in range(config.encoder_layers):
+        forward = run_layer(cell, encoder["forward"][index], layer_input, hidden)
+        outputs, final = [forward], [forward[-1]]
+        if config.bidirectional:
+            backward = run_layer(cell, encoder["backward"][index], layer_input[::-1], hidden)[::-1]
+            outputs.append(backward)
+            final.append(backward[0])
+        layer_input = np.concatenate(outputs, axis=-1)
+    values, final = layer_input, np.concatenate(final)
+    fields = 2 if cell == "lstm" else 1
+    state = np.tanh(final @ params["bridge"]["w"] + params["bridge"]["b"]).reshape(config.num_layers, fields, hidden)
+    carries = [tuple(state[layer]) for layer in range(config.num_layers)]
+    decoder, attention = params["decoder"], params.get("attention")
+    nats = 0.0
+    for previous, wanted in zip([0, *target], [*target, 0]):
+        x = decoder["embedding"][previous]
+        for layer in range(config.num_layers):
+            carries[layer] = cell_step(cell, decoder["layers"][layer], carries[layer], x)
+            x = carries[layer][0]
+        if config.attention != "none":
+            keys = values @ attention["w_k"]  # [S, H]
+            if config.attention == "dot":
+                scores = keys @ x
+            else:
+                scores = np.tanh(x @ attention["w_q"] + keys) @ attention["v"]
+            context = softmax(scores) @ values
+            x = np.tanh(np.concatenate([x, context]) @ attention["w_c"] + attention["b_c"])
+        logits = x @ decoder["output"]["w"] + decoder["output"]["b"]
+        nats -= np.log(softmax(logits)[wanted])
+    return nats
+
+
+VARIANTS = [
+    dict(cell="lstm", attention="additive", bidirectional=True),
+    dict(cell="gru", attention="dot", bidirectional=True),
+    dict(cell="rnn", attention="none", bidirectional=False),
+    dict(cell="lstm", attention="dot", bidirectional=False, encoder_layers=1, num_layers=1),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(value) for value in v.values()))
+def test_teacher_forced_loss_matches_numpy_reference(variant):
+    config = dataclasses.replace(SMALL, **variant)
+    params = params_for(config)
+    sources, targets = random_pairs(1, 6)
+    batch = pairs_lib.make_batch(sources, targets)
+    total, count = s2s.summed_loss(jax.tree.map(jnp.float32, params), config, batch)
+    expected = sum(reference_nats(params, config, s, t) for s, t in zip(sources, targets))
+    assert int(count) == sum(len(t) + 1 for t in targets)
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_padding_changes_neither_loss_nor_gradients(cell):
+    config = dataclasses.replace(SMALL, cell=cell)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(2, 5, max_source=9, max_target=10)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: s2s.summed_loss(p, config, b)[0]))
+    # The batch pads everything to 16; one pair alone pads less (and differently).
+    total, grads = grad(params, pairs_lib.make_batch(sources, targets, source_len=16, target_len=16))
+    alone = [grad(params, pairs_lib.make_batch([s], [t])) for s, t in zip(sources, targets)]
+    np.testing.assert_allclose(float(total), sum(float(value) for value, _ in alone), rtol=1e-5)
+    summed = jax.tree.map(lambda *leaves: sum(leaves), *[g for _, g in alone])
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(summed)):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+
+
+def test_backward_direction_is_forward_direction_on_the_reversed_source():
+    config = dataclasses.replace(SMALL, encoder_layers=1, bidirectional=True)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    params["encoder"]["backward"] = params["encoder"]["forward"]  # the same weights both ways
+    sources, _ = random_pairs(3, 4, max_source=7)
+    batch = pairs_lib.make_batch(sources, [np.ones(1, np.int32)] * 4)
+    reversed_batch = pairs_lib.make_batch([s[::-1] for s in sources], [np.ones(1, np.int32)] * 4)
+    outputs, final = s2s.encode(params, config, batch.source)
+    reversed_outputs, _ = s2s.encode(params, config, reversed_batch.source)
+    hidden = config.hidden_size
+    for column, source in enumerate(sources):
+        n = len(source)
+        backward = np.asarray(outputs[:n, column, hidden:])
+        forward_of_reversed = np.asarray(reversed_outputs[:n, column, :hidden])[::-1]
+        np.testing.assert_allclose(backward, forward_of_reversed, rtol=1e-5, atol=1e-6)
+        # The final state: the forward direction at the last real character, the backward one at the first.
+        np.testing.assert_allclose(final[column, :hidden], outputs[n - 1, column, :hidden], rtol=1e-6)
+        np.testing.assert_allclose(final[column, hidden:], outputs[0, column, hidden:], rtol=1e-6)
+
+
+def test_reversal_reverses_real_positions_only_and_undoes_itself():
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], bool)  # lengths 3, 2, 1 over 4 steps
+    indices = np.asarray(s2s.reversal(jnp.asarray(mask)))
+    np.testing.assert_array_equal(indices.T, [[2, 1, 0, 3], [1, 0, 2, 3], [0, 1, 2, 3]])
+    x = np.arange(12).reshape(4, 3)
+    np.testing.assert_array_equal(s2s.take_time(s2s.take_time(jnp.asarray(x), indices), indices), x)
+
+
+@pytest.mark.parametrize("attention", ["additive", "dot"])
+def test_attention_weights_sum_to_one_over_real_positions(attention):
+    config = dataclasses.replace(SMALL, attention=attention)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(4, 5, max_source=9)
+    batch = pairs_lib.make_batch(sources, targets)
+    _, weights = s2s.forward(params, config, batch)  # [T, B, S]
+    weights = np.asarray(weights)
+    mask = np.asarray(batch.source != 0).T  # [B, S]
+    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-5)
+    assert np.all(weights[:, ~mask] == 0.0)
+    assert np.all(weights[:, mask] > 0.0)
+
+
+def test_beam_of_one_is_greedy():
+    config = dataclasses.replace(SMALL, attention="additive")
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(5, 8)
+    source = pairs_lib.make_batch(sources, targets).source
+    greedy, _ = generate.sample(params, config, source, jax.random.key(0), jnp.float32(0.0), None, 7)
+    tokens, _ = generate.beam_search(params, config, source, 7, 1)
+    np.testing.assert_array_equal(np.asarray(tokens)[:, 0], np.asarray(greedy))
+
+
+def hypothesis_scores(params, config, source: np.ndarray, length: int) -> dict[tuple, float]:
+    """Every target the search can end with, and its log-probability, by teacher forcing each one."""
+    characters = range(1, TARGET_VOCAB)
+    ended = [(*prefix, 0) for n in range(length) for prefix in itertools.product(characters, repeat=n)]
+    cut = list(itertools.product(characters, repeat=length))
+    scores = {}
+    forward = jax.jit(s2s.forward, static_argnums=1)
+    for hypothesis in ended + cut:
+        target_in = np.array([0, *hypothesis[:-1]], np.int32)[:, None]
+        target_out = np.array(hypothesis, np.int32)[:, None]
+        batch = pairs_lib.PairBatch(source[:, None], target_in, target_out, np.ones_like(target_out, bool))
+        logits, _ = forward(params, config, batch)
+        log_probs = jax.nn.log_softmax(np.asarray(logits, np.float64)[:, 0])
+        scores[hypothesis] = float(np.sum(np.take_along_axis(np.asarray(log_probs), target_out, axis=1)))
+    return scores
+
+
+def test_beam_as_wide_as_every_hypothesis_is_exhaustive_search():
+    config = dataclasses.replace(SMALL, attention="dot", num_layers=1, encoder_layers=1)
+    params = jax.tree.map(jnp.float32, params_for(config, seed=3))
+    length = 3
+    source = np.array([3, 1, 4], np.int32)
+    scores = hypothesis_scores(params, config, source, length)
+    beam = len(scores)  # 1 + 4 + 16 ended, 64 cut
+    tokens, beam_scores = generate.beam_search(params, config, source[:, None], length, beam)
+    ranked = sorted(scores.items(), key=lambda item: -item[1])
+    found = [tuple(row[: list(row).index(0) + 1] if 0 in row else row) for row in np.asarray(tokens)[0]]
+    assert found[0] == ranked[0][0]
+    np.testing.assert_allclose(np.asarray(beam_scores)[0], [score for _, score in ranked], rtol=1e-4, atol=1e-5)
+    assert sorted(found) == sorted(scores)
+    # A narrower beam finds hypotheses no better than the best.
+    _, narrow = generate.beam_search(params, config, source[:, None], length, 2)
+    assert float(narrow[0, 0]) <= ranked[0][1] + 1e-5
+
+
+def test_sampling_stops_each_target_at_its_end_symbol():
+    config = SMALL
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(6, 16)
+    source = pairs_lib.make_batch(sources, targets).source
+    ids, _ = generate.sample(params, config, source, jax.random.key(1), jnp.float32(1.5), None, 12)
+    for row in np.asarray(ids):
+        ends = np.flatnonzero(row == 0)
+        if len(ends):
+            assert np.all(row[ends[0]:] == 0)

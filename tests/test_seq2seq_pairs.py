@@ -1,0 +1,100 @@
+"""Pairs files, vocabularies, batches and error rates of the encoder–decoder (NumPy only)."""
+
+import numpy as np
+import pytest
+
+from charrnn.data import Vocab
+from charrnn.errors import CorpusError
+from charrnn.seq2seq import pairs as pairs_lib
+from charrnn.seq2seq.scoring import edit_distance, error_rates
+
+
+def write(tmp_path, text: str, name: str = "pairs.tsv"):
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    return path
+
+
+def test_reads_pairs_ignoring_blank_lines_and_line_endings(tmp_path):
+    read = pairs_lib.read_pairs(write(tmp_path, "cat\tK AE1 T\r\n\nab\tba\n"), max_length=20)
+    assert read.pairs == pairs_lib.Pairs(["cat", "ab"], ["K AE1 T", "ba"])
+    assert read.skipped == 0
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("no tab here", "no tab"),
+    ("\ttarget", "empty source"),
+    ("source\t", "empty target"),
+    ("x" * 11 + "\tshort", "the source has 11 characters, over train.max_length 10"),
+    ("short\t" + "y" * 12, "the target has 12 characters"),
+])
+def test_a_bad_line_is_an_error_naming_its_number(tmp_path, line, problem):
+    path = write(tmp_path, f"good\tline\n\n{line}\nalso\tgood\n")
+    with pytest.raises(CorpusError, match=rf"pairs.tsv:3: {problem}"):
+        pairs_lib.read_pairs(path, max_length=10)
+    read = pairs_lib.read_pairs(path, max_length=10, skip_bad=True)
+    assert read.pairs.sources == ["good", "also"] and read.skipped == 1
+
+
+def test_a_file_without_pairs_is_an_error(tmp_path):
+    with pytest.raises(CorpusError, match="no source<TAB>target pairs"):
+        pairs_lib.read_pairs(write(tmp_path, "\n\n"), max_length=10)
+
+
+def test_validation_split_is_by_source_and_deterministic():
+    sources = [f"word{i % 301}" for i in range(903)]  # each source three times, far apart, with different targets
+    pairs = pairs_lib.Pairs(sources, [f"t{i}" for i in range(903)])
+    train, val = pairs_lib.split(pairs, 0.1)
+    assert not set(train.sources) & set(val.sources)
+    assert len(train.sources) + len(val.sources) == 903
+    assert 10 <= len(set(val.sources)) <= 60
+    assert pairs_lib.split(pairs, 0.1) == (train, val)
+
+
+def test_batches_pad_and_mask_and_put_the_end_symbol_last():
+    batch = pairs_lib.make_batch([np.array([3, 4]), np.array([5])], [np.array([1, 2, 3]), np.array([4])])
+    assert batch.source.shape == (8, 2) and batch.target_in.shape == (8, 2)
+    np.testing.assert_array_equal(batch.source[:3].T, [[3, 4, 0], [5, 0, 0]])
+    np.testing.assert_array_equal(batch.target_in[:5].T, [[0, 1, 2, 3, 0], [0, 4, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.target_out[:5].T, [[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.target_mask[:5].T, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    longer = pairs_lib.make_batch([np.arange(1, 12), np.array([1])], [np.array([1]), np.array([2])])
+    stacked = pairs_lib.stack([batch, longer])  # padded to one shape for one compiled call
+    assert stacked.source.shape == (2, 16, 2) and stacked.target_mask.shape == (2, 8, 2)
+    assert not stacked.target_mask[0, 5:].any()
+
+
+def test_each_epoch_takes_every_pair_once_in_a_seeded_order():
+    lengths = np.random.default_rng(0).integers(1, 30, 1003)
+    schedule = pairs_lib.schedule(1003, 10)
+    first = pairs_lib.epoch_order(lengths, schedule, seed=7, epoch=0)
+    assert first.shape == (100, 10) and len(set(first.ravel())) == 1000
+    np.testing.assert_array_equal(first, pairs_lib.epoch_order(lengths, schedule, seed=7, epoch=0))
+    assert not np.array_equal(first, pairs_lib.epoch_order(lengths, schedule, seed=7, epoch=1))
+    # Batches are alike in length: far less spread within a batch than across the epoch.
+    spread = np.mean([np.ptp(lengths[batch]) for batch in first])
+    assert spread < np.ptp(lengths) / 3
+
+
+def test_sources_with_unknown_characters_are_named():
+    with pytest.raises(CorpusError, match="'z'"):
+        pairs_lib.encode_side(Vocab("abc"), ["abz"], "--source")
+    np.testing.assert_array_equal(pairs_lib.encode_side(Vocab("abc"), ["cab"], "x")[0], [3, 1, 2])
+    assert pairs_lib.decode_ids(Vocab("abc"), [3, 1, 0, 2]) == "ca"
+
+
+@pytest.mark.parametrize("a, b, distance", [
+    ("", "", 0), ("abc", "", 3), ("", "ab", 2), ("kitten", "sitting", 3), ("flaw", "lawn", 2),
+    (["HH", "AH0"], ["HH", "AH1"], 1),
+])
+def test_edit_distance(a, b, distance):
+    assert edit_distance(a, b) == distance == edit_distance(b, a)
+
+
+def test_error_rates_use_the_closest_reference():
+    rates = error_rates(["HH AH0 L OW1", "T AH0 M EY1 T OW0"],
+                        [["HH AH0 L OW1", "HH EH0 L OW1"], ["T AH0 M AA1 T OW0", "T AH0 M EY1 T OW2"]])
+    assert rates.sources == 2 and rates.exact_match == 0.5
+    assert rates.token_error_rate == pytest.approx(1 / 10)  # one phoneme of the closest 6, none of 4
+    assert rates.char_error_rate == pytest.approx(1 / (12 + 17))
+    assert error_rates(["ab"], [["ab"]]).token_error_rate is None
