@@ -1,4 +1,4 @@
-"""Character-level RNN, GRU and LSTM language models in JAX.
+"""Character-level RNN, GRU and LSTM language models in JAX, and encoder–decoders built from them.
 
     >>> import charrnn
     >>> summary = charrnn.train("corpus.txt", "runs/small", steps=500, max_minutes=0)

@@ -119,7 +119,8 @@ class Loop:
         path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
         if self.placement.is_main:
             metadata = {
-                "config": config_lib.to_dict(self.config), **self.task.metadata(), "step": step, "elapsed_s": progress.elapsed_s,
+                "config": config_lib.to_dict(self.config), **self.task.metadata(), "step": step,
+                "elapsed_s": progress.elapsed_s,
                 "val_loss": progress.last_val_loss, "best_val_loss": progress.best_val_loss,
                 "chars_seen": step * self.chars_per_step, "saved_at": time.time(),
             }

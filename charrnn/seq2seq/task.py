@@ -15,7 +15,7 @@ from charrnn.errors import CorpusError, UsageError
 from charrnn.seq2seq import model as seq2seq_model, pairs as pairs_lib
 from charrnn.seq2seq.pairs import PairBatch
 
-EVAL_BATCH_SIZE = 256  # pairs per validation batch: no state is carried, so wide batches cost nothing
+EVAL_BATCH_SIZE = 256  # pairs per validation batch: nothing is carried between pairs, so batches can be wide
 
 
 class PairsCorpus(NamedTuple):
@@ -31,6 +31,7 @@ class PairsCorpus(NamedTuple):
 
 def encode_pairs(source_vocab: Vocab, target_vocab: Vocab, pairs: pairs_lib.Pairs,
                  what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(sources, targets) as ids; `what` names the pairs in an error about characters outside a vocabulary."""
     return (pairs_lib.encode_side(source_vocab, pairs.sources, f"{what}'s sources"),
             pairs_lib.encode_side(target_vocab, pairs.targets, f"{what}'s targets"))
 

@@ -87,8 +87,9 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         beam = defaults.beam if beam is None else beam
         top_k = defaults.top_k if top_k is None else top_k
         top_p = defaults.top_p if top_p is None else top_p
-        length = self.config.train.max_length + 1 if length is None else length + 1  # room for the end symbol
+        length = self.config.train.max_length if length is None else length
         check_sampling(temperature, top_k, top_p, length)
+        length += 1  # room for the end symbol
         check_seed(seed, "--seed")
         if beam < 1:
             raise UsageError(f"beam must be at least 1, got {beam}")
