@@ -62,6 +62,11 @@ def choose(logits: jax.Array, noise: jax.Array, temperature: jax.Array, top_k: i
     return first_argmax(filtered + jnp.where(temperature > 0, noise, 0.0))
 
 
+def capped_temperature(temperature: float) -> jax.Array:
+    """The temperature as the compiled choice takes it: float32, at most MAX_TEMPERATURE."""
+    return jnp.float32(min(temperature, MAX_TEMPERATURE))
+
+
 def first_argmax(x: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (the first index of the largest value), as int32.
 
@@ -144,7 +149,7 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     key = jax.random.key(seed)
     top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
     nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort
-    temperature = jnp.float32(min(temperature, MAX_TEMPERATURE))
+    temperature = capped_temperature(temperature)
     block = block_length(length)
 
     def on_host(position: int, ids: jax.Array) -> np.ndarray:  # waits for the block

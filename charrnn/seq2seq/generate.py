@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from charrnn import model
 from charrnn.config import ModelConfig
-from charrnn.sample import MAX_TEMPERATURE, choose
+from charrnn.sample import choose
 from charrnn.seq2seq import model as seq2seq_model
 from charrnn.seq2seq.pairs import BOUNDARY
 
@@ -96,6 +96,3 @@ def beam_search(params: dict, config: ModelConfig, source: jax.Array, length: in
     _, _, scores, tokens, _ = until_all_ended(one_character, start, lambda state: state[4], length)
     return tokens, scores
 
-
-def capped_temperature(temperature: float) -> jax.Array:
-    return jnp.float32(min(temperature, MAX_TEMPERATURE))

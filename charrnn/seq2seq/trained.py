@@ -12,6 +12,7 @@ from charrnn import checkpoint
 from charrnn.config import check_sampling, check_seed
 from charrnn.data import Vocab
 from charrnn.errors import CorpusError, UsageError
+from charrnn.sample import capped_temperature
 from charrnn.seq2seq import generate, pairs as pairs_lib
 from charrnn.seq2seq.pairs import PAD
 from charrnn.seq2seq.scoring import error_rates
@@ -111,7 +112,7 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
                 key = jax.random.fold_in(jax.random.key(seed), begin)
                 nucleus = np.float32(top_p) if top_p < 1.0 else None
                 ids, weights = generate.sample(self.params, self.config.model, source, key,
-                                               generate.capped_temperature(temperature), nucleus, length,
+                                               capped_temperature(temperature), nucleus, length,
                                                top_k if top_k < vocab_size else 0)
                 ids, weights = np.asarray(ids), np.asarray(weights)
             for column, row in enumerate(rows):
