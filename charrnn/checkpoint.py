@@ -26,6 +26,7 @@ from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.seq2seq import model as seq2seq_model
+from charrnn.seq2seq.pairs import TokenVocab, target_vocab
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -197,7 +198,7 @@ class Loaded(NamedTuple):
     """A verified checkpoint file: the model it holds, rebuilt from its own metadata."""
 
     config: config_lib.Config
-    vocab: Vocab
+    vocab: Vocab | TokenVocab  # TokenVocab: a seq2seq run with model.target = tokens
     params: dict
     metadata: dict[str, Any]
     path: Path
@@ -216,8 +217,8 @@ class FromCheckpoint:
         return self._loaded.config
 
     @property
-    def vocab(self) -> Vocab:
-        """The characters the model writes (an encoder–decoder's target side)."""
+    def vocab(self) -> Vocab | TokenVocab:
+        """The symbols the model writes: characters, or an encoder–decoder's target tokens."""
         return self._loaded.vocab
 
     @property
@@ -228,6 +229,17 @@ class FromCheckpoint:
     def path(self) -> Path:
         """The checkpoint file the model was read from."""
         return self._loaded.path
+
+    def _sampling(self, temperature: float | None, top_k: int | None, top_p: float | None, length: int | None,
+                  default_length: int) -> tuple[float, int, float, int]:
+        """Sampling settings checked, each one unset taken from the run's `sample` config (`length`: `default_length`)."""
+        defaults = self.config.sample
+        settings = (defaults.temperature if temperature is None else temperature,
+                    defaults.top_k if top_k is None else top_k,
+                    defaults.top_p if top_p is None else top_p,
+                    default_length if length is None else length)
+        config_lib.check_sampling(*settings)
+        return settings
 
     def describe(self) -> dict[str, Any]:
         """What the checkpoint holds: config, vocabulary, step, validation loss, parameter shapes (JSON-ready).
@@ -255,8 +267,9 @@ def load(path: Path | None, attempts: int = 5) -> Loaded:
         arrays, metadata = decode(payload, str(file))
         try:
             config = config_lib.from_dict(metadata["config"])
-            vocab = Vocab(metadata["vocab"])
-            source_vocab = Vocab(metadata["source_vocab"]) if config.model.kind == "seq2seq" else None
+            seq2seq = config.model.kind == "seq2seq"
+            vocab = target_vocab(config.model.target, metadata["vocab"]) if seq2seq else Vocab(metadata["vocab"])
+            source_vocab = Vocab(metadata["source_vocab"]) if seq2seq else None
         except (KeyError, TypeError, UsageError) as error:
             raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
         template = jax.eval_shape(lambda: init_params(jax.random.key(0), config.model, vocab, source_vocab))
@@ -265,7 +278,7 @@ def load(path: Path | None, attempts: int = 5) -> Loaded:
     raise AssertionError("unreachable")
 
 
-def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Vocab,
+def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Vocab | TokenVocab,
                 source_vocab: Vocab | None = None) -> dict:
     """Fresh parameters of the model `model_config` describes: the shapes a checkpoint's arrays fill."""
     if model_config.kind == "seq2seq":  # id 0 is reserved on both sides
@@ -298,7 +311,7 @@ def describe(loaded: Loaded) -> dict[str, Any]:
         "val_loss": metadata.get("val_loss"),
         "best_val_loss": metadata.get("best_val_loss"),
         "config": config_lib.to_dict(loaded.config),
-        "vocab": loaded.vocab.chars,
+        "vocab": metadata["vocab"],  # characters (a string), or a seq2seq run's target tokens (a list)
         "vocab_size": len(loaded.vocab),
         **({"source_vocab": loaded.source_vocab.chars} if loaded.source_vocab else {}),
         "parameter_count": model.parameter_count(loaded.params),

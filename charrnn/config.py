@@ -14,6 +14,7 @@ from charrnn.errors import UsageError
 CELL_NAMES = ("rnn", "gru", "lstm")
 MODEL_KINDS = ("lm", "seq2seq")
 ATTENTIONS = ("none", "additive", "dot")
+TARGETS = ("chars", "tokens")
 SCHEDULES = ("constant", "cosine", "exponential")
 DTYPES = ("float32", "bfloat16")
 
@@ -33,6 +34,7 @@ class ModelConfig:
     encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
     bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
     attention: str = "additive"  # seq2seq: none | additive (Bahdanau's score) | dot (Luong's general score)
+    target: str = "chars"  # seq2seq: the decoder writes characters | tokens (space-separated: one g2p phoneme per step)
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,9 @@ def validate(config: Config) -> None:
     _require(model.kind in MODEL_KINDS, f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {model.kind!r}")
     _require(model.attention in ATTENTIONS,
              f"model.attention must be one of {', '.join(ATTENTIONS)}, got {model.attention!r}")
+    _require(model.target in TARGETS, f"model.target must be one of {', '.join(TARGETS)}, got {model.target!r}")
+    _require(model.kind == "seq2seq" or model.target == "chars",
+             "model.target = tokens is for seq2seq models; a language model writes characters")
     _require(model.kind == "lm" or not model.learn_initial_state,
              "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")

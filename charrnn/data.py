@@ -152,6 +152,8 @@ def encode_file(path: Path, corpus: CorpusFile) -> np.ndarray:
 class Vocab:
     """The sorted set of code points of a corpus, mapping characters to ids."""
 
+    units = "characters"  # what an id stands for, in messages
+
     def __init__(self, chars: str):
         self.chars = chars
         self.index = {char: i for i, char in enumerate(chars)}

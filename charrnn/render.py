@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html as html_lib
 import json
+from typing import Sequence
 
 import numpy as np
 
@@ -76,9 +77,9 @@ def shown(char: str) -> str:
     return chr(0x2421) if code == 127 else chr(0x2400 + code)
 
 
-def _label(char: str) -> str:
-    """A predicted character in the tooltip, visible even when it is whitespace."""
-    return {"\n": "\\n", "\t": "\\t", " ": "\u2423"}.get(char, shown(char))
+def _label(symbol: str) -> str:
+    """A character (or a seq2seq target token) as a label, visible even when it is whitespace."""
+    return {"\n": "\\n", "\t": "\\t", " ": "\u2423"}.get(symbol, "".join(map(shown, symbol)))
 
 
 def _unit_block(text: str, unit: int, values: np.ndarray) -> str:
@@ -135,23 +136,23 @@ def _heat_colour(weight: float) -> str:
     return f"#{red:02x}{green:02x}{blue:02x}"
 
 
-def attention_html(source: str, output: str, weights: np.ndarray, title: str) -> str:
-    """One self-contained page: a table with a row per written character (and the end symbol) and a
+def attention_html(source: str, written: Sequence[str], weights: np.ndarray, title: str) -> str:
+    """One self-contained page: a table with a row per written symbol (and the end symbol) and a
     column per source character, each cell coloured by the attention weight; hovering shows the number."""
     weights = np.asarray(weights, np.float64)
-    rows_wanted = (len(output) + 1, len(source))
+    rows_wanted = (len(written) + 1, len(source))
     if weights.shape != rows_wanted:
         raise ValueError(f"weights have shape {weights.shape}; {rows_wanted} wanted (output + end, source)")
     header = "".join(f"<th>{html_lib.escape(_label(char))}</th>" for char in source)
     rows = []
-    for char, row in zip([*output, "\u2403"], weights):  # ␃ marks the end symbol
+    for char, row in zip([*written, "\u2403"], weights):  # ␃ marks the end symbol
         cells = "".join(f'<td style="background:{_heat_colour(w)}" title="{w:.3f}">{w:.2f}</td>' for w in row)
         rows.append(f"<tr><th>{html_lib.escape(_label(char))}</th>{cells}</tr>")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{html_lib.escape(title)}</title>\n<style>{_STYLE}{_HEAT_STYLE}</style>\n</head>\n<body>\n"
         f"<h1>{html_lib.escape(title)}</h1>\n"
-        "<p>each row: where the decoder looked in the source (columns) while writing that character; "
+        "<p>each row: where the decoder looked in the source (columns) while writing that symbol; "
         "white 0, red 1; each row sums to 1</p>\n"
         f"<table class=\"heat\">\n<tr><th></th>{header}</tr>\n" + "\n".join(rows) + "\n</table>\n</body>\n</html>\n"
     )

@@ -11,7 +11,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from charrnn import activations as activations_lib, checkpoint, sample as sampling, steps
-from charrnn.config import check_sampling, check_seed
+from charrnn.config import check_seed
 from charrnn.data import show_chars
 from charrnn.errors import UsageError
 from charrnn.seq2seq.trained import Seq2SeqModel
@@ -107,12 +107,7 @@ class Model(checkpoint.FromCheckpoint):
 
             >>> texts = ["".join(pieces) for pieces in zip(*model.generate("KING:", length=100, num_samples=2))]
         """
-        defaults = self.config.sample
-        length = defaults.length if length is None else length
-        temperature = defaults.temperature if temperature is None else temperature
-        top_k = defaults.top_k if top_k is None else top_k
-        top_p = defaults.top_p if top_p is None else top_p
-        check_sampling(temperature, top_k, top_p, length)
+        temperature, top_k, top_p, length = self._sampling(temperature, top_k, top_p, length, self.config.sample.length)
         if num_samples < 1:
             raise UsageError(f"num_samples must be at least 1, got {num_samples}")
         if prime:

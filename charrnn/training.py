@@ -18,6 +18,7 @@ from charrnn.config import Config
 from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, \
     StorageError, UsageError
 from charrnn.loop import Loop, LoopState
+from charrnn.seq2seq.pairs import target_vocab
 from charrnn.seq2seq.task import PairsTask, load_pairs
 from charrnn.task import Task, TextTask
 from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
@@ -170,7 +171,8 @@ def load_task(path: Path, config: Config, metadata: dict[str, Any] | None = None
     (vocabularies and checksum), and the data must be the same."""
     checksum = metadata["corpus_sha"] if metadata else None
     if config.model.kind == "seq2seq":
-        vocabs = (data.Vocab(metadata["source_vocab"]), data.Vocab(metadata["vocab"])) if metadata else None
+        vocabs = ((data.Vocab(metadata["source_vocab"]), target_vocab(config.model.target, metadata["vocab"]))
+                  if metadata else None)
         return PairsTask(config, load_pairs(path, config, vocabs, checksum))
     vocab = data.Vocab(metadata["vocab"]) if metadata else None
     return TextTask(config, load_corpus(path, config.train.val_fraction, vocab, checksum))

@@ -191,6 +191,8 @@ def test_missing_config_file(tmp_path):
         (["model.encoder_layers=0"], "model.encoder_layers"),
         (["model.kind=seq2seq", "model.learn_initial_state=true"], "model.learn_initial_state"),
         (["train.max_length=0"], "train.max_length"),
+        (["model.kind=seq2seq", "model.target=words"], "model.target"),
+        (["model.target=tokens"], "model.target = tokens is for seq2seq"),
         (["sample.beam=0"], "sample.beam"),
     ],
 )

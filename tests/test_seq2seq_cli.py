@@ -34,21 +34,27 @@ temperature = 0
 """
 
 
-def reversal_pairs(seed: int, count: int) -> str:
+def words(seed: int, count: int) -> list[str]:
     rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 6))) for _ in range(count)]
-    return "".join(f"{word}\t{word[::-1]}\n" for word in words)
+    return ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 6))) for _ in range(count)]
+
+
+def reversal_pairs(seed: int, count: int) -> str:
+    return "".join(f"{word}\t{word[::-1]}\n" for word in words(seed, count))
+
+
+def trained(folder, make_pairs, config: str):
+    """A model trained on 6000 pairs (a few seconds) in `folder`, with 300 held-out pairs beside it."""
+    (folder / "train.tsv").write_text(make_pairs(0, 6000), encoding="utf-8")
+    (folder / "held_out.tsv").write_text(make_pairs(1, 300), encoding="utf-8")
+    (folder / "config.toml").write_text(config, encoding="utf-8")
+    return folder, charrnn.train(folder / "train.tsv", folder / "run", folder / "config.toml")
 
 
 @pytest.fixture(scope="module")
 def reversal(tmp_path_factory):
-    """A model trained to reverse words (a few seconds), and held-out words it never saw."""
-    folder = tmp_path_factory.mktemp("reversal")
-    (folder / "train.tsv").write_text(reversal_pairs(0, 6000), encoding="utf-8")
-    (folder / "held_out.tsv").write_text(reversal_pairs(1, 300), encoding="utf-8")
-    (folder / "reverse.toml").write_text(CONFIG, encoding="utf-8")
-    summary = charrnn.train(folder / "train.tsv", folder / "run", folder / "reverse.toml")
-    return folder, summary
+    """A model trained to reverse words, and held-out words it never saw."""
+    return trained(tmp_path_factory.mktemp("reversal"), reversal_pairs, CONFIG)
 
 
 def test_learns_to_reverse_words(reversal):
@@ -98,6 +104,46 @@ def test_viz_draws_the_attention_as_a_heat_map(reversal, capsys, monkeypatch):
     np.testing.assert_allclose(attention.weights.sum(axis=1), 1.0, rtol=1e-5)
     # Reversing: writing the first character, the decoder looks mostly at the last one.
     assert int(np.argmax(attention.weights[0])) == 3
+
+
+NAMES = dict(zip("abcdef", ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot"]))
+
+
+def spelling_pairs(seed: int, count: int) -> str:
+    """Each word's letters, last first, as space-separated tokens: "abc" -> "charlie bravo alpha"."""
+    return "".join(f"{word}\t{' '.join(NAMES[letter] for letter in reversed(word))}\n" for word in words(seed, count))
+
+
+@pytest.fixture(scope="module")
+def spelling(tmp_path_factory):
+    """A model with model.target = tokens, trained to spell words backwards, one token per step."""
+    config = CONFIG.replace("max_length = 12", "max_length = 50").replace("[train]", "target = \"tokens\"\n\n[train]")
+    return trained(tmp_path_factory.mktemp("spelling"), spelling_pairs, config)
+
+
+def test_token_targets_are_written_one_token_per_step(spelling, capsys, monkeypatch):
+    folder, summary = spelling
+    model = charrnn.load(folder / "run")
+    assert model.vocab.tokens == sorted(NAMES.values())  # 6 symbols, not the 20 characters of their spelling
+    assert model.params["decoder"]["output"]["b"].shape == (7,)
+    assert model.convert(["abc", "fed"]) == ["charlie bravo alpha", "delta echo foxtrot"]
+    score = model.score(folder / "held_out.tsv", beam=2)
+    assert score.exact_match >= 0.99 and score.token_error_rate <= 0.01, score
+    attention = model.attention("cafe")
+    assert attention.symbols == ["echo", "foxtrot", "alpha", "charlie"] and attention.weights.shape == (5, 4)
+    monkeypatch.chdir(folder)
+    result = run_in_process(capsys, "viz", "-c", "run", "--source", "cafe", "--output", "attention.html")
+    assert result.code == 0, result.err
+    page = (folder / "attention.html").read_text(encoding="utf-8")
+    assert page.count("<tr>") == 1 + 5 and "<th>foxtrot</th>" in page
+    result = run_in_process(capsys, "inspect", "run")
+    assert result.code == 0 and "6 tokens" in result.out, result.out
+    (folder / "unknown.tsv").write_text("ab\tbravo alpha\nabc\tcharlie zulu alpha\n", encoding="utf-8")
+    result = run_in_process(capsys, "eval", "unknown.tsv", "-c", "run")
+    assert result.code == 3 and "tokens the model never saw: 'zulu'" in result.err, result.err
+    result = run_in_process(capsys, "train", "--resume", "run", "--steps", "608", "--quiet")
+    assert result.code == 0, result.err
+    assert charrnn.load(folder / "run").vocab.tokens == model.vocab.tokens
 
 
 def test_runs_lists_the_run(reversal, capsys, monkeypatch):

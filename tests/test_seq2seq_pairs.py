@@ -80,7 +80,22 @@ def test_sources_with_unknown_characters_are_named():
     with pytest.raises(CorpusError, match="'z'"):
         pairs_lib.encode_side(Vocab("abc"), ["abz"], "--source")
     np.testing.assert_array_equal(pairs_lib.encode_side(Vocab("abc"), ["cab"], "x")[0], [3, 1, 2])
-    assert pairs_lib.decode_ids(Vocab("abc"), [3, 1, 0, 2]) == "ca"
+    np.testing.assert_array_equal(pairs_lib.written([3, 1, 0, 2]), [2, 0])  # up to the end symbol, as indices
+    np.testing.assert_array_equal(pairs_lib.written([3, 1]), [2, 0])
+
+
+def test_token_targets_are_one_symbol_per_token():
+    pairs = pairs_lib.Pairs(["cat", "hello"], ["K AE1 T", "HH AH0  L OW1"])
+    sources, targets = pairs_lib.vocabularies(pairs, "tokens")
+    assert sources.chars == "acehlot" and targets.tokens == ["AE1", "AH0", "HH", "K", "L", "OW1", "T"]
+    encoded = pairs_lib.encode_side(targets, pairs.targets, "x")
+    np.testing.assert_array_equal(encoded[0], [4, 1, 7])  # ids 1..V: 0 is the end symbol
+    assert targets.decode(pairs_lib.written([*encoded[1], 0, 5])) == "HH AH0 L OW1"  # tokens rejoined by one space
+    with pytest.raises(CorpusError, match="tokens the model never saw: 'AE2' 'Q'"):
+        pairs_lib.encode_side(targets, ["K AE2 T", "Q AE2"], "the targets")
+    assert pairs_lib.target_vocab("tokens", pairs_lib.stored_symbols(targets)).tokens == targets.tokens
+    assert pairs_lib.target_vocab("chars", pairs_lib.stored_symbols(sources)).chars == sources.chars
+    assert pairs_lib.vocabularies(pairs, "chars")[1].chars == " 01AEHKLOTW"
 
 
 @pytest.mark.parametrize("a, b, distance", [

@@ -26,9 +26,9 @@ def evaluate(
     """Score FILE: average loss per character in nats and bits, and perplexity.
 
     For an encoder–decoder run, FILE holds source<TAB>target pairs: the loss per
-    target character, and how often the targets it writes match (exact match,
-    character and token error rates; a source with several targets is right if
-    it matches any).
+    target symbol (character, or token with model.target = tokens), and how often
+    the targets it writes match (exact match, character and token error rates; a
+    source with several targets is right if it matches any).
     """
     from charrnn.data import read_text
 

@@ -38,7 +38,8 @@ def inspect_checkpoint(
         ("step", f"{summary['step']:,}"), ("val loss", loss(summary["val_loss"])),
         ("best val loss", loss(summary["best_val_loss"])),
         ("parameters", f"{summary['parameter_count']:,}"),
-        ("vocabulary", f"{summary['vocab_size']} characters: {summary['vocab']!r}"),
+        ("vocabulary", f"{summary['vocab_size']} {'tokens' if isinstance(summary['vocab'], list) else 'characters'}: "
+                       f"{summary['vocab']!r}"),
         *((("source vocabulary", f"{len(summary['source_vocab'])} characters: {summary['source_vocab']!r}"),)
           if "source_vocab" in summary else ()),
         *((f"{section}.{key}", str(value)) for section, values in summary["config"].items() for key, value in values.items()),

@@ -138,5 +138,5 @@ def _attention_page(model, source: str | None, output: Path | None) -> None:
         raise UsageError("an encoder–decoder's view is its attention: give --source TEXT and --output FILE")
     attention = model.attention(source)
     title = f"{model.path.name}: {attention.source} \u2192 {attention.output}"
-    write_atomic(output, render.attention_html(attention.source, attention.output, attention.weights, title).encode())
+    write_atomic(output, render.attention_html(attention.source, attention.symbols, attention.weights, title).encode())
     err_console.print(f"wrote {output}")

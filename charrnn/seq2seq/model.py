@@ -181,20 +181,20 @@ def forward(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=Non
 
 
 def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
-    """(nats summed over every real target character, end included; how many there are)."""
+    """(nats summed over every real target symbol, end included; how many there are)."""
     logits, _ = forward(params, config, batch, dropout_key)
     mask = batch.target_mask.astype(jnp.float32)
     return jnp.sum(model.token_losses(logits, batch.target_out) * mask), jnp.sum(mask)
 
 
 def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None) -> jax.Array:
-    """Mean nats per real target character of a batch; padding contributes nothing."""
+    """Mean nats per real target symbol (character or token) of a batch; padding contributes nothing."""
     total, count = summed_loss(params, config, batch, dropout_key)
     return total / jnp.maximum(count, 1.0)
 
 
 def decoder_step(params: dict, prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array, memory: Memory):
-    """One target character per pair, ids [B] -> (carry, logits [B, Vt], attention weights [B, S] or None)."""
+    """One target symbol per pair, ids [B] -> (carry, logits [B, Vt], attention weights [B, S] or None)."""
     carry, top = model.step_top(prepared, config, carry, ids)
     features, weights = attend(params, config, top[None], memory)
     logits = dense(features[0], prepared["output"]["w"], prepared["output"]["b"])

@@ -1,9 +1,11 @@
 """Pairs files (one `source<TAB>target` per line), their vocabularies, and padded, bucketed batches (NumPy only).
 
 Source and target keep vocabularies of their own: the decoder's softmax then
-ranges only over characters that targets use (g2p: letters in, phonemes out),
-and a source character never seen in training is named as such. Id 0 is
-reserved on both sides: padding in a source, the start and end symbol in a target.
+ranges only over symbols that targets use (g2p: letters in, phonemes out),
+and a source character never seen in training is named as such. A target's
+symbols are its characters, or with `model.target = "tokens"` its
+space-separated tokens (one phoneme per decoder step). Id 0 is reserved on both
+sides: padding in a source, the start and end symbol in a target.
 """
 
 from __future__ import annotations
@@ -83,24 +85,66 @@ def _problem(source: str, tab: str, target: str, max_length: int) -> str:
     return f"the {side} has {length} characters, over train.max_length {max_length}"
 
 
-def vocabularies(pairs: Pairs) -> tuple[Vocab, Vocab]:
-    """(source vocabulary, target vocabulary) of the characters each side uses."""
-    return Vocab.from_text("".join(pairs.sources)), Vocab.from_text("".join(pairs.targets))
+class TokenVocab:
+    """The sorted set of whitespace-separated tokens of target texts, mapping tokens to ids (`Vocab`'s interface).
+
+    A text's tokens are `text.split()`; decoding joins them with single spaces.
+    """
+
+    units = "tokens"  # what an id stands for, in messages
+
+    def __init__(self, tokens: list[str]):
+        self.tokens = list(tokens)
+        self.index = {token: i for i, token in enumerate(self.tokens)}
+
+    @classmethod
+    def from_texts(cls, texts: list[str]) -> TokenVocab:
+        return cls(sorted({token for text in texts for token in text.split()}))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct tokens of `text` outside the vocabulary, in order of appearance."""
+        return list(dict.fromkeys(token for token in text.split() if token not in self.index))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array([self.index[token] for token in text.split()], np.int32)
+
+    def decode(self, ids) -> str:
+        return " ".join(self.tokens[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
-def encode_side(vocab: Vocab, texts: list[str], what: str) -> list[np.ndarray]:
-    """Each text as ids 1..V (0 is reserved); a character outside `vocab` is an error naming it."""
-    unknown = vocab.unknown("".join(texts))
+def target_vocab(target: str, symbols: str | list[str]) -> Vocab | TokenVocab:
+    """The target vocabulary of symbols stored with a run: characters (a string) or tokens (a list)."""
+    return TokenVocab(symbols) if target == "tokens" else Vocab(symbols)
+
+
+def stored_symbols(vocab: Vocab | TokenVocab) -> str | list[str]:
+    """What a checkpoint stores of a vocabulary: `target_vocab`'s inverse."""
+    return vocab.tokens if isinstance(vocab, TokenVocab) else vocab.chars
+
+
+def vocabularies(pairs: Pairs, target: str) -> tuple[Vocab, Vocab | TokenVocab]:
+    """(source vocabulary, target vocabulary): the characters sources use, the symbols targets use."""
+    targets = TokenVocab.from_texts(pairs.targets) if target == "tokens" else Vocab.from_text("".join(pairs.targets))
+    return Vocab.from_text("".join(pairs.sources)), targets
+
+
+def encode_side(vocab: Vocab | TokenVocab, texts: list[str], what: str) -> list[np.ndarray]:
+    """Each text as ids 1..V (0 is reserved); a symbol outside `vocab` is an error naming it."""
+    unknown = list(dict.fromkeys(symbol for text in texts for symbol in vocab.unknown(text)))
     if unknown:
-        raise CorpusError(f"{what} has characters the model never saw: {show_chars(unknown)}")
+        raise CorpusError(f"{what} has {vocab.units} the model never saw: "
+                          f"{show_chars(unknown)}")
     return [vocab.encode(text).astype(np.int32) + 1 for text in texts]
 
 
-def decode_ids(vocab: Vocab, ids) -> str:
-    """Target ids as text, up to the first end symbol."""
+def written(ids) -> np.ndarray:
+    """Target ids as vocabulary indices (id - 1), up to the first end symbol."""
     ids = np.asarray(ids).reshape(-1)
     ends = np.flatnonzero(ids == BOUNDARY)
-    return vocab.decode(ids[: ends[0] if len(ends) else len(ids)] - 1)
+    return ids[: ends[0] if len(ends) else len(ids)] - 1
 
 
 def split(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:

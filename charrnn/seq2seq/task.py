@@ -13,7 +13,7 @@ from charrnn.config import Config
 from charrnn.data import Vocab
 from charrnn.errors import CorpusError, UsageError
 from charrnn.seq2seq import model as seq2seq_model, pairs as pairs_lib
-from charrnn.seq2seq.pairs import PairBatch
+from charrnn.seq2seq.pairs import PairBatch, TokenVocab
 
 EVAL_BATCH_SIZE = 256  # pairs per validation batch: nothing is carried between pairs, so batches can be wide
 
@@ -22,14 +22,14 @@ class PairsCorpus(NamedTuple):
     """A pairs file cut for training: vocabularies, encoded train and validation pairs, and what identifies it."""
 
     source_vocab: Vocab
-    target_vocab: Vocab
+    target_vocab: Vocab | TokenVocab
     train: tuple[list[np.ndarray], list[np.ndarray]]  # (sources, targets) as ids 1..V
     val: tuple[list[np.ndarray], list[np.ndarray]]
     checksum: str
     skipped: int  # bad lines left out (train.skip_bad_pairs)
 
 
-def encode_pairs(source_vocab: Vocab, target_vocab: Vocab, pairs: pairs_lib.Pairs,
+def encode_pairs(source_vocab: Vocab, target_vocab: Vocab | TokenVocab, pairs: pairs_lib.Pairs,
                  what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(sources, targets) as ids; `what` names the pairs in an error about characters outside a vocabulary."""
     return (pairs_lib.encode_side(source_vocab, pairs.sources, f"{what}'s sources"),
@@ -49,7 +49,7 @@ def _summed_loss(params: dict, config, batch: PairBatch):
 
 
 def mean_loss(params: dict, config, sources: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    """Mean nats per target character (end symbols included) over all pairs, teacher-forced."""
+    """Mean nats per target symbol (end symbols included) over all pairs, teacher-forced."""
     total, count = 0.0, 0.0
     for batch in batches_of(sources, targets, EVAL_BATCH_SIZE):
         batch_total, batch_count = _summed_loss(params, config, batch)
@@ -94,8 +94,8 @@ class PairsTask:
         return mean_loss(params, self.config.model, *self.corpus.val)
 
     def metadata(self) -> dict[str, Any]:
-        return {"vocab": self.corpus.target_vocab.chars, "source_vocab": self.corpus.source_vocab.chars,
-                "corpus_sha": self.corpus.checksum}
+        return {"vocab": pairs_lib.stored_symbols(self.corpus.target_vocab),
+                "source_vocab": self.corpus.source_vocab.chars, "corpus_sha": self.corpus.checksum}
 
     def describe(self) -> str:
         corpus = self.corpus
@@ -104,7 +104,7 @@ class PairsTask:
                 f"{len(corpus.target_vocab)} target symbols{skipped}")
 
 
-def load_pairs(path: Path, config: Config, vocabs: tuple[Vocab, Vocab] | None = None,
+def load_pairs(path: Path, config: Config, vocabs: tuple[Vocab, Vocab | TokenVocab] | None = None,
                checksum: str | None = None) -> PairsCorpus:
     """Read, check, split and encode a pairs file; a resumed run passes its (source, target) `vocabs` and `checksum`."""
     read = pairs_lib.read_pairs(path, config.train.max_length, config.train.skip_bad_pairs)
@@ -114,6 +114,6 @@ def load_pairs(path: Path, config: Config, vocabs: tuple[Vocab, Vocab] | None = 
     train, val = pairs_lib.split(read.pairs, config.train.val_fraction)
     if not val.sources:
         raise CorpusError(f"{path}: no pair falls in the validation split (train.val_fraction); use more pairs")
-    source_vocab, target_vocab = vocabs or pairs_lib.vocabularies(read.pairs)
+    source_vocab, target_vocab = vocabs or pairs_lib.vocabularies(read.pairs, config.model.target)
     return PairsCorpus(source_vocab, target_vocab, encode_pairs(source_vocab, target_vocab, train, str(path)),
                        encode_pairs(source_vocab, target_vocab, val, str(path)), read.checksum, read.skipped)

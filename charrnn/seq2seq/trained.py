@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from charrnn import checkpoint
-from charrnn.config import check_sampling, check_seed
+from charrnn.config import check_seed
 from charrnn.data import Vocab
 from charrnn.errors import CorpusError, UsageError
 from charrnn.sample import capped_temperature
@@ -25,7 +25,7 @@ BATCH = 512  # sources converted per compiled call
 class PairScore(NamedTuple):
     """How well a model maps sources to targets."""
 
-    nats_per_char: float  # teacher-forced loss per target character, end symbols included
+    nats_per_char: float  # teacher-forced loss per target symbol (character, or token), end symbols included
     bits_per_char: float
     exact_match: float  # fraction of sources whose output is one of their targets
     char_error_rate: float  # edit distance / reference characters, against the closest target
@@ -39,7 +39,8 @@ class Attention(NamedTuple):
 
     source: str
     output: str
-    weights: np.ndarray  # [len(output) + 1, len(source)]: a row per output character and the end symbol
+    symbols: list[str]  # the output's characters, or tokens (model.target = tokens)
+    weights: np.ndarray  # [len(symbols) + 1, len(source)]: a row per output symbol and the end symbol
 
 
 class Seq2SeqModel(checkpoint.FromCheckpoint):
@@ -79,17 +80,13 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
             >>> model.convert(["hello", "world"], beam=5)
             ['HH AH0 L OW1', 'W ER1 L D']
         """
-        return [output for output, _ in self._write(sources, temperature, beam, top_k, top_p, length, seed, what)]
+        return [output for output, _, _ in self._write(sources, temperature, beam, top_k, top_p, length, seed, what)]
 
     def _write(self, sources, temperature, beam, top_k, top_p, length, seed, what):
-        """(output, attention weights [length, S] or None) per source."""
-        defaults = self.config.sample
-        temperature = defaults.temperature if temperature is None else temperature
-        beam = defaults.beam if beam is None else beam
-        top_k = defaults.top_k if top_k is None else top_k
-        top_p = defaults.top_p if top_p is None else top_p
-        length = self.config.train.max_length if length is None else length
-        check_sampling(temperature, top_k, top_p, length)
+        """(output, its symbols, attention weights [symbols + end, S] or None) per source."""
+        temperature, top_k, top_p, length = self._sampling(temperature, top_k, top_p, length,
+                                                           self.config.train.max_length)
+        beam = self.config.sample.beam if beam is None else beam
         length += 1  # room for the end symbol
         check_seed(seed, "--seed")
         if beam < 1:
@@ -116,20 +113,21 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
                                                top_k if top_k < vocab_size else 0)
                 ids, weights = np.asarray(ids), np.asarray(weights)
             for column, row in enumerate(rows):
-                results[row] = (pairs_lib.decode_ids(self.vocab, ids[column])[: length - 1],
-                                None if weights is None else weights[:, column, : len(part[column])])
+                indices = pairs_lib.written(ids[column][: length - 1])
+                results[row] = (self.vocab.decode(indices), [self.vocab.decode([i]) for i in indices],
+                                None if weights is None else weights[: len(indices) + 1, column, : len(part[column])])
         return results
 
     def attention(self, source: str, temperature: float = 0.0, seed: int = 0) -> Attention:
-        """The output for `source` and the attention weights of each of its characters over the source.
+        """The output for `source` and the attention weights of each of its symbols over the source.
 
             >>> model.attention("hello").weights.shape
             (13, 5)
         """
         if self.config.model.attention == "none":
             raise UsageError("the model has no attention (model.attention = none)")
-        [(output, weights)] = self._write([source], temperature, 1, None, None, None, seed, "--source")
-        return Attention(source, output, weights[: len(output) + 1])
+        [(output, symbols, weights)] = self._write([source], temperature, 1, None, None, None, seed, "--source")
+        return Attention(source, output, symbols, weights)
 
     def score(self, pairs: pairs_lib.Pairs | str | Path, beam: int | None = None) -> PairScore:
         """Teacher-forced loss over `pairs` (or a pairs file), and error rates of the targets written for their sources.
