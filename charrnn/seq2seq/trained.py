@@ -83,7 +83,7 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         return [output for output, _, _ in self._write(sources, temperature, beam, top_k, top_p, length, seed, what)]
 
     def _write(self, sources, temperature, beam, top_k, top_p, length, seed, what):
-        """(output, its symbols, attention weights [symbols + end, S] or None) per source."""
+        """(output, its vocabulary indices, attention weights [indices + end, S] or None) per source."""
         temperature, top_k, top_p, length = self._sampling(temperature, top_k, top_p, length,
                                                            self.config.train.max_length)
         beam = self.config.sample.beam if beam is None else beam
@@ -114,7 +114,7 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
                 ids, weights = np.asarray(ids), np.asarray(weights)
             for column, row in enumerate(rows):
                 indices = pairs_lib.written(ids[column][: length - 1])
-                results[row] = (self.vocab.decode(indices), [self.vocab.decode([i]) for i in indices],
+                results[row] = (self.vocab.decode(indices), indices,
                                 None if weights is None else weights[: len(indices) + 1, column, : len(part[column])])
         return results
 
@@ -126,8 +126,8 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         """
         if self.config.model.attention == "none":
             raise UsageError("the model has no attention (model.attention = none)")
-        [(output, symbols, weights)] = self._write([source], temperature, 1, None, None, None, seed, "--source")
-        return Attention(source, output, symbols, weights)
+        [(output, indices, weights)] = self._write([source], temperature, 1, None, None, None, seed, "--source")
+        return Attention(source, output, [self.vocab.decode([i]) for i in indices], weights)
 
     def score(self, pairs: pairs_lib.Pairs | str | Path, beam: int | None = None) -> PairScore:
         """Teacher-forced loss over `pairs` (or a pairs file), and error rates of the targets written for their sources.
