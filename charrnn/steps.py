@@ -61,8 +61,8 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return config.lr * warmup * decay
 
 
-def init_state(key: jax.Array, model_config: ModelConfig, optimizer, vocab_size: int) -> TrainState:
-    params = model.init_params(key, model_config, vocab_size)
+def initial_state(params: dict, optimizer) -> TrainState:
+    """The training state before the first step: `params`, the optimizer's fresh state, step 0."""
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
@@ -73,7 +73,7 @@ def fresh_state(config: Config, optimizer, init_params, initial_carry) -> tuple[
     """
     key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
     params = jax.device_get(init_params(key))
-    state = jax.device_get(TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32)))
+    state = jax.device_get(initial_state(params, optimizer))
     return state, jax.device_get(initial_carry(params, config.train.batch_size))
 
 

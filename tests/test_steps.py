@@ -35,7 +35,7 @@ def batches(ids, train_config: TrainConfig, first_step: int, count: int) -> list
 def fresh_start(model_config: ModelConfig, train_config: TrainConfig, vocab_size: int, seed: int = 0):
     """Return (optimizer, state, carry), all new buffers (the train call donates them)."""
     optimizer = steps.make_optimizer(train_config)
-    state = steps.init_state(jax.random.key(seed), model_config, optimizer, vocab_size)
+    state = steps.initial_state(model.init_params(jax.random.key(seed), model_config, vocab_size), optimizer)
     return optimizer, state, model.initial_carry(state.params, model_config, train_config.batch_size)
 
 
