@@ -177,7 +177,7 @@ def benchmark(config: Config, repeats: int = 5, seconds: float = 2.0, sample_len
     """Everything `charrnn bench` reports for one model configuration."""
     result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
               **measure_training(config, repeats, seconds)}
-    result.update(matmul_figures(config, result["train_chars_per_s"], measure_matmul_peak(config.model.dtype, repeats)))
+    result.update(matmul_figures(config, result["train_chars_per_s"], measure_matmul_peak(model.matmul_dtype(config.model), repeats)))
     result["sample_chars_per_s_b1"] = measure_sampling(config, 1, sample_length, repeats)
     result["sample_chars_per_s_b64"] = measure_sampling(config, 64, sample_length, repeats)
     result["peak_rss_mb"] = runtime.peak_rss_mb()

@@ -286,18 +286,28 @@ def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Voc
     return model.init_params(key, model_config, len(vocab))
 
 
-def restore_training(arrays: dict[str, np.ndarray], task, optimizer, batch_size: int,
-                     step: int) -> tuple[steps.TrainState, tuple]:
-    """The training state and carried state stored in `arrays` (host arrays), shaped as `task` makes them."""
-    params = unflatten(jax.eval_shape(task.init_params, jax.random.key(0)), "params", arrays)
+def restore_training(arrays: dict[str, np.ndarray], task, optimizer, batch_size: int, step: int,
+                     averaged: bool = False) -> tuple[steps.TrainState, tuple]:
+    """The training state and carried state stored in `arrays` (host arrays), shaped as `task` makes them.
+
+    `averaged` (`train.ema`): "params" holds the weights' average and "iterate" the optimizer's weights.
+    """
+    template = jax.eval_shape(task.init_params, jax.random.key(0))
+    params = unflatten(template, "iterate" if averaged else "params", arrays)
+    average = unflatten(template, "params", arrays) if averaged else None
     opt_state = unflatten(jax.eval_shape(optimizer.init, params), "opt_state", arrays)
     carry = unflatten(jax.eval_shape(lambda: task.initial_carry(params, batch_size)), "carry", arrays)
-    return steps.TrainState(params, opt_state, np.asarray(step, np.int32)), carry
+    return steps.TrainState(params, opt_state, np.asarray(step, np.int32), average), carry
 
 
-def training_arrays(params: dict, opt_state: Any, carry: tuple) -> dict[str, np.ndarray]:
-    """Everything a resume needs as named host arrays: `restore_training`'s inverse."""
-    return {**flatten(params, "params"), **flatten(opt_state, "opt_state"), **flatten(carry, "carry")}
+def training_arrays(state: steps.TrainState, carry: tuple) -> dict[str, np.ndarray]:
+    """Everything a resume needs as named host arrays: `restore_training`'s inverse.
+
+    "params" are the model's weights (the average, with `train.ema`), what sampling and evaluation load.
+    """
+    iterate = flatten(state.params, "iterate") if state.average is not None else {}
+    return {**flatten(state.model_params, "params"), **iterate, **flatten(state.opt_state, "opt_state"),
+            **flatten(carry, "carry")}
 
 
 def describe(loaded: Loaded) -> dict[str, Any]:

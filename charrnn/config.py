@@ -16,7 +16,7 @@ MODEL_KINDS = ("lm", "seq2seq")
 ATTENTIONS = ("none", "additive", "dot")
 TARGETS = ("chars", "tokens")
 SCHEDULES = ("constant", "cosine", "exponential")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,12 @@ class ModelConfig:
     hidden_size: int = 512  # units per layer; with dropout, the best size for 10 CPU minutes
     embedding_size: int = 64  # characters need few dimensions; folded into layer 0
     dropout: float = 0.25  # on each layer's output, the top one's too (as char-rnn), in training; Tiny Shakespeare overfits without it
+    locked_dropout: bool = False  # one dropout mask per stream for a whole chunk (variational), not one per character
+    embedding_dropout: float = 0.0  # drop whole characters' embedding rows, one mask per chunk, in training
+    weight_drop: float = 0.0  # DropConnect on each recurrent matrix W_h, one mask per chunk, in training (AWD-LSTM)
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
-    dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32)
+    dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
     scan_unroll: int = 1  # time steps per loop iteration; more helps GPUs (8), not CPUs
     encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
     bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
@@ -48,6 +51,7 @@ class TrainConfig:
     beta1: float = 0.9  # Adam first-moment decay
     beta2: float = 0.99  # Adam second-moment decay; 0.99 adapts faster than 0.999
     weight_decay: float = 0.0  # AdamW decoupled decay per step, times lr
+    ema: float = 0.0  # evaluate and save an average of the weights with this decay per step (0.999: ~the last 1000 steps); 0 = off
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
     max_minutes: float = 10.0  # wall-clock budget; 0 = no budget, the schedule follows steps
@@ -217,7 +221,8 @@ def validate(config: Config) -> None:
     _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
     for key in ("num_layers", "hidden_size", "embedding_size", "scan_unroll", "encoder_layers"):
         _require(getattr(model, key) >= 1, f"model.{key} must be at least 1")
-    _require(0.0 <= model.dropout < 1.0, "model.dropout must be in [0, 1)")
+    for key in ("dropout", "embedding_dropout", "weight_drop"):
+        _require(0.0 <= getattr(model, key) < 1.0, f"model.{key} must be in [0, 1)")
     for key in ("batch_size", "seq_len", "steps", "eval_every", "eval_batch_size", "log_every",
                 "steps_per_call", "keep", "max_length"):
         _require(getattr(train, key) >= 1, f"train.{key} must be at least 1")
@@ -227,6 +232,7 @@ def validate(config: Config) -> None:
     _require(0.0 <= train.final_lr_fraction <= 1.0, "train.final_lr_fraction must be in [0, 1]")
     _require(0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
     _require(math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be a finite number >= 0")
+    _require(0.0 <= train.ema < 1.0, "train.ema must be in [0, 1) (0 = no averaging)")
     _require(train.clip_norm >= 0, "train.clip_norm must not be negative (0 disables clipping)")
     _require(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no budget)")
     _require(train.save_minutes >= 0, "train.save_minutes must not be negative")

@@ -115,7 +115,7 @@ class Loop:
     def save(self, best: bool) -> Path:
         """Write the checkpoints of the current step (process 0); every process takes part in gathering them."""
         progress, step = self.progress, int(self.progress.state.step)
-        host = distributed.to_host((progress.state.params, progress.state.opt_state, progress.carry))
+        host = distributed.to_host((progress.state, progress.carry))
         path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
         if self.placement.is_main:
             metadata = {
@@ -131,7 +131,7 @@ class Loop:
 
     def validate_and_save(self, final: bool) -> None:
         progress, step = self.progress, int(self.progress.state.step)
-        val_loss = self.task.validation_loss(progress.state.params, self.placement)
+        val_loss = self.task.validation_loss(progress.state.model_params, self.placement)
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
         progress.last_val_loss = val_loss

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from charrnn import dropout, runtime
 from charrnn.cells import CELLS, TransposedWeight, accumulation_dtype, dense
 from charrnn.config import ModelConfig
 from charrnn.layer import project_input, recurrent_params, run_layer
@@ -63,11 +64,19 @@ def _map_weight_matrices(function, tree: dict) -> dict:
     return {name: function(leaf) if name.startswith("w") else leaf for name, leaf in tree.items()}
 
 
+def matmul_dtype(config: ModelConfig) -> str:
+    """The dtype of the matmuls' inputs: `model.dtype`, with "auto" bfloat16 where the device multiplies it natively."""
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if runtime.multiplies_bfloat16_natively() else "float32"
+
+
 def cast_weights(tree: dict, config: ModelConfig) -> dict:
     """A layer's or the output's params with weight matrices in the matmul dtype (biases stay float32)."""
-    if config.dtype == "float32":
+    dtype = matmul_dtype(config)
+    if dtype == "float32":
         return tree
-    return _map_weight_matrices(lambda leaf: leaf.astype(config.dtype), tree)
+    return _map_weight_matrices(lambda leaf: leaf.astype(dtype), tree)
 
 
 def prepare_layers(embedding: jax.Array, layers: list, config: ModelConfig) -> dict:
@@ -109,20 +118,12 @@ def projects_per_step() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, index: int) -> jax.Array:
-    """Inverted dropout of `x` with the mask of fold_in(key, index); `x` itself without a key (evaluation)."""
-    if key is None or rate == 0:
-        return x
-    keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
 def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, run_one, dropout_key=None):
     """The recurrent layers one above the other, each run by `run_one(layer params, carry, input) -> (carry, h)`.
 
     Returns (carry, [per-layer outputs], top-layer output after dropout). Layers
     above the first add their input to their output when `residual`; dropout
-    (training only) applies to every layer's output, the top one's too.
+    (training only, `charrnn.dropout`) applies to every layer's output, the top one's too.
     """
     layer_input = inputs
     new_carry, outputs = [], []
@@ -132,7 +133,7 @@ def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array,
             hidden = hidden + layer_input
         new_carry.append(layer_carry)
         outputs.append(hidden)
-        layer_input = dropout(hidden, config.dropout, dropout_key, index)
+        layer_input = dropout.outputs(hidden, config.dropout, dropout_key, index, config.locked_dropout)
     return tuple(new_carry), outputs, layer_input
 
 
@@ -190,7 +191,11 @@ def layer_params(prepared: dict, index: int) -> dict:
 
 
 def forward(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
-    """Return (carry, logits [T, B, V]) for character ids `inputs` [T, B] from state `carry`."""
+    """Return (carry, logits [T, B, V]) for character ids `inputs` [T, B] from state `carry`.
+
+    With a `dropout_key` (training), every kind of dropout the config asks for applies.
+    """
+    params = dropout.weights(params, config, dropout_key)
     return forward_prepared(prepare(params, config), config, carry, inputs, dropout_key)
 
 

@@ -7,8 +7,10 @@ before the first computation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
+import re
 import resource
 import warnings
 from itertools import takewhile
@@ -44,6 +46,25 @@ def cache_dir() -> Path:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def multiplies_bfloat16_natively() -> bool:
+    """Whether JAX's default device multiplies bfloat16 faster than float32: any accelerator, or a CPU
+    with AVX-512 BF16 or AMX instructions (without them XLA converts bfloat16 to float32 and back)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return True
+    try:
+        return cpu_multiplies_bfloat16(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return False
+
+
+def cpu_multiplies_bfloat16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text lists AVX-512 BF16 or AMX BF16."""
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
 def jaxlib_version() -> tuple[int, ...] | None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charrnn import distributed, model
+from charrnn import averaging, distributed, model
 from charrnn.config import Config, ModelConfig, TrainConfig
 from charrnn.data import Batch, EvalChunk, evaluation_chunks
 
@@ -24,6 +24,12 @@ class TrainState(NamedTuple):
     params: dict
     opt_state: optax.OptState
     step: jax.Array  # [] int32, optimizer steps taken
+    average: dict | None = None  # the weights' moving average (`train.ema`), or None without averaging
+
+    @property
+    def model_params(self) -> dict:
+        """The weights the run evaluates and a checkpoint's model holds: the average, where there is one."""
+        return self.params if self.average is None else self.average
 
 
 class StepMetrics(NamedTuple):
@@ -61,9 +67,11 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return config.lr * warmup * decay
 
 
-def initial_state(params: dict, optimizer) -> TrainState:
-    """The training state before the first step: `params`, the optimizer's fresh state, step 0."""
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+def initial_state(params: dict, optimizer, averaged: bool = False) -> TrainState:
+    """The training state before the first step: `params`, the optimizer's fresh state, step 0 (and the
+    average, a copy of `params`, when `averaged`: a train call donates each buffer once)."""
+    average = jax.tree.map(jnp.copy, params) if averaged else None
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), average)
 
 
 def fresh_state(config: Config, optimizer, init_params, initial_carry) -> tuple[TrainState, tuple]:
@@ -73,7 +81,7 @@ def fresh_state(config: Config, optimizer, init_params, initial_carry) -> tuple[
     """
     key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
     params = jax.device_get(init_params(key))
-    state = jax.device_get(initial_state(params, optimizer))
+    state = jax.device_get(initial_state(params, optimizer, config.train.ema > 0))
     return state, jax.device_get(initial_carry(params, config.train.batch_size))
 
 
@@ -108,7 +116,8 @@ def compile_train_call(batch_loss, train_config: TrainConfig, optimizer, placeme
     truncated BPTT happens: the carry enters each step as data (no gradient flows
     into the previous chunk) and leaves through stop_gradient to become the next
     step's starting state. A step whose loss or gradient is not finite changes
-    nothing, so non-finite numbers never reach the parameters.
+    nothing, so non-finite numbers never reach the parameters. With `train.ema`,
+    the weights' average follows each step (`charrnn.averaging`).
     """
     dropout_root = jax.random.fold_in(jax.random.key(train_config.seed), 1)
 
@@ -123,7 +132,11 @@ def compile_train_call(batch_loss, train_config: TrainConfig, optimizer, placeme
         params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(keep_finite(params, state.params), keep_finite(opt_state, state.opt_state), state.step + 1)
+        params = keep_finite(params, state.params)
+        average = state.average
+        if average is not None:
+            average = keep_finite(averaging.update(average, params, train_config.ema, state.step + 1), average)
+        new_state = TrainState(params, keep_finite(opt_state, state.opt_state), state.step + 1, average)
         new_carry = keep_finite(jax.lax.stop_gradient(new_carry), carry)
         return (new_state, new_carry), StepMetrics(loss, grad_norm, finite)
 

@@ -23,8 +23,8 @@ from charrnn.seq2seq.task import PairsTask, load_pairs
 from charrnn.task import Task, TextTask
 from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 
-# Train keys that fix the data stream and the carried state's shape: a resumed run must keep them.
-_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset")
+# Train keys that fix the data stream, the carried state's shape or what a checkpoint holds: a resumed run keeps them.
+_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset", "ema")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
 _RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll")
 
@@ -220,7 +220,8 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     optimizer = steps.make_optimizer(config.train)
     if resumed:
         path, arrays, metadata, skipped = resumed
-        state, carry = checkpoint.restore_training(arrays, task, optimizer, config.train.batch_size, metadata["step"])
+        state, carry = checkpoint.restore_training(arrays, task, optimizer, config.train.batch_size, metadata["step"],
+                                                   averaged=config.train.ema > 0)
         progress = LoopState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
                             metadata.get("val_loss"), path)
     else:

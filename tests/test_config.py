@@ -150,6 +150,10 @@ def test_missing_config_file(tmp_path):
         (["model.dropout=1.0"], "model.dropout"),
         (["model.dropout=-0.1"], "model.dropout"),
         (["model.dropout=nan"], "model.dropout"),
+        (["model.weight_drop=1"], "model.weight_drop"),
+        (["model.embedding_dropout=-0.1"], "model.embedding_dropout"),
+        (["train.ema=1"], "train.ema"),
+        (["train.ema=nan"], "train.ema"),
         (["train.batch_size=0"], "train.batch_size"),
         (["train.seq_len=0"], "train.seq_len"),
         (["train.steps=0"], "train.steps"),
@@ -212,6 +216,7 @@ def test_validate_rejects_infinite_weight_decay():
     [
         ["model.dropout=0"],
         ["model.dropout=0.99"],
+        ["model.weight_drop=0.99", "model.embedding_dropout=0.99", "train.ema=0.9999"],
         ["train.final_lr_fraction=1", "train.schedule=exponential"],
         ["train.final_lr_fraction=0", "train.schedule=cosine"],
         ["train.warmup_steps=0"],

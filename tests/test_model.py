@@ -1,4 +1,4 @@
-"""The model: gradients, carried state, the projection table, bfloat16, resets and dropout."""
+"""The model: gradients, carried state, the projection table, bfloat16 and resets (dropout: test_dropout.py)."""
 
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from charrnn import model
+from charrnn import model, runtime
 from charrnn.cells import CELLS
 from charrnn.config import ModelConfig
 
@@ -295,39 +295,22 @@ def test_initial_carry_is_learned_state_broadcast_over_batch():
     assert all(np.all(np.asarray(leaf) == 0.0) for leaf in jax.tree.leaves(zeros))
 
 
-# ---------------------------------------------------------------- dropout
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_the_device_multiplies_it_natively(native, monkeypatch):
+    monkeypatch.setattr(runtime, "multiplies_bfloat16_natively", lambda: native)
+    expected = "bfloat16" if native else "float32"
+    config = make_config("lstm", dtype="auto")
+    params, carry, inputs = random_params(config, seed=80), random_carry(config, seed=81), random_ids(82)
+
+    assert model.matmul_dtype(config) == expected
+    assert model.prepare(params, config)["layers"][1]["w_h"].dtype == expected
+    _, auto = model.forward(params, config, carry, inputs)
+    _, explicit = model.forward(params, make_config("lstm", dtype=expected), carry, inputs)
+    np.testing.assert_array_equal(auto, explicit)
 
 
-def test_dropout_zeroes_and_rescales_top_output():
-    config = make_config("gru", num_layers=1, hidden_size=16, dropout=0.5)
-    params, carry = random_params(config, seed=20), random_carry(config, seed=21)
-    prepared = model.prepare(params, config)
-    inputs = random_ids(22, length=8)
-
-    _, outputs, top = model.run_layers(prepared, config, carry, inputs, jax.random.key(23))
-
-    hidden, top = np.asarray(outputs[-1]), np.asarray(top)  # [T, B, H]
-    dropped = top == 0.0
-    np.testing.assert_allclose(top[~dropped], hidden[~dropped] / (1.0 - config.dropout), rtol=1e-6)
-    assert 0.35 < dropped.mean() < 0.65
-
-
-def test_dropout_needs_a_key_and_a_rate():
-    config = make_config("lstm", dropout=0.3)
-    no_dropout = make_config("lstm")
-    params, carry = random_params(config, seed=24), random_carry(config, seed=25)
-    inputs = random_ids(26)
-    key = jax.random.key(27)
-
-    _, logits_plain = model.forward(params, no_dropout, carry, inputs)
-    _, logits_dropout = model.forward(params, config, carry, inputs, key)
-    _, logits_dropout_again = model.forward(params, config, carry, inputs, key)
-    _, logits_other_key = model.forward(params, config, carry, inputs, jax.random.key(28))
-    _, logits_without_key = model.forward(params, config, carry, inputs, None)
-    _, logits_zero_rate = model.forward(params, no_dropout, carry, inputs, key)
-
-    assert not np.allclose(logits_dropout, logits_plain, atol=1e-3)
-    np.testing.assert_array_equal(logits_dropout_again, logits_dropout)  # a key fixes the mask
-    assert not np.allclose(logits_other_key, logits_dropout, atol=1e-3)
-    np.testing.assert_array_equal(logits_without_key, logits_plain)  # no key: evaluation, no dropout
-    np.testing.assert_array_equal(logits_zero_rate, logits_plain)
+def test_cpu_bfloat16_support_is_read_from_the_cpu_flags():
+    assert runtime.cpu_multiplies_bfloat16("flags\t\t: fpu sse avx512f avx512_bf16 avx512vl\n")
+    assert runtime.cpu_multiplies_bfloat16("flags\t\t: fpu amx_bf16 amx_tile\n")
+    assert not runtime.cpu_multiplies_bfloat16("flags\t\t: fpu sse avx512f avx512_vnni\n")
+    assert not runtime.cpu_multiplies_bfloat16("flags\t\t: avx512_bf16x\n")

@@ -22,9 +22,15 @@ LAYOUT = ["--config", TINY, "--batch-size", "16", "--seq-len", "16", "--set", "t
 WRITE_PHASES = ["before_write", "half_written", "written", "synced", "replaced"]
 
 
-def test_resume_continues_bit_identically(cli, small_corpus, tmp_path):
+# Every kind of dropout and weight averaging: their masks follow the step, the average is saved and restored.
+REGULARISED = ["--set", "model.locked_dropout=true", "--set", "model.embedding_dropout=0.1", "--set",
+               "model.weight_drop=0.2", "--set", "train.ema=0.9"]
+
+
+@pytest.mark.parametrize("options", [[], REGULARISED], ids=["plain", "regularised"])
+def test_resume_continues_bit_identically(cli, small_corpus, tmp_path, options):
     constant = [*LAYOUT, "--set", "train.schedule=constant", "--set", "train.eval_every=15",
-                "--set", "model.dropout=0.1", "--set", "train.steps_per_call=2"]
+                "--set", "model.dropout=0.1", "--set", "train.steps_per_call=2", *options]
     assert cli("train", small_corpus, *constant, "--steps", "40", "--out", "whole").code == 0
     assert cli("train", small_corpus, *constant, "--steps", "20", "--out", "split").code == 0
     resumed = cli("train", "--resume", "split", "--steps", "40")

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from charrnn import model
+from charrnn import dropout, model
 from charrnn.cells import CELLS, dense, matmul
 from charrnn.config import ModelConfig
 from charrnn.seq2seq.pairs import PAD, PairBatch
@@ -114,7 +114,8 @@ def encode(params: dict, config: ModelConfig, source: jax.Array, dropout_key=Non
                             take_time(layer_input, back) if reverse else layer_input)  # [S, B, H]
             finals.append(hidden[last, jnp.arange(batch_size)])  # the direction's last real step
             outputs.append(take_time(hidden, back) if reverse else hidden)
-        layer_input = model.dropout(jnp.concatenate(outputs, axis=-1), config.dropout, dropout_key, index)
+        layer_input = dropout.outputs(jnp.concatenate(outputs, axis=-1), config.dropout, dropout_key, index,
+                                      config.locked_dropout)
     return layer_input, jnp.concatenate(finals, axis=-1)
 
 
@@ -172,6 +173,7 @@ def start(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None
 
 def forward(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None):
     """Teacher-forced logits [T, B, Vt] and attention weights [T, B, S] (or None) of a batch of pairs."""
+    params = dropout.weights(params, config, dropout_key)
     encoder_key, decoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     carry, memory = start(params, config, batch.source, encoder_key)
     prepared = model.prepare(params["decoder"], config)

@@ -1,0 +1,63 @@
+"""Dropout in training: on layers' outputs (a mask per character or per chunk), on embedding rows, on W_h.
+
+Every mask is drawn from the training step's key, so a resumed run draws the
+same masks, and every one is inverted (kept values scaled by 1 / (1 - rate)) so
+evaluation, which has no key, runs the weights as they are.
+
+- Output dropout (`model.dropout`): each layer's output, the top one's too. With
+  `model.locked_dropout` one mask per stream holds for every step of the chunk
+  (variational dropout, Gal & Ghahramani 2016); otherwise each step draws its own.
+- Embedding dropout (`model.embedding_dropout`): whole rows of the embedding,
+  one mask per chunk, so a dropped character is dropped at every position.
+- Weight drop (`model.weight_drop`): DropConnect on every recurrent matrix W_h,
+  one mask per chunk shared by all streams and steps (AWD-LSTM, Merity et al. 2017).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from charrnn.config import ModelConfig
+
+# Folded into the step's key for the weight masks; output dropout folds in the layer index.
+_WEIGHTS_STREAM = 2**31 - 1
+
+
+def inverted(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
+    """`x` with a Bernoulli(1 - rate) mask of `mask_shape` (broadcast over x's leading axes), kept values / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def outputs(x: jax.Array, rate: float, key: jax.Array | None, index: int, locked: bool = False) -> jax.Array:
+    """Output dropout of `x` [T, B, ...] with the mask of fold_in(key, index); `x` itself without a key (evaluation).
+
+    `locked`: one mask [B, ...] for all T steps.
+    """
+    if key is None or rate == 0:
+        return x
+    return inverted(x, rate, jax.random.fold_in(key, index), x.shape[1:] if locked else x.shape)
+
+
+def weights(params: dict, config: ModelConfig, key: jax.Array | None) -> dict:
+    """Params with embedding dropout and weight drop applied (`params` itself without a key, or with both rates 0).
+
+    Every leaf named "embedding" loses whole rows, every "w_h" single entries, each
+    with its own mask: a model's several embeddings and layers (an encoder's and a
+    decoder's, both directions) are all covered.
+    """
+    rates = {"embedding": config.embedding_dropout, "w_h": config.weight_drop}
+    if key is None or not any(rates.values()):
+        return params
+    key = jax.random.fold_in(key, _WEIGHTS_STREAM)
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    dropped = []
+    for index, (path, leaf) in enumerate(leaves):
+        name = getattr(path[-1], "key", None)
+        rate = rates.get(name, 0.0)
+        if rate:
+            rows = leaf.shape[:1] + (1,) * (leaf.ndim - 1) if name == "embedding" else leaf.shape
+            leaf = inverted(leaf, rate, jax.random.fold_in(key, index), rows)
+        dropped.append(leaf)
+    return jax.tree.unflatten(tree, dropped)

@@ -1,0 +1,166 @@
+"""Dropout: on outputs (per character or locked over a chunk), on embedding rows, on W_h; never without a key."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_model import make_config, random_carry, random_ids, random_params
+
+from charrnn import dropout, model
+
+
+def test_dropout_zeroes_and_rescales_top_output():
+    config = make_config("gru", num_layers=1, hidden_size=16, dropout=0.5)
+    params, carry = random_params(config, seed=20), random_carry(config, seed=21)
+    prepared = model.prepare(params, config)
+    inputs = random_ids(22, length=8)
+
+    _, outputs, top = model.run_layers(prepared, config, carry, inputs, jax.random.key(23))
+
+    hidden, top = np.asarray(outputs[-1]), np.asarray(top)  # [T, B, H]
+    dropped = top == 0.0
+    np.testing.assert_allclose(top[~dropped], hidden[~dropped] / (1.0 - config.dropout), rtol=1e-6)
+    assert 0.35 < dropped.mean() < 0.65
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_locked_dropout_keeps_one_mask_across_time(locked):
+    config = make_config("lstm", num_layers=2, hidden_size=32, dropout=0.5, locked_dropout=locked)
+    params, carry = random_params(config, seed=30), random_carry(config, seed=31)
+    inputs = random_ids(32, length=12)
+
+    _, outputs, top = model.run_layers(model.prepare(params, config), config, carry, inputs, jax.random.key(33))
+
+    dropped = np.asarray(top) == 0.0  # [T, B, H]
+    assert not np.any(np.asarray(outputs[-1]) == 0.0)
+    assert 0.35 < dropped.mean() < 0.65
+    same_every_step = np.all(dropped == dropped[:1])
+    assert same_every_step == locked
+    if not locked:  # each step draws its own mask
+        assert np.mean(dropped[1:] != dropped[:-1]) > 0.3
+
+
+def test_dropout_needs_a_key_and_a_rate():
+    config = make_config("lstm", dropout=0.3)
+    no_dropout = make_config("lstm")
+    params, carry = random_params(config, seed=24), random_carry(config, seed=25)
+    inputs = random_ids(26)
+    key = jax.random.key(27)
+
+    _, logits_plain = model.forward(params, no_dropout, carry, inputs)
+    _, logits_dropout = model.forward(params, config, carry, inputs, key)
+    _, logits_dropout_again = model.forward(params, config, carry, inputs, key)
+    _, logits_other_key = model.forward(params, config, carry, inputs, jax.random.key(28))
+    _, logits_without_key = model.forward(params, config, carry, inputs, None)
+    _, logits_zero_rate = model.forward(params, no_dropout, carry, inputs, key)
+
+    assert not np.allclose(logits_dropout, logits_plain, atol=1e-3)
+    np.testing.assert_array_equal(logits_dropout_again, logits_dropout)  # a key fixes the mask
+    assert not np.allclose(logits_other_key, logits_dropout, atol=1e-3)
+    np.testing.assert_array_equal(logits_without_key, logits_plain)  # no key: evaluation, no dropout
+    np.testing.assert_array_equal(logits_zero_rate, logits_plain)
+
+
+@pytest.mark.parametrize("setting", [{"weight_drop": 0.4}, {"embedding_dropout": 0.4}, {"locked_dropout": True,
+                                                                                         "dropout": 0.4}])
+def test_no_dropout_of_any_kind_at_evaluation(setting):
+    config = make_config("lstm", **setting)
+    params, carry = random_params(config, seed=40), random_carry(config, seed=41)
+    inputs = random_ids(42)
+
+    _, logits_plain = model.forward(params, make_config("lstm"), carry, inputs)
+    _, logits_evaluated = model.forward(params, config, carry, inputs)
+    _, logits_trained = model.forward(params, config, carry, inputs, jax.random.key(43))
+
+    np.testing.assert_array_equal(logits_evaluated, logits_plain)
+    assert not np.allclose(logits_trained, logits_plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_weight_drop_masks_each_w_h_once_per_chunk(cell):
+    """DropConnect: each W_h entry is dropped (0) or kept and scaled, one mask for every step and stream of
+    the chunk; nothing else changes. The masked W_h carries the chunk's gradient (0 where dropped)."""
+    rate = 0.5
+    config = make_config(cell, hidden_size=16, weight_drop=rate)
+    params, carry = random_params(config, seed=50), random_carry(config, seed=51)
+    inputs, targets = random_ids(52, length=10), random_ids(53, length=10)
+    key = jax.random.key(54)
+
+    dropped = dropout.weights(params, config, key)
+    for layer, original in zip(dropped["layers"], params["layers"]):
+        w_h, w = np.asarray(layer["w_h"]), np.asarray(original["w_h"])
+        zero = w_h == 0.0
+        assert 0.4 < zero.mean() < 0.6
+        np.testing.assert_allclose(w_h[~zero], w[~zero] / (1.0 - rate), rtol=1e-6)
+        for name in original.keys() - {"w_h"}:
+            np.testing.assert_array_equal(layer[name], original[name])
+    for name in ("embedding", "output"):
+        jax.tree.map(np.testing.assert_array_equal, dropped[name], params[name])
+    assert not np.array_equal(dropped["layers"][0]["w_h"] == 0, dropped["layers"][1]["w_h"] == 0)
+
+    # The chunk runs with the masked matrices at every step: the same as running them with no dropout at all.
+    plain = dataclasses.replace(config, weight_drop=0.0)
+    _, with_drop = model.forward(params, config, carry, inputs, key)
+    _, with_masked = model.forward(dropped, plain, carry, inputs, key)
+    np.testing.assert_allclose(with_drop, with_masked, rtol=1e-6, atol=1e-6)
+
+    grads = jax.grad(lambda p: model.loss(p, config, carry, inputs, targets, key)[0])(params)
+    for layer_grad, layer in zip(grads["layers"], dropped["layers"]):
+        zero = np.asarray(layer["w_h"]) == 0.0
+        assert np.all(np.asarray(layer_grad["w_h"])[zero] == 0.0)
+        assert np.all(np.asarray(layer_grad["w_h"])[~zero] != 0.0)
+
+    other = dropout.weights(params, config, jax.random.key(55))  # another step: another mask
+    assert not np.array_equal(np.asarray(other["layers"][0]["w_h"]) == 0, np.asarray(dropped["layers"][0]["w_h"]) == 0)
+
+
+def test_embedding_dropout_drops_whole_characters():
+    rate = 0.5
+    config = make_config("gru", embedding_size=6, embedding_dropout=rate)
+    params = random_params(config, seed=60)
+
+    embedding = np.asarray(dropout.weights(params, config, jax.random.key(61))["embedding"])  # [V, E]
+    original = np.asarray(params["embedding"])
+    rows_dropped = np.all(embedding == 0.0, axis=1)
+    assert 0 < rows_dropped.sum() < len(rows_dropped)
+    np.testing.assert_allclose(embedding[~rows_dropped], original[~rows_dropped] / (1.0 - rate), rtol=1e-6)
+    assert not np.any(embedding[~rows_dropped] == 0.0)
+
+    # A dropped character's projection is layer 0's bias alone, wherever it occurs in the chunk.
+    dropped_params = dropout.weights(params, config, jax.random.key(61))
+    table = np.asarray(model.prepare(dropped_params, config)["projection_table"])
+    np.testing.assert_allclose(table[rows_dropped], np.broadcast_to(params["layers"][0]["b"], table[rows_dropped].shape),
+                               rtol=1e-6)
+
+
+def test_encoder_decoder_weights_are_all_dropped():
+    """Every recurrent matrix of an encoder–decoder (both directions, both sides) and both embeddings, in training."""
+    from test_seq2seq_model import SMALL, params_for, random_pairs
+
+    from charrnn.seq2seq import model as seq2seq_model
+    from charrnn.seq2seq.pairs import make_batch
+
+    config = dataclasses.replace(SMALL, weight_drop=0.5, embedding_dropout=0.5)
+    params = jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), params_for(config))
+    key = jax.random.key(71)
+    dropped = dropout.weights(params, config, key)
+    names = []
+    for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(dropped)):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['w_h']") or name.endswith("['embedding']"):
+            names.append(name)
+            assert 0.0 < np.mean(np.asarray(after) == 0.0) < 1.0, name
+        else:
+            np.testing.assert_array_equal(after, before)
+    assert len(names) == 2 * 2 + 2 + 2  # two encoder layers per direction, two decoder layers, two embeddings
+
+    # Training runs the dropped weights; evaluation the weights as they are.
+    batch = make_batch(*random_pairs(72, 4))
+    plain = dataclasses.replace(config, weight_drop=0.0, embedding_dropout=0.0)
+    trained, _ = seq2seq_model.forward(params, config, batch, key)
+    np.testing.assert_allclose(trained, seq2seq_model.forward(dropped, plain, batch, key)[0], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(trained, seq2seq_model.forward(params, plain, batch, key)[0], atol=1e-3)
+    np.testing.assert_array_equal(seq2seq_model.forward(params, config, batch)[0],
+                                  seq2seq_model.forward(params, plain, batch)[0])
