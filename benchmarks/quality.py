@@ -1,113 +1,285 @@
-"""Best text for the time spent: charrnn's recipe against PyTorch's, same wall-clock budget, same split.
+"""Best text for the time spent: charrnn's recipe against PyTorch, the same minutes on the same machine.
 
     pip install -e '.[bench]'
-    python benchmarks/quality.py --minutes 10            # charrnn configs/shakespeare.toml, then PyTorch
-    python benchmarks/quality.py --minutes 10 --only charrnn
+    python benchmarks/quality.py --minutes 10                # charrnn, PyTorch on the recipe, PyTorch's own
+    python benchmarks/quality.py --minutes 10 --threads 1    # one core: a stand-in for a slower machine
+    python benchmarks/quality.py --sides charrnn --set model.weight_drop=0.2
 
-Both train on the first 90% of data/tinyshakespeare.txt and are scored on the
-whole last 10% (111,540 characters) with the state carried along 16 streams, in
-nats per character. The PyTorch side is the tuned plain recipe: 2x384 LSTM,
-embedding 64, batch 32, seq 100, Adam(0.9, 0.99) 4e-3 with 50 warm-up steps and
-cosine decay to 0 at the end of the budget, clip 1, a random offset and a reset
-state each epoch.
+Three sides, each in a fresh process of its own, one after another, `--repeats`
+times (medians are reported):
+
+- charrnn: `charrnn.train` on `--config` (configs/shakespeare.toml).
+- torch-recipe: PyTorch running that config's recipe as charrnn does: `nn.LSTM`
+  layers (LSTM configs only) with the same sizes, dropout on every layer's output
+  (the top one's too; per character, or one mask per chunk with
+  `model.locked_dropout`), embedding dropout and weight drop on W_h when the
+  config asks, the same stream layout and epoch offsets (`charrnn.data`),
+  clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
+  warm-up and schedule on the same clock, `train.ema`'s average evaluated, and
+  bfloat16 autocast where the recipe's matmuls are bfloat16. Initialisation is
+  PyTorch's own.
+- torch-own: PyTorch's usual way with the same model size and budget: dropout
+  only between layers (`nn.LSTM(dropout=...)`), Adam with its default betas,
+  no averaging, everything else as the recipe.
+
+The reference is the better PyTorch side. Every side counts the same things
+against the budget: everything from its first step until the budget is spent,
+including the validation passes every `train.eval_every` steps (and charrnn's
+compilation and checkpoint writes); the final validation pass comes after the
+budget on every side. Validation is the config's split of
+data/tinyshakespeare.txt, every character scored once, state carried along
+`train.eval_batch_size` streams. Every process runs with glibc's huge-page
+tunable, as `charrnn train` does. chars/s is every side's steps times its
+characters per step over the budget (charrnn's steady training rate, without
+compilation and evaluations, is printed beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import datetime
 import json
 import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-import charrnn
-from charrnn import data, training
-from charrnn.units import bits
-
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "tinyshakespeare.txt"
-EVAL_STREAMS = 16
+SIDES = ("charrnn", "torch-recipe", "torch-own")
 
 
-def train_charrnn(minutes: float, config: Path) -> dict:
+def resolved_config(config_path: Path, sets: list[str]):
+    from charrnn import config as config_lib
+
+    return config_lib.resolve(config_path, sets, {})
+
+
+def train_charrnn(config, minutes: float) -> dict:
+    import charrnn
+
     with tempfile.TemporaryDirectory() as scratch:
         summary = charrnn.train(CORPUS, Path(scratch) / "run", config, max_minutes=minutes)
-    return {"val_nats": summary.final_val_loss, "steps": summary.steps, "chars_per_s": summary.train_chars_per_s}
+    chars = summary.steps * config.train.batch_size * config.train.seq_len
+    return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
+            "chars_per_s": chars / (minutes * 60.0), "steady_chars_per_s": summary.train_chars_per_s}
 
 
-def train_torch(minutes: float, corpus: data.Corpus) -> dict:
+def train_torch(config, minutes: float, own: bool) -> dict:
     import torch
     from torch import nn
+    from torch.nn import functional
 
-    torch.manual_seed(0)
-    vocab, hidden, batch, seq_len = len(corpus.vocab), 384, 32, 100
+    from charrnn import data, model, steps, training
 
-    class Model(nn.Module):
+    model_config, train_config = config.model, config.train
+    if model_config.cell != "lstm" or model_config.kind != "lm":
+        raise SystemExit("the PyTorch sides run LSTM language models")
+    torch.manual_seed(train_config.seed)
+    corpus = training.load_corpus(CORPUS, train_config.val_fraction)
+    vocab, hidden, layers = len(corpus.vocab), model_config.hidden_size, model_config.num_layers
+    rate = model_config.dropout
+    locked = model_config.locked_dropout and not own
+    weight_drop = 0.0 if own else model_config.weight_drop
+    embedding_drop = 0.0 if own else model_config.embedding_dropout
+    ema = 0.0 if own else train_config.ema
+    # The recipe's matmul dtype; PyTorch's mixed precision on a CPU is autocast to bfloat16.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.matmul_dtype(model_config) == "bfloat16")
+    # One multi-layer nn.LSTM where its own between-layer dropout is the recipe's; single layers otherwise.
+    fused = own or not (locked or weight_drop)
+
+    class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed, self.rnn, self.out = nn.Embedding(vocab, 64), nn.LSTM(64, hidden, 2), nn.Linear(hidden, vocab)
+            self.embed = nn.Embedding(vocab, model_config.embedding_size)
+            sizes = [model_config.embedding_size] + [hidden] * (layers - 1)
+            self.rnn = (nn.LSTM(model_config.embedding_size, hidden, layers, dropout=rate) if fused
+                        else nn.ModuleList(nn.LSTM(size, hidden) for size in sizes))
+            self.out = nn.Linear(hidden, vocab)
+
+        def drop(self, x):  # [T, B, H]: per character, or one mask per stream for the chunk
+            if not self.training or rate == 0:
+                return x
+            if not locked:
+                return functional.dropout(x, rate)
+            return x * torch.bernoulli(x.new_full(x.shape[1:], 1 - rate)) / (1 - rate)
 
         def forward(self, ids, state):
-            output, state = self.rnn(self.embed(ids), state)
-            return self.out(output), state
+            table = self.embed.weight
+            if self.training and embedding_drop:
+                table = table * torch.bernoulli(table.new_full((vocab, 1), 1 - embedding_drop)) / (1 - embedding_drop)
+            x = functional.embedding(ids, table)
+            if fused:
+                x, state = self.rnn(x, state)
+                return self.out(x if own else self.drop(x)), state
+            new_state = []
+            for lstm, layer_state in zip(self.rnn, state):
+                if self.training and weight_drop:
+                    weights = dict(lstm.named_parameters())
+                    weights["weight_hh_l0"] = functional.dropout(weights["weight_hh_l0"], weight_drop)
+                    x, layer_state = torch.func.functional_call(lstm, weights, (x, layer_state))
+                else:
+                    x, layer_state = lstm(x, layer_state)
+                new_state.append(layer_state)
+                x = self.drop(x)
+            return self.out(x), new_state
 
-    net = Model()
-    optimizer = torch.optim.Adam(net.parameters(), lr=4e-3, betas=(0.9, 0.99))
-    ids = torch.from_numpy(corpus.train_ids.astype(np.int64))
-    layout = data.stream_layout(len(ids), batch, seq_len)
-    budget, began, step = minutes * 60, time.monotonic(), 0
-    state = None
-    while (elapsed := time.monotonic() - began) < budget:
-        chunk = step % layout.chunks_per_epoch
-        if chunk == 0:
-            state = None  # reset state, new random offset: as charrnn does
-        batch_ids = data.training_batch(corpus.train_ids, layout, step, 0, True)
-        inputs = torch.from_numpy(batch_ids.inputs.astype(np.int64))
-        targets = torch.from_numpy(batch_ids.targets.astype(np.int64))
-        warmup = min(1.0, (step + 1) / 50)
-        for group in optimizer.param_groups:
-            group["lr"] = 4e-3 * warmup * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget, 1.0)))
-        logits, state = net(inputs, state)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        state = tuple(part.detach() for part in state)
-        step += 1
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        carry = None
-        for chunk in data.evaluation_chunks(corpus.val_ids, EVAL_STREAMS, 256):
-            logits, carry = net(torch.from_numpy(chunk.inputs.astype(np.int64)), carry)
-            losses = nn.functional.cross_entropy(logits.reshape(-1, vocab),
-                                                 torch.from_numpy(chunk.targets.astype(np.int64)).reshape(-1),
-                                                 reduction="none")
+    def zero_state(batch):
+        zeros = lambda count: torch.zeros(count, batch, hidden)  # noqa: E731
+        if fused:
+            return (zeros(layers), zeros(layers))
+        return [(zeros(1), zeros(1)) for _ in range(layers)]
+
+    def map_state(function, state):
+        return (tuple(map(function, state)) if fused else [tuple(map(function, part)) for part in state])
+
+    net = Net()
+    betas = (0.9, 0.999) if own else (train_config.beta1, train_config.beta2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=train_config.lr, betas=betas, eps=1e-8,
+                                  weight_decay=train_config.weight_decay)
+    average = copy.deepcopy(net) if ema else None
+    scored = net if average is None else average
+
+    @torch.no_grad()
+    def validate() -> float:
+        scored.eval()
+        total, count, state = 0.0, 0.0, None
+        for chunk in data.evaluation_chunks(corpus.val_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN):
+            if state is None:
+                state = zero_state(chunk.inputs.shape[1])
+            with autocast:
+                logits, state = scored(torch.from_numpy(chunk.inputs.astype(np.int64)), state)
+            logits, state = logits.float(), map_state(torch.Tensor.float, state)
+            losses = functional.cross_entropy(logits.reshape(-1, vocab),
+                                              torch.from_numpy(chunk.targets.astype(np.int64)).reshape(-1),
+                                              reduction="none")
             mask = torch.from_numpy(chunk.mask.reshape(-1).astype(np.float32))
             total, count = total + float((losses * mask).sum()), count + float(mask.sum())
-    return {"val_nats": total / count, "steps": step, "chars_per_s": step * batch * seq_len / budget}
+        return total / count
+
+    layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
+    budget, began, step = minutes * 60.0, time.monotonic(), 0
+    state, best = zero_state(train_config.batch_size), math.inf
+    while (elapsed := time.monotonic() - began) < budget and step < train_config.steps:
+        net.train()
+        batch = data.training_batch(corpus.train_ids, layout, step, train_config.seed, train_config.random_offset)
+        if np.any(batch.reset):
+            state = zero_state(train_config.batch_size)
+        progress = max(step / train_config.steps, elapsed / budget)
+        for group in optimizer.param_groups:
+            group["lr"] = steps.learning_rate(train_config, step, progress)
+        with autocast:
+            logits, state = net(torch.from_numpy(batch.inputs.astype(np.int64)), state)
+        logits, state = logits.float(), map_state(torch.Tensor.float, state)
+        loss = functional.cross_entropy(logits.reshape(-1, vocab), torch.from_numpy(batch.targets.astype(np.int64)).reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_config.clip_norm > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), train_config.clip_norm)
+        optimizer.step()
+        state = map_state(torch.Tensor.detach, state)
+        step += 1
+        if average is not None:  # charrnn.averaging's formula
+            decay = min(ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for mean, param in zip(average.parameters(), net.parameters()):
+                    mean.mul_(decay).add_(param, alpha=1 - decay)
+        if step % train_config.eval_every == 0:
+            best = min(best, validate())
+    final = validate()
+    return {"best_val": min(best, final), "final_val": final, "steps": step,
+            "chars_per_s": step * train_config.batch_size * train_config.seq_len / budget}
+
+
+def run_side(args) -> None:
+    """One side in this process: print its result as one JSON line."""
+    if args.threads:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.threads]))
+    config = resolved_config(args.config, args.set)
+    if args.side == "charrnn":
+        import charrnn
+
+        charrnn.configure(threads=args.threads or None, cpu_device_per_core=True)  # as `charrnn train` does
+        result = train_charrnn(config, args.minutes)
+    else:
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        result = train_torch(config, args.minutes, own=args.side == "torch-own")
+    print(json.dumps({"side": args.side, **result}), flush=True)
+
+
+def machine() -> dict:
+    flags = ""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+        flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    import jax
+    import torch
+
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "avx512": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "date": datetime.date.today().isoformat(),
+            "jax": jax.__version__, "torch": torch.__version__}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "shakespeare.toml")
-    parser.add_argument("--only", choices=["charrnn", "torch"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every side")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="cores each side may use (0: all)")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
     args = parser.parse_args()
-    results = {}
-    if args.only != "torch":
-        results["charrnn"] = train_charrnn(args.minutes, args.config)
-        print(json.dumps({"charrnn": results["charrnn"]}), flush=True)
-    if args.only != "charrnn":
-        corpus = training.load_corpus(CORPUS, 0.1)
-        results["torch"] = train_torch(args.minutes, corpus)
-        print(json.dumps({"torch": results["torch"]}), flush=True)
-    for name, result in results.items():
-        print(f"{name:8} {result['val_nats']:.4f} nats/char ({bits(result['val_nats']):.4f} bits/char), "
-              f"{result['steps']} steps, {result['chars_per_s']:,.0f} chars/s, {args.minutes:g} minutes")
+    if args.side:
+        return run_side(args)
+
+    sides = args.sides.split(",")
+    for side in sides:
+        if side not in SIDES:
+            parser.error(f"unknown side {side!r}")
+    resolved_config(args.config, args.set)  # a bad config fails here, before any side trains
+    print(json.dumps({"machine": machine(), "minutes": args.minutes, "config": str(args.config), "set": args.set,
+                      "threads": args.threads or "all"}), flush=True)
+    from charrnn import entry
+
+    environ = entry.environment_with_huge_pages(dict(os.environ), platform.libc_ver()[0]) or dict(os.environ)
+    results: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(args.repeats):
+        for side in sides:
+            command = [sys.executable, __file__, "--side", side, "--minutes", str(args.minutes), "--config",
+                       str(args.config), "--threads", str(args.threads), *(f"--set={item}" for item in args.set)]
+            finished = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
+            if finished.returncode != 0:
+                raise SystemExit(f"{side} failed:\n{finished.stderr[-2000:]}")
+            result = json.loads(finished.stdout.strip().splitlines()[-1])
+            print(json.dumps(result), flush=True)
+            results[side].append(result)
+
+    medians = {side: {key: statistics.median(run[key] for run in runs) for key in ("best_val", "final_val", "steps",
+                                                                                   "chars_per_s")}
+               for side, runs in results.items()}
+    for side, median in medians.items():
+        print(f"{side:13} best {median['best_val']:.4f}  final {median['final_val']:.4f} nats/char  "
+              f"{median['steps']:,.0f} steps  {median['chars_per_s']:,.0f} chars/s")
+    references = [side for side in medians if side.startswith("torch")]
+    if "charrnn" in medians and references:
+        reference = min(references, key=lambda side: medians[side]["best_val"])
+        gap = medians[reference]["best_val"] - medians["charrnn"]["best_val"]
+        print(f"charrnn is {gap:+.4f} nats/char better than {reference} (best validation); "
+              f"speed {medians['charrnn']['chars_per_s'] / medians[reference]['chars_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
