@@ -60,11 +60,13 @@ def test_a_skipped_step_leaves_the_average_alone(corpus):
     ids, vocab_size = corpus
     averaged_config = dataclasses.replace(TRAIN, ema=EMA)
     optimizer, state, carry = start(averaged_config, vocab_size)
-    before = host_copy(state.average)
+    call = steps.make_train_call(MODEL, averaged_config, optimizer)
+    state, carry, _ = run_steps(call, state, carry, batches(ids, TRAIN, first_step=0, count=1), TRAIN.lr)
+    before = host_copy(state.average)  # no longer equal to the params: a step moved them apart
+    assert not np.array_equal(before["output"]["w"], state.params["output"]["w"])
     poisoned = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), carry)
 
-    state, _, metrics = run_steps(steps.make_train_call(MODEL, averaged_config, optimizer), state, poisoned,
-                                  batches(ids, TRAIN, first_step=1, count=1), TRAIN.lr)
+    state, _, metrics = run_steps(call, state, poisoned, batches(ids, TRAIN, first_step=1, count=1), TRAIN.lr)
 
     assert not bool(metrics.finite[0])
     assert_trees_close(state.average, before, atol=0)
