@@ -135,7 +135,8 @@ def _check_resumable(saved: Config, wanted: Config) -> None:
     conflicts += [line for line in config_lib.differences(saved, wanted, ("train",))
                   if line.split(":")[0].removeprefix("train.") in _RESUME_FIXED_TRAIN_KEYS]
     if conflicts:
-        raise UsageError("cannot resume with a changed architecture or data layout: " + "; ".join(conflicts))
+        raise UsageError("cannot resume with a changed architecture, data layout or weight averaging: "
+                         + "; ".join(conflicts))
 
 
 def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[str],
