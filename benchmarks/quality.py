@@ -52,6 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
+from charrnn import runtime
+
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "tinyshakespeare.txt"
 SIDES = ("charrnn", "torch-recipe", "torch-own")
@@ -212,7 +214,7 @@ def run_side(args) -> None:
     else:
         import torch
 
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(runtime.usable_cores())
         result = train_torch(config, args.minutes, own=args.side == "torch-own")
     print(json.dumps({"side": args.side, **result}), flush=True)
 
@@ -228,7 +230,7 @@ def machine() -> dict:
     import jax
     import torch
 
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "avx512": "avx512f" in flags,
+    return {"cpu": model, "cores": runtime.usable_cores(), "avx512": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "date": datetime.date.today().isoformat(),
             "jax": jax.__version__, "torch": torch.__version__}
 
