@@ -4,6 +4,7 @@
     python benchmarks/vs_pytorch.py                      # configs A, B, C; LSTM; CPU
     python benchmarks/vs_pytorch.py --configs B --cells gru,rnn
     python benchmarks/vs_pytorch.py --device cuda --configs B,C,D,E --embedding 64 --dtypes float32,bfloat16
+    python benchmarks/vs_pytorch.py --device cuda --configs D,E --pallas   # also charrnn with model.kernel = pallas
 
 Both sides train embedding -> stacked recurrent layers -> linear -> cross-entropy
 with Adam and gradient clipping, the hidden state carried between steps and
@@ -110,10 +111,10 @@ def torch_sampling(model: TorchCharModel, batch: int, length: int, device: str) 
     return batch * length / (time.perf_counter() - began)
 
 
-def charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call, unroll=1):
+def charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call, unroll=1, kernel="xla"):
     return config_lib.apply_overrides(config_lib.Config(), {
         "model": {"cell": cell, "num_layers": layers, "hidden_size": hidden, "embedding_size": embedding,
-                  "dtype": dtype, "scan_unroll": unroll, "dropout": 0.0},
+                  "dtype": dtype, "scan_unroll": unroll, "dropout": 0.0, "kernel": kernel},
         "train": {"batch_size": batch, "seq_len": seq_len, "lr": 2e-3, "clip_norm": 5.0,
                   "steps_per_call": steps_per_call},
     })
@@ -147,11 +148,12 @@ def measure_side(side: str, row: dict, args) -> dict:
             out[f"sample_b{sample_batch}"] = max(rates)  # the faster of oneDNN on and off
         return out
     runtime.configure(cpu_device_per_core=True)  # the compilation cache and CPU devices, as `charrnn train` has them
+    kernel = "pallas" if side == "charrnn_pallas" else "xla"
     ours = bench.TrainingBench(charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype,
-                                              row["steps_per_call"], args.unroll))
+                                              row["steps_per_call"], args.unroll, kernel))
     ours.compile()
     out["train"] = ours.chars_per_second(args.seconds)
-    for sample_batch in (1, 64) if args.sample else ():
+    for sample_batch in (1, 64) if args.sample and kernel == "xla" else ():  # generation does not use the kernel
         config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
         out[f"sample_b{sample_batch}"] = bench.measure_sampling(config, sample_batch, args.sample_length * 4, 3)
     return out
@@ -182,7 +184,7 @@ def train_matmul_flops_per_char(side: str, row: dict) -> float:
     """
     config = charrnn_config(row["cell"], row["layers"], row["hidden"], row["batch"], row["seq_len"],
                             row["embedding"], row["dtype"], 1)
-    if side == "charrnn":
+    if side.startswith("charrnn"):
         return bench.train_matmul_flops_per_char(config)
     first_input_flops = 2 * row["embedding"] * CELLS[row["cell"]].num_gates * row["hidden"]
     return 3 * (model.generation_matmul_flops_per_char(config.model, VOCAB) + first_input_flops)
@@ -195,10 +197,13 @@ def compare(row: dict, sides: list[str], args, argv: list[str]) -> dict:
             measured[side].append(run_side(side, row, argv))
     row = dict(row)
     for key in ["train"] + (["sample_b1", "sample_b64"] if args.sample else []):
-        for side in sides:
+        measured_sides = [side for side in sides if key in measured[side][0]]
+        for side in measured_sides:
             row[f"{side}_{key}"] = statistics.median(result[key] for result in measured[side])
-        best_torch = max(row[f"{side}_{key}"] for side in sides if side.startswith("torch"))
-        row[f"ratio_{key}"] = row[f"charrnn_{key}"] / best_torch
+        best_torch = max(row[f"{side}_{key}"] for side in measured_sides if side.startswith("torch"))
+        for side in measured_sides:
+            if side.startswith("charrnn"):
+                row[f"ratio{side.removeprefix('charrnn')}_{key}"] = row[f"{side}_{key}"] / best_torch
     for side in sides:
         row[f"{side}_train_gflops"] = row[f"{side}_train"] * train_matmul_flops_per_char(side, row) / 1e9
     return row
@@ -215,6 +220,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="alternations of the sides (fresh processes)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each timed window")
     parser.add_argument("--sample", action="store_true", help="also compare sampling at batch 1 and 64")
+    parser.add_argument("--pallas", action="store_true", help="also time charrnn with model.kernel = pallas")
     parser.add_argument("--sample-length", type=int, default=200)
     parser.add_argument("--torch-huge-pages", action="store_true",
                         help="also time PyTorch with the huge-page tunable that `charrnn train` sets")
@@ -226,7 +232,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure_side(args.child, settings[0], args)))
         return
-    sides = ["torch"] + (["torch_huge_pages"] if args.torch_huge_pages else []) + ["charrnn"]
+    sides = (["torch"] + (["torch_huge_pages"] if args.torch_huge_pages else []) + ["charrnn"]
+             + (["charrnn_pallas"] if args.pallas else []))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
           f"charrnn runs with {entry.TUNABLES_ENV}={entry.HUGE_PAGES}", file=sys.stderr)
     rows = []
@@ -243,10 +250,13 @@ def format_row(row: dict, sides: list[str], sample: bool) -> str:
     line = (f"{row['config']} {row['cell']:4} {row['dtype']:8} {row['layers']}x{row['hidden']} b{row['batch']} "
             f"t{row['seq_len']} e{row['embedding']}: "
             + "  ".join(f"{side} {row[f'{side}_train']:,.0f}" for side in sides)
-            + f" chars/s  ratio {row['ratio_train']:.2f}x  (matmul GFLOP/s: "
+            + f" chars/s  ratio {row['ratio_train']:.2f}x"
+            + (f", pallas {row['ratio_pallas_train']:.2f}x" if "ratio_pallas_train" in row else "")
+            + "  (matmul GFLOP/s: "
             + " ".join(f"{side} {row[f'{side}_train_gflops']:,.0f}" for side in sides) + ")")
     for batch in (1, 64) if sample else ():
-        line += f"  | sample b{batch}: " + " ".join(f"{side} {row[f'{side}_sample_b{batch}']:,.0f}" for side in sides)
+        line += f"  | sample b{batch}: " + " ".join(f"{side} {row[f'{side}_sample_b{batch}']:,.0f}"
+                                                   for side in sides if f"{side}_sample_b{batch}" in row)
         line += f" ({row[f'ratio_sample_b{batch}']:.1f}x)"
     return line
 

@@ -35,10 +35,19 @@ class Cell(NamedTuple):
     # For cells whose gates see only z = x_proj + recurrent (RNN, LSTM): activate(params, carry, z).
     # Their backward pass keeps one [T, B, G*H] array (z, then dz) instead of three.
     activate: Callable | None = None
+    # The same cells gate by gate: each gate's block of z through its nonlinearity, then
+    # update(carry, gate values) -> (carry, h). `activate` is both over one contiguous row.
+    nonlinearities: tuple[tuple[float, float], ...] | None = None
+    update: Callable | None = None
 
     def step(self, params: dict, carry, x_proj: jax.Array):
         """One time step: the recurrent matmul, then the gate arithmetic."""
         return self.gates(params, carry, x_proj, matmul(carry.h, params["w_h"]))
+
+    def activate_blocks(self, carry, z_blocks: tuple):
+        """`activate` with z given as its G gate blocks [..., H] (for kernels that cannot slice a row)."""
+        return self.update(carry, tuple(gate_value(z, nonlinearity)
+                                        for z, nonlinearity in zip(z_blocks, self.nonlinearities, strict=True)))
 
     def initial_carry(self, batch_size: int, hidden_size: int):
         # One array per field: a carry is donated to the train step, and XLA
@@ -95,9 +104,19 @@ def rnn_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 1)
 
 
-def rnn_activate(params: dict, carry: HiddenCarry, z: jax.Array):
+# A gate's nonlinearity as tanh(z * scale) * scale + shift: σ(z) = (1 + tanh(z/2)) / 2.
+SIGMOID = (0.5, 0.5)
+TANH = (1.0, 0.0)
+
+
+def gate_value(z: jax.Array, nonlinearity: tuple[float, float]) -> jax.Array:
+    scale, shift = nonlinearity
+    return jnp.tanh(z * scale) * scale + shift
+
+
+def rnn_update(carry: HiddenCarry, gates: tuple):
     """h' = tanh(z), z = W_x x + b + W_h h."""
-    h = jnp.tanh(z)
+    (h,) = gates
     return HiddenCarry(h), h
 
 
@@ -105,28 +124,45 @@ def lstm_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 4)
 
 
-def lstm_activate(params: dict, carry: LSTMCarry, z: jax.Array):
+def lstm_update(carry: LSTMCarry, gates: tuple):
     """Hochreiter & Schmidhuber with forget gate (Gers et al.), gates i, f, g, o.
 
     z = W_x x + b + W_h h  [B, 4H];  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
     c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
-
-    The four nonlinearities are one tanh over the whole contiguous [B, 4H] row,
-    using σ(x) = (1 + tanh(x/2)) / 2: gates = tanh(z ⊙ s) ⊙ s + t with s = ½ and
-    t = ½ for i, f, o and s = 1, t = 0 for g. On a CPU one vectorised tanh over
-    contiguous memory is several times faster than four over column slices.
     """
-    scale, shift = _lstm_gate_affine(carry.c.shape[-1], z.dtype, z.ndim)
-    i, f, g, o = jnp.split(jnp.tanh(z * scale) * scale + shift, 4, axis=-1)
+    i, f, g, o = gates
     c = f * carry.c + i * g
     h = o * jnp.tanh(c)
     return LSTMCarry(h, c), h
 
 
-def _lstm_gate_affine(hidden_size: int, dtype, ndim: int) -> tuple[jax.Array, jax.Array]:
-    """The [..., 4H] scale and shift that turn tanh into σ for gates i, f, o and leave g as tanh."""
-    half, one, zero = (jnp.full((1,) * (ndim - 1) + (hidden_size,), value, dtype) for value in (0.5, 1.0, 0.0))
-    return jnp.concatenate([half, half, one, half], axis=-1), jnp.concatenate([half, half, zero, half], axis=-1)
+def _contiguous_activate(nonlinearities: tuple, update: Callable) -> Callable:
+    """activate(params, carry, z [..., G*H]): every gate's nonlinearity as one tanh over the whole row, then `update`.
+
+    gates = tanh(z ⊙ s) ⊙ s + t, with each gate's (s, t) repeated over its H
+    columns. On a CPU one vectorised tanh over contiguous memory is several times
+    faster than G over column slices.
+    """
+    def activate(params: dict, carry, z: jax.Array):
+        hidden = z.shape[-1] // len(nonlinearities)
+        if len(set(nonlinearities)) == 1:
+            scale, shift = nonlinearities[0]
+        else:
+            row = (1,) * (z.ndim - 1) + (hidden,)  # tests run with rank promotion off: no implicit broadcasting
+            scale, shift = (jnp.concatenate([jnp.full(row, nonlinearity[part], z.dtype)
+                                             for nonlinearity in nonlinearities], axis=-1) for part in (0, 1))
+        values = gate_value(z, (scale, shift))
+        return update(carry, tuple(jnp.split(values, len(nonlinearities), axis=-1)))
+
+    return activate
+
+
+def _additive_cell(carry_type: type, init: Callable, nonlinearities: tuple, update: Callable) -> Cell:
+    """A cell whose gates see only z = x_proj + recurrent."""
+    activate = _contiguous_activate(nonlinearities, update)
+    return Cell(len(nonlinearities), carry_type, init,
+                lambda params, carry, x_proj, recurrent: activate(params, carry, x_proj + recurrent),
+                activate, nonlinearities, update)
 
 
 def gru_init(key, input_size: int, hidden_size: int) -> dict:
@@ -152,13 +188,8 @@ def gru_gates(params: dict, carry: HiddenCarry, x_proj: jax.Array, recurrent: ja
     return HiddenCarry(h), h
 
 
-def _additive(activate: Callable) -> Callable:
-    """The gates of a cell that only sees z = x_proj + recurrent."""
-    return lambda params, carry, x_proj, recurrent: activate(params, carry, x_proj + recurrent)
-
-
 CELLS: dict[str, Cell] = {
-    "rnn": Cell(1, HiddenCarry, rnn_init, _additive(rnn_activate), rnn_activate),
-    "lstm": Cell(4, LSTMCarry, lstm_init, _additive(lstm_activate), lstm_activate),
+    "rnn": _additive_cell(HiddenCarry, rnn_init, (TANH,), rnn_update),
+    "lstm": _additive_cell(LSTMCarry, lstm_init, (SIGMOID, SIGMOID, TANH, SIGMOID), lstm_update),
     "gru": Cell(3, HiddenCarry, gru_init, gru_gates),
 }

@@ -17,6 +17,9 @@ ATTENTIONS = ("none", "additive", "dot")
 TARGETS = ("chars", "tokens")
 SCHEDULES = ("constant", "cosine", "exponential")
 DTYPES = ("float32", "bfloat16", "auto")
+KERNELS = ("xla", "pallas")
+PALLAS_CELLS = ("rnn", "lstm")  # cells whose gates see only x_proj + h W_h (charrnn/fused_layer.py)
+PALLAS_UNIT = 16  # the kernel's smallest block of units: hidden_size must be a multiple
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ModelConfig:
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
     scan_unroll: int = 1  # time steps per loop iteration; more helps GPUs (8), not CPUs
+    kernel: str = "xla"  # each layer's time loop: xla (a launch per step) | pallas (one fused launch, on a GPU; rnn, lstm; xla elsewhere)
     encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
     bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
     attention: str = "additive"  # seq2seq: none | additive (Bahdanau's score) | dot (Luong's general score)
@@ -219,6 +223,11 @@ def validate(config: Config) -> None:
              "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")
     _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
+    _require(model.kernel in KERNELS, f"model.kernel must be one of {', '.join(KERNELS)}, got {model.kernel!r}")
+    _require(model.kernel != "pallas" or model.cell in PALLAS_CELLS,
+             f"model.kernel = pallas runs {' and '.join(PALLAS_CELLS)} cells, not {model.cell}")
+    _require(model.kernel != "pallas" or model.hidden_size % PALLAS_UNIT == 0,
+             f"model.kernel = pallas needs model.hidden_size to be a multiple of {PALLAS_UNIT}, got {model.hidden_size}")
     for key in ("num_layers", "hidden_size", "embedding_size", "scan_unroll", "encoder_layers"):
         _require(getattr(model, key) >= 1, f"model.{key} must be at least 1")
     for key in ("dropout", "embedding_dropout", "weight_drop"):

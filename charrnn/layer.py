@@ -120,9 +120,9 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     )
     d_recurrents, d_xs = d_products[0], d_products[-1]
     d_params = {name: jnp.sum(value, axis=0) for name, value in d_others.items()}
-    d_params["w_h"] = _weight_gradient(carries_in.h, d_recurrents, w_h)
+    d_params["w_h"] = weight_gradient(carries_in.h, d_recurrents, w_h)
     if dense_input:
-        d_params["w_x"] = _weight_gradient(inputs, d_xs, params["w_x"])
+        d_params["w_x"] = weight_gradient(inputs, d_xs, params["w_x"])
         d_params["b"] = jnp.sum(d_xs, axis=(0, 1)).astype(params["b"].dtype)
     elif table_input:  # rows of the table, added up per character
         table = params["table"]
@@ -132,7 +132,7 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
     return d_params, d_carry, d_inputs
 
 
-def _weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array) -> jax.Array:
+def weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array) -> jax.Array:
     """Σ_t in_tᵀ d_t over all steps and streams [T, B] as one contraction, an [I, T·B] × [T·B, G·H] matmul.
 
     Contracting the step and stream axes in place, rather than after merging them

@@ -118,6 +118,12 @@ def projects_per_step() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def fuses_layers(config: ModelConfig) -> bool:
+    """Whether each layer's time loop runs as one Pallas launch (charrnn/fused_layer.py): `model.kernel = "pallas"`
+    on a GPU. Elsewhere the XLA loop runs; Pallas's interpreter is for the tests."""
+    return config.kernel == "pallas" and runtime.resident_programs() is not None
+
+
 def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, run_one, dropout_key=None):
     """The recurrent layers one above the other, each run by `run_one(layer params, carry, input) -> (carry, h)`.
 
@@ -142,6 +148,13 @@ def over_time(config: ModelConfig):
     cell = CELLS[config.cell]
 
     def run(layer: dict, layer_carry, layer_input: jax.Array):
+        if fuses_layers(config):  # the whole loop in one launch, projections first
+            from charrnn import fused_layer  # Pallas loads only for the runs that use it
+
+            projections = project_input(layer, layer_input)  # [T, B, G*H]
+            blocks = fused_layer.choose_blocks(projections.shape[1], layer["w_h"].shape[0], runtime.resident_programs())
+            if blocks is not None:  # else a layer too large for one launch: XLA's loop
+                return fused_layer.run_layer(cell, recurrent_params(layer), layer_carry, projections, blocks)
         if projects_per_step():
             return run_layer(cell, layer, layer_carry, layer_input, config.scan_unroll)  # [T, B, H]
         # All steps' projections in one matmul (or gather) before the loop.

@@ -62,6 +62,15 @@ def multiplies_bfloat16_natively() -> bool:
         return False
 
 
+def resident_programs() -> int | None:
+    """How many kernel programs JAX's default device runs at once: a GPU's multiprocessors; None off a GPU."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return None
+    return getattr(jax.devices()[0], "core_count", None) or 16  # the smallest current GPUs have more
+
+
 def cpu_multiplies_bfloat16(cpuinfo: str) -> bool:
     """Whether /proc/cpuinfo's text lists AVX-512 BF16 or AMX BF16."""
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
