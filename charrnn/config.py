@@ -55,6 +55,7 @@ class TrainConfig:
     beta1: float = 0.9  # Adam first-moment decay
     beta2: float = 0.99  # Adam second-moment decay; 0.99 adapts faster than 0.999
     weight_decay: float = 0.0  # AdamW decoupled decay per step, times lr
+    label_smoothing: float = 0.0  # training targets: 1 - this on the true symbol, this spread over all; validation is plain cross-entropy
     ema: float = 0.0  # evaluate and save an average of the weights with this decay per step (0.999: ~the last 1000 steps); 0 = off
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
@@ -242,6 +243,7 @@ def validate(config: Config) -> None:
     _require(0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
     _require(math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be a finite number >= 0")
     _require(0.0 <= train.ema < 1.0, "train.ema must be in [0, 1) (0 = no averaging)")
+    _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1) (0 = none)")
     _require(train.clip_norm >= 0, "train.clip_norm must not be negative (0 disables clipping)")
     _require(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no budget)")
     _require(train.save_minutes >= 0, "train.save_minutes must not be negative")

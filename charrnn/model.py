@@ -212,16 +212,26 @@ def forward(params: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, 
     return forward_prepared(prepare(params, config), config, carry, inputs, dropout_key)
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Cross-entropy in nats of each target under the logits: [T, B]."""
+def token_losses(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) -> jax.Array:
+    """Cross-entropy in nats of each target under the logits: [T, B].
+
+    With `smoothing` ε the target distribution is 1 - ε on the target plus ε
+    spread evenly over the vocabulary (label smoothing, Szegedy et al. 2016):
+    (1 - ε)(-log p_target) + ε · mean over symbols of -log p.
+    """
     logits = logits.astype(accumulation_dtype(logits.dtype))
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets.astype(jnp.int32))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets.astype(jnp.int32))
+    if smoothing == 0.0:
+        return losses
+    # -log p_v = logsumexp - logit_v, so the mean over v is logsumexp - mean(logits)
+    spread = jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits, axis=-1)
+    return (1.0 - smoothing) * losses + smoothing * spread
 
 
-def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropout_key=None):
-    """Mean cross-entropy (nats/char) of a chunk and the carry after it."""
+def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropout_key=None, smoothing: float = 0.0):
+    """Mean cross-entropy (nats/char) of a chunk and the carry after it (see `token_losses` for `smoothing`)."""
     carry, logits = forward(params, config, carry, inputs, dropout_key)
-    return jnp.mean(token_losses(logits, targets)), carry
+    return jnp.mean(token_losses(logits, targets, smoothing)), carry
 
 
 def recurrent_step_macs(config: ModelConfig, batch_size: int) -> int:

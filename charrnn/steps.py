@@ -90,8 +90,8 @@ def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[
     return distributed.put(state, placement.replicated), distributed.put_streams(carry, placement, batch_size)
 
 
-def language_model_loss(model_config: ModelConfig):
-    """`loss(params, carry, batch, dropout_key) -> (mean nats/char, carry)` of a chunk of text.
+def language_model_loss(model_config: ModelConfig, smoothing: float = 0.0):
+    """`loss(params, carry, batch, dropout_key) -> (mean nats/char, carry)` of a chunk of text, labels smoothed by `smoothing`.
 
     The carry is reset at epoch starts inside the differentiated function, so that
     a learned initial state gets its gradient from the chunks that start from it.
@@ -99,14 +99,15 @@ def language_model_loss(model_config: ModelConfig):
     def chunk_loss(params: dict, carry: tuple, batch: Batch, dropout_key: jax.Array):
         fresh = model.initial_carry(params, model_config, batch.inputs.shape[1])
         start = model.reset_where(batch.reset, fresh, carry)
-        return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key)
+        return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key, smoothing)
 
     return chunk_loss
 
 
 def make_train_call(model_config: ModelConfig, train_config: TrainConfig, optimizer, placement=None):
     """The language model's compiled train call (see `compile_train_call`)."""
-    return compile_train_call(language_model_loss(model_config), train_config, optimizer, placement)
+    return compile_train_call(language_model_loss(model_config, train_config.label_smoothing), train_config, optimizer,
+                              placement)
 
 
 def compile_train_call(batch_loss, train_config: TrainConfig, optimizer, placement=None):

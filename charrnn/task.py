@@ -44,7 +44,7 @@ class TextTask:
         train = config.train
         self.layout = data.stream_layout(len(corpus.train_ids), train.batch_size, train.seq_len)
         self.chars_per_step = train.batch_size * train.seq_len
-        self.batch_loss = steps.language_model_loss(config.model)
+        self.batch_loss = steps.language_model_loss(config.model, train.label_smoothing)
         self.eval_call = steps.make_eval_call(config.model)
 
     def init_params(self, key: jax.Array) -> dict:

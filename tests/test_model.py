@@ -6,6 +6,7 @@ import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
@@ -314,3 +315,12 @@ def test_cpu_bfloat16_support_is_read_from_the_cpu_flags():
     assert runtime.cpu_multiplies_bfloat16("flags\t\t: fpu amx_bf16 amx_tile\n")
     assert not runtime.cpu_multiplies_bfloat16("flags\t\t: fpu sse avx512f avx512_vnni\n")
     assert not runtime.cpu_multiplies_bfloat16("flags\t\t: avx512_bf16x\n")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_smoothed_token_losses_are_cross_entropy_against_smoothed_labels(smoothing):
+    logits = jax.random.normal(jax.random.key(40), (4, 3, VOCAB)) * 3.0
+    targets = jax.random.randint(jax.random.key(41), (4, 3), 0, VOCAB)
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, VOCAB), smoothing)  # 1 - ε on the target, ε / V on each
+    np.testing.assert_allclose(model.token_losses(logits, targets, smoothing),
+                               optax.softmax_cross_entropy(logits, labels), rtol=1e-5)

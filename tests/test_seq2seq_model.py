@@ -6,6 +6,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from charrnn.config import ModelConfig
@@ -132,6 +133,17 @@ def test_padding_changes_neither_loss_nor_gradients(cell):
     summed = jax.tree.map(lambda *leaves: sum(leaves), *[g for _, g in alone])
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(summed)):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+
+
+def test_label_smoothing_counts_real_target_symbols_only():
+    params = jax.tree.map(jnp.float32, params_for(SMALL))
+    sources, targets = random_pairs(4, 5)
+    batch = pairs_lib.make_batch(sources, targets, source_len=8, target_len=8)
+    logits, _ = s2s.forward(params, SMALL, batch)
+    labels = optax.smooth_labels(jax.nn.one_hot(batch.target_out, TARGET_VOCAB), 0.2)
+    mask = np.asarray(batch.target_mask, bool)
+    expected = np.asarray(optax.softmax_cross_entropy(logits, labels))[mask].mean()
+    np.testing.assert_allclose(float(s2s.loss(params, SMALL, batch, smoothing=0.2)), expected, rtol=1e-5)
 
 
 def test_backward_direction_is_forward_direction_on_the_reversed_source():

@@ -1,16 +1,18 @@
 """`charrnn.train` and the events it reports: the same run as `charrnn train`, told to every listener."""
 
 import dataclasses
+import itertools
 import json
 import time
 
+import jax
 import numpy as np
 import pytest
 from clihelp import TINY, start_subprocess
 from test_tensorboard import needs_tensorboardx, read_scalars
 
 import charrnn
-from charrnn import config as config_lib, events, rundir
+from charrnn import config as config_lib, events, rundir, training
 
 # 20 steps, two evaluations, four log lines: a few seconds on a CPU.
 KEYS = {"steps": 20, "eval_every": 10, "log_every": 5}
@@ -196,3 +198,21 @@ def test_a_reader_leaving_json_lines_does_not_stop_the_run(small_corpus, tmp_pat
     assert first["event"] == "train" and process.returncode == 0, process.stderr.read()
     assert rundir.read_status(tmp_path / "run")["status"] == rundir.FINISHED
     assert rundir.read_json(tmp_path / "run" / rundir.STATUS_FILE)["steps"] == 40
+
+
+def test_both_tasks_train_on_smoothed_labels_and_validate_on_plain_ones(small_corpus, tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    words = ["".join(letters) for letters in itertools.product("abc", repeat=4)]  # 81, enough for a validation split
+    pairs.write_text("".join(f"{word}\t{word[::-1]}\n" for word in words), encoding="utf-8")
+    for corpus, kind in ((small_corpus, "lm"), (pairs, "seq2seq")):
+        losses = {}
+        for smoothing in (0.0, 0.3):
+            config = config_lib.resolve(TINY, [f"model.kind={kind}", f"train.label_smoothing={smoothing}"], {})
+            task = training.load_task(corpus, config)
+            params = task.init_params(jax.random.key(0))
+            carry = task.initial_carry(params, config.train.batch_size)
+            batch = jax.tree.map(lambda leaf: leaf[0], task.batches(0, 1, slice(None)))
+            losses[smoothing] = float(task.batch_loss(params, carry, batch, jax.random.key(1))[0])
+            losses[smoothing, "validation"] = task.validation_loss(params, None)
+        assert losses[0.3] != losses[0.0], kind
+        assert losses[0.3, "validation"] == losses[0.0, "validation"], kind

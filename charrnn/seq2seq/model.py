@@ -182,16 +182,17 @@ def forward(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=Non
     return dense(features, prepared["output"]["w"], prepared["output"]["b"]), weights
 
 
-def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None) -> tuple[jax.Array, jax.Array]:
-    """(nats summed over every real target symbol, end included; how many there are)."""
+def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None,
+                smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(nats summed over every real target symbol, end included; how many there are). `model.token_losses`: smoothing."""
     logits, _ = forward(params, config, batch, dropout_key)
     mask = batch.target_mask.astype(jnp.float32)
-    return jnp.sum(model.token_losses(logits, batch.target_out) * mask), jnp.sum(mask)
+    return jnp.sum(model.token_losses(logits, batch.target_out, smoothing) * mask), jnp.sum(mask)
 
 
-def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None) -> jax.Array:
+def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None, smoothing: float = 0.0) -> jax.Array:
     """Mean nats per real target symbol (character or token) of a batch; padding contributes nothing."""
-    total, count = summed_loss(params, config, batch, dropout_key)
+    total, count = summed_loss(params, config, batch, dropout_key, smoothing)
     return total / jnp.maximum(count, 1.0)
 
 

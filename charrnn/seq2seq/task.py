@@ -76,7 +76,7 @@ class PairsTask:
         return ()  # each pair starts afresh: nothing is carried from step to step
 
     def batch_loss(self, params: dict, carry: tuple, batch: PairBatch, dropout_key: jax.Array):
-        return seq2seq_model.loss(params, self.config.model, batch, dropout_key), carry
+        return seq2seq_model.loss(params, self.config.model, batch, dropout_key, self.config.train.label_smoothing), carry
 
     def _batch_pairs(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.schedule.batches_per_epoch)
