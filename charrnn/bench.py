@@ -45,7 +45,8 @@ class TrainingBench:
         self.config = config
         train_config = config.train
         self.placement = distributed.make_placement(
-            num_devices, train_config.batch_size, model.recurrent_step_macs(config.model, train_config.batch_size))
+            num_devices, train_config.batch_size, model.recurrent_step_macs(config.model, train_config.batch_size),
+            one_device=model.fuses_layers(config.model))
         optimizer = steps.make_optimizer(train_config)
         self.call = steps.make_train_call(config.model, train_config, optimizer, self.placement)
         self.state, self.carry = steps.place(*steps.fresh_state(

@@ -132,11 +132,16 @@ def local_split(num_streams: int, step_macs: int) -> Placement | None:
     return make_placement(count, num_streams, step_macs) if count > 1 else None
 
 
-def make_placement(num_devices: int | None, batch_size: int, step_macs: int) -> Placement:
-    """A mesh over `num_devices` devices (default: `default_device_count`), checking the streams divide among them."""
+def make_placement(num_devices: int | None, batch_size: int, step_macs: int, one_device: bool = False) -> Placement:
+    """A mesh over `num_devices` devices (default: `default_device_count`), checking the streams divide among them.
+
+    `one_device`: the model runs a kernel the compiler cannot split over devices (`model.kernel = "pallas"`).
+    """
     devices = jax.devices()
+    if one_device and (num_devices not in (None, 1) or jax.process_count() > 1):
+        raise UsageError("model.kernel = pallas runs on one device: use --devices 1 in one process, or model.kernel = xla")
     if num_devices is None:
-        devices = devices[:default_device_count(devices, batch_size, step_macs)]
+        devices = devices[:1 if one_device else default_device_count(devices, batch_size, step_macs)]
     else:
         if not 1 <= num_devices <= len(devices):
             raise UsageError(f"--devices {num_devices}: JAX sees {len(devices)} device(s)")

@@ -217,7 +217,8 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
         if Path(config.train.tensorboard).is_absolute():
             _probe(Path(config.train.tensorboard))
     placement = distributed.make_placement(devices, config.train.batch_size,
-                                           model.recurrent_step_macs(config.model, config.train.batch_size))
+                                           model.recurrent_step_macs(config.model, config.train.batch_size),
+                                           one_device=model.fuses_layers(config.model))
     optimizer = steps.make_optimizer(config.train)
     if resumed:
         path, arrays, metadata, skipped = resumed

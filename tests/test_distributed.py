@@ -166,6 +166,25 @@ print(len(jax.devices()), [tuple(shard.data.shape) for shard in h.addressable_sh
     assert done.stdout.count("(34, 16)") == 2  # parameters replicated
 
 
+def test_a_kernel_the_compiler_cannot_split_keeps_a_run_on_one_device(tmp_path):
+    probe = """
+from charrnn import distributed
+from charrnn.errors import UsageError
+print(distributed.make_placement(None, 64, 0).mesh.devices.size,
+      distributed.make_placement(None, 64, 0, one_device=True).mesh.devices.size)
+try:
+    distributed.make_placement(2, 64, 0, one_device=True)
+except UsageError as error:
+    print(error)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "2 1"
+    assert "model.kernel = pallas runs on one device" in lines[1]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
