@@ -3,7 +3,7 @@
     pip install -e '.[g2p]'
     python examples/cmudict_pairs.py data/g2p
     python benchmarks/g2p.py data/g2p --minutes 30                         # the recipe, configs/g2p.toml
-    python benchmarks/g2p.py data/g2p --minutes 5 --variants all --set model.target=chars   # README's table
+    python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional   # README's table
 
 Each variant trains on train.tsv for the same minutes of wall-clock time
 (compilation and validation passes included), one after the other, then its best
