@@ -26,7 +26,7 @@ from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 # Train keys that fix the data stream, the carried state's shape or what a checkpoint holds: a resumed run keeps them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset", "ema")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
-_RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll")
+_RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll", "kernel")
 
 
 def train(corpus: str | Path | None = None, out: str | Path | None = None,

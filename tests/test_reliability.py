@@ -1,5 +1,6 @@
 """Never lose a run: exact resume, graceful signals, divergence, one writer, kills at any moment."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_subprocess, snapshot, start_subprocess
 
-from charrnn import checkpoint, rundir
+from charrnn import checkpoint, config as config_lib, rundir, training
+from charrnn.errors import UsageError
 
 # 16 streams x 16 chars: the small corpus gives 28 chunks per epoch, so runs cross epochs.
 LAYOUT = ["--config", TINY, "--batch-size", "16", "--seq-len", "16", "--set", "train.log_every=5"]
@@ -108,6 +110,14 @@ def test_resume_refuses_changed_architecture_or_corpus(cli, small_corpus, tmp_pa
     streams = cli("train", "--resume", "run", "--batch-size", "8")
     assert streams.code == 2 and "train.batch_size" in streams.err
     assert snapshot(tmp_path / "run") == before
+
+
+def test_how_the_arithmetic_runs_may_change_on_resume():
+    saved = config_lib.Config()
+    for key, value in (("dtype", "bfloat16"), ("scan_unroll", 8), ("kernel", "pallas")):
+        training._check_resumable(saved, dataclasses.replace(saved, model=dataclasses.replace(saved.model, **{key: value})))
+    with pytest.raises(UsageError, match="model.hidden_size"):
+        training._check_resumable(saved, dataclasses.replace(saved, model=dataclasses.replace(saved.model, hidden_size=64)))
 
 
 def test_one_writer_per_run_directory(cli, small_corpus, tmp_path):
