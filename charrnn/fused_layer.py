@@ -51,9 +51,9 @@ def choose_blocks(batch: int, hidden_size: int, programs: int | None) -> Blocks 
 
     `programs`: how many the device runs at once (None: the interpreter, one program per batch block).
     """
-    depth = next(size for size in (64, 32, UNIT) if hidden_size % size == 0)
     if programs is None:
         return Blocks(UNIT, UNIT, UNIT, parallel=False)
+    depth = next(size for size in (64, 32, UNIT) if hidden_size % size == 0)
     rows = max(UNIT, min(MAX_ROWS, pl.next_power_of_2(batch)))
     units = UNIT
     while _batch_blocks(batch, rows) * (hidden_size // units) > programs:
@@ -151,6 +151,11 @@ def _unit_blocks(blocks: Blocks, hidden_size: int) -> list:
     return [pl.program_id(1)] if blocks.parallel else list(range(hidden_size // blocks.units))
 
 
+def _units(unit_block, blocks: Blocks):
+    """The units of `unit_block`, in an [.., H] row."""
+    return pl.ds(unit_block * blocks.units, blocks.units)
+
+
 def _gate_columns(gate: int, unit_block, blocks: Blocks, hidden_size: int):
     """Gate `gate`'s columns of the units in `unit_block`, in a [.., G*H] row of gate blocks side by side."""
     return pl.ds(gate * hidden_size + unit_block * blocks.units, blocks.units)
@@ -179,9 +184,8 @@ def _forward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, xs
     accumulate_as = accumulation_dtype(w_h.dtype)
 
     for j in unit_blocks:
-        units = pl.ds(j * blocks.units, blocks.units)
         for initial, state in zip(carry_in, states, strict=True):
-            state[0, rows, units] = initial[rows, units]
+            state[0, rows, _units(j, blocks)] = initial[rows, _units(j, blocks)]
     _wait_for_all(blocks, counters, batch_block, programs, 0)
 
     def step(t, _):
@@ -196,7 +200,7 @@ def _forward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, xs
 
             z = jax.lax.fori_loop(0, hidden_size // blocks.depth, accumulate,
                                   tuple(xs[t, rows, gate].astype(accumulate_as) for gate in columns))
-            units = pl.ds(j * blocks.units, blocks.units)
+            units = _units(j, blocks)
             carry, _ = cell.activate_blocks(cell.carry_type(*(state[t, rows, units] for state in states)), z)
             for gate, z_gate in zip(columns, z, strict=True):
                 zs[t, rows, gate] = z_gate.astype(zs.dtype)
@@ -218,14 +222,11 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
     programs = hidden_size // blocks.units
     accumulate_as = accumulation_dtype(w_h.dtype)
 
-    def unit_range(j):
-        return pl.ds(j * blocks.units, blocks.units)
-
     def step(i, d_carries):  # d_carries: per unit block, the carry's cotangent from step t+1
         t = steps - 1 - i
         d_carries_in = []
         for j, d_carry in zip(unit_blocks, d_carries, strict=True):
-            units = unit_range(j)
+            units = _units(j, blocks)
             columns = [_gate_columns(gate, j, blocks, hidden_size) for gate in range(cell.num_gates)]
             carry = cell.carry_type(*(state[t, rows, units] for state in states))
             z = tuple(zs[t, rows, gate] for gate in columns)
@@ -240,7 +241,7 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
             def accumulate(k, total):  # total += dz_t[rows, depth k of the gate columns] W_h[units j, depth k]ᵀ
                 depth = pl.ds(k * blocks.depth, blocks.depth)
                 d_z = d_zs[t, rows, depth].astype(w_h.dtype)
-                return total + jnp.dot(d_z, w_h[unit_range(j), depth].T, preferred_element_type=accumulate_as)
+                return total + jnp.dot(d_z, w_h[_units(j, blocks), depth].T, preferred_element_type=accumulate_as)
 
             return jax.lax.fori_loop(0, cell.num_gates * hidden_size // blocks.depth, accumulate,
                                      jnp.zeros((blocks.rows, blocks.units), accumulate_as))
@@ -248,8 +249,8 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
         return tuple(d_carry._replace(h=d_carry.h + through_w_h(j).astype(d_carry.h.dtype))
                      for j, d_carry in zip(unit_blocks, d_carries_in, strict=True))
 
-    initial = tuple(cell.carry_type(*(d[rows, unit_range(j)] for d in d_final)) for j in unit_blocks)
+    initial = tuple(cell.carry_type(*(d[rows, _units(j, blocks)] for d in d_final)) for j in unit_blocks)
     d_carries = jax.lax.fori_loop(0, steps, step, initial)
     for j, d_carry in zip(unit_blocks, d_carries, strict=True):
         for out, value in zip(d_carry_out, d_carry, strict=True):
-            out[rows, unit_range(j)] = value.astype(out.dtype)
+            out[rows, _units(j, blocks)] = value.astype(out.dtype)
