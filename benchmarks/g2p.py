@@ -33,6 +33,7 @@ VARIANTS = {
     "dot": ["model.attention=dot"],
     "none": ["model.attention=none"],
     "unidirectional": ["model.bidirectional=false"],
+    "feeding": ["model.input_feeding=true"],  # the decoder reads its last attentional output
 }
 
 

@@ -42,6 +42,7 @@ class ModelConfig:
     bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
     attention: str = "additive"  # seq2seq: none | additive (Bahdanau's score) | dot (Luong's general score)
     target: str = "chars"  # seq2seq: the decoder writes characters | tokens (space-separated: one g2p phoneme per step)
+    input_feeding: bool = False  # seq2seq: the decoder reads its previous attentional output with each symbol (Luong et al. 2015)
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,8 @@ def validate(config: Config) -> None:
     _require(model.target in TARGETS, f"model.target must be one of {', '.join(TARGETS)}, got {model.target!r}")
     _require(model.kind == "seq2seq" or model.target == "chars",
              "model.target = tokens is for seq2seq models; a language model writes characters")
+    _require(not model.input_feeding or (model.kind == "seq2seq" and model.attention != "none"),
+             "model.input_feeding feeds a seq2seq decoder its attention's output: it needs model.attention")
     _require(model.kind == "lm" or not model.learn_initial_state,
              "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")

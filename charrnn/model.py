@@ -178,15 +178,26 @@ def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: 
     return carry, dense(top, prepared["output"]["w"], prepared["output"]["b"])  # [T, B, V]
 
 
-def step_top(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):
-    """One character per stream, ids [B] -> (carry, top layer's output [B, H])."""
+def step_top(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array, feed: jax.Array | None = None,
+             dropout_key=None):
+    """One character per stream, ids [B] -> (carry, top layer's output [B, H]).
+
+    `feed` [B, G*H] is added to the first layer's input projection (a decoder's
+    input feeding). A `dropout_key` drops each layer's output with its own mask
+    for this step; with `model.locked_dropout`, the same key at every step gives
+    `run_layers`'s masks exactly.
+    """
     cell = CELLS[config.cell]
 
-    def one_step(layer: dict, layer_carry, layer_input: jax.Array):
-        return cell.step(layer, layer_carry, project_input(layer, layer_input))  # [B, H]
+    def one_step(layer: dict, layer_carry, layer_input: jax.Array):  # a time axis of 1, as dropout's masks expect
+        projection = project_input(layer, layer_input[0])
+        if feed is not None and "table" in layer:
+            projection = projection + feed
+        layer_carry, hidden = cell.step(layer, layer_carry, projection)  # [B, H]
+        return layer_carry, hidden[None]
 
-    carry, _, top = _stack(prepared, config, carry, ids, one_step)
-    return carry, top
+    carry, _, top = _stack(prepared, config, carry, ids[None], one_step, dropout_key)
+    return carry, top[0]
 
 
 def step(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array):

@@ -199,6 +199,8 @@ def test_missing_config_file(tmp_path):
         (["model.attention=multihead"], "model.attention"),
         (["model.encoder_layers=0"], "model.encoder_layers"),
         (["model.kind=seq2seq", "model.learn_initial_state=true"], "model.learn_initial_state"),
+        (["model.input_feeding=true"], "model.input_feeding"),
+        (["model.kind=seq2seq", "model.attention=none", "model.input_feeding=true"], "model.input_feeding"),
         (["train.max_length=0"], "train.max_length"),
         (["model.kind=seq2seq", "model.target=words"], "model.target"),
         (["model.target=tokens"], "model.target = tokens is for seq2seq"),
@@ -221,6 +223,7 @@ def test_validate_rejects_infinite_weight_decay():
     [
         ["model.dropout=0"],
         ["model.dropout=0.99"],
+        ["model.kind=seq2seq", "model.input_feeding=true"],
         ["model.weight_drop=0.99", "model.embedding_dropout=0.99", "train.ema=0.9999"],
         ["train.label_smoothing=0.99", "model.kernel=pallas", "model.cell=rnn", "model.hidden_size=48"],
         ["train.final_lr_fraction=1", "train.schedule=exponential"],

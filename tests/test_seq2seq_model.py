@@ -81,11 +81,14 @@ def reference_nats(params: dict, config: ModelConfig, source: np.ndarray, target
     state = np.tanh(final @ params["bridge"]["w"] + params["bridge"]["b"]).reshape(config.num_layers, fields, hidden)
     carries = [tuple(state[layer]) for layer in range(config.num_layers)]
     decoder, attention = params["decoder"], params.get("attention")
-    nats = 0.0
+    nats, feed = 0.0, np.zeros(hidden)
     for previous, wanted in zip([0, *target], [*target, 0]):
         x = decoder["embedding"][previous]
         for layer in range(config.num_layers):
-            carries[layer] = cell_step(cell, decoder["layers"][layer], carries[layer], x)
+            p = decoder["layers"][layer]
+            if layer == 0 and config.input_feeding:  # the first layer reads [symbol; last features]
+                p, x = {**p, "w_x": np.concatenate([p["w_x"], attention["w_f"]])}, np.concatenate([x, feed])
+            carries[layer] = cell_step(cell, p, carries[layer], x)
             x = carries[layer][0]
         if config.attention != "none":
             keys = values @ attention["w_k"]  # [S, H]
@@ -94,7 +97,7 @@ def reference_nats(params: dict, config: ModelConfig, source: np.ndarray, target
             else:
                 scores = np.tanh(x @ attention["w_q"] + keys) @ attention["v"]
             context = softmax(scores) @ values
-            x = np.tanh(np.concatenate([x, context]) @ attention["w_c"] + attention["b_c"])
+            x = feed = np.tanh(np.concatenate([x, context]) @ attention["w_c"] + attention["b_c"])
         logits = x @ decoder["output"]["w"] + decoder["output"]["b"]
         nats -= np.log(softmax(logits)[wanted])
     return nats
@@ -105,6 +108,8 @@ VARIANTS = [
     dict(cell="gru", attention="dot", bidirectional=True),
     dict(cell="rnn", attention="none", bidirectional=False),
     dict(cell="lstm", attention="dot", bidirectional=False, encoder_layers=1, num_layers=1),
+    dict(cell="lstm", attention="additive", bidirectional=True, input_feeding=True),
+    dict(cell="gru", attention="dot", bidirectional=True, input_feeding=True),
 ]
 
 
@@ -188,6 +193,25 @@ def test_attention_weights_sum_to_one_over_real_positions(attention):
     assert np.all(weights[:, mask] > 0.0)
 
 
+def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():
+    """The feeding path (attention inside a step-by-step loop) against the plain one (whole layers, then
+    attention): with W_f = 0 they compute the same, locked dropout masks and gradients included."""
+    plain = dataclasses.replace(SMALL, dropout=0.3, locked_dropout=True)
+    feeding = dataclasses.replace(plain, input_feeding=True)
+    params = jax.tree.map(jnp.float32, params_for(feeding))
+    params["attention"]["w_f"] = jnp.zeros_like(params["attention"]["w_f"])
+    without = {**params, "attention": {k: v for k, v in params["attention"].items() if k != "w_f"}}
+    batch = pairs_lib.make_batch(*random_pairs(7, 5))
+    key = jax.random.key(3)
+    loss, grads = jax.value_and_grad(s2s.loss)(params, feeding, batch, key)
+    want_loss, want_grads = jax.value_and_grad(s2s.loss)(without, plain, batch, key)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert np.any(np.asarray(grads["attention"].pop("w_f")) != 0)  # the features do reach W_f
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert not np.isclose(float(loss), float(s2s.loss(without, plain, batch)), rtol=1e-3)  # dropout did apply
+
+
 def test_beam_of_one_is_greedy():
     config = dataclasses.replace(SMALL, attention="additive")
     params = jax.tree.map(jnp.float32, params_for(config))
@@ -215,8 +239,9 @@ def hypothesis_scores(params, config, source: np.ndarray, length: int) -> dict[t
     return scores
 
 
-def test_beam_as_wide_as_every_hypothesis_is_exhaustive_search():
-    config = dataclasses.replace(SMALL, attention="dot", num_layers=1, encoder_layers=1)
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_beam_as_wide_as_every_hypothesis_is_exhaustive_search(input_feeding):
+    config = dataclasses.replace(SMALL, attention="dot", num_layers=1, encoder_layers=1, input_feeding=input_feeding)
     params = jax.tree.map(jnp.float32, params_for(config, seed=3))
     length = 3
     source = np.array([3, 1, 4], np.int32)

@@ -15,7 +15,7 @@ from charrnn.seq2seq.pairs import BOUNDARY
 
 
 def _decoder(params: dict, config: ModelConfig, source: jax.Array):
-    """(decoder's prepared params, initial carry, memory) for sources [S, B]."""
+    """(decoder's prepared params, its initial state, memory) for sources [S, B]."""
     carry, memory = seq2seq_model.start(params, config, source)
     return model.prepare(params["decoder"], config), carry, memory
 

@@ -5,7 +5,8 @@ Params are a plain dict pytree:
     encoder: {embedding [Vs, E], forward: [layers], backward: [layers] (bidirectional)}
     bridge: {w [D, L*F*H], b}: the encoder's final state -> every decoder layer's initial carry
     decoder: a language model's params (embedding [Vt, E], layers, output {w [H, Vt], b})
-    attention: {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c} (none: absent)
+    attention: {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c, (w_f [H, G*H] input feeding)}
+        (none: absent)
 with D = H, or 2H for a bidirectional encoder, and A = H.
 
 Source id 0 is padding; target id 0 is the boundary: the decoder's first input
@@ -23,6 +24,14 @@ from charrnn import dropout, model
 from charrnn.cells import CELLS, dense, matmul
 from charrnn.config import ModelConfig
 from charrnn.seq2seq.pairs import PAD, PairBatch
+
+
+class DecoderState(NamedTuple):
+    """The decoder's state between target symbols."""
+
+    layers: tuple  # each decoder layer's carry
+    feed: jax.Array | None  # [B, H] the last symbol's attentional features (model.input_feeding), else None
+
 
 class Memory(NamedTuple):
     """What the decoder reads of the encoder: its outputs, their padding, and the attention's keys."""
@@ -62,6 +71,8 @@ def init_params(key: jax.Array, config: ModelConfig, source_vocab_size: int, tar
                      "w_c": _uniform(key_c, (hidden + width, hidden)), "b_c": jnp.zeros((hidden,), jnp.float32)}
         if config.attention == "additive":
             attention |= {"w_q": _uniform(key_q, (hidden, hidden)), "v": _uniform(key_v, (hidden,))}
+        if config.input_feeding:
+            attention["w_f"] = _uniform(jax.random.fold_in(key_attention, 4), (hidden, cell.num_gates * hidden))
         params["attention"] = attention
     return params
 
@@ -165,21 +176,46 @@ def attend(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) 
     return features, weights
 
 
-def start(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None) -> tuple[tuple, Memory]:
-    """Encode `source` [S, B]: (the decoder's initial carry, the memory it attends to)."""
+def start(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None) -> tuple[DecoderState, Memory]:
+    """Encode `source` [S, B]: (the decoder's initial state, the memory it attends to).
+
+    With input feeding the first symbol is fed zeros for the features before it.
+    """
     outputs, final = encode(params, config, source, dropout_key)
-    return bridge(params, config, final), memory(params, config, outputs, source)
+    feed = jnp.zeros((source.shape[1], config.hidden_size), jnp.float32) if config.input_feeding else None
+    return DecoderState(bridge(params, config, final), feed), memory(params, config, outputs, source)
 
 
 def forward(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None):
     """Teacher-forced logits [T, B, Vt] and attention weights [T, B, S] (or None) of a batch of pairs."""
     params = dropout.weights(params, config, dropout_key)
     encoder_key, decoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    carry, memory = start(params, config, batch.source, encoder_key)
+    state, memory = start(params, config, batch.source, encoder_key)
     prepared = model.prepare(params["decoder"], config)
-    _, _, top = model.run_layers(prepared, config, carry, batch.target_in, decoder_key)  # [T, B, H]
-    features, weights = attend(params, config, top, memory)
+    if config.input_feeding:
+        features, weights = _fed_features(params, prepared, config, state, batch.target_in, memory, decoder_key)
+    else:  # the decoder's layers read only symbols: each runs its whole loop before attention
+        _, _, top = model.run_layers(prepared, config, state.layers, batch.target_in, decoder_key)  # [T, B, H]
+        features, weights = attend(params, config, top, memory)
     return dense(features, prepared["output"]["w"], prepared["output"]["b"]), weights
+
+
+def _fed_features(params: dict, prepared: dict, config: ModelConfig, state: DecoderState, target_in: jax.Array,
+                  memory: Memory, dropout_key=None) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced features [T, B, H] and attention weights [T, B, S], a symbol at a time: with input
+    feeding each step reads the features of the step before, so attention runs inside the time loop.
+
+    Output dropout draws step t's mask from fold_in(key, t), or the key's own at every step when locked.
+    """
+    def one_symbol(state, inputs):
+        ids, t = inputs
+        key = dropout_key if dropout_key is None or config.locked_dropout else jax.random.fold_in(dropout_key, t)
+        state, features, weights = _features_step(params, prepared, config, state, ids, memory, key)
+        return state, (features, weights)
+
+    steps = jnp.arange(target_in.shape[0])
+    _, (features, weights) = jax.lax.scan(one_symbol, state, (target_in, steps))
+    return features, weights
 
 
 def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None,
@@ -196,10 +232,23 @@ def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None, 
     return total / jnp.maximum(count, 1.0)
 
 
-def decoder_step(params: dict, prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array, memory: Memory):
-    """One target symbol per pair, ids [B] -> (carry, logits [B, Vt], attention weights [B, S] or None)."""
-    carry, top = model.step_top(prepared, config, carry, ids)
+def _features_step(params: dict, prepared: dict, config: ModelConfig, state: DecoderState, ids: jax.Array,
+                   memory: Memory, dropout_key=None):
+    """One target symbol per pair, ids [B] -> (state, features [B, H], attention weights [B, S] or None).
+
+    With input feeding the first layer's input adds feed W_f to the symbol's projection.
+    """
+    feed = None if state.feed is None else matmul(state.feed, params["attention"]["w_f"])
+    layers, top = model.step_top(prepared, config, state.layers, ids, feed, dropout_key)
     features, weights = attend(params, config, top[None], memory)
-    logits = dense(features[0], prepared["output"]["w"], prepared["output"]["b"])
-    return carry, logits, None if weights is None else weights[0]
+    features = features[0]
+    return (DecoderState(layers, None if state.feed is None else features), features,
+            None if weights is None else weights[0])
+
+
+def decoder_step(params: dict, prepared: dict, config: ModelConfig, state: DecoderState, ids: jax.Array,
+                 memory: Memory):
+    """One target symbol per pair, ids [B] -> (state, logits [B, Vt], attention weights [B, S] or None)."""
+    state, features, weights = _features_step(params, prepared, config, state, ids, memory)
+    return state, dense(features, prepared["output"]["w"], prepared["output"]["b"]), weights
 
