@@ -57,7 +57,7 @@ def train(corpus: str | Path | None = None, out: str | Path | None = None,
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
         raise
-    except jax.errors.JaxRuntimeError as error:
+    except (jax.errors.JaxRuntimeError, ValueError) as error:  # gloo's failures come as either, by where they surface
         if jax.process_count() == 1 or not _LOST_PEER.search(str(error)):
             raise  # this process's own failure (out of memory, ...): an internal error, traceback with --debug
         # A collective failed: another process died, left, or stopped on an error of its own. The

@@ -8,11 +8,14 @@ import time
 
 from typing import NamedTuple
 
+import jax
 import numpy as np
+import pytest
 from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_subprocess, \
     start_subprocess, subprocess_env
 
-from charrnn import checkpoint, data, distributed, runtime
+from charrnn import checkpoint, data, distributed, runtime, training
+from charrnn.errors import PeerError
 
 TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 CPU_DEVICE_PER_CORE = {"XLA_FLAGS": ""}  # no forced count: charrnn train gives JAX one CPU device per core
@@ -256,3 +259,17 @@ def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path
         texts[name] = [json.loads(line)["text"] for line in done.out.splitlines()]
     assert len(texts["one"]) == 32 and len(set(texts["one"])) == 32
     assert texts["one"] == texts["two"]
+
+
+@pytest.mark.parametrize("error", [ValueError, jax.errors.JaxRuntimeError])
+def test_a_collective_failing_on_a_lost_peer_is_a_peer_error_naming_the_resume(tmp_path, monkeypatch, error):
+    """gloo reports a lost peer as either exception, by where it surfaces; alone, the same error is this process's own."""
+    def lost_peer(*args, **kwargs):
+        raise error("UNKNOWN: Gloo all-reduce failed: Read error [127.0.0.1]:2458: Connection reset by peer")
+
+    monkeypatch.setattr(training, "_train", lost_peer)
+    with pytest.raises(error):
+        training.train("corpus.txt", tmp_path / "run")
+    monkeypatch.setattr(training.jax, "process_count", lambda: 2)
+    with pytest.raises(PeerError, match=f"--resume {tmp_path / 'run'}"):
+        training.train("corpus.txt", tmp_path / "run")

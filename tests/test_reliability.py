@@ -228,7 +228,7 @@ def kill_after_reported_saves(process, saves: float, delay_s: float) -> str:
 
 def test_random_sigkills_never_lose_a_reported_checkpoint(small_corpus, tmp_path):
     """Sessions killed after a random number of saves, or inside a random write, never lose a reported save."""
-    kills = int(os.environ.get("CHARRNN_SOAK_KILLS", "20"))
+    kills = int(os.environ.get("CHARRNN_SOAK_KILLS", "12"))
     rng = random.Random(0)
     args = [*LAYOUT, "--steps", "100000", "--set", "train.eval_every=3", "--set", "train.keep=2"]
     newest_reported = 0
