@@ -1,6 +1,8 @@
 """Shared test settings: strict shapes, and small corpora made on the fly."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
@@ -10,8 +12,10 @@ from charrnn import runtime
 
 # The XLA options `charrnn` runs with, so in-process runs compare bit for bit with subprocess ones.
 runtime.set_xla_flags()
-# One compilation cache for the whole session (subprocesses included), away from the user's.
-os.environ.setdefault("CHARRNN_CACHE_DIR", tempfile.mkdtemp(prefix="charrnn-test-cache-"))
+# One compilation cache for the whole session (subprocesses included), away from the user's, removed at the end.
+if "CHARRNN_CACHE_DIR" not in os.environ:
+    os.environ["CHARRNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="charrnn-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CHARRNN_CACHE_DIR"], ignore_errors=True)
 
 # Implicit rank broadcasting hides shape bugs; every broadcast in charrnn is explicit.
 jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from charrnn.config import ModelConfig
-from charrnn.seq2seq import generate, model as s2s, pairs as pairs_lib
+from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib
 
 SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
 SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0)
@@ -190,6 +190,32 @@ def test_attention_weights_sum_to_one_over_real_positions(attention):
     np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-5)
     assert np.all(weights[:, ~mask] == 0.0)
     assert np.all(weights[:, mask] > 0.0)
+
+
+def test_additive_scores_backward_is_autodiff_of_the_formula():
+    """The hand-written backward (tanh recomputed a query at a time) against JAX's derivative of
+    v · tanh(q_t + k_s), in float64, for every input and a cotangent with zeros where padding would be."""
+    rng = np.random.default_rng(5)
+    projected, keys, v = rng.normal(size=(5, 3, 4)), rng.normal(size=(7, 3, 4)), rng.normal(size=4)
+    cotangent = rng.normal(size=(5, 3, 7)) * (np.arange(7) < 6)
+    formula = lambda q, k, w: jnp.einsum("tsba,a->tbs", jnp.tanh(q[:, None] + k[None]), w)  # noqa: E731
+    with jax.enable_x64(True):
+        scores, backward = jax.vjp(attention.additive_scores, projected, keys, v)
+        want_scores, want_backward = jax.vjp(formula, projected, keys, v)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-12)
+        for got, want in zip(backward(cotangent), want_backward(cotangent), strict=True):
+            assert got.dtype == np.float64
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_and_bridge_multiply_in_the_models_matmul_dtype():
+    config = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
+    params = s2s.init_params(jax.random.key(0), config, SOURCE_VOCAB, TARGET_VOCAB)
+    weights = attention.weights_of(params, config)
+    assert {name for name, leaf in weights.items() if leaf.dtype == jnp.bfloat16} == {"w_k", "w_q", "w_c", "w_f"}
+    assert weights["v"].dtype == weights["b_c"].dtype == jnp.float32
+    jaxpr = str(jax.make_jaxpr(lambda p: s2s.start(p, config, jnp.ones((3, 2), jnp.int32)))(params))
+    assert "bf16[16,32]" in jaxpr  # the bridge's w [2H, L*2*H]: no encoder weight has its shape
 
 
 def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():

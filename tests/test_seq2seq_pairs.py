@@ -65,15 +65,25 @@ def test_batches_pad_and_mask_and_put_the_end_symbol_last():
 
 
 def test_each_epoch_takes_every_pair_once_in_a_seeded_order():
-    lengths = np.random.default_rng(0).integers(1, 30, 1003)
+    rng = np.random.default_rng(0)
+    sources = [np.ones(length, np.int32) for length in rng.integers(1, 30, 1003)]
+    targets = [np.ones(length, np.int32) for length in rng.integers(1, 30, 1003)]
+    keys = pairs_lib.length_key(sources, targets)
     schedule = pairs_lib.schedule(1003, 10)
-    first = pairs_lib.epoch_order(lengths, schedule, seed=7, epoch=0)
+    first = pairs_lib.epoch_order(keys, schedule, seed=7, epoch=0)
     assert first.shape == (100, 10) and len(set(first.ravel())) == 1000
-    np.testing.assert_array_equal(first, pairs_lib.epoch_order(lengths, schedule, seed=7, epoch=0))
-    assert not np.array_equal(first, pairs_lib.epoch_order(lengths, schedule, seed=7, epoch=1))
-    # Batches are alike in length: far less spread within a batch than across the epoch.
-    spread = np.mean([np.ptp(lengths[batch]) for batch in first])
-    assert spread < np.ptp(lengths) / 3
+    np.testing.assert_array_equal(first, pairs_lib.epoch_order(keys, schedule, seed=7, epoch=0))
+    assert not np.array_equal(first, pairs_lib.epoch_order(keys, schedule, seed=7, epoch=1))
+    # Batches are alike in length on both sides: far less spread within a batch than across the epoch.
+    for lengths in (np.array([len(ids) for ids in sources]), np.array([len(ids) for ids in targets])):
+        spread = np.mean([np.ptp(lengths[batch]) for batch in first])
+        assert spread < np.ptp(lengths) / 3
+
+
+def test_length_key_sorts_by_padded_target_then_source():
+    sources = [np.ones(length, np.int32) for length in (9, 2, 5, 1)]
+    targets = [np.ones(length, np.int32) for length in (3, 6, 12, 7)]  # padded with the end symbol: 8, 8, 16, 8
+    assert list(np.argsort(pairs_lib.length_key(sources, targets))) == [3, 1, 0, 2]
 
 
 def test_sources_with_unknown_characters_are_named():

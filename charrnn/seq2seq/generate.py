@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from charrnn import model
 from charrnn.config import ModelConfig
 from charrnn.sample import choose
-from charrnn.seq2seq import model as seq2seq_model
+from charrnn.seq2seq import attention, model as seq2seq_model
 from charrnn.seq2seq.pairs import BOUNDARY
 
 
@@ -73,7 +73,7 @@ def beam_search(params: dict, config: ModelConfig, source: jax.Array, length: in
     prepared, carry, memory = _decoder(params, config, source)
     batch_size, vocab_size = source.shape[1], prepared["output"]["b"].shape[0]
     carry = jax.tree.map(lambda leaf: jnp.repeat(leaf, beam, axis=0), carry)  # [B*K, H]: pair b's beams side by side
-    memory = seq2seq_model.Memory(*(None if part is None else jnp.repeat(part, beam, axis=1) for part in memory))
+    memory = attention.Memory(*(None if part is None else jnp.repeat(part, beam, axis=1) for part in memory))
     ended_row = jnp.where(jnp.arange(vocab_size) == BOUNDARY, 0.0, -jnp.inf)[None, None]  # [1, 1, V]
 
     def one_character(t, state):

@@ -5,9 +5,8 @@ Params are a plain dict pytree:
     encoder: {embedding [Vs, E], forward: [layers], backward: [layers] (bidirectional)}
     bridge: {w [D, L*F*H], b}: the encoder's final state -> every decoder layer's initial carry
     decoder: a language model's params (embedding [Vt, E], layers, output {w [H, Vt], b})
-    attention: {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c, (w_f [H, G*H] input feeding)}
-        (none: absent)
-with D = H, or 2H for a bidirectional encoder, and A = H.
+    attention: `charrnn.seq2seq.attention`'s (none: absent)
+with D = H, or 2H for a bidirectional encoder.
 
 Source id 0 is padding; target id 0 is the boundary: the decoder's first input
 (start) and its last output (end). Sequences are time-major: [S, B] and [T, B].
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 from charrnn import dropout, model
 from charrnn.cells import CELLS, dense, matmul
 from charrnn.config import ModelConfig
+from charrnn.seq2seq.attention import Memory, attend, memory, weights_of
 from charrnn.seq2seq.pairs import PAD, PairBatch
 
 
@@ -31,14 +31,6 @@ class DecoderState(NamedTuple):
 
     layers: tuple  # each decoder layer's carry
     feed: jax.Array | None  # [B, H] the last symbol's attentional features (model.input_feeding), else None
-
-
-class Memory(NamedTuple):
-    """What the decoder reads of the encoder: its outputs, their padding, and the attention's keys."""
-
-    values: jax.Array  # [S, B, D] the top encoder layer's output at each source position
-    mask: jax.Array  # [S, B] bool: True at real positions
-    keys: jax.Array | None  # [S, B, A] values projected for the attention score (None without attention)
 
 
 def directions(config: ModelConfig) -> tuple[str, ...]:
@@ -134,46 +126,11 @@ def bridge(params: dict, config: ModelConfig, final: jax.Array) -> tuple:
     """Every decoder layer's initial carry from the encoder's final state: tanh(final W + b), cut per layer."""
     cell = CELLS[config.cell]
     fields = len(cell.carry_type._fields)
-    state = jnp.tanh(dense(final, params["bridge"]["w"], params["bridge"]["b"]))  # [B, L*F*H]
+    weights = model.cast_weights(params["bridge"], config)
+    state = jnp.tanh(dense(final, weights["w"], weights["b"]))  # [B, L*F*H]
     state = state.reshape(final.shape[0], config.num_layers, fields, config.hidden_size)
     return tuple(cell.carry_type(*(state[:, layer, field] for field in range(fields)))
                  for layer in range(config.num_layers))
-
-
-def memory(params: dict, config: ModelConfig, outputs: jax.Array, source: jax.Array) -> Memory:
-    """The encoder's outputs as the decoder attends to them; the keys are projected once per source."""
-    keys = matmul(outputs, params["attention"]["w_k"]) if config.attention != "none" else None
-    return Memory(outputs, source != PAD, keys)
-
-
-def attention_weights(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> jax.Array:
-    """Weights [T, B, S] of each decoder output `query` [T, B, H] over the source positions.
-
-    dot (Luong's general score): q · (W_k e_s). additive (Bahdanau's score):
-    v · tanh(W_q q + W_k e_s). A softmax over the real positions; padding gets 0.
-    """
-    if config.attention == "dot":
-        scores = jnp.einsum("tbh,sbh->tbs", query, memory.keys)
-    else:
-        projected = matmul(query, params["attention"]["w_q"])  # [T, B, A]
-        scores = jnp.einsum("tsba,a->tbs", jnp.tanh(projected[:, None] + memory.keys[None]), params["attention"]["v"])
-    scores = jnp.where(memory.mask.T[None], scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
-
-
-def attend(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> tuple[jax.Array, jax.Array | None]:
-    """(features [T, B, H] the output layer reads, attention weights [T, B, S] or None).
-
-    With attention, the features are tanh(W_c [q; c] + b_c), c = Σ_s a_s e_s
-    (Luong et al. 2015); without, the decoder's output q itself.
-    """
-    if config.attention == "none":
-        return query, None
-    weights = attention_weights(params, config, query, memory)
-    context = jnp.einsum("tbs,sbd->tbd", weights, memory.values)
-    features = jnp.tanh(dense(jnp.concatenate([query, context], axis=-1), params["attention"]["w_c"],
-                              params["attention"]["b_c"]))
-    return features, weights
 
 
 def start(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None) -> tuple[DecoderState, Memory]:
@@ -238,7 +195,7 @@ def _features_step(params: dict, prepared: dict, config: ModelConfig, state: Dec
 
     With input feeding the first layer's input adds feed W_f to the symbol's projection.
     """
-    feed = None if state.feed is None else matmul(state.feed, params["attention"]["w_f"])
+    feed = None if state.feed is None else matmul(state.feed, weights_of(params, config)["w_f"])
     layers, top = model.step_top(prepared, config, state.layers, ids, feed, dropout_key)
     features, weights = attend(params, config, top[None], memory)
     features = features[0]

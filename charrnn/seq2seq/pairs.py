@@ -154,8 +154,19 @@ def split(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
     return pick(False), pick(True)
 
 
-def padded_length(length: int) -> int:
+def padded_length(length: int | np.ndarray) -> int | np.ndarray:
     return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def length_key(sources: list[np.ndarray], targets: list[np.ndarray]) -> np.ndarray:
+    """Each pair's place in a sort by padded target length, then source length.
+
+    Pairs sorted by it fill batches that pad little on both sides: a batch of
+    one padded target length spans as few source lengths as it can.
+    """
+    source_lengths = np.array([len(ids) for ids in sources])
+    target_lengths = padded_length(np.array([len(ids) + 1 for ids in targets]))  # the end symbol included
+    return target_lengths * (source_lengths.max(initial=0) + 1) + source_lengths
 
 
 def make_batch(sources: list[np.ndarray], targets: list[np.ndarray], source_len: int | None = None,
@@ -204,14 +215,14 @@ def schedule(num_pairs: int, batch_size: int) -> Schedule:
     return Schedule(num_pairs, batch_size, num_pairs // batch_size)
 
 
-def epoch_order(lengths: np.ndarray, schedule: Schedule, seed: int, epoch: int) -> np.ndarray:
-    """The pair indices of `epoch`'s batches [batches, B]: shuffled, then sorted by length within windows."""
+def epoch_order(sort_keys: np.ndarray, schedule: Schedule, seed: int, epoch: int) -> np.ndarray:
+    """The pair indices of `epoch`'s batches [batches, B]: shuffled, then sorted by `sort_keys` within windows."""
     order = np.random.default_rng([seed, epoch]).permutation(schedule.num_pairs)
     order = order[: schedule.batches_per_epoch * schedule.batch_size]
     window = SORT_WINDOW * schedule.batch_size
     for begin in range(0, len(order), window):
         part = order[begin : begin + window]
-        order[begin : begin + window] = part[np.argsort(lengths[part], kind="stable")]
+        order[begin : begin + window] = part[np.argsort(sort_keys[part], kind="stable")]
     batches = order.reshape(schedule.batches_per_epoch, schedule.batch_size)
     groups = -(-len(batches) // ALIKE_BATCHES)
     group_order = np.random.default_rng([seed, epoch, 1]).permutation(groups)

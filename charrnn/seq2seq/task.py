@@ -38,7 +38,7 @@ def encode_pairs(source_vocab: Vocab, target_vocab: Vocab | TokenVocab, pairs: p
 
 def batches_of(sources: list[np.ndarray], targets: list[np.ndarray], size: int) -> list[PairBatch]:
     """Consecutive batches of up to `size` pairs, sorted by length so that little of each is padding."""
-    order = np.argsort([len(ids) for ids in targets], kind="stable")
+    order = np.argsort(pairs_lib.length_key(sources, targets), kind="stable")
     return [pairs_lib.make_batch([sources[i] for i in part], [targets[i] for i in part])
             for part in np.array_split(order, max(1, -(-len(order) // size)))]
 
@@ -63,9 +63,9 @@ class PairsTask:
     def __init__(self, config: Config, corpus: PairsCorpus):
         self.config, self.corpus = config, corpus
         sources, targets = corpus.train
-        self.lengths = np.array([len(ids) for ids in targets])
+        self.sort_keys = pairs_lib.length_key(sources, targets)
         self.schedule = pairs_lib.schedule(len(targets), config.train.batch_size)
-        self.chars_per_step = int(round(config.train.batch_size * (self.lengths.mean() + 1)))
+        self.chars_per_step = int(round(config.train.batch_size * (np.mean([len(ids) for ids in targets]) + 1)))
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def init_params(self, key: jax.Array) -> dict:
@@ -81,7 +81,7 @@ class PairsTask:
     def _batch_pairs(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.schedule.batches_per_epoch)
         if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, pairs_lib.epoch_order(self.lengths, self.schedule, self.config.train.seed, epoch))
+            self._epoch = (epoch, pairs_lib.epoch_order(self.sort_keys, self.schedule, self.config.train.seed, epoch))
         return self._epoch[1][index]
 
     def batches(self, step: int, count: int, streams: slice) -> PairBatch:
