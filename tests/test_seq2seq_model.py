@@ -211,11 +211,28 @@ def test_additive_scores_backward_is_autodiff_of_the_formula():
 def test_attention_and_bridge_multiply_in_the_models_matmul_dtype():
     config = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
     params = s2s.init_params(jax.random.key(0), config, SOURCE_VOCAB, TARGET_VOCAB)
-    weights = attention.weights_of(params, config)
+    weights = s2s.prepare(params, config)["attention"]
     assert {name for name, leaf in weights.items() if leaf.dtype == jnp.bfloat16} == {"w_k", "w_q", "w_c", "w_f"}
     assert weights["v"].dtype == weights["b_c"].dtype == jnp.float32
-    jaxpr = str(jax.make_jaxpr(lambda p: s2s.start(p, config, jnp.ones((3, 2), jnp.int32)))(params))
+    start = lambda p: s2s.start(p, s2s.prepare(p, config), config, jnp.ones((3, 2), jnp.int32))  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(start)(params))
     assert "bf16[16,32]" in jaxpr  # the bridge's w [2H, L*2*H]: no encoder weight has its shape
+
+
+@pytest.mark.parametrize("path", ["train", "generate"])
+def test_attention_weights_are_cast_once_per_compiled_call(path):
+    """Not again at every decoder step: the teacher-forced loop with input feeding and the generation loop
+    each cast w_k [2H, H], w_q [H, H] and w_c [3H, H] a single time (no other weight has their shapes)."""
+    config = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
+    params = s2s.init_params(jax.random.key(0), config, SOURCE_VOCAB, TARGET_VOCAB)
+    batch = pairs_lib.make_batch(*random_pairs(2, 3))
+    if path == "train":
+        jaxpr = jax.make_jaxpr(lambda p: s2s.loss(p, config, batch))(params)
+    else:
+        jaxpr = jax.make_jaxpr(lambda p: generate.sample(p, config, batch.source, jax.random.key(0), jnp.float32(1.0),
+                                                         None, 6))(params)
+    for shape in ("[16,8]", "[8,8]", "[24,8]"):
+        assert str(jaxpr).count(f"bf16{shape} = convert_element_type") == 1, shape
 
 
 def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():

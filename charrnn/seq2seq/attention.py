@@ -1,8 +1,9 @@
 """Attention over the encoder's outputs: the scores (dot, additive), their softmax, the attentional features.
 
 Params: params["attention"] = {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c,
-(w_f [H, G*H] input feeding)}, with D the encoder's width and A = H. Their
-weight matrices multiply in the model's matmul dtype, as the recurrent layers' do.
+(w_f [H, G*H] input feeding)}, with D the encoder's width and A = H. The functions here
+take them as `seq2seq.model.prepare` casts them once per compiled call: weight
+matrices in the model's matmul dtype, as the recurrent layers' are.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from charrnn import model
 from charrnn.cells import dense, matmul
 from charrnn.config import ModelConfig
 from charrnn.seq2seq.pairs import PAD
@@ -26,14 +26,9 @@ class Memory(NamedTuple):
     keys: jax.Array | None  # [S, B, A] values projected for the attention score (None without attention)
 
 
-def weights_of(params: dict, config: ModelConfig) -> dict:
-    """params["attention"] as the matmuls use it: weight matrices in the matmul dtype, the rest float32."""
-    return model.cast_weights(params["attention"], config)
-
-
-def memory(params: dict, config: ModelConfig, outputs: jax.Array, source: jax.Array) -> Memory:
+def memory(weights: dict | None, outputs: jax.Array, source: jax.Array) -> Memory:
     """The encoder's outputs as the decoder attends to them; the keys are projected once per source."""
-    keys = matmul(outputs, weights_of(params, config)["w_k"]) if config.attention != "none" else None
+    keys = None if weights is None else matmul(outputs, weights["w_k"])
     return Memory(outputs, source != PAD, keys)
 
 
@@ -73,7 +68,7 @@ def _additive_scores_backward(residuals, d_scores):
 additive_scores.defvjp(_additive_scores_forward, _additive_scores_backward)
 
 
-def attention_weights(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> jax.Array:
+def attention_weights(weights: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> jax.Array:
     """Weights [T, B, S] of each decoder output `query` [T, B, H] over the source positions.
 
     dot (Luong's general score): q · (W_k e_s). additive (Bahdanau's score):
@@ -82,22 +77,21 @@ def attention_weights(params: dict, config: ModelConfig, query: jax.Array, memor
     if config.attention == "dot":
         scores = jnp.einsum("tbh,sbh->tbs", query, memory.keys)
     else:
-        attention = weights_of(params, config)
-        scores = additive_scores(matmul(query, attention["w_q"]), memory.keys, attention["v"])
+        scores = additive_scores(matmul(query, weights["w_q"]), memory.keys, weights["v"])
     scores = jnp.where(memory.mask.T[None], scores, -jnp.inf)
     return jax.nn.softmax(scores, axis=-1)
 
 
-def attend(params: dict, config: ModelConfig, query: jax.Array, memory: Memory) -> tuple[jax.Array, jax.Array | None]:
+def attend(weights: dict | None, config: ModelConfig, query: jax.Array,
+           memory: Memory) -> tuple[jax.Array, jax.Array | None]:
     """(features [T, B, H] the output layer reads, attention weights [T, B, S] or None).
 
     With attention, the features are tanh(W_c [q; c] + b_c), c = Σ_s a_s e_s
     (Luong et al. 2015); without, the decoder's output q itself.
     """
-    if config.attention == "none":
+    if weights is None:
         return query, None
-    weights = attention_weights(params, config, query, memory)
-    context = jnp.einsum("tbs,sbd->tbd", weights, memory.values)
-    attention = weights_of(params, config)
-    features = jnp.tanh(dense(jnp.concatenate([query, context], axis=-1), attention["w_c"], attention["b_c"]))
-    return features, weights
+    over_source = attention_weights(weights, config, query, memory)
+    context = jnp.einsum("tbs,sbd->tbd", over_source, memory.values)
+    features = jnp.tanh(dense(jnp.concatenate([query, context], axis=-1), weights["w_c"], weights["b_c"]))
+    return features, over_source

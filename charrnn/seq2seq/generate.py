@@ -7,7 +7,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from charrnn import model
 from charrnn.config import ModelConfig
 from charrnn.sample import choose
 from charrnn.seq2seq import attention, model as seq2seq_model
@@ -16,8 +15,8 @@ from charrnn.seq2seq.pairs import BOUNDARY
 
 def _decoder(params: dict, config: ModelConfig, source: jax.Array):
     """(decoder's prepared params, its initial state, memory) for sources [S, B]."""
-    carry, memory = seq2seq_model.start(params, config, source)
-    return model.prepare(params["decoder"], config), carry, memory
+    prepared = seq2seq_model.prepare(params, config)
+    return (prepared, *seq2seq_model.start(params, prepared, config, source))
 
 
 def until_all_ended(step, state: tuple, ended_of, length: int) -> tuple:
@@ -46,7 +45,7 @@ def sample(params: dict, config: ModelConfig, source: jax.Array, key: jax.Array,
 
     def one_character(t, state):
         carry, ids, ended, all_ids, all_weights = state
-        carry, logits, weights = seq2seq_model.decoder_step(params, prepared, config, carry, ids, memory)
+        carry, logits, weights = seq2seq_model.decoder_step(prepared, config, carry, ids, memory)
         noise = jax.random.gumbel(jax.random.fold_in(key, t), (batch_size, vocab_size))
         chosen = jnp.where(ended, BOUNDARY, choose(logits, noise, temperature, top_k, top_p))
         if weights is not None:
@@ -78,7 +77,7 @@ def beam_search(params: dict, config: ModelConfig, source: jax.Array, length: in
 
     def one_character(t, state):
         carry, ids, scores, tokens, ended = state
-        carry, logits, _ = seq2seq_model.decoder_step(params, prepared, config, carry, ids, memory)
+        carry, logits, _ = seq2seq_model.decoder_step(prepared, config, carry, ids, memory)
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, beam, vocab_size)
         log_probs = jnp.where(ended[..., None], ended_row, log_probs)
         scores, flat = jax.lax.top_k((scores[..., None] + log_probs).reshape(batch_size, beam * vocab_size), beam)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from charrnn import dropout, model
 from charrnn.cells import CELLS, dense, matmul
 from charrnn.config import ModelConfig
-from charrnn.seq2seq.attention import Memory, attend, memory, weights_of
+from charrnn.seq2seq.attention import Memory, attend, memory
 from charrnn.seq2seq.pairs import PAD, PairBatch
 
 
@@ -133,31 +133,41 @@ def bridge(params: dict, config: ModelConfig, final: jax.Array) -> tuple:
                  for layer in range(config.num_layers))
 
 
-def start(params: dict, config: ModelConfig, source: jax.Array, dropout_key=None) -> tuple[DecoderState, Memory]:
-    """Encode `source` [S, B]: (the decoder's initial state, the memory it attends to).
+def prepare(params: dict, config: ModelConfig) -> dict:
+    """The decoder's and the attention's params as the decoder multiplies with them, once per compiled call:
+    `model.prepare`'s, with the attention's weight matrices cast to the matmul dtype under "attention"."""
+    prepared = model.prepare(params["decoder"], config)
+    if "attention" in params:
+        prepared["attention"] = model.cast_weights(params["attention"], config)
+    return prepared
+
+
+def start(params: dict, prepared: dict, config: ModelConfig, source: jax.Array,
+          dropout_key=None) -> tuple[DecoderState, Memory]:
+    """Encode `source` [S, B]: (the decoder's initial state, the memory it attends to through `prepared`).
 
     With input feeding the first symbol is fed zeros for the features before it.
     """
     outputs, final = encode(params, config, source, dropout_key)
     feed = jnp.zeros((source.shape[1], config.hidden_size), jnp.float32) if config.input_feeding else None
-    return DecoderState(bridge(params, config, final), feed), memory(params, config, outputs, source)
+    return DecoderState(bridge(params, config, final), feed), memory(prepared.get("attention"), outputs, source)
 
 
 def forward(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None):
     """Teacher-forced logits [T, B, Vt] and attention weights [T, B, S] (or None) of a batch of pairs."""
     params = dropout.weights(params, config, dropout_key)
     encoder_key, decoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    state, memory = start(params, config, batch.source, encoder_key)
-    prepared = model.prepare(params["decoder"], config)
+    prepared = prepare(params, config)
+    state, memory = start(params, prepared, config, batch.source, encoder_key)
     if config.input_feeding:
-        features, weights = _fed_features(params, prepared, config, state, batch.target_in, memory, decoder_key)
+        features, weights = _fed_features(prepared, config, state, batch.target_in, memory, decoder_key)
     else:  # the decoder's layers read only symbols: each runs its whole loop before attention
         _, _, top = model.run_layers(prepared, config, state.layers, batch.target_in, decoder_key)  # [T, B, H]
-        features, weights = attend(params, config, top, memory)
+        features, weights = attend(prepared.get("attention"), config, top, memory)
     return dense(features, prepared["output"]["w"], prepared["output"]["b"]), weights
 
 
-def _fed_features(params: dict, prepared: dict, config: ModelConfig, state: DecoderState, target_in: jax.Array,
+def _fed_features(prepared: dict, config: ModelConfig, state: DecoderState, target_in: jax.Array,
                   memory: Memory, dropout_key=None) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced features [T, B, H] and attention weights [T, B, S], a symbol at a time: with input
     feeding each step reads the features of the step before, so attention runs inside the time loop.
@@ -167,7 +177,7 @@ def _fed_features(params: dict, prepared: dict, config: ModelConfig, state: Deco
     def one_symbol(state, inputs):
         ids, t = inputs
         key = dropout_key if dropout_key is None or config.locked_dropout else jax.random.fold_in(dropout_key, t)
-        state, features, weights = _features_step(params, prepared, config, state, ids, memory, key)
+        state, features, weights = _features_step(prepared, config, state, ids, memory, key)
         return state, (features, weights)
 
     steps = jnp.arange(target_in.shape[0])
@@ -189,23 +199,22 @@ def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None, 
     return total / jnp.maximum(count, 1.0)
 
 
-def _features_step(params: dict, prepared: dict, config: ModelConfig, state: DecoderState, ids: jax.Array,
-                   memory: Memory, dropout_key=None):
+def _features_step(prepared: dict, config: ModelConfig, state: DecoderState, ids: jax.Array, memory: Memory,
+                   dropout_key=None):
     """One target symbol per pair, ids [B] -> (state, features [B, H], attention weights [B, S] or None).
 
     With input feeding the first layer's input adds feed W_f to the symbol's projection.
     """
-    feed = None if state.feed is None else matmul(state.feed, weights_of(params, config)["w_f"])
+    feed = None if state.feed is None else matmul(state.feed, prepared["attention"]["w_f"])
     layers, top = model.step_top(prepared, config, state.layers, ids, feed, dropout_key)
-    features, weights = attend(params, config, top[None], memory)
+    features, weights = attend(prepared.get("attention"), config, top[None], memory)
     features = features[0]
     return (DecoderState(layers, None if state.feed is None else features), features,
             None if weights is None else weights[0])
 
 
-def decoder_step(params: dict, prepared: dict, config: ModelConfig, state: DecoderState, ids: jax.Array,
-                 memory: Memory):
+def decoder_step(prepared: dict, config: ModelConfig, state: DecoderState, ids: jax.Array, memory: Memory):
     """One target symbol per pair, ids [B] -> (state, logits [B, Vt], attention weights [B, S] or None)."""
-    state, features, weights = _features_step(params, prepared, config, state, ids, memory)
+    state, features, weights = _features_step(prepared, config, state, ids, memory)
     return state, dense(features, prepared["output"]["w"], prepared["output"]["b"]), weights
 
