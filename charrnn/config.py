@@ -72,6 +72,7 @@ class TrainConfig:
     random_offset: bool = True  # new random stream offset (and reset state) each epoch
     max_length: int = 100  # seq2seq: the longest source or target, in characters; longer pairs are errors
     skip_bad_pairs: bool = False  # seq2seq: skip (and count) malformed or too-long lines instead of refusing the file
+    scheduled_sampling: float = 0.0  # seq2seq: chance the decoder reads its own choice of the previous symbol, not the true one
     tensorboard: str = ""  # TensorBoard event files: "" = none; a relative path is inside the run directory
 
 
@@ -247,6 +248,9 @@ def validate(config: Config) -> None:
     _require(math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be a finite number >= 0")
     _require(0.0 <= train.ema < 1.0, "train.ema must be in [0, 1) (0 = no averaging)")
     _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1) (0 = none)")
+    _require(0.0 <= train.scheduled_sampling <= 1.0, "train.scheduled_sampling must be in [0, 1] (0 = teacher forcing)")
+    _require(train.scheduled_sampling == 0 or model.kind == "seq2seq",
+             "train.scheduled_sampling applies to model.kind = seq2seq only")
     _require(train.clip_norm >= 0, "train.clip_norm must not be negative (0 disables clipping)")
     _require(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no budget)")
     _require(train.save_minutes >= 0, "train.save_minutes must not be negative")

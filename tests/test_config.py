@@ -156,6 +156,9 @@ def test_missing_config_file(tmp_path):
         (["train.ema=nan"], "train.ema"),
         (["train.label_smoothing=1"], "train.label_smoothing"),
         (["train.label_smoothing=-0.1"], "train.label_smoothing"),
+        (["model.kind=seq2seq", "train.scheduled_sampling=1.5"], "train.scheduled_sampling"),
+        (["model.kind=seq2seq", "train.scheduled_sampling=nan"], "train.scheduled_sampling"),
+        (["train.scheduled_sampling=0.2"], "train.scheduled_sampling"),  # the language model reads its own text already
         (["model.kernel=triton"], "model.kernel"),
         (["model.kernel=pallas", "model.cell=gru"], "model.kernel"),
         (["model.kernel=pallas", "model.hidden_size=100"], "model.kernel"),

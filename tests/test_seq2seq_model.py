@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from charrnn.config import ModelConfig
-from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib
+from charrnn.config import Config, ModelConfig, TrainConfig
+from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib, task as task_lib
 
 SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
 SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0)
@@ -233,6 +233,40 @@ def test_attention_weights_are_cast_once_per_compiled_call(path):
                                                          None, 6))(params)
     for shape in ("[16,8]", "[8,8]", "[24,8]"):
         assert str(jaxpr).count(f"bf16{shape} = convert_element_type") == 1, shape
+
+
+def test_scheduled_sampling_reads_the_decoders_own_most_likely_symbols():
+    """Rate 1 feeds, after the start symbol, the argmax of a teacher-forced pass; rate 0 the true symbols;
+    between them each symbol is one or the other, both occurring. Nothing else of the batch changes."""
+    params = jax.tree.map(jnp.float32, params_for(SMALL))
+    batch = pairs_lib.make_batch(*random_pairs(8, 16))
+    own = np.argmax(np.asarray(s2s.forward(params, SMALL, batch)[0]), axis=-1)[:-1]  # [T-1, B]
+    true = np.asarray(batch.target_in)
+    key = jax.random.key(1)
+    mixed = {rate: s2s.with_own_choices(params, SMALL, batch, rate, key) for rate in (0.0, 0.5, 1.0)}
+    for rate, fed in mixed.items():
+        np.testing.assert_array_equal(fed.target_in[0], true[0])  # the start symbol
+        for field in ("source", "target_out", "target_mask"):
+            np.testing.assert_array_equal(getattr(fed, field), getattr(batch, field))
+    np.testing.assert_array_equal(mixed[0.0].target_in, true)
+    np.testing.assert_array_equal(mixed[1.0].target_in[1:], own)
+    half, differ = np.asarray(mixed[0.5].target_in[1:]), own != true[1:]
+    assert np.all((half == own) | (half == true[1:]))
+    assert 0 < np.mean(half[differ] == own[differ]) < 1
+
+
+def test_training_reads_own_choices_only_when_scheduled():
+    sources, targets = random_pairs(9, 6)
+    batch = pairs_lib.make_batch(sources, targets)
+    params = jax.tree.map(jnp.float32, params_for(SMALL))
+    key = jax.random.key(2)
+    corpus = task_lib.PairsCorpus(None, None, (sources, targets), (sources, targets), "", 0)
+    losses = {rate: float(task_lib.PairsTask(Config(SMALL, TrainConfig(batch_size=6, scheduled_sampling=rate)), corpus)
+                          .batch_loss(params, (), batch, key)[0]) for rate in (0.0, 1.0)}
+    np.testing.assert_allclose(losses[0.0], s2s.loss(params, SMALL, batch), rtol=1e-6)
+    np.testing.assert_allclose(losses[1.0], s2s.loss(params, SMALL, s2s.with_own_choices(params, SMALL, batch, 1.0, key)),
+                               rtol=1e-6)
+    assert not np.isclose(losses[0.0], losses[1.0], rtol=1e-3)
 
 
 def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():

@@ -185,6 +185,21 @@ def _fed_features(prepared: dict, config: ModelConfig, state: DecoderState, targ
     return features, weights
 
 
+def with_own_choices(params: dict, config: ModelConfig, batch: PairBatch, rate: float, key: jax.Array) -> PairBatch:
+    """`batch` with each symbol the decoder reads after the first replaced, with probability `rate`, by the one
+    it would have chosen there itself (scheduled sampling done in parallel, Duckworth et al. 2019).
+
+    Its choices are the most likely symbols of one teacher-forced pass without dropout: what greedy
+    decoding writes wherever the symbols before were right. Targets and mask are unchanged, so the
+    decoder learns to go on correctly after its own mistakes, as it must when it generates.
+    """
+    logits, _ = forward(jax.lax.stop_gradient(params), config, batch)
+    true = jnp.asarray(batch.target_in)
+    chosen = jnp.argmax(logits[:-1], axis=-1).astype(true.dtype)  # [T-1, B]: its choice for the step after
+    replace = jax.random.bernoulli(key, rate, chosen.shape)
+    return batch._replace(target_in=true.at[1:].set(jnp.where(replace, chosen, true[1:])))
+
+
 def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None,
                 smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """(nats summed over every real target symbol, end included; how many there are). `model.token_losses`: smoothing."""

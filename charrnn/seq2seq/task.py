@@ -16,6 +16,7 @@ from charrnn.seq2seq import model as seq2seq_model, pairs as pairs_lib
 from charrnn.seq2seq.pairs import PairBatch, TokenVocab
 
 EVAL_BATCH_SIZE = 256  # pairs per validation batch: nothing is carried between pairs, so batches can be wide
+SAMPLING_STREAM = 2**31 - 2  # fold_in(step key, this): scheduled sampling's coins, apart from the dropout masks
 
 
 class PairsCorpus(NamedTuple):
@@ -76,7 +77,11 @@ class PairsTask:
         return ()  # each pair starts afresh: nothing is carried from step to step
 
     def batch_loss(self, params: dict, carry: tuple, batch: PairBatch, dropout_key: jax.Array):
-        return seq2seq_model.loss(params, self.config.model, batch, dropout_key, self.config.train.label_smoothing), carry
+        model, train = self.config.model, self.config.train
+        if train.scheduled_sampling:  # a key of its own: the dropout masks stay those of a run without it
+            batch = seq2seq_model.with_own_choices(params, model, batch, train.scheduled_sampling,
+                                                   jax.random.fold_in(dropout_key, SAMPLING_STREAM))
+        return seq2seq_model.loss(params, model, batch, dropout_key, train.label_smoothing), carry
 
     def _batch_pairs(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.schedule.batches_per_epoch)
