@@ -3,7 +3,7 @@
     pip install -e '.[g2p]'
     python examples/cmudict_pairs.py data/g2p
     python benchmarks/g2p.py data/g2p --minutes 30                         # the recipe, configs/g2p.toml
-    python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional --set model.hidden_size=256 --set model.dtype=float32   # README's 5-minute table (the earlier recipe)
+    python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional   # README's 5-minute table
 
 Each variant trains on train.tsv for the same minutes of wall-clock time
 (compilation and validation passes included), one after the other, then its best
