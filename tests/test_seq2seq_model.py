@@ -14,6 +14,8 @@ from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_li
 
 SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
 SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0)
+# Every attention weight in use, in bfloat16: w_k [2H, H], w_q [H, H], w_c [3H, H], w_f [H, 4H].
+BFLOAT16_FEEDING = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
 
 
 def random_pairs(seed: int, count: int, max_source: int = 6, max_target: int = 5):
@@ -209,7 +211,7 @@ def test_additive_scores_backward_is_autodiff_of_the_formula():
 
 
 def test_attention_and_bridge_multiply_in_the_models_matmul_dtype():
-    config = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
+    config = BFLOAT16_FEEDING
     params = s2s.init_params(jax.random.key(0), config, SOURCE_VOCAB, TARGET_VOCAB)
     weights = s2s.prepare(params, config)["attention"]
     assert {name for name, leaf in weights.items() if leaf.dtype == jnp.bfloat16} == {"w_k", "w_q", "w_c", "w_f"}
@@ -223,7 +225,7 @@ def test_attention_and_bridge_multiply_in_the_models_matmul_dtype():
 def test_attention_weights_are_cast_once_per_compiled_call(path):
     """Not again at every decoder step: the teacher-forced loop with input feeding and the generation loop
     each cast w_k [2H, H], w_q [H, H] and w_c [3H, H] a single time (no other weight has their shapes)."""
-    config = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
+    config = BFLOAT16_FEEDING
     params = s2s.init_params(jax.random.key(0), config, SOURCE_VOCAB, TARGET_VOCAB)
     batch = pairs_lib.make_batch(*random_pairs(2, 3))
     if path == "train":
