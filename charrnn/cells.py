@@ -124,45 +124,92 @@ def lstm_init(key, input_size: int, hidden_size: int) -> dict:
     return _uniform_init(key, input_size, hidden_size, 4)
 
 
-def lstm_update(carry: LSTMCarry, gates: tuple):
+def lstm_update(carry: LSTMCarry, gates: tuple, squash: Callable = jnp.tanh):
     """Hochreiter & Schmidhuber with forget gate (Gers et al.), gates i, f, g, o.
 
     z = W_x x + b + W_h h  [B, 4H];  i = σ(z_i), f = σ(z_f), g = tanh(z_g), o = σ(z_o)
-    c' = f ⊙ c + i ⊙ g;  h' = o ⊙ tanh(c')
+    c' = f ⊙ c + i ⊙ g;  h' = o ⊙ squash(c'), squash = tanh (layer-normalised first in `layer_normalized`)
     """
     i, f, g, o = gates
     c = f * carry.c + i * g
-    h = o * jnp.tanh(c)
+    h = o * squash(c)
     return LSTMCarry(h, c), h
 
 
-def _contiguous_activate(nonlinearities: tuple, update: Callable) -> Callable:
-    """activate(params, carry, z [..., G*H]): every gate's nonlinearity as one tanh over the whole row, then `update`.
+def _gate_values(nonlinearities: tuple, z: jax.Array) -> tuple:
+    """Every gate's nonlinearity as one tanh over the whole row z [..., G*H], split into the G gates' values.
 
     gates = tanh(z ⊙ s) ⊙ s + t, with each gate's (s, t) repeated over its H
     columns. On a CPU one vectorised tanh over contiguous memory is several times
     faster than G over column slices.
     """
-    def activate(params: dict, carry, z: jax.Array):
-        hidden = z.shape[-1] // len(nonlinearities)
-        if len(set(nonlinearities)) == 1:
-            scale, shift = nonlinearities[0]
-        else:
-            row = (1,) * (z.ndim - 1) + (hidden,)  # tests run with rank promotion off: no implicit broadcasting
-            scale, shift = (jnp.concatenate([jnp.full(row, nonlinearity[part], z.dtype)
-                                             for nonlinearity in nonlinearities], axis=-1) for part in (0, 1))
-        values = gate_value(z, (scale, shift))
-        return update(carry, tuple(jnp.split(values, len(nonlinearities), axis=-1)))
-
-    return activate
+    hidden = z.shape[-1] // len(nonlinearities)
+    if len(set(nonlinearities)) == 1:
+        scale, shift = nonlinearities[0]
+    else:
+        row = (1,) * (z.ndim - 1) + (hidden,)
+        scale, shift = (jnp.concatenate([jnp.full(row, nonlinearity[part], z.dtype)
+                                         for nonlinearity in nonlinearities], axis=-1) for part in (0, 1))
+    return tuple(jnp.split(gate_value(z, (scale, shift)), len(nonlinearities), axis=-1))
 
 
 def _additive_cell(carry_type: type, init: Callable, nonlinearities: tuple, update: Callable) -> Cell:
     """A cell whose gates see only z = x_proj + recurrent."""
-    activate = _contiguous_activate(nonlinearities, update)
-    return Cell(len(nonlinearities), carry_type, init,
-                lambda params, carry, x_proj, recurrent: activate(params, carry, x_proj + recurrent),
-                activate, nonlinearities, update)
+    def activate(params: dict, carry, z: jax.Array):
+        return update(carry, _gate_values(nonlinearities, z))
+
+    return Cell(len(nonlinearities), carry_type, init, _gates_of_sum(activate), activate, nonlinearities, update)
+
+
+def _gates_of_sum(activate: Callable) -> Callable:
+    return lambda params, carry, x_proj, recurrent: activate(params, carry, x_proj + recurrent)
+
+
+LAYER_NORM_EPSILON = 1e-5
+
+
+def _broadcast_row(vector: jax.Array, ndim: int) -> jax.Array:
+    # tests run with rank promotion off: no implicit broadcasting
+    return jnp.reshape(vector, (1,) * (ndim - 1) + vector.shape)
+
+
+def layer_norm(x: jax.Array, gain: jax.Array, shift: jax.Array, groups: int = 1) -> jax.Array:
+    """Layer normalisation (Ba et al. 2016) of each of `groups` equal blocks of x's last axis on its own:
+    (x - mean) / sqrt(variance + ε) over the block's entries, then ⊙ gain + shift ([groups * block] each)."""
+    blocks = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    centred = blocks - jnp.mean(blocks, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    normalized = (centred * jax.lax.rsqrt(variance + LAYER_NORM_EPSILON)).reshape(x.shape)
+    return normalized * _broadcast_row(gain, x.ndim) + _broadcast_row(shift, x.ndim)
+
+
+def layer_normalized(cell: Cell) -> Cell:
+    """`cell` with layer normalisation of its summed inputs (Ba et al. 2016), for cells whose gates see only z.
+
+    z = W_x x + b + W_h h; each gate's block of z is normalised over its H units on
+    its own, times `norm_gain` plus `norm_shift` [G*H] (the paper's gain and bias),
+    before the gates' nonlinearities. The LSTM also normalises its memory cell
+    before the output's tanh: h' = o ⊙ tanh(LN(c') ⊙ cell_gain + cell_shift).
+    The gains start at 1 and the shifts at 0.
+    """
+    lstm = cell.carry_type is LSTMCarry
+
+    def init(key, input_size: int, hidden_size: int) -> dict:
+        params = cell.init(key, input_size, hidden_size)
+        width = cell.num_gates * hidden_size
+        params.update(norm_gain=jnp.ones((width,), jnp.float32), norm_shift=jnp.zeros((width,), jnp.float32))
+        if lstm:
+            params.update(cell_gain=jnp.ones((hidden_size,), jnp.float32),
+                          cell_shift=jnp.zeros((hidden_size,), jnp.float32))
+        return params
+
+    def activate(params: dict, carry, z: jax.Array):
+        gates = _gate_values(cell.nonlinearities, layer_norm(z, params["norm_gain"], params["norm_shift"], cell.num_gates))
+        if not lstm:
+            return cell.update(carry, gates)
+        return lstm_update(carry, gates, lambda c: jnp.tanh(layer_norm(c, params["cell_gain"], params["cell_shift"])))
+
+    return Cell(cell.num_gates, cell.carry_type, init, _gates_of_sum(activate), activate)
 
 
 def gru_init(key, input_size: int, hidden_size: int) -> dict:
@@ -193,3 +240,10 @@ CELLS: dict[str, Cell] = {
     "lstm": _additive_cell(LSTMCarry, lstm_init, (SIGMOID, SIGMOID, TANH, SIGMOID), lstm_update),
     "gru": Cell(3, HiddenCarry, gru_init, gru_gates),
 }
+LAYER_NORMALIZED_CELLS: dict[str, Cell] = {name: layer_normalized(cell) for name, cell in CELLS.items()
+                                           if cell.activate is not None}
+
+
+def cell_of(name: str, norm: str = "none") -> Cell:
+    """The cell `name` (rnn, gru, lstm), layer-normalised when `norm` is "layer" (rnn and lstm)."""
+    return LAYER_NORMALIZED_CELLS[name] if norm == "layer" else CELLS[name]

@@ -12,14 +12,19 @@ import jax.numpy as jnp
 import optax
 
 from charrnn import dropout, runtime
-from charrnn.cells import CELLS, TransposedWeight, accumulation_dtype, dense
+from charrnn.cells import Cell, TransposedWeight, accumulation_dtype, cell_of, dense
 from charrnn.config import ModelConfig
 from charrnn.layer import project_input, recurrent_params, run_layer
 
 
+def recurrent_cell(config: ModelConfig) -> Cell:
+    """The cell every recurrent layer of `config` runs: `model.cell`, with `model.norm`."""
+    return cell_of(config.cell, config.norm)
+
+
 def init_params(key: jax.Array, config: ModelConfig, vocab_size: int) -> dict:
     """Return freshly initialised parameters for `config` over `vocab_size` characters."""
-    cell = CELLS[config.cell]
+    cell = recurrent_cell(config)
     key_embedding, key_output, *layer_keys = jax.random.split(key, 2 + config.num_layers)
     layers = [
         cell.init(layer_key, config.embedding_size if index == 0 else config.hidden_size, config.hidden_size)
@@ -41,7 +46,7 @@ def init_params(key: jax.Array, config: ModelConfig, vocab_size: int) -> dict:
 
 def initial_carry(params: dict, config: ModelConfig, batch_size: int) -> tuple:
     """Return the state at the start of a stream: zeros, or the learned initial state."""
-    cell = CELLS[config.cell]
+    cell = recurrent_cell(config)
     if not config.learn_initial_state:
         return tuple(cell.initial_carry(batch_size, config.hidden_size) for _ in range(config.num_layers))
     return tuple(
@@ -145,7 +150,7 @@ def _stack(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array,
 
 def over_time(config: ModelConfig):
     """`run(layer params, carry, inputs [T, B, ...]) -> (carry, hidden [T, B, H])`: one layer over a whole chunk."""
-    cell = CELLS[config.cell]
+    cell = recurrent_cell(config)
 
     def run(layer: dict, layer_carry, layer_input: jax.Array):
         if fuses_layers(config):  # the whole loop in one launch, projections first
@@ -187,7 +192,7 @@ def step_top(prepared: dict, config: ModelConfig, carry: tuple, ids: jax.Array, 
     for this step; with `model.locked_dropout`, the same key at every step gives
     `run_layers`'s masks exactly.
     """
-    cell = CELLS[config.cell]
+    cell = recurrent_cell(config)
 
     def one_step(layer: dict, layer_carry, layer_input: jax.Array):  # a time axis of 1, as dropout's masks expect
         projection = project_input(layer, layer_input[0])
@@ -247,7 +252,7 @@ def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropo
 
 def recurrent_step_macs(config: ModelConfig, batch_size: int) -> int:
     """Multiply-adds of one layer's recurrent matmul [B, H] x [H, G*H] for one time step."""
-    return batch_size * config.hidden_size * CELLS[config.cell].num_gates * config.hidden_size
+    return batch_size * config.hidden_size * recurrent_cell(config).num_gates * config.hidden_size
 
 
 def generation_matmul_flops_per_char(config: ModelConfig, vocab_size: int) -> int:
@@ -257,7 +262,7 @@ def generation_matmul_flops_per_char(config: ModelConfig, vocab_size: int) -> in
     layer above it multiplies its input and its state by [H, G*H] weights, every
     layer multiplies its state, and the output layer is [H, V].
     """
-    width = CELLS[config.cell].num_gates * config.hidden_size
+    width = recurrent_cell(config).num_gates * config.hidden_size
     multiply_adds = ((2 * config.num_layers - 1) * config.hidden_size * width
                      + config.hidden_size * vocab_size)
     return 2 * multiply_adds
@@ -271,7 +276,7 @@ def training_matmul_flops(config: ModelConfig, vocab_size: int, batch_size: int,
     its forward matmuls: those of batch_size × seq_len characters, plus the
     projection table [V, E] × [E, G*H] that `prepare` builds once per step.
     """
-    width = CELLS[config.cell].num_gates * config.hidden_size
+    width = recurrent_cell(config).num_gates * config.hidden_size
     table_flops = 2 * vocab_size * config.embedding_size * width
     return 3 * (batch_size * seq_len * generation_matmul_flops_per_char(config, vocab_size) + table_flops)
 

@@ -73,7 +73,7 @@ def test_a_skipped_step_leaves_the_average_alone(corpus):
 
 
 NEW_OPTIONS = ["train.ema=0.9", "model.weight_drop=0.3", "model.locked_dropout=true", "model.embedding_dropout=0.1",
-               "model.dropout=0.2"]
+               "model.dropout=0.2", "model.norm=layer"]
 
 
 def test_a_run_saves_the_average_and_its_model_needs_no_option_named(cli, small_corpus, tmp_path):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn.cells import CELLS, TransposedWeight, matmul
+from charrnn.cells import CELLS, LAYER_NORMALIZED_CELLS, TransposedWeight, cell_of, matmul
 
 BATCH, INPUT, HIDDEN, STEPS = 3, 5, 8, 6
 
@@ -43,7 +43,38 @@ def gru_reference(params, carry, x_proj):
     return (h,), h
 
 
-REFERENCES = {"rnn": rnn_reference, "lstm": lstm_reference, "gru": gru_reference}
+def layer_norm_reference(x, gain, shift, groups):
+    """Each of `groups` equal blocks of x's last axis to mean 0 and variance 1 on its own, then ⊙ gain + shift."""
+    out = np.empty_like(x)
+    width = x.shape[-1] // groups
+    for group in range(groups):
+        block = x[..., group * width : (group + 1) * width]
+        mean = block.mean(axis=-1, keepdims=True)
+        variance = ((block - mean) ** 2).mean(axis=-1, keepdims=True)
+        out[..., group * width : (group + 1) * width] = (block - mean) / np.sqrt(variance + 1e-5)
+    return out * gain + shift
+
+
+def layer_normalized_rnn_reference(params, carry, x_proj):
+    """Ba et al. 2016, section 3.1: h' = tanh(LN(W_x x + b + W_h h))."""
+    (h,) = carry
+    h = np.tanh(layer_norm_reference(x_proj + h @ params["w_h"], params["norm_gain"], params["norm_shift"], 1))
+    return (h,), h
+
+
+def layer_normalized_lstm_reference(params, carry, x_proj):
+    """Each gate's summed inputs normalised on their own; h' = o ⊙ tanh(LN(c'))."""
+    h, c = carry
+    z = layer_norm_reference(x_proj + h @ params["w_h"], params["norm_gain"], params["norm_shift"], 4)
+    c = sigmoid(gate(z, 1)) * c + sigmoid(gate(z, 0)) * np.tanh(gate(z, 2))
+    h = sigmoid(gate(z, 3)) * np.tanh(layer_norm_reference(c, params["cell_gain"], params["cell_shift"], 1))
+    return (h, c), h
+
+
+REFERENCES = {("rnn", "none"): rnn_reference, ("lstm", "none"): lstm_reference, ("gru", "none"): gru_reference,
+              ("rnn", "layer"): layer_normalized_rnn_reference, ("lstm", "layer"): layer_normalized_lstm_reference}
+VARIANTS = sorted(REFERENCES)
+assert set(VARIANTS) == {(name, "none") for name in CELLS} | {(name, "layer") for name in LAYER_NORMALIZED_CELLS}
 
 
 def random_problem(cell, seed):
@@ -66,9 +97,9 @@ def run_cell(cell, params, carry, x_proj):
     return carry, jnp.stack(outputs)
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
-def test_step_matches_numpy_reference(name):
-    cell = CELLS[name]
+@pytest.mark.parametrize("name, norm", VARIANTS)
+def test_step_matches_numpy_reference(name, norm):
+    cell = cell_of(name, norm)
     params, carry, inputs = random_problem(cell, seed=1)
     params64 = {key: value.astype(np.float64) for key, value in params.items()}
     x_proj = inputs.astype(np.float64) @ params64["w_x"] + params64["b"]  # [T, B, G*H]
@@ -77,7 +108,7 @@ def test_step_matches_numpy_reference(name):
 
     expected_carry = tuple(field.astype(np.float64) for field in carry)
     for t in range(STEPS):
-        expected_carry, expected_h = REFERENCES[name](params64, expected_carry, x_proj[t])
+        expected_carry, expected_h = REFERENCES[name, norm](params64, expected_carry, x_proj[t])
         np.testing.assert_allclose(outputs[t], expected_h, rtol=0, atol=1e-5, err_msg=f"step {t}")
     assert type(final_carry) is cell.carry_type
     for field, expected in zip(final_carry, expected_carry, strict=True):
@@ -103,6 +134,20 @@ def test_init_shapes_and_bounds(name):
         assert params["b_hn"].shape == (HIDDEN,)
 
 
+@pytest.mark.parametrize("name", sorted(LAYER_NORMALIZED_CELLS))
+def test_layer_norm_gains_start_at_one_and_shifts_at_zero(name):
+    plain, normalized = (cell_of(name, norm).init(jax.random.key(0), INPUT, HIDDEN) for norm in ("none", "layer"))
+    width = CELLS[name].num_gates * HIDDEN
+    added = {key: np.asarray(value) for key, value in normalized.items() if key not in plain}
+    expected = {"norm_gain": (width, 1.0), "norm_shift": (width, 0.0)}
+    if name == "lstm":
+        expected |= {"cell_gain": (HIDDEN, 1.0), "cell_shift": (HIDDEN, 0.0)}
+    assert {key: (value.shape[0], value[0]) for key, value in added.items()} == expected
+    assert all(np.all(value == value[0]) for value in added.values())
+    for key, value in plain.items():  # the cell's own params are drawn as they are without the norm
+        np.testing.assert_array_equal(normalized[key], value)
+
+
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_initial_carry_is_zeros_in_separate_arrays(name):
     cell = CELLS[name]
@@ -118,9 +163,9 @@ def test_initial_carry_is_zeros_in_separate_arrays(name):
     np.testing.assert_array_equal(donated[0], 1.0)
 
 
-@pytest.mark.parametrize("name", sorted(CELLS))
-def test_bfloat16_weights_stay_close_to_float32(name):
-    cell = CELLS[name]
+@pytest.mark.parametrize("name, norm", VARIANTS)
+def test_bfloat16_weights_stay_close_to_float32(name, norm):
+    cell = cell_of(name, norm)
     params, carry, inputs = random_problem(cell, seed=2)
     half = {key: value.astype(jnp.bfloat16) if key.startswith("w") else jnp.asarray(value) for key, value in params.items()}
     x_proj = inputs @ params["w_x"] + params["b"]  # [T, B, G*H]

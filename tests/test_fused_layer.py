@@ -9,7 +9,7 @@ import pytest
 
 from charrnn import fused_layer, model, runtime
 from charrnn.cells import CELLS
-from charrnn.config import PALLAS_CELLS, PALLAS_UNIT, ModelConfig
+from charrnn.config import ADDITIVE_CELLS, PALLAS_UNIT, ModelConfig
 from charrnn.layer import run_layer
 
 T, H = 5, 2 * PALLAS_UNIT  # two unit blocks, so a block's gate columns are not simply the first ones
@@ -44,7 +44,7 @@ def assert_close(got, want, tolerance):
         np.testing.assert_allclose(have, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("cell_name", PALLAS_CELLS)
+@pytest.mark.parametrize("cell_name", ADDITIVE_CELLS)
 def test_outputs_and_gradients_equal_the_xla_layer(cell_name):
     batch = 2 * PALLAS_UNIT + 1  # padded to three blocks of rows, the last holding one real row
     cell, params, carry, projections, weights = problem(cell_name, batch)
@@ -84,7 +84,7 @@ def test_a_language_model_trains_the_same_with_either_kernel(monkeypatch):
     assert_close(loss_and_gradient("pallas"), loss_and_gradient("xla"), 1e-5)
 
 
-@pytest.mark.parametrize("cell_name", PALLAS_CELLS)
+@pytest.mark.parametrize("cell_name", ADDITIVE_CELLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_the_gpu_kernels_lower_to_triton(cell_name, dtype):
     """Without a GPU the kernels cannot run as they would there; lowering checks every operation has a Triton form."""
@@ -123,7 +123,7 @@ def test_only_gpus_run_the_kernel():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the parallel kernels run on a GPU (benchmarks/gpu.sh)")
-@pytest.mark.parametrize("cell_name", PALLAS_CELLS)
+@pytest.mark.parametrize("cell_name", ADDITIVE_CELLS)
 @pytest.mark.parametrize("batch, dtype, tolerance", [(40, jnp.float32, 2e-3), (128, jnp.bfloat16, 3e-2)])
 def test_on_a_gpu_the_kernels_equal_the_xla_layer(cell_name, batch, dtype, tolerance):
     cell, params, carry, projections, weights = problem(cell_name, batch, dtype)
@@ -135,6 +135,6 @@ def test_on_a_gpu_the_kernels_equal_the_xla_layer(cell_name, batch, dtype, toler
 
 
 def test_every_pallas_cell_gates_block_by_block():
-    for name in PALLAS_CELLS:
+    for name in ADDITIVE_CELLS:
         assert CELLS[name].update is not None
-    assert all(CELLS[name].update is None for name in CELLS if name not in PALLAS_CELLS)
+    assert all(CELLS[name].update is None for name in CELLS if name not in ADDITIVE_CELLS)

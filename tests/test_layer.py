@@ -7,20 +7,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charrnn.cells import CELLS
+from charrnn.cells import CELLS, LAYER_NORMALIZED_CELLS, cell_of
 from charrnn.layer import run_layer, scan_layer
 
 T, B, H, I, V = 7, 3, 8, 5, 11
 INPUT_KINDS = ("table", "dense", "projected")  # character ids, the layer below's outputs, projections
 
 
-def problem(cell_name, dtype, input_kind):
-    cell = CELLS[cell_name]
+VARIANTS = [(name, "none") for name in sorted(CELLS)] + [(name, "layer") for name in sorted(LAYER_NORMALIZED_CELLS)]
+
+
+def problem(cell_name, norm, dtype, input_kind):
+    cell = cell_of(cell_name, norm)
     width = cell.num_gates * H
     keys = jax.random.split(jax.random.key(0), 8)
-    params = {"w_h": cell.init(keys[0], I, H)["w_h"].astype(dtype)}
+    initial = cell.init(keys[0], I, H)
+    params = {"w_h": initial["w_h"].astype(dtype)}
     if cell_name == "gru":
         params["b_hn"] = jax.random.normal(keys[1], (H,))
+    for index, name in enumerate(sorted(set(initial) - set(CELLS[cell_name].init(keys[0], I, H)))):
+        params[name] = 1.0 + 0.5 * jax.random.normal(jax.random.fold_in(keys[1], index), initial[name].shape)  # gains, shifts
     if input_kind == "table":
         params["table"] = jax.random.normal(keys[2], (V, width))
         inputs = jax.random.randint(keys[3], (T, B), 0, V)
@@ -43,9 +49,9 @@ def objective(layer_function, cell, weights, params, carry, inputs):
 
 @pytest.mark.parametrize("input_kind", INPUT_KINDS)
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("cell_name", sorted(CELLS))
-def test_custom_backward_equals_scan_autodiff(cell_name, dtype, tolerance, input_kind):
-    cell, params, carry, inputs, weights = problem(cell_name, dtype, input_kind)
+@pytest.mark.parametrize("cell_name, norm", VARIANTS)
+def test_custom_backward_equals_scan_autodiff(cell_name, norm, dtype, tolerance, input_kind):
+    cell, params, carry, inputs, weights = problem(cell_name, norm, dtype, input_kind)
     plain = functools.partial(objective, lambda *args: scan_layer(*args), cell, weights)
     custom = functools.partial(objective, lambda *args: run_layer(*args, 2), cell, weights)
     assert np.allclose(plain(params, carry, inputs), custom(params, carry, inputs), rtol=1e-6)

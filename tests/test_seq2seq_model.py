@@ -37,12 +37,22 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def layer_norm(x: np.ndarray, gain: np.ndarray, shift: np.ndarray, groups: int) -> np.ndarray:
+    blocks = x.reshape(groups, -1)
+    blocks = (blocks - blocks.mean(axis=1, keepdims=True)) / np.sqrt(blocks.var(axis=1, keepdims=True) + 1e-5)
+    return blocks.reshape(x.shape) * gain + shift
+
+
 def cell_step(cell: str, p: dict, carry: tuple, x: np.ndarray) -> tuple:
     h = carry[0]
     if cell == "lstm":
-        i, f, g, o = np.split(x @ p["w_x"] + p["b"] + h @ p["w_h"], 4)
+        z = x @ p["w_x"] + p["b"] + h @ p["w_h"]
+        if "norm_gain" in p:  # model.norm = "layer": each gate's sum normalised on its own, and the memory cell
+            z = layer_norm(z, p["norm_gain"], p["norm_shift"], 4)
+        i, f, g, o = np.split(z, 4)
         c = sigmoid(f) * carry[1] + sigmoid(i) * np.tanh(g)
-        return (sigmoid(o) * np.tanh(c), c)
+        shown = layer_norm(c, p["cell_gain"], p["cell_shift"], 1) if "cell_gain" in p else c
+        return (sigmoid(o) * np.tanh(shown), c)
     if cell == "gru":
         x_r, x_u, x_n = np.split(x @ p["w_x"] + p["b"], 3)
         h_r, h_u, h_n = np.split(h @ p["w_h"], 3)
@@ -111,6 +121,7 @@ VARIANTS = [
     dict(cell="rnn", attention="none", bidirectional=False),
     dict(cell="lstm", attention="dot", bidirectional=False, encoder_layers=1, num_layers=1),
     dict(cell="lstm", attention="additive", bidirectional=True, input_feeding=True),
+    dict(cell="lstm", attention="additive", bidirectional=True, norm="layer"),
 ]
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from charrnn import dropout, model
-from charrnn.cells import CELLS, dense, matmul
+from charrnn.cells import dense, matmul
 from charrnn.config import ModelConfig
 from charrnn.seq2seq.attention import Memory, attend, memory
 from charrnn.seq2seq.pairs import PAD, PairBatch
@@ -43,7 +43,7 @@ def encoder_width(config: ModelConfig) -> int:
 
 def init_params(key: jax.Array, config: ModelConfig, source_vocab_size: int, target_vocab_size: int) -> dict:
     """Freshly initialised parameters over source and target vocabularies (each counting its id 0)."""
-    cell = CELLS[config.cell]
+    cell = model.recurrent_cell(config)
     hidden, width = config.hidden_size, encoder_width(config)
     key_embedding, key_bridge, key_decoder, key_attention, key_layers = jax.random.split(key, 5)
     encoder = {"embedding": jax.random.normal(key_embedding, (source_vocab_size, config.embedding_size), jnp.float32)}
@@ -112,7 +112,7 @@ def encode(params: dict, config: ModelConfig, source: jax.Array, dropout_key=Non
         outputs, finals = [], []
         for direction in directions(config):
             reverse = direction == "backward"
-            carry = CELLS[config.cell].initial_carry(batch_size, config.hidden_size)
+            carry = model.recurrent_cell(config).initial_carry(batch_size, config.hidden_size)
             _, hidden = run(model.layer_params(prepared[direction], index), carry,
                             take_time(layer_input, back) if reverse else layer_input)  # [S, B, H]
             finals.append(hidden[last, jnp.arange(batch_size)])  # the direction's last real step
@@ -124,7 +124,7 @@ def encode(params: dict, config: ModelConfig, source: jax.Array, dropout_key=Non
 
 def bridge(params: dict, config: ModelConfig, final: jax.Array) -> tuple:
     """Every decoder layer's initial carry from the encoder's final state: tanh(final W + b), cut per layer."""
-    cell = CELLS[config.cell]
+    cell = model.recurrent_cell(config)
     fields = len(cell.carry_type._fields)
     weights = model.cast_weights(params["bridge"], config)
     state = jnp.tanh(dense(final, weights["w"], weights["b"]))  # [B, L*F*H]
