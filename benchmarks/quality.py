@@ -13,7 +13,9 @@ times (medians are reported):
   layers (LSTM configs only) with the same sizes, dropout on every layer's output
   (the top one's too; per character, or one mask per chunk with
   `model.locked_dropout`), embedding dropout and weight drop on W_h when the
-  config asks, the same stream layout and epoch offsets (`charrnn.data`),
+  config asks, layer normalisation with `model.norm = "layer"` (a per-step
+  loop of charrnn's equations, `nn.LSTM` has none), the same stream layout and
+  epoch offsets (`charrnn.data`),
   clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
   warm-up and schedule on the same clock, `train.ema`'s average evaluated, and
   bfloat16 autocast where the recipe's matmuls are bfloat16. Initialisation is
@@ -95,8 +97,32 @@ def train_torch(config, minutes: float, own: bool) -> dict:
     ema = 0.0 if own else train_config.ema
     # The recipe's matmul dtype; PyTorch's mixed precision on a CPU is autocast to bfloat16.
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.matmul_dtype(model_config) == "bfloat16")
+    normalized = model_config.norm == "layer" and not own
     # One multi-layer nn.LSTM where its own between-layer dropout is the recipe's; single layers otherwise.
-    fused = own or not (locked or weight_drop)
+    fused = own or not (locked or weight_drop or normalized)
+
+    class LayerNormalizedLSTM(nn.Module):
+        """One layer of charrnn.cells.layer_normalized's LSTM, step by step: [T, B, I] -> [T, B, H]."""
+
+        def __init__(self, size):
+            super().__init__()
+            bound = hidden**-0.5
+            self.input = nn.Linear(size, 4 * hidden)
+            self.weight_hh_l0 = nn.Parameter(torch.empty(4 * hidden, hidden).uniform_(-bound, bound))  # as nn.LSTM's
+            self.norm_gain, self.norm_shift = nn.Parameter(torch.ones(4 * hidden)), nn.Parameter(torch.zeros(4 * hidden))
+            self.cell_gain, self.cell_shift = nn.Parameter(torch.ones(hidden)), nn.Parameter(torch.zeros(hidden))
+
+        def forward(self, x, state):
+            (h,), (c,) = state  # [1, B, H] each, as nn.LSTM's
+            outputs = []
+            for x_t in self.input(x):
+                z = x_t + h @ self.weight_hh_l0.t()
+                z = functional.layer_norm(z.unflatten(-1, (4, hidden)), (hidden,)).flatten(-2)
+                i, f, g, o = (z * self.norm_gain + self.norm_shift).chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(functional.layer_norm(c, (hidden,), self.cell_gain, self.cell_shift))
+                outputs.append(h)
+            return torch.stack(outputs), (h[None], c[None])
 
     class Net(nn.Module):
         def __init__(self):
@@ -104,7 +130,8 @@ def train_torch(config, minutes: float, own: bool) -> dict:
             self.embed = nn.Embedding(vocab, model_config.embedding_size)
             sizes = [model_config.embedding_size] + [hidden] * (layers - 1)
             self.rnn = (nn.LSTM(model_config.embedding_size, hidden, layers, dropout=rate) if fused
-                        else nn.ModuleList(nn.LSTM(size, hidden) for size in sizes))
+                        else nn.ModuleList(LayerNormalizedLSTM(size) if normalized else nn.LSTM(size, hidden)
+                                           for size in sizes))
             self.out = nn.Linear(hidden, vocab)
 
         def drop(self, x):  # [T, B, H]: per character, or one mask per stream for the chunk
