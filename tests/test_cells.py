@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 
 from charrnn.cells import CELLS, LAYER_NORMALIZED_CELLS, TransposedWeight, cell_of, matmul
+from references import layer_norm, sigmoid
 
 BATCH, INPUT, HIDDEN, STEPS = 3, 5, 8, 6
-
-
-def sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def gate(z, index):
@@ -43,31 +40,19 @@ def gru_reference(params, carry, x_proj):
     return (h,), h
 
 
-def layer_norm_reference(x, gain, shift, groups):
-    """Each of `groups` equal blocks of x's last axis to mean 0 and variance 1 on its own, then ⊙ gain + shift."""
-    out = np.empty_like(x)
-    width = x.shape[-1] // groups
-    for group in range(groups):
-        block = x[..., group * width : (group + 1) * width]
-        mean = block.mean(axis=-1, keepdims=True)
-        variance = ((block - mean) ** 2).mean(axis=-1, keepdims=True)
-        out[..., group * width : (group + 1) * width] = (block - mean) / np.sqrt(variance + 1e-5)
-    return out * gain + shift
-
-
 def layer_normalized_rnn_reference(params, carry, x_proj):
     """Ba et al. 2016, section 3.1: h' = tanh(LN(W_x x + b + W_h h))."""
     (h,) = carry
-    h = np.tanh(layer_norm_reference(x_proj + h @ params["w_h"], params["norm_gain"], params["norm_shift"], 1))
+    h = np.tanh(layer_norm(x_proj + h @ params["w_h"], params["norm_gain"], params["norm_shift"], 1))
     return (h,), h
 
 
 def layer_normalized_lstm_reference(params, carry, x_proj):
     """Each gate's summed inputs normalised on their own; h' = o ⊙ tanh(LN(c'))."""
     h, c = carry
-    z = layer_norm_reference(x_proj + h @ params["w_h"], params["norm_gain"], params["norm_shift"], 4)
+    z = layer_norm(x_proj + h @ params["w_h"], params["norm_gain"], params["norm_shift"], 4)
     c = sigmoid(gate(z, 1)) * c + sigmoid(gate(z, 0)) * np.tanh(gate(z, 2))
-    h = sigmoid(gate(z, 3)) * np.tanh(layer_norm_reference(c, params["cell_gain"], params["cell_shift"], 1))
+    h = sigmoid(gate(z, 3)) * np.tanh(layer_norm(c, params["cell_gain"], params["cell_shift"], 1))
     return (h, c), h
 
 

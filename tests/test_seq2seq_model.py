@@ -11,6 +11,7 @@ import pytest
 
 from charrnn.config import Config, ModelConfig, TrainConfig
 from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib, task as task_lib
+from references import layer_norm, sigmoid
 
 SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
 SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0)
@@ -32,16 +33,6 @@ def params_for(config: ModelConfig, seed: int = 0) -> dict:
 
 
 # --- an independent reference: the textbook equations, one pair at a time, in float64 NumPy ---
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def layer_norm(x: np.ndarray, gain: np.ndarray, shift: np.ndarray, groups: int) -> np.ndarray:
-    blocks = x.reshape(groups, -1)
-    blocks = (blocks - blocks.mean(axis=1, keepdims=True)) / np.sqrt(blocks.var(axis=1, keepdims=True) + 1e-5)
-    return blocks.reshape(x.shape) * gain + shift
-
 
 def cell_step(cell: str, p: dict, carry: tuple, x: np.ndarray) -> tuple:
     h = carry[0]
