@@ -184,15 +184,20 @@ def layer_norm(x: jax.Array, gain: jax.Array, shift: jax.Array, groups: int = 1)
 
 
 def layer_normalized(cell: Cell) -> Cell:
-    """`cell` with layer normalisation of its summed inputs (Ba et al. 2016), for cells whose gates see only z.
+    """`cell` with layer normalisation of its summed inputs (Ba et al. 2016).
 
-    z = W_x x + b + W_h h; each gate's block of z is normalised over its H units on
-    its own, times `norm_gain` plus `norm_shift` [G*H] (the paper's gain and bias),
-    before the gates' nonlinearities. The LSTM also normalises its memory cell
-    before the output's tanh: h' = o ⊙ tanh(LN(c') ⊙ cell_gain + cell_shift).
-    The gains start at 1 and the shifts at 0.
+    Cells whose gates see only z = W_x x + b + W_h h (RNN, LSTM): each gate's block
+    of z is normalised over its H units on its own, times `norm_gain` plus
+    `norm_shift` [G*H] (the paper's gain and bias), before the gates'
+    nonlinearities. The LSTM also normalises its memory cell before the output's
+    tanh: h' = o ⊙ tanh(LN(c') ⊙ cell_gain + cell_shift). The GRU, whose candidate
+    scales its recurrent product by the reset gate, normalises its input products
+    (with norm_gain, norm_shift) and its recurrent products (recurrent_gain,
+    recurrent_shift) apart, each gate's block on its own. The gains start at 1 and
+    the shifts at 0.
     """
     lstm = cell.carry_type is LSTMCarry
+    additive = cell.activate is not None
 
     def init(key, input_size: int, hidden_size: int) -> dict:
         params = cell.init(key, input_size, hidden_size)
@@ -201,7 +206,18 @@ def layer_normalized(cell: Cell) -> Cell:
         if lstm:
             params.update(cell_gain=jnp.ones((hidden_size,), jnp.float32),
                           cell_shift=jnp.zeros((hidden_size,), jnp.float32))
+        if not additive:
+            params.update(recurrent_gain=jnp.ones((width,), jnp.float32),
+                          recurrent_shift=jnp.zeros((width,), jnp.float32))
         return params
+
+    if not additive:
+        def gates(params: dict, carry, x_proj: jax.Array, recurrent: jax.Array):
+            return cell.gates(params, carry,
+                              layer_norm(x_proj, params["norm_gain"], params["norm_shift"], cell.num_gates),
+                              layer_norm(recurrent, params["recurrent_gain"], params["recurrent_shift"], cell.num_gates))
+
+        return Cell(cell.num_gates, cell.carry_type, init, gates)
 
     def activate(params: dict, carry, z: jax.Array):
         gates = _gate_values(cell.nonlinearities, layer_norm(z, params["norm_gain"], params["norm_shift"], cell.num_gates))
@@ -240,10 +256,9 @@ CELLS: dict[str, Cell] = {
     "lstm": _additive_cell(LSTMCarry, lstm_init, (SIGMOID, SIGMOID, TANH, SIGMOID), lstm_update),
     "gru": Cell(3, HiddenCarry, gru_init, gru_gates),
 }
-LAYER_NORMALIZED_CELLS: dict[str, Cell] = {name: layer_normalized(cell) for name, cell in CELLS.items()
-                                           if cell.activate is not None}
+LAYER_NORMALIZED_CELLS: dict[str, Cell] = {name: layer_normalized(cell) for name, cell in CELLS.items()}
 
 
 def cell_of(name: str, norm: str = "none") -> Cell:
-    """The cell `name` (rnn, gru, lstm), layer-normalised when `norm` is "layer" (rnn and lstm)."""
+    """The cell `name` (rnn, gru, lstm), layer-normalised when `norm` is "layer"."""
     return LAYER_NORMALIZED_CELLS[name] if norm == "layer" else CELLS[name]

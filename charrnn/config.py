@@ -19,7 +19,7 @@ SCHEDULES = ("constant", "cosine", "exponential")
 DTYPES = ("float32", "bfloat16", "auto")
 KERNELS = ("xla", "pallas")
 NORMS = ("none", "layer")
-# Cells whose gates see only z = x_proj + h W_h: the fused kernel runs them (charrnn/fused_layer.py), layer norm normalises z.
+# Cells whose gates see only z = x_proj + h W_h: the fused kernel runs them (charrnn/fused_layer.py).
 ADDITIVE_CELLS = ("rnn", "lstm")
 PALLAS_UNIT = 16  # the kernel's smallest block of units: hidden_size must be a multiple
 
@@ -35,7 +35,7 @@ class ModelConfig:
     locked_dropout: bool = False  # one dropout mask per stream for a whole chunk (variational), not one per character
     embedding_dropout: float = 0.0  # drop whole characters' embedding rows, one mask per chunk, in training
     weight_drop: float = 0.0  # DropConnect on each recurrent matrix W_h, one mask per chunk, in training (AWD-LSTM)
-    norm: str = "none"  # none | layer: layer normalisation of each gate's summed inputs, and of the LSTM's memory cell (rnn, lstm)
+    norm: str = "none"  # none | layer: layer normalisation of each gate's summed inputs (and of the LSTM's memory cell)
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
@@ -231,10 +231,8 @@ def validate(config: Config) -> None:
              "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")
     _require(model.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, got {model.norm!r}")
-    _require(model.norm == "none" or model.cell in ADDITIVE_CELLS,
-             f"model.norm = {model.norm} normalises {' and '.join(ADDITIVE_CELLS)} cells, not {model.cell}")
     _require(model.norm == "none" or model.kernel != "pallas",
-             "model.kernel = pallas runs cells without model.norm; use model.kernel = xla")
+             "model.kernel = pallas runs cells without model.norm: set model.norm = none or model.kernel = xla")
     _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")
     _require(model.kernel in KERNELS, f"model.kernel must be one of {', '.join(KERNELS)}, got {model.kernel!r}")
     _require(model.kernel != "pallas" or model.cell in ADDITIVE_CELLS,

@@ -30,14 +30,18 @@ def lstm_reference(params, carry, x_proj):
     return (h, c), h
 
 
-def gru_reference(params, carry, x_proj):
-    (h,) = carry
-    recurrent = h @ params["w_h"]  # [B, 3H], gates r, u, n
+def gru_equations(params, h, x_proj, recurrent):
+    """x_proj, recurrent [B, 3H], gates r, u, n."""
     reset = sigmoid(gate(x_proj, 0) + gate(recurrent, 0))
     update = sigmoid(gate(x_proj, 1) + gate(recurrent, 1))
     candidate = np.tanh(gate(x_proj, 2) + reset * (gate(recurrent, 2) + params["b_hn"]))
     h = (1.0 - update) * candidate + update * h
     return (h,), h
+
+
+def gru_reference(params, carry, x_proj):
+    (h,) = carry
+    return gru_equations(params, h, x_proj, h @ params["w_h"])
 
 
 def layer_normalized_rnn_reference(params, carry, x_proj):
@@ -56,8 +60,16 @@ def layer_normalized_lstm_reference(params, carry, x_proj):
     return (h, c), h
 
 
+def layer_normalized_gru_reference(params, carry, x_proj):
+    """The input and the recurrent products normalised apart, each gate's block on its own."""
+    (h,) = carry
+    return gru_equations(params, h, layer_norm(x_proj, params["norm_gain"], params["norm_shift"], 3),
+                         layer_norm(h @ params["w_h"], params["recurrent_gain"], params["recurrent_shift"], 3))
+
+
 REFERENCES = {("rnn", "none"): rnn_reference, ("lstm", "none"): lstm_reference, ("gru", "none"): gru_reference,
-              ("rnn", "layer"): layer_normalized_rnn_reference, ("lstm", "layer"): layer_normalized_lstm_reference}
+              ("rnn", "layer"): layer_normalized_rnn_reference, ("lstm", "layer"): layer_normalized_lstm_reference,
+              ("gru", "layer"): layer_normalized_gru_reference}
 VARIANTS = sorted(REFERENCES)
 assert set(VARIANTS) == {(name, "none") for name in CELLS} | {(name, "layer") for name in LAYER_NORMALIZED_CELLS}
 
@@ -127,6 +139,8 @@ def test_layer_norm_gains_start_at_one_and_shifts_at_zero(name):
     expected = {"norm_gain": (width, 1.0), "norm_shift": (width, 0.0)}
     if name == "lstm":
         expected |= {"cell_gain": (HIDDEN, 1.0), "cell_shift": (HIDDEN, 0.0)}
+    if name == "gru":
+        expected |= {"recurrent_gain": (width, 1.0), "recurrent_shift": (width, 0.0)}
     assert {key: (value.shape[0], value[0]) for key, value in added.items()} == expected
     assert all(np.all(value == value[0]) for value in added.values())
     for key, value in plain.items():  # the cell's own params are drawn as they are without the norm
