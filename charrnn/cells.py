@@ -136,6 +136,11 @@ def lstm_update(carry: LSTMCarry, gates: tuple, squash: Callable = jnp.tanh):
     return LSTMCarry(h, c), h
 
 
+def _broadcast_row(vector: jax.Array, ndim: int) -> jax.Array:
+    # tests run with rank promotion off: no implicit broadcasting
+    return jnp.reshape(vector, (1,) * (ndim - 1) + vector.shape)
+
+
 def _gate_values(nonlinearities: tuple, z: jax.Array) -> tuple:
     """Every gate's nonlinearity as one tanh over the whole row z [..., G*H], split into the G gates' values.
 
@@ -147,9 +152,9 @@ def _gate_values(nonlinearities: tuple, z: jax.Array) -> tuple:
     if len(set(nonlinearities)) == 1:
         scale, shift = nonlinearities[0]
     else:
-        row = (1,) * (z.ndim - 1) + (hidden,)
-        scale, shift = (jnp.concatenate([jnp.full(row, nonlinearity[part], z.dtype)
-                                         for nonlinearity in nonlinearities], axis=-1) for part in (0, 1))
+        scale, shift = (_broadcast_row(jnp.concatenate([jnp.full((hidden,), nonlinearity[part], z.dtype)
+                                                        for nonlinearity in nonlinearities]), z.ndim)
+                        for part in (0, 1))
     return tuple(jnp.split(gate_value(z, (scale, shift)), len(nonlinearities), axis=-1))
 
 
@@ -166,11 +171,6 @@ def _gates_of_sum(activate: Callable) -> Callable:
 
 
 LAYER_NORM_EPSILON = 1e-5
-
-
-def _broadcast_row(vector: jax.Array, ndim: int) -> jax.Array:
-    # tests run with rank promotion off: no implicit broadcasting
-    return jnp.reshape(vector, (1,) * (ndim - 1) + vector.shape)
 
 
 def layer_norm(x: jax.Array, gain: jax.Array, shift: jax.Array, groups: int = 1) -> jax.Array:
