@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-LAYER_NORM_EPSILON = 1e-5  # Ba et al.'s ε, as charrnn.cells uses
+from charrnn.cells import LAYER_NORM_EPSILON
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
