@@ -34,6 +34,7 @@ VARIANTS = {
     "none": ["model.attention=none"],
     "unidirectional": ["model.bidirectional=false"],
     "feeding": ["model.input_feeding=true"],  # the decoder reads its last attentional output
+    "norm": ["model.norm=layer"],  # layer normalisation inside every cell
 }
 
 
