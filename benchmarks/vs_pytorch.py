@@ -114,7 +114,8 @@ def torch_sampling(model: TorchCharModel, batch: int, length: int, device: str) 
 def charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps_per_call, unroll=1, kernel="xla"):
     return config_lib.apply_overrides(config_lib.Config(), {
         "model": {"cell": cell, "num_layers": layers, "hidden_size": hidden, "embedding_size": embedding,
-                  "dtype": dtype, "scan_unroll": unroll, "dropout": 0.0, "kernel": kernel},
+                  "dtype": dtype, "scan_unroll": unroll, "dropout": 0.0, "kernel": kernel,
+                  "norm": "none"},  # nn.LSTM's equations: no layer normalisation
         "train": {"batch_size": batch, "seq_len": seq_len, "lr": 2e-3, "clip_norm": 5.0,
                   "steps_per_call": steps_per_call},
     })

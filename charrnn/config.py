@@ -24,6 +24,7 @@ ADDITIVE_CELLS = ("rnn", "lstm")
 PALLAS_UNIT = 16  # the kernel's smallest block of units: hidden_size must be a multiple
 
 
+# The defaults of ModelConfig and TrainConfig are configs/shakespeare.toml's: plain `charrnn train` trains the recipe.
 @dataclass(frozen=True)
 class ModelConfig:
     kind: str = "lm"  # lm: continue text | seq2seq: map each source line to its target (a pairs file)
@@ -35,10 +36,10 @@ class ModelConfig:
     locked_dropout: bool = False  # one dropout mask per stream for a whole chunk (variational), not one per character
     embedding_dropout: float = 0.0  # drop whole characters' embedding rows, one mask per chunk, in training
     weight_drop: float = 0.0  # DropConnect on each recurrent matrix W_h, one mask per chunk, in training (AWD-LSTM)
-    norm: str = "none"  # none | layer: layer normalisation of each gate's summed inputs (and of the LSTM's memory cell)
+    norm: str = "layer"  # none | layer: layer normalisation of each gate's summed inputs (and of the LSTM's memory cell)
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
-    dtype: str = "float32"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
+    dtype: str = "auto"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
     scan_unroll: int = 1  # time steps per loop iteration; more helps GPUs (8), not CPUs
     kernel: str = "xla"  # each layer's time loop: xla (a launch per step) | pallas (one fused launch, on a GPU; rnn, lstm; xla elsewhere)
     encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
@@ -204,9 +205,18 @@ def resolve(source: Config | Path | str | None, assignments: list[str], options:
     return config
 
 
+# A run saved before one of these keys existed ran with this value, not today's default.
+EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32"}}
+
+
+def saved_defaults() -> Config:
+    """The values a saved config's missing keys stand for: the defaults of when it was saved."""
+    return apply_overrides(Config(), EARLIER_DEFAULTS)
+
+
 def from_dict(values: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a config saved with `to_dict` (checkpoints, run directories)."""
-    config = apply_overrides(Config(), values)
+    config = apply_overrides(saved_defaults(), values)
     validate(config)
     return config
 

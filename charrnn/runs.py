@@ -43,12 +43,12 @@ def _is_finite_number(value: Any) -> bool:
 
 
 def _flat_config(run_dir: Path) -> dict[str, Any]:
-    """config.json as {"model.cell": "lstm", ...}, keys it predates at their defaults; empty if unreadable."""
+    """config.json as {"model.cell": "lstm", ...}, keys it predates at the defaults it ran with; empty if unreadable."""
     try:
         saved = rundir.read_json(run_dir / rundir.CONFIG_FILE)
     except (OSError, ValueError):
         return {}
-    sections = config_lib.to_dict(config_lib.Config())
+    sections = config_lib.to_dict(config_lib.saved_defaults())
     for section, values in saved.items():
         if isinstance(values, dict):
             sections.setdefault(section, {}).update(values)

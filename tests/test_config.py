@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from charrnn import config as config_lib
-from charrnn.config import Config
+from charrnn.config import Config, ModelConfig
 from charrnn.errors import UsageError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+CONFIGS_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.toml"))
 
 
 def _usage_error(function, *args) -> str:
@@ -232,7 +233,7 @@ def test_validate_rejects_infinite_weight_decay():
         ["model.weight_drop=0.99", "model.embedding_dropout=0.99", "train.ema=0.9999"],
         ["model.norm=layer", "model.cell=rnn"],
         ["model.norm=layer", "model.cell=gru"],
-        ["train.label_smoothing=0.99", "model.kernel=pallas", "model.cell=rnn", "model.hidden_size=48"],
+        ["train.label_smoothing=0.99", "model.kernel=pallas", "model.norm=none", "model.cell=rnn", "model.hidden_size=48"],
         ["train.final_lr_fraction=1", "train.schedule=exponential"],
         ["train.final_lr_fraction=0", "train.schedule=cosine"],
         ["train.warmup_steps=0"],
@@ -260,6 +261,21 @@ def test_preset_loads_and_means_what_it_says(path):
     for section, values in config_lib.load_toml(path).items():
         for key, value in values.items():
             assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
+
+
+def test_defaults_are_the_shakespeare_recipe():
+    """Plain `charrnn train`, README's set-up command, trains what configs/shakespeare.toml asks for."""
+    assert config_lib.differences(Config(), config_lib.resolve(CONFIGS_DIR / "shakespeare.toml", [], {}),
+                                  ("model", "train", "sample")) == []
+
+
+def test_a_saved_config_without_newer_keys_keeps_what_it_ran_with():
+    older = config_lib.from_dict({"model": {"cell": "gru"}, "train": {"lr": 0.5}})
+    assert (older.model.cell, older.train.lr) == ("gru", 0.5)
+    assert (older.model.norm, older.model.dtype) == ("none", "float32")
+    assert older.model.hidden_size == ModelConfig().hidden_size
+    newer = config_lib.from_dict({"model": {"norm": "layer", "dtype": "auto"}})
+    assert (newer.model.norm, newer.model.dtype) == ("layer", "auto")
 
 
 def test_differences_name_changed_keys():

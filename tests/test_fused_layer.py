@@ -68,7 +68,8 @@ def test_bfloat16_weights_match_the_xla_layer_in_bfloat16():
 def test_a_language_model_trains_the_same_with_either_kernel(monkeypatch):
     """Two layers (the first from the projection table), weight drop and dropout: loss and every gradient."""
     monkeypatch.setattr(model, "fuses_layers", lambda config: config.kernel == "pallas")  # interpreted, as off a GPU
-    config = ModelConfig(cell="lstm", num_layers=2, hidden_size=H, embedding_size=5, dropout=0.2, weight_drop=0.3)
+    config = ModelConfig(cell="lstm", num_layers=2, hidden_size=H, embedding_size=5, dropout=0.2, weight_drop=0.3,
+                         norm="none", dtype="float32")
     params = model.init_params(jax.random.key(3), config, 9)
     inputs, targets = (jax.random.randint(jax.random.key(seed), (T, 3), 0, 9) for seed in (4, 5))
     dropout_key = jax.random.key(6)

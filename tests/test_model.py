@@ -11,15 +11,16 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from charrnn import model, runtime
-from charrnn.cells import CELLS
-from charrnn.config import ModelConfig
+from charrnn.cells import CELLS, cell_of
+from charrnn.config import NORMS, ModelConfig
 
 VOCAB, BATCH, STEPS = 9, 2, 6
 CELL_NAMES = sorted(CELLS)
 
 
 def make_config(cell: str, **overrides) -> ModelConfig:
-    settings = {"cell": cell, "num_layers": 2, "hidden_size": 8, "embedding_size": 5, "dropout": 0.0, **overrides}
+    settings = {"cell": cell, "num_layers": 2, "hidden_size": 8, "embedding_size": 5, "dropout": 0.0, "norm": "none",
+                "dtype": "float32", **overrides}
     return ModelConfig(**settings)
 
 
@@ -145,7 +146,7 @@ def test_generation_step_by_step_equals_one_forward_pass(cell, overrides):
 
 def explicit_forward(params: dict, config: ModelConfig, carry: tuple, inputs):
     """Embedding lookup, then x @ w_x + b per layer, then cell steps one time step at a time."""
-    cell = CELLS[config.cell]
+    cell = cell_of(config.cell, config.norm)  # its equations: test_cells.py
     layer_input = np.asarray(params["embedding"])[np.asarray(inputs)]  # [T, B, E]
     new_carry = []
     for index, (layer, layer_carry) in enumerate(zip(params["layers"], carry, strict=True)):
@@ -163,10 +164,11 @@ def explicit_forward(params: dict, config: ModelConfig, carry: tuple, inputs):
     return tuple(new_carry), logits
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_projection_table_equals_embedding_then_projection(cell, residual):
-    config = make_config(cell, residual=residual)
+def test_projection_table_equals_embedding_then_projection(cell, residual, norm):
+    config = make_config(cell, residual=residual, norm=norm)
     params, carry = random_params(config, seed=11), random_carry(config, seed=12)
     inputs = random_ids(13)
 
@@ -176,14 +178,15 @@ def test_projection_table_equals_embedding_then_projection(cell, residual):
     np.testing.assert_allclose(logits_model, logits_explicit, rtol=0, atol=1e-5)
     assert_trees_close(carry_model, carry_explicit, atol=1e-5)
     if residual:  # the residual really changed the result
-        _, logits_plain = explicit_forward(params, make_config(cell), carry, inputs)
+        _, logits_plain = explicit_forward(params, make_config(cell, norm=norm), carry, inputs)
         assert not np.allclose(logits_plain, logits_explicit, atol=1e-2)
 
 
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("cell", CELL_NAMES)
-def test_loss_is_the_mean_nats_per_character_of_the_targets(cell):
+def test_loss_is_the_mean_nats_per_character_of_the_targets(cell, norm):
     """model.loss against -log softmax(logits)[target] in float64, averaged over every [T, B] position."""
-    config = make_config(cell)
+    config = make_config(cell, norm=norm)
     params, carry = random_params(config, seed=21), random_carry(config, seed=22)
     inputs, targets = random_ids(23), np.asarray(random_ids(24))
 

@@ -14,7 +14,8 @@ from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_li
 from references import layer_norm, sigmoid
 
 SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
-SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0)
+SMALL = ModelConfig(kind="seq2seq", hidden_size=8, embedding_size=4, num_layers=2, encoder_layers=2, dropout=0.0,
+                    norm="none", dtype="float32")
 # Every attention weight in use, in bfloat16: w_k [2H, H], w_q [H, H], w_c [3H, H], w_f [H, 4H].
 BFLOAT16_FEEDING = dataclasses.replace(SMALL, dtype="bfloat16", input_feeding=True, encoder_layers=1)
 
