@@ -52,7 +52,7 @@ def sample_options(settings: dict) -> list[str]:
 SETTINGS = [
     {"seed": 1, "length": 300},  # the run's own sample settings, no prime
     {"prime": "First Citizen:", "seed": 2, "length": 150, "temperature": 1.3, "top_k": 5},
-    {"prime": "All:", "seed": 3, "length": 400, "top_p": 0.9, "stop": "\n"},
+    {"prime": "All:", "seed": 3, "length": 400, "top_p": 0.9, "stop": "e "},  # two characters, first met past one block
     {"prime": "A", "seed": 4, "length": 60, "temperature": 0},
 ]
 
