@@ -13,7 +13,8 @@ times (medians are reported):
   layers (LSTM configs only) with the same sizes, dropout on every layer's output
   (the top one's too; per character, or one mask per chunk with
   `model.locked_dropout`), embedding dropout and weight drop on W_h when the
-  config asks, layer normalisation with `model.norm = "layer"` (a per-step
+  config asks, none of them before `train.dropout_from_epoch` epochs (late
+  dropout), layer normalisation with `model.norm = "layer"` (a per-step
   loop of charrnn's equations, `nn.LSTM` has none), the same stream layout and
   epoch offsets (`charrnn.data`),
   clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
@@ -195,10 +196,11 @@ def train_torch(config, minutes: float, own: bool) -> dict:
         return total / count
 
     layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
+    dropout_from_step = 0 if own else math.ceil(train_config.dropout_from_epoch * layout.chunks_per_epoch)
     budget, began, step = minutes * 60.0, time.monotonic(), 0
     state, best = zero_state(train_config.batch_size), math.inf
     while (elapsed := time.monotonic() - began) < budget and step < train_config.steps:
-        net.train()
+        net.train(step >= dropout_from_step)  # eval mode drops nothing: the recipe's late dropout
         batch = data.training_batch(corpus.train_ids, layout, step, train_config.seed, train_config.random_offset)
         if np.any(batch.reset):
             state = zero_state(train_config.batch_size)

@@ -61,6 +61,7 @@ class TrainConfig:
     beta2: float = 0.99  # Adam second-moment decay; 0.99 adapts faster than 0.999
     weight_decay: float = 0.0  # AdamW decoupled decay per step, times lr
     label_smoothing: float = 0.0  # training targets: 1 - this on the true symbol, this spread over all; validation is plain cross-entropy
+    dropout_from_epoch: float = 1.0  # every dropout (model.dropout, embedding_dropout, weight_drop) starts after this many epochs: a first pass meets only new text
     ema: float = 0.0  # evaluate and save an average of the weights with this decay per step (0.999: ~the last 1000 steps); 0 = off
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
@@ -206,7 +207,7 @@ def resolve(source: Config | Path | str | None, assignments: list[str], options:
 
 
 # A run saved before one of these keys existed ran with this value, not today's default.
-EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32"}}
+EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32"}, "train": {"dropout_from_epoch": 0.0}}
 
 
 def saved_defaults() -> Config:
@@ -262,6 +263,8 @@ def validate(config: Config) -> None:
     _require(0.0 <= train.final_lr_fraction <= 1.0, "train.final_lr_fraction must be in [0, 1]")
     _require(0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0, "train.beta1 and train.beta2 must be in [0, 1)")
     _require(math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be a finite number >= 0")
+    _require(math.isfinite(train.dropout_from_epoch) and train.dropout_from_epoch >= 0,
+             "train.dropout_from_epoch must be a finite number >= 0 (0 = dropout from the first step)")
     _require(0.0 <= train.ema < 1.0, "train.ema must be in [0, 1) (0 = no averaging)")
     _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1) (0 = none)")
     _require(0.0 <= train.scheduled_sampling <= 1.0, "train.scheduled_sampling must be in [0, 1] (0 = teacher forcing)")

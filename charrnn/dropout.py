@@ -11,6 +11,10 @@ evaluation, which has no key, runs the weights as they are.
   one mask per chunk, so a dropped character is dropped at every position.
 - Weight drop (`model.weight_drop`): DropConnect on every recurrent matrix W_h,
   one mask per chunk shared by all streams and steps (AWD-LSTM, Merity et al. 2017).
+- Late dropout (`train.dropout_from_epoch`): none of these until that many epochs
+  of training data have passed. A first pass meets only new text, so there is
+  nothing to overfit yet (late dropout, Liu et al. 2023); `charrnn.loop` switches
+  from a compiled step without dropout to one with it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from charrnn.config import ModelConfig
 
 # Folded into the step's key for the weight masks; output dropout folds in the layer index.
 _WEIGHTS_STREAM = 2**31 - 1
+
+
+def any_rate(config: ModelConfig) -> bool:
+    """Whether training drops anything: outputs, embedding rows or recurrent weights."""
+    return bool(config.dropout or config.embedding_dropout or config.weight_drop)
 
 
 def inverted(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
@@ -11,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn import checkpoint, config as config_lib, distributed, events, rundir, runtime, steps
+from charrnn import checkpoint, config as config_lib, distributed, dropout, events, rundir, runtime, steps
 from charrnn.config import Config
 from charrnn.errors import DivergedError, Interrupted
 from charrnn.events import Listener
@@ -70,6 +71,11 @@ class Loop:
         train_config = self.config.train
         self.local_streams = self.placement.local_streams(train_config.batch_size)
         self.train_call = steps.compile_train_call(self.task.batch_loss, train_config, self.optimizer, self.placement)
+        # Late dropout: calls that start before this step train without any dropout (the same steps, masks unused).
+        self.dropout_from_step = (math.ceil(train_config.dropout_from_epoch * self.task.steps_per_epoch)
+                                  if dropout.any_rate(self.config.model) else 0)
+        self.train_call_without_dropout = steps.compile_train_call(
+            functools.partial(self.task.batch_loss, dropout=False), train_config, self.optimizer, self.placement)
         self.chars_per_step = self.task.chars_per_step
         self.budget_s = train_config.max_minutes * 60.0
         self.clock = Clock(time.monotonic() - self.progress.elapsed_s)
@@ -180,7 +186,8 @@ class Loop:
             lrs = np.array([steps.learning_rate(train_config, step + i, self.schedule_position(step + i, elapsed))
                             for i in range(count)], np.float32)
             progress = self.progress
-            progress.state, progress.carry, metrics = self.train_call(
+            train_call = self.train_call if step >= self.dropout_from_step else self.train_call_without_dropout
+            progress.state, progress.carry, metrics = train_call(
                 progress.state, progress.carry, self.batches(step, count),
                 distributed.put(lrs, self.placement.replicated))
             self.pending.append((step, metrics))

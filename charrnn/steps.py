@@ -91,15 +91,17 @@ def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[
 
 
 def language_model_loss(model_config: ModelConfig, smoothing: float = 0.0):
-    """`loss(params, carry, batch, dropout_key) -> (mean nats/char, carry)` of a chunk of text, labels smoothed by `smoothing`.
+    """`loss(params, carry, batch, dropout_key, dropout=True) -> (mean nats/char, carry)` of a chunk of text, labels
+    smoothed by `smoothing`; with `dropout` false, the key drops nothing.
 
     The carry is reset at epoch starts inside the differentiated function, so that
     a learned initial state gets its gradient from the chunks that start from it.
     """
-    def chunk_loss(params: dict, carry: tuple, batch: Batch, dropout_key: jax.Array):
+    def chunk_loss(params: dict, carry: tuple, batch: Batch, dropout_key: jax.Array, dropout: bool = True):
         fresh = model.initial_carry(params, model_config, batch.inputs.shape[1])
         start = model.reset_where(batch.reset, fresh, carry)
-        return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key, smoothing)
+        return model.loss(params, model_config, start, batch.inputs, batch.targets, dropout_key if dropout else None,
+                          smoothing)
 
     return chunk_loss
 

@@ -17,12 +17,15 @@ from charrnn.config import Config
 
 class Task(Protocol):
     chars_per_step: int  # characters one optimizer step learns from (targets)
+    steps_per_epoch: int  # optimizer steps in one pass over the training data
 
     def init_params(self, key: jax.Array) -> dict: ...
 
     def initial_carry(self, params: dict, batch_size: int) -> tuple: ...
 
-    def batch_loss(self, params: dict, carry: tuple, batch: Any, dropout_key: jax.Array) -> tuple[jax.Array, tuple]: ...
+    def batch_loss(self, params: dict, carry: tuple, batch: Any, dropout_key: jax.Array,
+                   dropout: bool = True) -> tuple[jax.Array, tuple]:
+        """(mean loss, next carry) of one minibatch; with `dropout` false, no kind of dropout applies."""
 
     def batches(self, step: int, count: int, streams: slice) -> Any:
         """Host minibatches of steps [step, step + count), stacked [K, ...], for the `streams` of this process."""
@@ -44,6 +47,7 @@ class TextTask:
         train = config.train
         self.layout = data.stream_layout(len(corpus.train_ids), train.batch_size, train.seq_len)
         self.chars_per_step = train.batch_size * train.seq_len
+        self.steps_per_epoch = self.layout.chunks_per_epoch
         self.batch_loss = steps.language_model_loss(config.model, train.label_smoothing)
         self.eval_call = steps.make_eval_call(config.model)
 

@@ -156,6 +156,8 @@ def test_missing_config_file(tmp_path):
         (["train.ema=1"], "train.ema"),
         (["train.ema=nan"], "train.ema"),
         (["train.label_smoothing=1"], "train.label_smoothing"),
+        (["train.dropout_from_epoch=-1"], "train.dropout_from_epoch"),
+        (["train.dropout_from_epoch=inf"], "train.dropout_from_epoch"),
         (["train.label_smoothing=-0.1"], "train.label_smoothing"),
         (["model.kind=seq2seq", "train.scheduled_sampling=1.5"], "train.scheduled_sampling"),
         (["model.kind=seq2seq", "train.scheduled_sampling=nan"], "train.scheduled_sampling"),
@@ -237,6 +239,7 @@ def test_validate_rejects_infinite_weight_decay():
         ["train.final_lr_fraction=1", "train.schedule=exponential"],
         ["train.final_lr_fraction=0", "train.schedule=cosine"],
         ["train.warmup_steps=0"],
+        ["train.dropout_from_epoch=2.5"],
         ["train.clip_norm=0"],
         ["train.max_minutes=0"],
         ["train.val_fraction=0.001"],
@@ -272,10 +275,10 @@ def test_defaults_are_the_shakespeare_recipe():
 def test_a_saved_config_without_newer_keys_keeps_what_it_ran_with():
     older = config_lib.from_dict({"model": {"cell": "gru"}, "train": {"lr": 0.5}})
     assert (older.model.cell, older.train.lr) == ("gru", 0.5)
-    assert (older.model.norm, older.model.dtype) == ("none", "float32")
+    assert (older.model.norm, older.model.dtype, older.train.dropout_from_epoch) == ("none", "float32", 0.0)
     assert older.model.hidden_size == ModelConfig().hidden_size
-    newer = config_lib.from_dict({"model": {"norm": "layer", "dtype": "auto"}})
-    assert (newer.model.norm, newer.model.dtype) == ("layer", "auto")
+    newer = config_lib.from_dict({"model": {"norm": "layer", "dtype": "auto"}, "train": {"dropout_from_epoch": 1.0}})
+    assert (newer.model.norm, newer.model.dtype, newer.train.dropout_from_epoch) == ("layer", "auto", 1.0)
 
 
 def test_differences_name_changed_keys():

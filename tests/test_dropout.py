@@ -1,14 +1,17 @@
 """Dropout: on outputs (per character or locked over a chunk), on embedding rows, on W_h; never without a key."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clihelp import TINY
 from test_model import make_config, random_carry, random_ids, random_params
 
-from charrnn import dropout, model
+import charrnn
+from charrnn import checkpoint, config as config_lib, dropout, model, rundir, training
 
 
 def test_dropout_zeroes_and_rescales_top_output():
@@ -164,3 +167,60 @@ def test_encoder_decoder_weights_are_all_dropped():
     assert not np.allclose(trained, seq2seq_model.forward(params, plain, batch, key)[0], atol=1e-3)
     np.testing.assert_array_equal(seq2seq_model.forward(params, config, batch)[0],
                                   seq2seq_model.forward(params, plain, batch)[0])
+
+
+def pairs_file(directory):
+    """Reversed words over three letters: enough pairs for a validation split."""
+    path = directory / "pairs.tsv"
+    words = ["".join(letters) for letters in itertools.product("abc", repeat=4)]
+    path.write_text("".join(f"{word}\t{word[::-1]}\n" for word in words), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["lm", "seq2seq"])
+def test_a_task_told_not_to_drop_drops_nothing(kind, small_corpus, tmp_path):
+    corpus = small_corpus if kind == "lm" else pairs_file(tmp_path)
+    rates = ["model.dropout=0.5", "model.embedding_dropout=0.3", "model.weight_drop=0.3"]
+    task = training.load_task(corpus, config_lib.resolve(TINY, [f"model.kind={kind}", *rates], {}))
+    plain = training.load_task(corpus, config_lib.resolve(TINY, [f"model.kind={kind}", "model.dropout=0"], {}))
+    params = task.init_params(jax.random.key(0))
+    carry = task.initial_carry(params, task.config.train.batch_size)
+    batch = jax.tree.map(lambda leaf: leaf[0], task.batches(0, 1, slice(None)))
+    key = jax.random.key(1)
+
+    undropped = float(task.batch_loss(params, carry, batch, key, dropout=False)[0])
+
+    assert undropped == float(plain.batch_loss(params, carry, batch, key)[0])
+    assert undropped != float(task.batch_loss(params, carry, batch, key)[0])
+
+
+def test_late_dropout_starts_at_its_epoch(small_corpus, tmp_path):
+    """Until train.dropout_from_epoch, a run is one without dropout; from there, one that always had it."""
+    base = ["model.dropout=0.5", "model.weight_drop=0.3", "train.schedule=constant", "train.steps_per_call=2",
+            "train.eval_every=4", "train.keep=3"]
+    steps_per_epoch = training.load_task(small_corpus, config_lib.resolve(TINY, base, {})).steps_per_epoch
+    # Step 2.5 rounds up to 3, inside the call of steps 2-3: dropout starts with the next call, at step 4.
+    from_step_4 = f"train.dropout_from_epoch={2.5 / steps_per_epoch!r}"
+
+    def train(name, sets, resume=False):
+        run = tmp_path / name
+        charrnn.train(small_corpus, None if resume else run, TINY, resume=run if resume else None,
+                      sets=[*base, *sets])
+        return run
+
+    def params_at(run, step):
+        arrays, _ = checkpoint.read(checkpoint.step_path(rundir.checkpoints_dir(run), step))
+        return {name: value for name, value in arrays.items() if name.startswith("params")}
+
+    late = train("late", [from_step_4, "train.steps=8"])
+    never = params_at(train("never", ["model.dropout=0", "model.weight_drop=0", "train.steps=4"]), 4)
+    always = params_at(train("always", ["train.steps=4"]), 4)
+    assert params_at(late, 4).keys() == never.keys() and never
+    for name in never:
+        np.testing.assert_array_equal(params_at(late, 4)[name], never[name], err_msg=name)
+    assert any(not np.array_equal(params_at(late, 4)[name], always[name]) for name in never)
+
+    train("switched", ["train.dropout_from_epoch=1000", "train.steps=4"])
+    switched = train("switched", ["train.dropout_from_epoch=0", "train.steps=8"], resume=True)
+    for name in never:
+        np.testing.assert_array_equal(params_at(late, 8)[name], params_at(switched, 8)[name], err_msg=name)

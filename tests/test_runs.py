@@ -242,7 +242,8 @@ def test_config_keys_a_run_predates_take_their_defaults(tmp_path):
     (row,) = runs.collect([tmp_path])
     assert row["model.cell"] == "gru" and row["train.lr"] == 0.5
     assert row["model.hidden_size"] == config.ModelConfig().hidden_size and "sample.top_p" in row
-    assert (row["model.norm"], row["model.dtype"]) == ("none", "float32")  # what it ran with, not today's defaults
+    # What it ran with, not today's defaults.
+    assert (row["model.norm"], row["model.dtype"], row["train.dropout_from_epoch"]) == ("none", "float32", 0.0)
 
 
 def test_sweep_script_trains_every_combination_then_tables_and_plots(small_corpus, tmp_path):

@@ -66,6 +66,7 @@ class PairsTask:
         sources, targets = corpus.train
         self.sort_keys = pairs_lib.length_key(sources, targets)
         self.schedule = pairs_lib.schedule(len(targets), config.train.batch_size)
+        self.steps_per_epoch = self.schedule.batches_per_epoch
         self.chars_per_step = int(round(config.train.batch_size * (np.mean([len(ids) for ids in targets]) + 1)))
         self._epoch: tuple[int, np.ndarray] | None = None
 
@@ -76,12 +77,12 @@ class PairsTask:
     def initial_carry(self, params: dict, batch_size: int) -> tuple:
         return ()  # each pair starts afresh: nothing is carried from step to step
 
-    def batch_loss(self, params: dict, carry: tuple, batch: PairBatch, dropout_key: jax.Array):
+    def batch_loss(self, params: dict, carry: tuple, batch: PairBatch, dropout_key: jax.Array, dropout: bool = True):
         model, train = self.config.model, self.config.train
         if train.scheduled_sampling:  # a key of its own: the dropout masks stay those of a run without it
             batch = seq2seq_model.with_own_choices(params, model, batch, train.scheduled_sampling,
                                                    jax.random.fold_in(dropout_key, SAMPLING_STREAM))
-        return seq2seq_model.loss(params, model, batch, dropout_key, train.label_smoothing), carry
+        return seq2seq_model.loss(params, model, batch, dropout_key if dropout else None, train.label_smoothing), carry
 
     def _batch_pairs(self, step: int) -> np.ndarray:
         epoch, index = divmod(step, self.schedule.batches_per_epoch)
