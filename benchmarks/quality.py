@@ -83,7 +83,7 @@ def train_torch(config, minutes: float, own: bool) -> dict:
     from torch import nn
     from torch.nn import functional
 
-    from charrnn import data, model, steps, training
+    from charrnn import data, dropout, model, steps, training
 
     model_config, train_config = config.model, config.train
     if model_config.cell != "lstm" or model_config.kind != "lm":
@@ -196,7 +196,7 @@ def train_torch(config, minutes: float, own: bool) -> dict:
         return total / count
 
     layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
-    dropout_from_step = 0 if own else math.ceil(train_config.dropout_from_epoch * layout.chunks_per_epoch)
+    dropout_from_step = 0 if own else dropout.first_step(config, layout.chunks_per_epoch)
     budget, began, step = minutes * 60.0, time.monotonic(), 0
     state, best = zero_state(train_config.batch_size), math.inf
     while (elapsed := time.monotonic() - began) < budget and step < train_config.steps:

@@ -19,10 +19,12 @@ evaluation, which has no key, runs the weights as they are.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
-from charrnn.config import ModelConfig
+from charrnn.config import Config, ModelConfig
 
 # Folded into the step's key for the weight masks; output dropout folds in the layer index.
 _WEIGHTS_STREAM = 2**31 - 1
@@ -31,6 +33,11 @@ _WEIGHTS_STREAM = 2**31 - 1
 def any_rate(config: ModelConfig) -> bool:
     """Whether training drops anything: outputs, embedding rows or recurrent weights."""
     return bool(config.dropout or config.embedding_dropout or config.weight_drop)
+
+
+def first_step(config: Config, steps_per_epoch: int) -> int:
+    """The first optimizer step that drops anything: `train.dropout_from_epoch` epochs in (0 where nothing drops)."""
+    return math.ceil(config.train.dropout_from_epoch * steps_per_epoch) if any_rate(config.model) else 0
 
 
 def inverted(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:

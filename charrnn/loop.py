@@ -72,8 +72,7 @@ class Loop:
         self.local_streams = self.placement.local_streams(train_config.batch_size)
         self.train_call = steps.compile_train_call(self.task.batch_loss, train_config, self.optimizer, self.placement)
         # Late dropout: calls that start before this step train without any dropout (the same steps, masks unused).
-        self.dropout_from_step = (math.ceil(train_config.dropout_from_epoch * self.task.steps_per_epoch)
-                                  if dropout.any_rate(self.config.model) else 0)
+        self.dropout_from_step = dropout.first_step(self.config, self.task.steps_per_epoch)
         self.train_call_without_dropout = steps.compile_train_call(
             functools.partial(self.task.batch_loss, dropout=False), train_config, self.optimizer, self.placement)
         self.chars_per_step = self.task.chars_per_step

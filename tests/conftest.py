@@ -1,6 +1,7 @@
 """Shared test settings: strict shapes, and small corpora made on the fly."""
 
 import atexit
+import itertools
 import os
 import shutil
 import tempfile
@@ -33,6 +34,15 @@ def small_corpus(tmp_path):
     """A few kilobytes of dialogue in a temp file."""
     path = tmp_path / "corpus.txt"
     path.write_text(SAMPLE_TEXT * 40, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def reversal_pairs(tmp_path):
+    """A pairs file of every four-letter word over "abc" and its reverse: 81 pairs, enough for a validation split."""
+    path = tmp_path / "pairs.tsv"
+    words = ["".join(letters) for letters in itertools.product("abc", repeat=4)]
+    path.write_text("".join(f"{word}\t{word[::-1]}\n" for word in words), encoding="utf-8")
     return path
 
 

@@ -156,9 +156,9 @@ def test_missing_config_file(tmp_path):
         (["train.ema=1"], "train.ema"),
         (["train.ema=nan"], "train.ema"),
         (["train.label_smoothing=1"], "train.label_smoothing"),
+        (["train.label_smoothing=-0.1"], "train.label_smoothing"),
         (["train.dropout_from_epoch=-1"], "train.dropout_from_epoch"),
         (["train.dropout_from_epoch=inf"], "train.dropout_from_epoch"),
-        (["train.label_smoothing=-0.1"], "train.label_smoothing"),
         (["model.kind=seq2seq", "train.scheduled_sampling=1.5"], "train.scheduled_sampling"),
         (["model.kind=seq2seq", "train.scheduled_sampling=nan"], "train.scheduled_sampling"),
         (["train.scheduled_sampling=0.2"], "train.scheduled_sampling"),  # the language model reads its own text already
