@@ -154,8 +154,8 @@ def measure_side(side: str, row: dict, args) -> dict:
                                               row["steps_per_call"], args.unroll, kernel))
     ours.compile()
     out["train"] = ours.chars_per_second(args.seconds)
-    for sample_batch in (1, 64) if args.sample and kernel == "xla" else ():  # generation does not use the kernel
-        config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll)
+    for sample_batch in (1, 64) if args.sample else ():  # the pallas side generates with charrnn/fused_sampling.py
+        config = charrnn_config(cell, layers, hidden, 1, 1, embedding, dtype, 1, args.unroll, kernel)
         out[f"sample_b{sample_batch}"] = bench.measure_sampling(config, sample_batch, args.sample_length * 4, 3)
     return out
 
@@ -258,7 +258,8 @@ def format_row(row: dict, sides: list[str], sample: bool) -> str:
     for batch in (1, 64) if sample else ():
         line += f"  | sample b{batch}: " + " ".join(f"{side} {row[f'{side}_sample_b{batch}']:,.0f}"
                                                    for side in sides if f"{side}_sample_b{batch}" in row)
-        line += f" ({row[f'ratio_sample_b{batch}']:.1f}x)"
+        line += f" ({row[f'ratio_sample_b{batch}']:.1f}x"
+        line += f", pallas {row[f'ratio_pallas_sample_b{batch}']:.1f}x)" if f"ratio_pallas_sample_b{batch}" in row else ")"
     return line
 
 

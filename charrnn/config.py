@@ -41,7 +41,7 @@ class ModelConfig:
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "auto"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
     scan_unroll: int = 1  # time steps per loop iteration; more helps GPUs (8), not CPUs
-    kernel: str = "xla"  # each layer's time loop: xla (a launch per step) | pallas (one fused launch, on a GPU; rnn, lstm; xla elsewhere)
+    kernel: str = "xla"  # the time loops of layers and of generation: xla (a launch per step) | pallas (one fused launch, on a GPU; rnn, lstm; xla elsewhere)
     encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
     bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
     attention: str = "additive"  # seq2seq: none | additive (Bahdanau's score) | dot (Luong's general score)

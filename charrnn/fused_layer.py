@@ -56,7 +56,7 @@ def choose_blocks(batch: int, hidden_size: int, programs: int | None) -> Blocks 
     depth = next(size for size in (64, 32, UNIT) if hidden_size % size == 0)
     rows = max(UNIT, min(MAX_ROWS, pl.next_power_of_2(batch)))
     units = UNIT
-    while _batch_blocks(batch, rows) * (hidden_size // units) > programs:
+    while batch_blocks(batch, rows) * (hidden_size // units) > programs:
         if hidden_size % (2 * units) == 0:
             units *= 2
         elif rows < pl.next_power_of_2(batch):
@@ -66,7 +66,7 @@ def choose_blocks(batch: int, hidden_size: int, programs: int | None) -> Blocks 
     return Blocks(rows, units, depth, parallel=True)
 
 
-def _batch_blocks(batch: int, rows: int) -> int:
+def batch_blocks(batch: int, rows: int) -> int:
     return -(-batch // rows)
 
 
@@ -80,11 +80,11 @@ def _forward(cell: Cell, params: dict, carry, projections: jax.Array, blocks: Bl
     w_h = params["w_h"]
     steps, batch, _ = projections.shape
     hidden_size = w_h.shape[0]
-    padded = _pad_rows((projections, *carry), batch, blocks.rows, axis=(1,) + (0,) * len(carry))
+    padded = pad_rows((projections, *carry), batch, blocks.rows, axis=(1,) + (0,) * len(carry))
     projections_padded, carry_padded = padded[0], padded[1:]
     rows = projections_padded.shape[1]
     state_shape = jax.ShapeDtypeStruct((steps + 1, rows, hidden_size), carry[0].dtype)
-    outputs = _call(
+    outputs = launch(
         functools.partial(_forward_kernel, cell, blocks, steps, hidden_size),
         blocks, hidden_size, rows,
         inputs=(projections_padded, w_h, *carry_padded),
@@ -102,11 +102,11 @@ def _backward(cell: Cell, blocks: Blocks, saved, cotangents):
     d_final, d_hidden = cotangents
     steps, batch, _ = zs.shape
     hidden_size = w_h.shape[0]
-    padded = _pad_rows((*states, zs, d_hidden, *d_final), batch, blocks.rows,
+    padded = pad_rows((*states, zs, d_hidden, *d_final), batch, blocks.rows,
                        axis=(1,) * (len(states) + 2) + (0,) * len(d_final))
     rows = padded[0].shape[-2]
     fields = len(states)
-    outputs = _call(
+    outputs = launch(
         functools.partial(_backward_kernel, cell, blocks, steps, hidden_size),
         blocks, hidden_size, rows,
         inputs=(w_h, *padded),
@@ -123,20 +123,20 @@ def _backward(cell: Cell, blocks: Blocks, saved, cotangents):
 run_layer.defvjp(_forward, _backward)
 
 
-def _pad_rows(arrays: tuple, batch: int, block_rows: int, axis: tuple[int, ...]) -> tuple:
+def pad_rows(arrays: tuple, batch: int, block_rows: int, axis: tuple[int, ...]) -> tuple:
     """The arrays with their batch axis padded with zeros to whole blocks of rows."""
-    extra = _batch_blocks(batch, block_rows) * block_rows - batch
+    extra = batch_blocks(batch, block_rows) * block_rows - batch
     if extra == 0:
         return arrays
     return tuple(jnp.pad(array, [(0, extra if dim == batch_axis else 0) for dim in range(array.ndim)])
                  for array, batch_axis in zip(arrays, axis, strict=True))
 
 
-def _call(kernel, blocks: Blocks, hidden_size: int, rows: int, inputs: tuple, out_shape: tuple, aliases=None):
+def launch(kernel, blocks: Blocks, hidden_size: int, rows: int, inputs: tuple, out_shape: tuple, aliases=None):
     """Launch `kernel` over a grid of (batch blocks, unit blocks), with one wait counter per batch block."""
-    batch_blocks = rows // blocks.rows
-    grid = (batch_blocks, hidden_size // blocks.units if blocks.parallel else 1)
-    counters = jnp.zeros((batch_blocks,), jnp.int32)
+    row_blocks = rows // blocks.rows
+    grid = (row_blocks, hidden_size // blocks.units if blocks.parallel else 1)
+    counters = jnp.zeros((row_blocks,), jnp.int32)
     aliases = {**(aliases or {}), len(inputs): len(out_shape)}  # the counters are updated in place
     outputs = pl.pallas_call(
         kernel, grid=grid, input_output_aliases=aliases, interpret=not blocks.parallel,
@@ -146,22 +146,34 @@ def _call(kernel, blocks: Blocks, hidden_size: int, rows: int, inputs: tuple, ou
     return outputs[:-1]
 
 
-def _unit_blocks(blocks: Blocks, hidden_size: int) -> list:
+def unit_blocks_of(blocks: Blocks, hidden_size: int) -> list:
     """The unit blocks this program computes: its own (GPU), or all of them in turn (interpreter)."""
     return [pl.program_id(1)] if blocks.parallel else list(range(hidden_size // blocks.units))
 
 
-def _units(unit_block, blocks: Blocks):
+def units_of(unit_block, blocks: Blocks):
     """The units of `unit_block`, in an [.., H] row."""
     return pl.ds(unit_block * blocks.units, blocks.units)
 
 
-def _gate_columns(gate: int, unit_block, blocks: Blocks, hidden_size: int):
+def gate_columns(gate: int, unit_block, blocks: Blocks, hidden_size: int):
     """Gate `gate`'s columns of the units in `unit_block`, in a [.., G*H] row of gate blocks side by side."""
     return pl.ds(gate * hidden_size + unit_block * blocks.units, blocks.units)
 
 
-def _wait_for_all(blocks: Blocks, counters, batch_block, programs: int, phase: int):
+def add_products(sums: tuple, read_x, w, columns: list, depth_size: int) -> tuple:
+    """sums[g] + x w[:, columns[g]] for each g, summed in float32: read_x(depth) gives x [rows, I] `depth_size`
+    columns at a time, multiplied by the matching rows of w [I, ...]."""
+    def accumulate(k, sums):
+        depth = pl.ds(k * depth_size, depth_size)
+        x = read_x(depth).astype(w.dtype)
+        return tuple(total + jnp.dot(x, w[depth, gate], preferred_element_type=accumulation_dtype(w.dtype))
+                     for total, gate in zip(sums, columns, strict=True))
+
+    return jax.lax.fori_loop(0, w.shape[0] // depth_size, accumulate, sums)
+
+
+def wait_for_all(blocks: Blocks, counters, batch_block, programs: int, phase: int):
     """Return once every program of this batch block has finished `phase` (0, 1, ...) and its writes are visible."""
     if not blocks.parallel:  # one program does every unit block: its own writes are in order
         return
@@ -179,34 +191,28 @@ def _forward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, xs
     counters = refs[-1]  # the output aliased to the counters' input, refs[fields]
     batch_block = pl.program_id(0)
     rows = pl.ds(batch_block * blocks.rows, blocks.rows)
-    unit_blocks = _unit_blocks(blocks, hidden_size)
+    unit_blocks = unit_blocks_of(blocks, hidden_size)
     programs = hidden_size // blocks.units
     accumulate_as = accumulation_dtype(w_h.dtype)
 
     for j in unit_blocks:
         for initial, state in zip(carry_in, states, strict=True):
-            state[0, rows, _units(j, blocks)] = initial[rows, _units(j, blocks)]
-    _wait_for_all(blocks, counters, batch_block, programs, 0)
+            state[0, rows, units_of(j, blocks)] = initial[rows, units_of(j, blocks)]
+    wait_for_all(blocks, counters, batch_block, programs, 0)
 
     def step(t, _):
         for j in unit_blocks:
-            columns = [_gate_columns(gate, j, blocks, hidden_size) for gate in range(cell.num_gates)]
+            columns = [gate_columns(gate, j, blocks, hidden_size) for gate in range(cell.num_gates)]
 
-            def accumulate(k, sums):  # sums[g] += h_{t-1}[rows, depth k] W_h[depth k, gate g's columns of block j]
-                depth = pl.ds(k * blocks.depth, blocks.depth)
-                h = states[0][t, rows, depth].astype(w_h.dtype)
-                return tuple(total + jnp.dot(h, w_h[depth, gate], preferred_element_type=accumulate_as)
-                             for total, gate in zip(sums, columns, strict=True))
-
-            z = jax.lax.fori_loop(0, hidden_size // blocks.depth, accumulate,
-                                  tuple(xs[t, rows, gate].astype(accumulate_as) for gate in columns))
-            units = _units(j, blocks)
+            z = add_products(tuple(xs[t, rows, gate].astype(accumulate_as) for gate in columns),
+                             lambda depth: states[0][t, rows, depth], w_h, columns, blocks.depth)
+            units = units_of(j, blocks)
             carry, _ = cell.activate_blocks(cell.carry_type(*(state[t, rows, units] for state in states)), z)
             for gate, z_gate in zip(columns, z, strict=True):
                 zs[t, rows, gate] = z_gate.astype(zs.dtype)
             for state, value in zip(states, carry, strict=True):
                 state[t + 1, rows, units] = value.astype(state.dtype)
-        _wait_for_all(blocks, counters, batch_block, programs, t + 1)
+        wait_for_all(blocks, counters, batch_block, programs, t + 1)
 
     jax.lax.fori_loop(0, steps, step, None)
 
@@ -218,7 +224,7 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
     counters = refs[-1]  # the output aliased to the counters' input, refs[2 * fields + 2]
     batch_block = pl.program_id(0)
     rows = pl.ds(batch_block * blocks.rows, blocks.rows)
-    unit_blocks = _unit_blocks(blocks, hidden_size)
+    unit_blocks = unit_blocks_of(blocks, hidden_size)
     programs = hidden_size // blocks.units
     accumulate_as = accumulation_dtype(w_h.dtype)
 
@@ -226,8 +232,8 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
         t = steps - 1 - i
         d_carries_in = []
         for j, d_carry in zip(unit_blocks, d_carries, strict=True):
-            units = _units(j, blocks)
-            columns = [_gate_columns(gate, j, blocks, hidden_size) for gate in range(cell.num_gates)]
+            units = units_of(j, blocks)
+            columns = [gate_columns(gate, j, blocks, hidden_size) for gate in range(cell.num_gates)]
             carry = cell.carry_type(*(state[t, rows, units] for state in states))
             z = tuple(zs[t, rows, gate] for gate in columns)
             _, local_vjp = jax.vjp(cell.activate_blocks, carry, z)
@@ -235,13 +241,13 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
             for gate, d_z_gate in zip(columns, d_z, strict=True):
                 d_zs[t, rows, gate] = d_z_gate.astype(d_zs.dtype)
             d_carries_in.append(d_carry_in)
-        _wait_for_all(blocks, counters, batch_block, programs, i)
+        wait_for_all(blocks, counters, batch_block, programs, i)
 
         def through_w_h(j):
             def accumulate(k, total):  # total += dz_t[rows, depth k of the gate columns] W_h[units j, depth k]ᵀ
                 depth = pl.ds(k * blocks.depth, blocks.depth)
                 d_z = d_zs[t, rows, depth].astype(w_h.dtype)
-                return total + jnp.dot(d_z, w_h[_units(j, blocks), depth].T, preferred_element_type=accumulate_as)
+                return total + jnp.dot(d_z, w_h[units_of(j, blocks), depth].T, preferred_element_type=accumulate_as)
 
             return jax.lax.fori_loop(0, cell.num_gates * hidden_size // blocks.depth, accumulate,
                                      jnp.zeros((blocks.rows, blocks.units), accumulate_as))
@@ -249,8 +255,8 @@ def _backward_kernel(cell: Cell, blocks: Blocks, steps: int, hidden_size: int, w
         return tuple(d_carry._replace(h=d_carry.h + through_w_h(j).astype(d_carry.h.dtype))
                      for j, d_carry in zip(unit_blocks, d_carries_in, strict=True))
 
-    initial = tuple(cell.carry_type(*(d[rows, _units(j, blocks)] for d in d_final)) for j in unit_blocks)
+    initial = tuple(cell.carry_type(*(d[rows, units_of(j, blocks)] for d in d_final)) for j in unit_blocks)
     d_carries = jax.lax.fori_loop(0, steps, step, initial)
     for j, d_carry in zip(unit_blocks, d_carries, strict=True):
         for out, value in zip(d_carry_out, d_carry, strict=True):
-            out[rows, _units(j, blocks)] = value.astype(out.dtype)
+            out[rows, units_of(j, blocks)] = value.astype(out.dtype)

@@ -56,10 +56,19 @@ def choose(logits: jax.Array, noise: jax.Array, temperature: jax.Array, top_k: i
     argmax(logits + T * noise): two fewer operations in every character's step.
     """
     if not top_k and top_p is None:  # nothing to filter: argmax(logits / T + noise) = argmax(logits + T * noise)
-        scale = jnp.clip(temperature, 0.0, MAX_TEMPERATURE)  # T * noise stays finite
-        return first_argmax(logits.astype(jnp.float32) + scale * noise)
+        return pick_unfiltered(logits, noise_scale(temperature) * noise)
     filtered = filter_logits(logits, temperature, top_k, top_p)
     return first_argmax(filtered + jnp.where(temperature > 0, noise, 0.0))
+
+
+def noise_scale(temperature: jax.Array) -> jax.Array:
+    """What the noise is multiplied by where nothing is filtered: the temperature, clipped so T * noise stays finite."""
+    return jnp.clip(temperature, 0.0, MAX_TEMPERATURE)
+
+
+def pick_unfiltered(logits: jax.Array, scaled_noise: jax.Array) -> jax.Array:
+    """`choose` with nothing to filter, given the noise times `noise_scale(temperature)`."""
+    return first_argmax(logits.astype(jnp.float32) + scaled_noise)
 
 
 def capped_temperature(temperature: float) -> jax.Array:
@@ -112,6 +121,14 @@ def generate_block(prepared: dict, config: ModelConfig, carry: tuple, last_ids: 
     noise_shape = (last_ids.shape[0], prepared["output"]["b"].shape[0])  # [B, V]
     noise = jax.vmap(lambda offset: jax.random.gumbel(jax.random.fold_in(key, position + offset), noise_shape))(
         jnp.arange(length))  # [length, B, V], all at once: the loop below only does the model
+    if model.fuses_layers(config):  # the whole loop in one launch, where the kernel takes the block
+        from charrnn import fused_sampling  # Pallas loads only for the runs that use it
+
+        blocks = fused_sampling.choose_blocks(config, *noise_shape, filtered=bool(top_k) or top_p is not None)
+        if blocks is not None:
+            carry, ids = fused_sampling.generate_block(prepared, config, carry, last_ids,
+                                                       noise_scale(temperature) * noise, pick_unfiltered, blocks)
+            return carry, ids[-1], ids
 
     def one_character(state, noise_t):
         carry, ids = state
@@ -143,7 +160,9 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
     if split is not None:  # each CPU core runs its share of the streams, as in training
         params = distributed.put(jax.device_get(params), split.replicated)
         carry, last_ids = distributed.put_streams(jax.device_get((carry, last_ids)), split, num_samples)
-    prepared = generation_params(params, config, num_samples == 1 and jax.default_backend() == "cpu")
+    # The fused kernel multiplies the weights as they are; XLA's one-stream loop on a CPU, transposed.
+    one_stream = num_samples == 1 and jax.default_backend() == "cpu" and not model.fuses_layers(config)
+    prepared = generation_params(params, config, one_stream)
     if len(prime_ids) > 1:
         carry = prime(prepared, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
     key = jax.random.key(seed)
