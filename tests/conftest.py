@@ -30,6 +30,14 @@ SAMPLE_TEXT = (
 
 
 @pytest.fixture
+def pallas_interpreted(monkeypatch):
+    """Off a GPU, models that ask for the Pallas kernels (`model.kernel = "pallas"`) get them, interpreted."""
+    from charrnn import model  # imported once the XLA flags above are set
+
+    monkeypatch.setattr(model, "fuses_layers", lambda config: config.kernel == "pallas")
+
+
+@pytest.fixture
 def small_corpus(tmp_path):
     """A few kilobytes of dialogue in a temp file."""
     path = tmp_path / "corpus.txt"

@@ -65,9 +65,8 @@ def test_bfloat16_weights_match_the_xla_layer_in_bfloat16():
     assert_close(got, jax.grad(reference, argnums=(0, 1, 2))(params, carry, projections), 2e-2)
 
 
-def test_a_language_model_trains_the_same_with_either_kernel(monkeypatch):
+def test_a_language_model_trains_the_same_with_either_kernel(pallas_interpreted):
     """Two layers (the first from the projection table), weight drop and dropout: loss and every gradient."""
-    monkeypatch.setattr(model, "fuses_layers", lambda config: config.kernel == "pallas")  # interpreted, as off a GPU
     config = ModelConfig(cell="lstm", num_layers=2, hidden_size=H, embedding_size=5, dropout=0.2, weight_drop=0.3,
                          norm="none", dtype="float32")
     params = model.init_params(jax.random.key(3), config, 9)

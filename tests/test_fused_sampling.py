@@ -13,9 +13,9 @@ from charrnn.config import ADDITIVE_CELLS, PALLAS_UNIT, ModelConfig
 H, VOCAB = 2 * PALLAS_UNIT, 9  # two unit blocks; the vocabulary is padded to 16 columns
 
 
-def make_config(cell: str, dtype: str = "float32", kernel: str = "pallas", **changes) -> ModelConfig:
+def make_config(cell: str, dtype: str = "float32") -> ModelConfig:
     return ModelConfig(cell=cell, num_layers=2, hidden_size=H, embedding_size=8, norm="none", dtype=dtype,
-                       kernel=kernel, **changes)
+                       kernel="pallas")
 
 
 def trained_looking_params(config: ModelConfig, seed: int = 0) -> dict:
@@ -26,21 +26,15 @@ def trained_looking_params(config: ModelConfig, seed: int = 0) -> dict:
                                      for leaf, key in zip(leaves, keys, strict=True)])
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    """Off a GPU, models that ask for the kernel get it, in Pallas's interpreter."""
-    monkeypatch.setattr(model, "fuses_layers", lambda config: config.kernel == "pallas")
-
-
-def generated(config: ModelConfig, params: dict, batch: int, length: int, temperature: float):
-    ids = np.concatenate(list(sample.generate(params, config, np.array([1, 4, 2]), length, batch, seed=5,
-                                              temperature=temperature)))
-    return ids  # [length, batch]
+def generated(config: ModelConfig, params: dict, batch: int, length: int, temperature: float) -> np.ndarray:
+    """`length` ids per stream, [length, batch], after a prime of three."""
+    return np.concatenate(list(sample.generate(params, config, np.array([1, 4, 2]), length, batch, seed=5,
+                                               temperature=temperature)))
 
 
 @pytest.mark.parametrize("cell_name, batch, temperature", [("lstm", 1, 0.8), ("rnn", PALLAS_UNIT + 3, 1.0),
                                                             ("lstm", 2, 0.0)])
-def test_generation_writes_what_the_xla_loop_writes(interpreted, cell_name, batch, temperature):
+def test_generation_writes_what_the_xla_loop_writes(pallas_interpreted, cell_name, batch, temperature):
     """Across a block boundary (150 characters are 2 blocks), for one stream and for two blocks of streams."""
     config = make_config(cell_name)
     params = trained_looking_params(config)
@@ -51,7 +45,7 @@ def test_generation_writes_what_the_xla_loop_writes(interpreted, cell_name, batc
     np.testing.assert_array_equal(fused, reference)
 
 
-def block_inputs(config: ModelConfig, batch: int, length: int, seed: int = 1):
+def block_inputs(config: ModelConfig, batch: int, seed: int = 1):
     params = trained_looking_params(config, seed)
     keys = jax.random.split(jax.random.key(seed), 3)
     carry = jax.tree.map(lambda leaf: jax.random.normal(keys[0], leaf.shape), model.initial_carry(params, config, batch))
@@ -66,9 +60,9 @@ def xla_block(prepared, config, carry, last_ids, key, length, temperature):
 
 
 @pytest.mark.parametrize("cell_name", ADDITIVE_CELLS)
-def test_a_block_carries_the_state_the_xla_loop_carries(interpreted, cell_name):
+def test_a_block_carries_the_state_the_xla_loop_carries(pallas_interpreted, cell_name):
     config = make_config(cell_name)
-    prepared, carry, last_ids, key = block_inputs(config, batch=3, length=20)
+    prepared, carry, last_ids, key = block_inputs(config, batch=3)
     output = prepared["output"]  # every logit below 0, the padded columns' value were they not -inf
     prepared = {**prepared, "output": {**output, "b": output["b"] - 100.0}}
     got = sample.generate_block(prepared, config, carry, last_ids, key, jnp.int32(0), jnp.float32(0.7), None, 20, 0)
@@ -79,9 +73,9 @@ def test_a_block_carries_the_state_the_xla_loop_carries(interpreted, cell_name):
         np.testing.assert_allclose(have, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_weights_write_what_the_xla_loop_writes(interpreted):
+def test_bfloat16_weights_write_what_the_xla_loop_writes(pallas_interpreted):
     config = make_config("lstm", dtype="bfloat16")
-    prepared, carry, last_ids, key = block_inputs(config, batch=2, length=20, seed=2)
+    prepared, carry, last_ids, key = block_inputs(config, batch=2, seed=2)
     assert prepared["layers"][1]["w_h"].dtype == jnp.bfloat16
     got = sample.generate_block(prepared, config, carry, last_ids, key, jnp.int32(0), jnp.float32(0.7), None, 20, 0)
     want = xla_block(prepared, config, carry, last_ids, key, 20, 0.7)
@@ -90,9 +84,9 @@ def test_bfloat16_weights_write_what_the_xla_loop_writes(interpreted):
         np.testing.assert_allclose(have, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_the_kernel_runs_only_for_the_blocks_it_takes(interpreted):
+def test_the_kernel_runs_only_for_the_blocks_it_takes(pallas_interpreted):
     config = make_config("lstm")
-    prepared, carry, last_ids, key = block_inputs(config, batch=2, length=4)
+    prepared, carry, last_ids, key = block_inputs(config, batch=2)
 
     def launches(config, top_k=0, top_p=None):
         trace = jax.make_jaxpr(lambda prepared: sample.generate_block(
@@ -113,7 +107,7 @@ def test_the_kernel_runs_only_for_the_blocks_it_takes(interpreted):
 def test_the_gpu_kernel_lowers_to_triton(cell_name, dtype):
     """Without a GPU the kernel cannot run as it would there; lowering checks every operation has a Triton form."""
     config = make_config(cell_name, dtype)
-    prepared, carry, last_ids, _ = block_inputs(config, batch=1, length=8)
+    prepared, carry, last_ids, _ = block_inputs(config, batch=1)
     blocks = fused_layer.choose_blocks(1, H, programs=132)
     assert blocks.parallel
     noise = jnp.zeros((8, 1, VOCAB))
