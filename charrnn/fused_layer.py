@@ -56,7 +56,7 @@ def choose_blocks(batch: int, hidden_size: int, programs: int | None) -> Blocks 
     depth = next(size for size in (64, 32, UNIT) if hidden_size % size == 0)
     rows = max(UNIT, min(MAX_ROWS, pl.next_power_of_2(batch)))
     units = UNIT
-    while batch_blocks(batch, rows) * (hidden_size // units) > programs:
+    while _batch_blocks(batch, rows) * (hidden_size // units) > programs:
         if hidden_size % (2 * units) == 0:
             units *= 2
         elif rows < pl.next_power_of_2(batch):
@@ -66,7 +66,7 @@ def choose_blocks(batch: int, hidden_size: int, programs: int | None) -> Blocks 
     return Blocks(rows, units, depth, parallel=True)
 
 
-def batch_blocks(batch: int, rows: int) -> int:
+def _batch_blocks(batch: int, rows: int) -> int:
     return -(-batch // rows)
 
 
@@ -125,7 +125,7 @@ run_layer.defvjp(_forward, _backward)
 
 def pad_rows(arrays: tuple, batch: int, block_rows: int, axis: tuple[int, ...]) -> tuple:
     """The arrays with their batch axis padded with zeros to whole blocks of rows."""
-    extra = batch_blocks(batch, block_rows) * block_rows - batch
+    extra = _batch_blocks(batch, block_rows) * block_rows - batch
     if extra == 0:
         return arrays
     return tuple(jnp.pad(array, [(0, extra if dim == batch_axis else 0) for dim in range(array.ndim)])
