@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "cosine", "exponential")
 DTYPES = ("float32", "bfloat16", "auto")
 KERNELS = ("xla", "pallas")
 NORMS = ("none", "layer")
+INPUT_INITS = ("fan_in", "hidden")
 # Cells whose gates see only z = x_proj + h W_h: the fused kernel runs them (charrnn/fused_layer.py).
 ADDITIVE_CELLS = ("rnn", "lstm")
 PALLAS_UNIT = 16  # the kernel's smallest block of units: hidden_size must be a multiple
@@ -37,6 +38,7 @@ class ModelConfig:
     embedding_dropout: float = 0.0  # drop whole characters' embedding rows, one mask per chunk, in training
     weight_drop: float = 0.0  # DropConnect on each recurrent matrix W_h, one mask per chunk, in training (AWD-LSTM)
     norm: str = "layer"  # none | layer: layer normalisation of each gate's summed inputs (and of the LSTM's memory cell)
+    input_init: str = "fan_in"  # input weights W_x drawn from U(±1/√fan_in) | hidden: U(±1/√H), as W_h (PyTorch's nn.LSTM, torch-rnn)
     learn_initial_state: bool = False  # learn h0 (and c0) instead of zeros
     residual: bool = False  # add each layer's input to its output (layers >= 2)
     dtype: str = "auto"  # matmul inputs: float32 | bfloat16 (state stays float32) | auto: bfloat16 where the device multiplies it natively
@@ -207,7 +209,7 @@ def resolve(source: Config | Path | str | None, assignments: list[str], options:
 
 
 # A run saved before one of these keys existed ran with this value, not today's default.
-EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32"}, "train": {"dropout_from_epoch": 0.0}}
+EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32", "input_init": "hidden"}, "train": {"dropout_from_epoch": 0.0}}
 
 
 def saved_defaults() -> Config:
@@ -242,6 +244,8 @@ def validate(config: Config) -> None:
              "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")
     _require(model.norm in NORMS, f"model.norm must be one of {', '.join(NORMS)}, got {model.norm!r}")
+    _require(model.input_init in INPUT_INITS,
+             f"model.input_init must be one of {', '.join(INPUT_INITS)}, got {model.input_init!r}")
     _require(model.norm == "none" or model.kernel != "pallas",
              "model.kernel = pallas runs cells without model.norm: set model.norm = none or model.kernel = xla")
     _require(model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {model.dtype!r}")

@@ -22,14 +22,21 @@ def recurrent_cell(config: ModelConfig) -> Cell:
     return cell_of(config.cell, config.norm)
 
 
+def init_layer(key: jax.Array, config: ModelConfig, input_size: int) -> dict:
+    """One recurrent layer's fresh params: the cell's, U(±1/√H) weights, with W_x rescaled to U(±1/√input_size)
+    under `model.input_init = "fan_in"`, so that a narrow input (the embedding) weighs as much as the recurrent one."""
+    params = recurrent_cell(config).init(key, input_size, config.hidden_size)
+    if config.input_init == "fan_in":
+        params["w_x"] = params["w_x"] * (config.hidden_size / input_size) ** 0.5
+    return params
+
+
 def init_params(key: jax.Array, config: ModelConfig, vocab_size: int) -> dict:
     """Return freshly initialised parameters for `config` over `vocab_size` characters."""
     cell = recurrent_cell(config)
     key_embedding, key_output, *layer_keys = jax.random.split(key, 2 + config.num_layers)
-    layers = [
-        cell.init(layer_key, config.embedding_size if index == 0 else config.hidden_size, config.hidden_size)
-        for index, layer_key in enumerate(layer_keys)
-    ]
+    layers = [init_layer(layer_key, config, config.embedding_size if index == 0 else config.hidden_size)
+              for index, layer_key in enumerate(layer_keys)]
     bound = config.hidden_size**-0.5
     params = {
         "embedding": jax.random.normal(key_embedding, (vocab_size, config.embedding_size), jnp.float32),

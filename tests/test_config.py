@@ -166,6 +166,7 @@ def test_missing_config_file(tmp_path):
         (["model.kernel=pallas", "model.cell=gru"], "model.kernel"),
         (["model.kernel=pallas", "model.hidden_size=100"], "model.kernel"),
         (["model.norm=batch"], "model.norm"),
+        (["model.input_init=glorot"], "model.input_init"),
         (["model.norm=layer", "model.kernel=pallas"], "model.kernel"),
         (["train.batch_size=0"], "train.batch_size"),
         (["train.seq_len=0"], "train.seq_len"),
@@ -275,10 +276,13 @@ def test_defaults_are_the_shakespeare_recipe():
 def test_a_saved_config_without_newer_keys_keeps_what_it_ran_with():
     older = config_lib.from_dict({"model": {"cell": "gru"}, "train": {"lr": 0.5}})
     assert (older.model.cell, older.train.lr) == ("gru", 0.5)
-    assert (older.model.norm, older.model.dtype, older.train.dropout_from_epoch) == ("none", "float32", 0.0)
+    assert (older.model.norm, older.model.dtype, older.model.input_init, older.train.dropout_from_epoch) == (
+        "none", "float32", "hidden", 0.0)
     assert older.model.hidden_size == ModelConfig().hidden_size
-    newer = config_lib.from_dict({"model": {"norm": "layer", "dtype": "auto"}, "train": {"dropout_from_epoch": 1.0}})
-    assert (newer.model.norm, newer.model.dtype, newer.train.dropout_from_epoch) == ("layer", "auto", 1.0)
+    newer = config_lib.from_dict({"model": {"norm": "layer", "dtype": "auto", "input_init": "fan_in"},
+                                  "train": {"dropout_from_epoch": 1.0}})
+    assert (newer.model.norm, newer.model.dtype, newer.model.input_init, newer.train.dropout_from_epoch) == (
+        "layer", "auto", "fan_in", 1.0)
 
 
 def test_differences_name_changed_keys():

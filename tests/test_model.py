@@ -103,6 +103,27 @@ def test_gradient_matches_central_differences_per_coordinate(cell):
                 assert abs(difference - gradient[index]) / scale < 1e-5, (name, index, difference, gradient[index])
 
 
+# ---------------------------------------------------------------- initialisation
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_fan_in_input_init_rescales_each_w_x_to_its_input_width_and_nothing_else(norm):
+    """input_init = fan_in: a layer's W_x is the hidden draw times sqrt(H / input width), so it spans
+    ±1/sqrt(input width): wider in layer 1 (the embedding), unchanged above (H wide). The rest is as drawn."""
+    hidden, embedding = 64, 4
+    drawn = {init: model.init_params(jax.random.key(0), make_config("lstm", hidden_size=hidden, embedding_size=embedding,
+                                                                    norm=norm, input_init=init), VOCAB)
+             for init in ("hidden", "fan_in")}
+    for index, (plain, scaled) in enumerate(zip(drawn["hidden"]["layers"], drawn["fan_in"]["layers"], strict=True)):
+        fan_in = embedding if index == 0 else hidden
+        np.testing.assert_allclose(scaled["w_x"], np.asarray(plain["w_x"]) * math.sqrt(hidden / fan_in), rtol=1e-6)
+        assert 0.9 * fan_in**-0.5 < np.abs(scaled["w_x"]).max() <= fan_in**-0.5 * (1 + 1e-6)
+        for key in plain.keys() - {"w_x"}:
+            np.testing.assert_array_equal(scaled[key], plain[key])
+    for key in ("embedding", "output"):
+        assert_trees_close(drawn["fan_in"][key], drawn["hidden"][key], atol=0)
+
+
 # ---------------------------------------------------------------- forward
 
 

@@ -33,6 +33,19 @@ def params_for(config: ModelConfig, seed: int = 0) -> dict:
     return jax.tree.map(lambda leaf: np.asarray(leaf, np.float64) * 3.0, params)
 
 
+def test_fan_in_input_init_scales_every_encoder_and_decoder_layer_by_its_input_width():
+    """Encoder layer 1 reads the embedding, layer 2 both directions' states (2H); the decoder's layer 1 the embedding."""
+    config = dataclasses.replace(SMALL, hidden_size=16)
+    drawn = {init: s2s.init_params(jax.random.key(0), dataclasses.replace(config, input_init=init), SOURCE_VOCAB,
+                                   TARGET_VOCAB) for init in ("hidden", "fan_in")}
+    widths = {("encoder", "forward", 0): 4, ("encoder", "backward", 0): 4, ("encoder", "forward", 1): 32,
+              ("encoder", "backward", 1): 32, ("decoder", "layers", 0): 4, ("decoder", "layers", 1): 16}
+    for (part, stack, index), width in widths.items():
+        plain, scaled = (drawn[init][part][stack][index] for init in ("hidden", "fan_in"))
+        np.testing.assert_allclose(scaled["w_x"], np.asarray(plain["w_x"]) * np.sqrt(16 / width), rtol=1e-6)
+        np.testing.assert_array_equal(scaled["w_h"], plain["w_h"])
+
+
 # --- an independent reference: the textbook equations, one pair at a time, in float64 NumPy ---
 
 def cell_step(cell: str, p: dict, carry: tuple, x: np.ndarray) -> tuple:

@@ -49,7 +49,7 @@ def init_params(key: jax.Array, config: ModelConfig, source_vocab_size: int, tar
     encoder = {"embedding": jax.random.normal(key_embedding, (source_vocab_size, config.embedding_size), jnp.float32)}
     for direction, direction_key in zip(directions(config), jax.random.split(key_layers, 2)):
         layer_keys = jax.random.split(direction_key, config.encoder_layers)
-        encoder[direction] = [cell.init(layer_key, config.embedding_size if index == 0 else width, hidden)
+        encoder[direction] = [model.init_layer(layer_key, config, config.embedding_size if index == 0 else width)
                               for index, layer_key in enumerate(layer_keys)]
     carry_width = config.num_layers * len(cell.carry_type._fields) * hidden
     params = {
