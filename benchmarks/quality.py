@@ -20,7 +20,7 @@ times (medians are reported):
   clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
   warm-up and schedule on the same clock, `train.ema`'s average evaluated, and
   bfloat16 autocast where the recipe's matmuls are bfloat16. Initialisation is
-  PyTorch's own.
+  PyTorch's own, with the input weights rescaled to `model.input_init`'s range.
 - torch-own: PyTorch's usual way with the same model size and budget: dropout
   only between layers (`nn.LSTM(dropout=...)`), Adam with its default betas,
   no averaging, everything else as the recipe.
@@ -172,6 +172,13 @@ def train_torch(config, minutes: float, own: bool) -> dict:
         return (tuple(map(function, state)) if fused else [tuple(map(function, part)) for part in state])
 
     net = Net()
+    if not own:  # W_x at the recipe's model.input_init: nn.LSTM draws U(±1/√H), nn.Linear U(±1/√fan_in)
+        with torch.no_grad():
+            for name, weight in net.rnn.named_parameters():
+                if "weight_ih" in name and model_config.input_init == "fan_in":
+                    weight.mul_(math.sqrt(hidden / weight.shape[1]))
+                elif name.endswith("input.weight") and model_config.input_init == "hidden":
+                    weight.mul_(math.sqrt(weight.shape[1] / hidden))
     betas = (0.9, 0.999) if own else (train_config.beta1, train_config.beta2)
     optimizer = torch.optim.AdamW(net.parameters(), lr=train_config.lr, betas=betas, eps=1e-8,
                                   weight_decay=train_config.weight_decay)
