@@ -18,6 +18,7 @@ embedding_size = 16
 num_layers = 1
 encoder_layers = 1
 dropout = 0.0
+input_init = "hidden"  # the initialisation these steps and this rate were sized with
 
 [train]
 batch_size = 32
