@@ -55,7 +55,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = 32  # parallel contiguous streams per minibatch
     seq_len: int = 100  # characters per chunk; gradients stop at chunk edges
-    lr: float = 3e-3  # peak learning rate of Adam
+    lr: float = 6e-3  # peak learning rate of Adam
     schedule: str = "cosine"  # constant | cosine | exponential, over the whole run
     warmup_steps: int = 50  # linear warm-up from 0 to lr
     final_lr_fraction: float = 0.0  # lr at the end of the run, as a fraction of lr

@@ -179,7 +179,7 @@ def test_config_then_sets_then_keys(small_corpus, tmp_path):
     summary = charrnn.train(small_corpus, tmp_path / "run", config, sets=["train.seed=4", "train.warmup_steps=1"],
                             seed=5, steps=2)
     saved = json.loads((tmp_path / "run" / rundir.CONFIG_FILE).read_text())
-    assert saved["train"]["lr"] == 0.02  # the Config, over the defaults (3e-3)
+    assert saved["train"]["lr"] == 0.02  # the Config, over the defaults (6e-3)
     assert saved["train"]["warmup_steps"] == 1  # sets, over the Config
     assert saved["train"]["seed"] == 5 and saved["train"]["steps"] == 2  # keys, over sets and the Config
     assert saved["train"]["eval_every"] == 2 and saved["model"]["hidden_size"] == tiny.model.hidden_size == 32
