@@ -42,7 +42,8 @@ CONFIGS = {  # name: (num_layers, hidden_size, batch_size, seq_len)
     "C": (3, 512, 64, 256),
     "D": (2, 1024, 128, 128),
     "E": (3, 1024, 256, 256),
-    "R": (2, 512, 32, 100),  # configs/shakespeare.toml's shape (with --embedding 64)
+    "R": (2, 512, 32, 100),  # 32 streams of 100 (with --embedding 64)
+    "S": (2, 512, 64, 50),  # configs/shakespeare.toml's shape (with --embedding 64)
 }
 TORCH_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 

@@ -53,8 +53,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 32  # parallel contiguous streams per minibatch
-    seq_len: int = 100  # characters per chunk; gradients stop at chunk edges
+    batch_size: int = 64  # parallel contiguous streams per minibatch
+    seq_len: int = 50  # characters per chunk; gradients stop at chunk edges
     lr: float = 6e-3  # peak learning rate of Adam
     schedule: str = "cosine"  # constant | cosine | exponential, over the whole run
     warmup_steps: int = 50  # linear warm-up from 0 to lr
