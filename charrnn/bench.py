@@ -129,19 +129,28 @@ def measure_matmul_peak(dtype: str, repeats: int, seconds: float = 0.3) -> float
     do, and a busy machine only ever slows a window down.
     """
     size = PEAK_MATMUL_SIZE
-    weights = jnp.eye(size, dtype=dtype)  # keeps the values where they are, however many products
+    return measure_matmul(size, size, size, dtype, repeats, seconds)
+
+
+def measure_matmul(rows: int, inputs: int, outputs: int, dtype: str, repeats: int, seconds: float = 0.3,
+                   transposed: bool = False) -> float:
+    """GFLOP/s of back-to-back [rows, inputs] x [inputs, outputs] matmuls (`cells.matmul`), as `measure_matmul_peak`
+    times its square ones; each product's first `inputs` columns feed the next. `transposed`: the weights held
+    as `cells.TransposedWeight`, as generation multiplies."""
+    weights = jnp.eye(inputs, outputs, dtype=dtype)  # keeps the values where they are, however many products
+    operand = cells.TransposedWeight(weights.T) if transposed else weights
 
     @jax.jit
     def chain(x, count):
-        return jax.lax.fori_loop(0, count, lambda _, y: cells.matmul(y, weights).astype(dtype), x)
+        return jax.lax.fori_loop(0, count, lambda _, y: cells.matmul(y, operand)[:, :inputs].astype(dtype), x)
 
-    x = jnp.ones((size, size), dtype)
+    x = jnp.ones((rows, inputs), dtype)
     products = 2
     _timed(lambda: jax.block_until_ready(chain(x, products)))  # compiles
     warm = _timed(lambda: jax.block_until_ready(chain(x, products)))
     products = max(1, round(products * seconds / max(warm, 1e-6)))
     fastest = min(_timed(lambda: jax.block_until_ready(chain(x, products))) for _ in range(repeats))
-    return 2 * size**3 * products / fastest / 1e9
+    return 2 * rows * inputs * outputs * products / fastest / 1e9
 
 
 def train_matmul_flops_per_char(config: Config) -> float:

@@ -5,7 +5,7 @@ import json
 import pytest
 from clihelp import TINY, run_in_process, run_subprocess
 
-from charrnn import bench, config as config_lib, model, runtime
+from charrnn import bench, cells, config as config_lib, model, runtime
 
 ISSUE_KEYS = {"train_chars_per_s", "sample_chars_per_s_b1", "sample_chars_per_s_b64", "compile_s", "peak_rss_mb"}
 
@@ -42,6 +42,20 @@ def test_matmul_peak_counts_the_products_it_times_and_keeps_the_fastest_window(m
     monkeypatch.setattr(bench, "PEAK_MATMUL_SIZE", 32)
     peak = bench.measure_matmul_peak("float32", repeats=3, seconds=0.3)
     assert peak == pytest.approx(2 * 32**3 * 6 / 0.25 / 1e9)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_matmul_of_one_shape_counts_its_own_products(monkeypatch, transposed):
+    """The same clock: 6 products of [3, 4] x [4, 8], 2 * 3 * 4 * 8 FLOPs each, in the fastest 0.25 s window,
+    multiplied by the weights in the form asked for."""
+    windows = iter([0.1, 0.1, 0.5, 0.25, 0.4])
+    monkeypatch.setattr(bench, "_timed", lambda function: (function(), next(windows))[1])
+    forms = []
+    monkeypatch.setattr(cells, "matmul", lambda x, w, original=cells.matmul:
+                        forms.append(isinstance(w, cells.TransposedWeight)) or original(x, w))
+    rate = bench.measure_matmul(3, 4, 8, "float32", repeats=3, seconds=0.3, transposed=transposed)
+    assert rate == pytest.approx(2 * 3 * 4 * 8 * 6 / 0.25 / 1e9)
+    assert forms and set(forms) == {transposed}
 
 
 def test_training_chars_per_s_counts_every_character_of_every_call_in_a_window_of_at_least_the_seconds(monkeypatch):

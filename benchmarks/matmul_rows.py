@@ -1,0 +1,39 @@
+"""GFLOP/s of one time step's matmul, [B, H] x [H, G*H], against the number of streams B.
+
+    python benchmarks/matmul_rows.py                          # a 2x512 LSTM's [B, 512] x [512, 2048]
+    python benchmarks/matmul_rows.py --rows 16,32,64 --threads 1
+
+A recurrent step multiplies B rows (one per stream) by the weights, and the next
+step waits for the product, so the speed of that one product at B rows bounds a
+training step. Two forms are timed (`bench.measure_matmul`): `x @ w`, as the
+training loop multiplies, and `x · rows` with the weights held transposed
+(`cells.TransposedWeight`), as generation multiplies.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import charrnn
+from charrnn import bench
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="8,16,32,48,64,96,128", help="comma-separated stream counts B")
+    parser.add_argument("--inputs", type=int, default=512, help="H")
+    parser.add_argument("--outputs", type=int, default=2048, help="G*H")
+    parser.add_argument("--threads", type=int, default=0, help="cores (0: all)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows; the best counts")
+    args = parser.parse_args()
+    charrnn.configure(threads=args.threads or None)
+    print(f"[B, {args.inputs}] x [{args.inputs}, {args.outputs}], float32, {args.threads or 'all'} core(s): GFLOP/s")
+    print("   B   x @ w   x · rows")
+    for rows in (int(item) for item in args.rows.split(",")):
+        forms = [bench.measure_matmul(rows, args.inputs, args.outputs, "float32", args.repeats, transposed=transposed)
+                 for transposed in (False, True)]
+        print(f"{rows:4d}  {forms[0]:6.1f}  {forms[1]:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
