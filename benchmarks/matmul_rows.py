@@ -18,9 +18,18 @@ import charrnn
 from charrnn import bench
 
 
+def stream_counts(text: str) -> list[int]:
+    """"8,16,32" -> [8, 16, 32]; argparse reports a ValueError as a one-line usage error."""
+    counts = [int(item) for item in text.split(",")]
+    if min(counts) < 1:
+        raise ValueError(text)
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="8,16,32,48,64,96,128", help="comma-separated stream counts B")
+    parser.add_argument("--rows", type=stream_counts, default="8,16,32,48,64,96,128",
+                        help="comma-separated stream counts B, each at least 1")
     parser.add_argument("--inputs", type=int, default=512, help="H")
     parser.add_argument("--outputs", type=int, default=2048, help="G*H")
     parser.add_argument("--threads", type=int, default=0, help="cores (0: all)")
@@ -29,7 +38,7 @@ def main() -> None:
     charrnn.configure(threads=args.threads or None)
     print(f"[B, {args.inputs}] x [{args.inputs}, {args.outputs}], float32, {args.threads or 'all'} core(s): GFLOP/s")
     print("   B   x @ w   x · rows")
-    for rows in (int(item) for item in args.rows.split(",")):
+    for rows in args.rows:
         forms = [bench.measure_matmul(rows, args.inputs, args.outputs, "float32", args.repeats, transposed=transposed)
                  for transposed in (False, True)]
         print(f"{rows:4d}  {forms[0]:6.1f}  {forms[1]:8.1f}", flush=True)
