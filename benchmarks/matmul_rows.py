@@ -18,22 +18,27 @@ import charrnn
 from charrnn import bench
 
 
-def stream_counts(text: str) -> list[int]:
-    """"8,16,32" -> [8, 16, 32]; argparse reports a ValueError as a one-line usage error."""
-    counts = [int(item) for item in text.split(",")]
-    if min(counts) < 1:
+def positive(text: str) -> int:
+    """An integer of at least 1; argparse reports the ValueError otherwise as a one-line usage error."""
+    value = int(text)
+    if value < 1:
         raise ValueError(text)
-    return counts
+    return value
+
+
+def stream_counts(text: str) -> list[int]:
+    """"8,16,32" -> [8, 16, 32], each `positive`."""
+    return [positive(item) for item in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=stream_counts, default="8,16,32,48,64,96,128",
                         help="comma-separated stream counts B, each at least 1")
-    parser.add_argument("--inputs", type=int, default=512, help="H")
-    parser.add_argument("--outputs", type=int, default=2048, help="G*H")
+    parser.add_argument("--inputs", type=positive, default=512, help="H")
+    parser.add_argument("--outputs", type=positive, default=2048, help="G*H")
     parser.add_argument("--threads", type=int, default=0, help="cores (0: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed windows; the best counts")
+    parser.add_argument("--repeats", type=positive, default=5, help="timed windows; the best counts")
     args = parser.parse_args()
     charrnn.configure(threads=args.threads or None)
     print(f"[B, {args.inputs}] x [{args.inputs}, {args.outputs}], float32, {args.threads or 'all'} core(s): GFLOP/s")
