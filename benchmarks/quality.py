@@ -32,9 +32,12 @@ compilation and checkpoint writes); the final validation pass comes after the
 budget on every side. Validation is the config's split of
 data/tinyshakespeare.txt, every character scored once, state carried along
 `train.eval_batch_size` streams. Every process runs with glibc's huge-page
-tunable, as `charrnn train` does. chars/s is every side's steps times its
-characters per step over the budget (charrnn's steady training rate, without
-compilation and evaluations, is printed beside it).
+tunable, as `charrnn train` does. A side ends at the budget or, where the
+config sets `train.max_epochs`, after that many passes over the training text
+if sooner, its schedule at its end there (`charrnn.steps.last_step`). chars/s is
+every side's steps times its characters per step over the time it trained
+(charrnn's steady training rate, without compilation and evaluations, is
+printed beside it).
 """
 
 from __future__ import annotations
@@ -71,11 +74,19 @@ def resolved_config(config_path: Path, sets: list[str]):
 def train_charrnn(config, minutes: float) -> dict:
     import charrnn
 
+    from charrnn import events
+
+    trained_s = []
+
+    def keep_time(event) -> None:  # when the final validation began: the budget, or sooner where train.max_epochs ended the run
+        if isinstance(event, events.Evaluated) and event.final:
+            trained_s.append(event.elapsed_s)
+
     with tempfile.TemporaryDirectory() as scratch:
-        summary = charrnn.train(CORPUS, Path(scratch) / "run", config, max_minutes=minutes)
+        summary = charrnn.train(CORPUS, Path(scratch) / "run", config, max_minutes=minutes, callbacks=[keep_time])
     chars = summary.steps * config.train.batch_size * config.train.seq_len
     return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
-            "chars_per_s": chars / (minutes * 60.0), "steady_chars_per_s": summary.train_chars_per_s}
+            "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s}
 
 
 def train_torch(config, minutes: float, own: bool) -> dict:
@@ -204,14 +215,15 @@ def train_torch(config, minutes: float, own: bool) -> dict:
 
     layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
     dropout_from_step = 0 if own else dropout.first_step(config, layout.chunks_per_epoch)
+    last_step = steps.last_step(train_config, layout.chunks_per_epoch)
     budget, began, step = minutes * 60.0, time.monotonic(), 0
     state, best = zero_state(train_config.batch_size), math.inf
-    while (elapsed := time.monotonic() - began) < budget and step < train_config.steps:
+    while (elapsed := time.monotonic() - began) < budget and step < last_step:
         net.train(step >= dropout_from_step)  # eval mode drops nothing: the recipe's late dropout
         batch = data.training_batch(corpus.train_ids, layout, step, train_config.seed, train_config.random_offset)
         if np.any(batch.reset):
             state = zero_state(train_config.batch_size)
-        progress = max(step / train_config.steps, elapsed / budget)
+        progress = max(step / last_step, elapsed / budget)
         for group in optimizer.param_groups:
             group["lr"] = steps.learning_rate(train_config, step, progress)
         with autocast:
@@ -232,9 +244,10 @@ def train_torch(config, minutes: float, own: bool) -> dict:
                     mean.mul_(decay).add_(param, alpha=1 - decay)
         if step % train_config.eval_every == 0:
             best = min(best, validate())
+    trained_s = min(time.monotonic() - began, budget)  # less than the budget where train.max_epochs ended the run
     final = validate()
     return {"best_val": min(best, final), "final_val": final, "steps": step,
-            "chars_per_s": step * train_config.batch_size * train_config.seq_len / budget}
+            "chars_per_s": step * train_config.batch_size * train_config.seq_len / trained_s}
 
 
 def run_side(args) -> None:

@@ -25,7 +25,8 @@ ADDITIVE_CELLS = ("rnn", "lstm")
 PALLAS_UNIT = 16  # the kernel's smallest block of units: hidden_size must be a multiple
 
 
-# The defaults of ModelConfig and TrainConfig are configs/shakespeare.toml's: plain `charrnn train` trains the recipe.
+# The defaults of ModelConfig and TrainConfig are configs/shakespeare.toml's but for its epoch cap, which fits that
+# corpus's size: plain `charrnn train CORPUS` trains the recipe for as many passes as its budget allows.
 @dataclass(frozen=True)
 class ModelConfig:
     kind: str = "lm"  # lm: continue text | seq2seq: map each source line to its target (a pairs file)
@@ -68,6 +69,7 @@ class TrainConfig:
     clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
     steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
     max_minutes: float = 10.0  # wall-clock budget; 0 = no budget, the schedule follows steps
+    max_epochs: float = 0.0  # passes over the training data that end the run, if before steps and minutes; 0 = no cap
     seed: int = 0  # parameters, dropout and epoch offsets all derive from it
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
     eval_every: int = 500  # steps between validation passes and checkpoints
@@ -276,6 +278,7 @@ def validate(config: Config) -> None:
              "train.scheduled_sampling applies to model.kind = seq2seq only")
     _require(train.clip_norm >= 0, "train.clip_norm must not be negative (0 disables clipping)")
     _require(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no budget)")
+    _require(math.isfinite(train.max_epochs) and train.max_epochs >= 0, "train.max_epochs must be a finite number >= 0 (0 = no cap)")
     _require(train.save_minutes >= 0, "train.save_minutes must not be negative")
     _require(train.schedule != "exponential" or train.final_lr_fraction > 0,
              "train.final_lr_fraction must be > 0 for the exponential schedule")

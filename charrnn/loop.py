@@ -77,11 +77,12 @@ class Loop:
             functools.partial(self.task.batch_loss, dropout=False), train_config, self.optimizer, self.placement)
         self.chars_per_step = self.task.chars_per_step
         self.budget_s = train_config.max_minutes * 60.0
+        self.last_step = steps.last_step(train_config, self.task.steps_per_epoch)
         self.clock = Clock(time.monotonic() - self.progress.elapsed_s)
 
     def schedule_position(self, step: int, elapsed: float) -> float:
-        """How far through the run: by steps, or by the wall-clock budget if that is further."""
-        by_steps = step / self.config.train.steps
+        """How far through the run: by steps (or epochs), or by the wall-clock budget if that is further."""
+        by_steps = step / self.last_step
         return max(by_steps, elapsed / self.budget_s) if self.budget_s else by_steps
 
     def batches(self, step: int, count: int):
@@ -169,19 +170,19 @@ class Loop:
             peak_rss_mb=runtime.peak_rss_mb(), devices=self.placement.num_devices, checkpoint=str(progress.last_checkpoint))
 
     def run(self) -> events.Summary:
-        """Train until the step count, the budget or a signal ends the run; return the summary."""
+        """Train until the step count (or epochs), the budget or a signal ends the run; return the summary."""
         train_config = self.config.train
         step = int(self.progress.state.step)
         self.clock.window = (step, time.monotonic())
         last_eval_block, last_log_block = step // train_config.eval_every, step // train_config.log_every
         last_save_time = time.monotonic()
         stopping, last_lr = False, None
-        while step < train_config.steps:
+        while step < self.last_step:
             # Every process must take the same decisions, from process 0's clock and signals.
             elapsed, stopping = distributed.agree(np.array([self.clock.elapsed(), self.stop_signal() is not None]))
             if stopping or (self.budget_s and elapsed >= self.budget_s):
                 break
-            count = min(train_config.steps_per_call, train_config.steps - step)
+            count = min(train_config.steps_per_call, self.last_step - step)
             lrs = np.array([steps.learning_rate(train_config, step + i, self.schedule_position(step + i, elapsed))
                             for i in range(count)], np.float32)
             progress = self.progress
@@ -196,10 +197,10 @@ class Loop:
             if self.clock.steady_from is None:
                 self.drain(keep_last=0)
                 self.clock.steady_from = self.clock.window = (step, time.monotonic())
-            if step // train_config.log_every > last_log_block or step == train_config.steps:
+            if step // train_config.log_every > last_log_block or step == self.last_step:
                 last_log_block = step // train_config.log_every
                 self.log(step, last_lr)
-            if step // train_config.eval_every > last_eval_block and step < train_config.steps:
+            if step // train_config.eval_every > last_eval_block and step < self.last_step:
                 last_eval_block = step // train_config.eval_every
                 self.pause_to_save(evaluate=True)
                 last_save_time = time.monotonic()

@@ -53,6 +53,13 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     )
 
 
+def last_step(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The step that ends the run if the wall clock does not: `train.steps`, or `train.max_epochs` passes if fewer."""
+    if not config.max_epochs:
+        return config.steps
+    return min(config.steps, max(1, math.ceil(config.max_epochs * steps_per_epoch)))
+
+
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     """lr at optimizer step `step`, `progress` in [0, 1] through the run (steps or time)."""
     warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0

@@ -156,10 +156,12 @@ def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[st
         saved = config_lib.from_dict(metadata["config"])
         config = config_lib.resolve(source, assignments, options, base=saved)
         _check_resumable(saved, config)
-        if config.train.steps < metadata["step"]:  # train.steps is the run's total, not steps to add
-            raise UsageError(f"{run_dir} is at step {metadata['step']}; train.steps is the run's total, so "
-                             f"{config.train.steps} would end it before where it is")
-        return config, load_task(corpus_path, config, metadata), latest
+        task = load_task(corpus_path, config, metadata)
+        last = steps.last_step(config.train, task.steps_per_epoch)
+        if last < metadata["step"]:  # train.steps and train.max_epochs are the run's totals, not more to add
+            raise UsageError(f"{run_dir} is at step {metadata['step']}; train.steps and train.max_epochs are the "
+                             f"run's totals, so these would end it at step {last}, before where it is")
+        return config, task, latest
     config = config_lib.resolve(source, assignments, options)
     # Only process 0 writes the run directory; the others may find it already begun.
     if jax.process_index() == 0 and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -251,7 +253,10 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
             emit(events.Message(f"skipped a damaged checkpoint: {problem}"))
         if resumed:
             emit(events.Message(f"resuming {run_dir} at step {first_step}"))
-        emit(events.Started(run_dir, first_step, config.train.steps, config.train.max_minutes * 60.0))
+        if loop.last_step < config.train.steps:
+            emit(events.Message(f"train.max_epochs = {config.train.max_epochs:g} ends the run at step {loop.last_step} "
+                                f"({task.steps_per_epoch} steps an epoch) unless the budget ends it first"))
+        emit(events.Started(run_dir, first_step, loop.last_step, config.train.max_minutes * 60.0))
         try:
             summary = loop.run()
         except DivergedError:

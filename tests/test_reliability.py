@@ -18,7 +18,7 @@ from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arra
 from charrnn import checkpoint, config as config_lib, rundir, training
 from charrnn.errors import UsageError
 
-# 16 streams x 16 chars: the small corpus gives 28 chunks per epoch, so runs cross epochs.
+# 16 streams x 16 chars: the small corpus gives 24 chunks per epoch, so runs cross epochs.
 LAYOUT = ["--config", TINY, "--batch-size", "16", "--seq-len", "16", "--set", "train.log_every=5"]
 # Where a checkpoint write can be killed (charrnn.atomic's fault points), in the order it reaches them.
 WRITE_PHASES = ["before_write", "half_written", "written", "synced", "replaced"]
@@ -101,6 +101,9 @@ def test_resume_refuses_changed_architecture_or_corpus(cli, small_corpus, tmp_pa
     before = snapshot(tmp_path / "run")
     fewer = cli("train", "--resume", "run", "--steps", "5")  # --steps is the total: the run is past it
     assert fewer.code == 2 and "at step 10" in fewer.err
+    # So is --epochs: 24 steps an epoch, so a quarter of one ends at step 6.
+    fewer_epochs = cli("train", "--resume", "run", "--epochs", "0.25")
+    assert fewer_epochs.code == 2 and "at step 10" in fewer_epochs.err and "at step 6," in fewer_epochs.err
     wider = cli("train", "--resume", "run", "--hidden", "64")
     assert wider.code == 2 and "model.hidden_size" in wider.err
     other = tmp_path / "other.txt"

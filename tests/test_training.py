@@ -2,12 +2,13 @@
 
 import dataclasses
 import json
+import math
 import time
 
 import jax
 import numpy as np
 import pytest
-from clihelp import TINY, start_subprocess
+from clihelp import TINY, assert_identical_arrays, final_arrays, start_subprocess
 from test_tensorboard import needs_tensorboardx, read_scalars
 
 import charrnn
@@ -90,6 +91,28 @@ def test_callbacks_see_the_events_in_order(small_corpus, tmp_path):
     # metrics.jsonl is one more listener of the same events.
     assert rundir.read_metrics(tmp_path / "run") == [event.record() for event in recorder.of(events.Logged,
                                                                                                events.Evaluated)]
+
+
+def test_an_epoch_cap_ends_the_run_and_its_schedule_where_that_many_steps_would(small_corpus, tmp_path):
+    """train.max_epochs stops at ceil(epochs × steps per epoch), with the lr and arrays of that step count."""
+    keys = {"schedule": "cosine", "log_every": 1, "eval_every": 1000, "steps_per_call": 4}
+    steps_per_epoch = training.load_task(small_corpus, config_lib.resolve(TINY, [], {})).steps_per_epoch
+    last = math.ceil(1.25 * steps_per_epoch)
+    # The cap rounds up, ends the run before train.steps, and inside a call of steps_per_call steps.
+    assert last != 1.25 * steps_per_epoch and last < 1000 and last % 4
+    recorder = Recorder()
+    capped = charrnn.train(small_corpus, tmp_path / "capped", TINY, callbacks=[recorder], steps=1000,
+                           max_epochs=1.25, **keys)
+    stepped = charrnn.train(small_corpus, tmp_path / "stepped", TINY, steps=last, **keys)
+    assert capped.steps == stepped.steps == last
+    assert recorder.of(events.Started)[0].total_steps == last
+    assert any(f"ends the run at step {last} " in event.text for event in recorder.of(events.Message))
+    # The cosine reaches its end at the cap: the lr of the last step is the schedule's there, not 1000 steps'.
+    lrs = [record["lr"] for record in rundir.read_metrics(tmp_path / "capped") if record["event"] == "train"]
+    assert lrs == [record["lr"] for record in rundir.read_metrics(tmp_path / "stepped") if record["event"] == "train"]
+    lr = config_lib.resolve(TINY, [], {}).train.lr
+    assert lrs[-1] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (last - 1) / last)), rel=1e-5)
+    assert_identical_arrays(final_arrays(tmp_path / "capped"), final_arrays(tmp_path / "stepped"))
 
 
 def test_a_diverging_run_tells_its_callbacks_then_raises(small_corpus, tmp_path):

@@ -100,6 +100,7 @@ def train(
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="model.dropout", rich_help_panel=MODEL)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="train.steps: the run's total optimizer steps.", rich_help_panel=TRAINING)] = None,
     minutes: Annotated[Optional[float], typer.Option("--minutes", help="train.max_minutes: wall-clock budget (0 = none).", rich_help_panel=TRAINING)] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="train.max_epochs: passes over the training data that end the run (0 = no cap).", rich_help_panel=TRAINING)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="train.batch_size", rich_help_panel=TRAINING)] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="train.seq_len", rich_help_panel=TRAINING)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="train.lr", rich_help_panel=TRAINING)] = None,
@@ -119,7 +120,7 @@ def train(
     """Train a model on CORPUS, saving checkpoints; print a JSON summary line at the end (--json: every event too)."""
     options = {"cell": cell.value if cell else None, "num_layers": num_layers, "hidden_size": hidden_size,
                "embedding_size": embedding_size, "dropout": dropout, "steps": steps, "max_minutes": minutes,
-               "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
+               "max_epochs": epochs, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
                "tensorboard": _tensorboard_dir(tensorboard, tensorboard_dir)}
     # One process per host splits its streams over the CPU's cores itself; several take a device each.
     multi_process = bool(coordinator or distributed_auto)
