@@ -6,7 +6,7 @@
     python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional   # README's 5-minute table
 
 Each variant trains on train.tsv for the same minutes of wall-clock time
-(compilation and validation passes included), one after the other, then its best
+(compilation and validation passes included), one after the other, then its final
 checkpoint converts every test word greedily and with a beam of 5. Word error
 rate: a word is wrong unless the output equals one of its listed
 pronunciations; phoneme error rate: edit distance over phonemes to the closest

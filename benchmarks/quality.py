@@ -73,12 +73,11 @@ def resolved_config(config_path: Path, sets: list[str]):
 
 def train_charrnn(config, minutes: float) -> dict:
     import charrnn
-
     from charrnn import events
 
-    trained_s = []
+    trained_s = []  # when the final validation began: the budget's end, or sooner where train.max_epochs ended the run
 
-    def keep_time(event) -> None:  # when the final validation began: the budget, or sooner where train.max_epochs ended the run
+    def keep_time(event) -> None:
         if isinstance(event, events.Evaluated) and event.final:
             trained_s.append(event.elapsed_s)
 

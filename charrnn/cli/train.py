@@ -89,7 +89,7 @@ def json_lines(out) -> events.Listener:
 @app.command()
 def train(
     corpus: Annotated[Optional[Path], typer.Argument(help="UTF-8 text to learn from, or for model.kind = seq2seq a file of source<TAB>target lines (default: data/tinyshakespeare.txt; with --resume, the run's corpus).", show_default=False)] = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="TOML config (see configs/); without it, the defaults: configs/shakespeare.toml's recipe.", rich_help_panel=RUN)] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="TOML config (see configs/); without it, the defaults: configs/shakespeare.toml's recipe without its epoch cap.", rich_help_panel=RUN)] = None,
     assignments: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set model.cell=gru (repeatable).", rich_help_panel=RUN)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default: a new one under ./runs/).", rich_help_panel=RUN)] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue this run directory exactly where it stopped.", rich_help_panel=RUN)] = None,
