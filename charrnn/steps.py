@@ -57,7 +57,7 @@ def last_step(config: TrainConfig, steps_per_epoch: int) -> int:
     """The step that ends the run if the wall clock does not: `train.steps`, or `train.max_epochs` passes if fewer."""
     if not config.max_epochs:
         return config.steps
-    return min(config.steps, max(1, math.ceil(config.max_epochs * steps_per_epoch)))
+    return min(config.steps, math.ceil(config.max_epochs * steps_per_epoch))  # a positive cap is at least one step
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
