@@ -1,7 +1,7 @@
 """One recurrent layer over a whole chunk, with backpropagation through time written out.
 
-Forward, step t projects its input inside the loop, so no [T, B, G*H] array of
-projections goes through memory: x_t = table[id_t] in the first layer (embedding
+Forward, step t projects its input inside the loop (where `model.projects_per_step`),
+so no [T, B, G*H] array of projections goes through memory: x_t = table[id_t] in the first layer (embedding
 and input weights folded into one [V, G*H] table), in_t W_x + b above. Then
 r_t = h_{t-1} W_h and (carry_t, h_t) = gates(carry_{t-1}, x_t, r_t).
 Backward runs the steps in reverse: the gates' local derivatives give dx_t and

@@ -123,11 +123,12 @@ def transpose_weights(prepared: dict) -> dict:
 def projects_per_step() -> bool:
     """Whether each layer projects its input inside its time loop rather than before it.
 
-    On a CPU, projecting per step saves writing a [T, B, G*H] array to memory and
-    reading it back, which costs as much as the matmul itself there. A GPU runs
-    one large matmul far faster than T small ones that wait on each other.
+    On a CPU with AVX-512, projecting per step saves writing a [T, B, G*H] array to
+    memory and reading it back, which costs as much as the matmul itself there.
+    Without AVX-512, XLA multiplies one step's few rows far below its speed on a
+    whole chunk, so one matmul before the loop is faster, as on a GPU.
     """
-    return jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu" and runtime.cpu_has_avx512(runtime.read_cpuinfo())
 
 
 def fuses_layers(config: ModelConfig) -> bool:

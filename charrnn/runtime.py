@@ -54,12 +54,16 @@ def multiplies_bfloat16_natively() -> bool:
     with AVX-512 BF16 or AMX instructions (without them XLA converts bfloat16 to float32 and back)."""
     import jax
 
-    if jax.default_backend() != "cpu":
-        return True
+    return jax.default_backend() != "cpu" or cpu_multiplies_bfloat16(read_cpuinfo())
+
+
+@functools.cache
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text; empty where the OS has none."""
     try:
-        return cpu_multiplies_bfloat16(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return False
+        return ""
 
 
 def resident_programs() -> int | None:
@@ -74,6 +78,11 @@ def resident_programs() -> int | None:
 def cpu_multiplies_bfloat16(cpuinfo: str) -> bool:
     """Whether /proc/cpuinfo's text lists AVX-512 BF16 or AMX BF16."""
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def cpu_has_avx512(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text lists AVX-512's foundation instructions."""
+    return re.search(r"\bavx512f\b", cpuinfo) is not None
 
 
 def jaxlib_version() -> tuple[int, ...] | None:

@@ -225,7 +225,7 @@ def test_loss_is_the_mean_nats_per_character_of_the_targets(cell, norm):
 
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_projecting_inside_or_before_the_time_loop_gives_the_same_loss_and_gradients(cell, monkeypatch):
-    """CPUs project each step's input inside the loop, GPUs before it; both are the same function."""
+    """CPUs with AVX-512 project each step's input inside the loop, others before it; both are the same function."""
     config = make_config(cell, residual=True, learn_initial_state=True)
     params, inputs, targets = random_params(config, seed=31), random_ids(32), random_ids(33)
 
@@ -339,6 +339,18 @@ def test_cpu_bfloat16_support_is_read_from_the_cpu_flags():
     assert runtime.cpu_multiplies_bfloat16("flags\t\t: fpu amx_bf16 amx_tile\n")
     assert not runtime.cpu_multiplies_bfloat16("flags\t\t: fpu sse avx512f avx512_vnni\n")
     assert not runtime.cpu_multiplies_bfloat16("flags\t\t: avx512_bf16x\n")
+
+
+def test_avx512_is_read_from_the_cpu_flags():
+    assert runtime.cpu_has_avx512("flags\t\t: fpu sse avx2 avx512f avx512vl\n")
+    assert not runtime.cpu_has_avx512("flags\t\t: fpu sse avx2 fma\n")
+    assert not runtime.cpu_has_avx512("flags\t\t: avx512fx avx512_vnni\n")
+
+
+@pytest.mark.parametrize("flags,per_step", [("fpu avx2 avx512f", True), ("fpu avx2 fma", False)])
+def test_a_cpu_projects_inside_the_time_loop_only_with_avx512(flags, per_step, monkeypatch):
+    monkeypatch.setattr(runtime, "read_cpuinfo", lambda: f"flags\t\t: {flags}\n")
+    assert model.projects_per_step() == per_step
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
