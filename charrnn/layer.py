@@ -1,9 +1,10 @@
 """One recurrent layer over a whole chunk, with backpropagation through time written out.
 
 Forward, step t projects its input inside the loop (where `model.projects_per_step`),
-so no [T, B, G*H] array of projections goes through memory: x_t = table[id_t] in the first layer (embedding
-and input weights folded into one [V, G*H] table), in_t W_x + b above. Then
-r_t = h_{t-1} W_h and (carry_t, h_t) = gates(carry_{t-1}, x_t, r_t).
+so no [T, B, G*H] array of projections goes through memory: x_t = table[id_t] in
+the first layer (embedding and input weights folded into one [V, G*H] table),
+in_t W_x + b above. Then r_t = h_{t-1} W_h and
+(carry_t, h_t) = gates(carry_{t-1}, x_t, r_t).
 Backward runs the steps in reverse: the gates' local derivatives give dx_t and
 dr_t; dr_t W_hᵀ flows to h_{t-1}, dx_t W_xᵀ to the layer below. dW_h = Σ_t h_{t-1}ᵀ dr_t
 and dW_x = Σ_t in_tᵀ dx_t need nothing from later steps, so each is one
