@@ -46,6 +46,7 @@ def train(corpus: str | Path | None = None, out: str | Path | None = None,
         raise UsageError("give either --resume RUN or --out DIR, not both")
     options = config_lib.options_from_names(overrides)
     made_run_dir = resume is None and out is None
+    made_runs_root = made_run_dir and not rundir.DEFAULT_RUNS.exists()
     run_dir = Path(resume or out) if not made_run_dir else rundir.new_run_dir(rundir.DEFAULT_RUNS)
     if corpus is None:
         corpus = _resume_corpus(run_dir) if resume is not None else data.default_corpus()
@@ -53,9 +54,11 @@ def train(corpus: str | Path | None = None, out: str | Path | None = None,
         return _train(Path(corpus), run_dir, config, list(sets), options, resume is not None, list(callbacks),
                       devices)
     except CharrnnError:
-        if made_run_dir:  # refused before anything was written: leave no empty run behind
+        if made_run_dir:  # refused before anything was written: leave no empty run (or runs folder) behind
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
+                if made_runs_root:
+                    run_dir.parent.rmdir()
         raise
     except (jax.errors.JaxRuntimeError, ValueError) as error:  # gloo's failures come as either, by where they surface
         if jax.process_count() == 1 or not _LOST_PEER.search(str(error)):

@@ -134,6 +134,14 @@ def test_bad_input_gets_one_clear_line(workspace, capsys, monkeypatch, argv, cod
     assert snapshot(workspace) == before
 
 
+def test_a_refused_first_run_leaves_no_runs_folder_behind(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "corpus.txt", TEXT)
+    result = run_in_process(capsys, *TRAIN, "corpus.txt", "--epochs", "-1")
+    assert result.code == USAGE and "max_epochs" in result.err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.txt"]
+
+
 def test_novelty_of_an_empty_stdin_is_a_corpus_error_as_of_an_empty_file(workspace):
     for argv, stdin in ((["bad/empty.txt"], b""), (["-"], b"")):
         done = subprocess.run([sys.executable, "-m", "charrnn", "novelty", "corpus.txt", *argv], input=stdin,
