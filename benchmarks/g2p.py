@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import date
 from pathlib import Path
 
 import charrnn
+from charrnn import runtime
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "g2p.toml"
 VARIANTS = {
@@ -36,16 +36,6 @@ VARIANTS = {
     "feeding": ["model.input_feeding=true"],  # the decoder reads its last attentional output
     "norm": ["model.norm=layer"],  # layer normalisation inside every cell
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_variant(name: str, sets: list[str], data_dir: Path, out: Path, minutes: float) -> dict:
@@ -76,8 +66,8 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    print(f"{date.today()}, {cpu_name()}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, "
-          f"{args.minutes:g} minutes per variant")
+    cpu = runtime.cpu_model(runtime.read_cpuinfo())
+    print(f"{date.today()}, {cpu}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, {args.minutes:g} minutes per variant")
     print(f"overrides: {' '.join(args.set) or 'none'}")
     print("| variant | steps | best val nats/symbol | WER greedy | PER greedy | WER beam 5 | PER beam 5 |")
     print("|---|---|---|---|---|---|---|")

@@ -268,18 +268,12 @@ def run_side(args) -> None:
 
 
 def machine() -> dict:
-    flags = ""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
-        flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
     import jax
     import torch
 
-    return {"cpu": model, "cores": runtime.usable_cores(), "avx512": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "date": datetime.date.today().isoformat(),
+    cpuinfo = runtime.read_cpuinfo()
+    return {"cpu": runtime.cpu_model(cpuinfo), "cores": runtime.usable_cores(), "avx512": runtime.cpu_has_avx512(cpuinfo),
+            "bfloat16_matmuls": runtime.cpu_multiplies_bfloat16(cpuinfo), "date": datetime.date.today().isoformat(),
             "jax": jax.__version__, "torch": torch.__version__}
 
 

@@ -244,7 +244,7 @@ def main() -> None:
         if not args.json:
             print(format_row(rows[-1], sides, args.sample), flush=True)
     if args.json:
-        print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        print(json.dumps({"machine": runtime.cpu_model(runtime.read_cpuinfo()), "torch": torch.__version__,
                           "rows": rows}, indent=1))
 
 

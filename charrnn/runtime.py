@@ -10,6 +10,7 @@ import contextlib
 import functools
 import importlib.metadata
 import os
+import platform
 import re
 import resource
 import warnings
@@ -78,6 +79,12 @@ def resident_programs() -> int | None:
 def cpu_multiplies_bfloat16(cpuinfo: str) -> bool:
     """Whether /proc/cpuinfo's text lists AVX-512 BF16 or AMX BF16."""
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The CPU's name from /proc/cpuinfo's text, or the little `platform` knows where it lists none."""
+    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    return match.group(1).strip() if match else (platform.processor() or platform.machine())
 
 
 def cpu_has_avx512(cpuinfo: str) -> bool:

@@ -46,3 +46,11 @@ def test_a_damaged_compilation_cache_costs_only_compile_time(small_corpus, tmp_p
     assert second.code == 0, second.err
     assert second.err == ""  # --quiet: nothing but errors, and a bad cache entry is none
     assert entries[0].stat().st_size > 0  # compiled again and written back
+
+
+def test_the_cpu_model_is_read_from_its_own_line(monkeypatch):
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 \nflags\t\t: fpu\n"
+    assert runtime.cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert runtime.cpu_model("flags\t\t: fpu model name\n") == "x86_64"
