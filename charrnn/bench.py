@@ -108,13 +108,24 @@ def calls_per_second(call, wait, seconds: float) -> float:
             return calls / elapsed
 
 
-def measure_training(config: Config, repeats: int, seconds: float) -> dict[str, float]:
-    """Compile time and the median steady-state training chars/s of `repeats` timed windows."""
-    bench = TrainingBench(config)
-    compile_s = bench.compile()
-    rates = [bench.chars_per_second(seconds) for _ in range(repeats)]
-    return {"compile_s": compile_s, "train_chars_per_s": statistics.median(rates), "train_repeats": rates,
-            "train_devices": bench.placement.num_devices}
+def measure_training(configs: list[Config], repeats: int, seconds: float) -> list[dict[str, Any]]:
+    """Each config's compile time and median steady-state training chars/s of `repeats` timed windows.
+
+    The configs take their windows in turn, one window each a round, so that a
+    machine whose speed drifts slows every config alike; `train_repeats` lists
+    each config's windows in round order, for `ratio_to_first`.
+    """
+    benches = [TrainingBench(config) for config in configs]
+    compile_times = [training.compile() for training in benches]
+    rounds = [[training.chars_per_second(seconds) for training in benches] for _ in range(repeats)]
+    return [{"compile_s": compile_s, "train_chars_per_s": statistics.median(rates), "train_repeats": rates,
+             "train_devices": training.placement.num_devices}
+            for training, compile_s, rates in zip(benches, compile_times, map(list, zip(*rounds)), strict=True)]
+
+
+def ratio_to_first(repeats: list[float], first: list[float]) -> float:
+    """The median over rounds of one config's window over the first config's window of the same round."""
+    return statistics.median([rate / base for rate, base in zip(repeats, first, strict=True)])
 
 
 PEAK_MATMUL_SIZE = 1024  # [N, N] x [N, N]: large enough to keep every core at its matmul peak
@@ -186,7 +197,7 @@ def measure_sampling(config: Config, batch_size: int, length: int, repeats: int)
 def benchmark(config: Config, repeats: int = 5, seconds: float = 2.0, sample_length: int = 1024) -> dict[str, Any]:
     """Everything `charrnn bench` reports for one model configuration."""
     result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
-              **measure_training(config, repeats, seconds)}
+              **measure_training([config], repeats, seconds)[0]}
     result.update(matmul_figures(config, result["train_chars_per_s"], measure_matmul_peak(model.matmul_dtype(config.model), repeats)))
     result["sample_chars_per_s_b1"] = measure_sampling(config, 1, sample_length, repeats)
     result["sample_chars_per_s_b64"] = measure_sampling(config, 64, sample_length, repeats)

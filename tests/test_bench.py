@@ -79,6 +79,37 @@ def test_training_chars_per_s_counts_every_character_of_every_call_in_a_window_o
     assert len(calls) == 8
 
 
+def test_versus_takes_the_variants_windows_in_turn_and_reports_the_median_ratio_of_each_round(capsys, monkeypatch):
+    """Ratios of each round 1.5, 2.0, 1.0: the median is 1.5, where the ratio of the medians would be 1.25."""
+    windows = {16: iter([100.0, 50.0, 80.0]), 12: iter([150.0, 100.0, 80.0])}
+    order = []
+
+    def chars_per_second(self, seconds):
+        order.append(self.config.model.hidden_size)
+        return next(windows[self.config.model.hidden_size])
+
+    monkeypatch.setattr(bench.TrainingBench, "compile", lambda self: 0.0)
+    monkeypatch.setattr(bench.TrainingBench, "chars_per_second", chars_per_second)
+    result = run_in_process(capsys, "bench", "--config", TINY, "--set", "model.hidden_size=16", "--repeats", "3",
+                            "--versus", "model.hidden_size=12", "--json")
+    assert result.code == 0, result.err
+    assert order == [16, 12, 16, 12, 16, 12]
+    first, variant = json.loads(result.out)["variants"]
+    assert (first["versus"], first["train_repeats"], first["train_ratio"]) == (None, [100.0, 50.0, 80.0], 1.0)
+    assert (variant["versus"], variant["train_repeats"]) == ("model.hidden_size=12", [150.0, 100.0, 80.0])
+    assert variant["train_chars_per_s"] == 100.0
+    assert variant["train_ratio"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("args", [["--versus", "model.no_such_key=1"], ["--versus", "model.kind=seq2seq"],
+                                  ["--versus", "model.hidden_size=12", "--corpus-mb", "10"]])
+def test_versus_refuses_what_it_cannot_time_in_one_line(capsys, args):
+    result = run_in_process(capsys, "bench", "--config", TINY, *args)
+    assert result.code == 2
+    assert result.out == ""
+    assert len(result.err.strip().splitlines()) == 1, result.err
+
+
 def test_bench_compiles_rather_than_reading_the_compilation_cache(tmp_path):
     """compile_s is a compile: with a cache, a second bench would report the time to load the program."""
     cache = tmp_path / "cache"
