@@ -48,6 +48,7 @@ class ModelConfig:
     encoder_layers: int = 2  # seq2seq: stacked encoder layers (num_layers is the decoder's)
     bidirectional: bool = True  # seq2seq: the encoder reads forwards and backwards, each layer's states joined
     attention: str = "additive"  # seq2seq: none | additive (Bahdanau's score) | dot (Luong's general score)
+    attention_size: int = 0  # seq2seq, additive: units of the score's tanh layer (W_q, W_k, v); 0 = hidden_size
     target: str = "chars"  # seq2seq: the decoder writes characters | tokens (space-separated: one g2p phoneme per step)
     input_feeding: bool = False  # seq2seq: the decoder reads its previous attentional output with each symbol (Luong et al. 2015)
 
@@ -237,6 +238,9 @@ def validate(config: Config) -> None:
     _require(model.kind in MODEL_KINDS, f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {model.kind!r}")
     _require(model.attention in ATTENTIONS,
              f"model.attention must be one of {', '.join(ATTENTIONS)}, got {model.attention!r}")
+    _require(model.attention_size >= 0, "model.attention_size must be at least 0 (0: hidden_size)")
+    _require(model.attention_size == 0 or model.attention == "additive",
+             "model.attention_size sizes the additive score's layer: it needs model.attention = additive")
     _require(model.target in TARGETS, f"model.target must be one of {', '.join(TARGETS)}, got {model.target!r}")
     _require(model.kind == "seq2seq" or model.target == "chars",
              "model.target = tokens is for seq2seq models; a language model writes characters")

@@ -127,6 +127,7 @@ VARIANTS = [
     dict(cell="lstm", attention="dot", bidirectional=False, encoder_layers=1, num_layers=1),
     dict(cell="lstm", attention="additive", bidirectional=True, input_feeding=True),
     dict(cell="lstm", attention="additive", bidirectional=True, norm="layer"),
+    dict(cell="lstm", attention="additive", bidirectional=True, attention_size=3),  # W_q [H, 3], W_k [2H, 3], v [3]
 ]
 
 
@@ -140,6 +141,14 @@ def test_teacher_forced_loss_matches_numpy_reference(variant):
     expected = sum(reference_nats(params, config, s, t) for s, t in zip(sources, targets))
     assert int(count) == sum(len(t) + 1 for t in targets)
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+
+
+def test_attention_size_is_the_width_of_the_additive_scores_layer_alone():
+    """W_q [H, A], W_k [2H, A], v [A]; W_c, which reads the context, keeps its [H + 2H, H]."""
+    config = dataclasses.replace(SMALL, attention="additive", attention_size=3)
+    weights = s2s.init_params(jax.random.key(0), config, SOURCE_VOCAB, TARGET_VOCAB)["attention"]
+    assert {name: weights[name].shape for name in ("w_q", "w_k", "v", "w_c")} == {
+        "w_q": (8, 3), "w_k": (16, 3), "v": (3,), "w_c": (24, 8)}
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -1,7 +1,7 @@
 """Attention over the encoder's outputs: the scores (dot, additive), their softmax, the attentional features.
 
 Params: params["attention"] = {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c,
-(w_f [H, G*H] input feeding)}, with D the encoder's width and A = H. The functions here
+(w_f [H, G*H] input feeding)}, with D the encoder's width and A = model.attention_size (additive), else H. The functions here
 take them as `seq2seq.model.prepare` casts them once per compiled call: weight
 matrices in the model's matmul dtype, as the recurrent layers' are.
 """

@@ -59,10 +59,11 @@ def init_params(key: jax.Array, config: ModelConfig, source_vocab_size: int, tar
     }
     if config.attention != "none":
         key_k, key_q, key_v, key_c = jax.random.split(key_attention, 4)
-        attention = {"w_k": _uniform(key_k, (width, hidden)),
+        scored = config.attention_size or hidden  # dot scores q · W_k e_s, so its keys are H wide
+        attention = {"w_k": _uniform(key_k, (width, scored)),
                      "w_c": _uniform(key_c, (hidden + width, hidden)), "b_c": jnp.zeros((hidden,), jnp.float32)}
         if config.attention == "additive":
-            attention |= {"w_q": _uniform(key_q, (hidden, hidden)), "v": _uniform(key_v, (hidden,))}
+            attention |= {"w_q": _uniform(key_q, (hidden, scored)), "v": _uniform(key_v, (scored,))}
         if config.input_feeding:
             attention["w_f"] = _uniform(jax.random.fold_in(key_attention, 4), (hidden, cell.num_gates * hidden))
         params["attention"] = attention
