@@ -1,9 +1,10 @@
 """Attention over the encoder's outputs: the scores (dot, additive), their softmax, the attentional features.
 
 Params: params["attention"] = {w_k [D, A], (w_q [H, A], v [A] additive), w_c [H + D, H], b_c,
-(w_f [H, G*H] input feeding)}, with D the encoder's width and A = model.attention_size (additive), else H. The functions here
-take them as `seq2seq.model.prepare` casts them once per compiled call: weight
-matrices in the model's matmul dtype, as the recurrent layers' are.
+(w_f [H, G*H] input feeding)}, with D the encoder's width and A the additive score's
+`model.attention_size` (H for dot). The functions here take them as `seq2seq.model.prepare`
+casts them once per compiled call: weight matrices in the model's matmul dtype, as the
+recurrent layers' are.
 """
 
 from __future__ import annotations
