@@ -4,10 +4,13 @@
     python examples/cmudict_pairs.py data/g2p
     python benchmarks/g2p.py data/g2p --minutes 30                         # the recipe, configs/g2p.toml
     python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional   # README's 5-minute table
+    python benchmarks/g2p.py data/g2p --minutes 30 --ensemble 2           # two models, one core each, then together
 
 Each variant trains on train.tsv for the same minutes of wall-clock time
 (compilation and validation passes included), one after the other, then its final
-checkpoint converts every test word greedily and with a beam of 5. Word error
+checkpoint converts every test word greedily and with a beam of 5. With
+`--ensemble N`, N models of a variant (seeds 0 to N-1) train at once, each in a
+process of its own pinned to one core, and are scored alone and together. Word error
 rate: a word is wrong unless the output equals one of its listed
 pronunciations; phoneme error rate: edit distance over phonemes to the closest
 pronunciation, over that pronunciation's length. Prints a Markdown table and
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -42,8 +47,35 @@ def run_variant(name: str, sets: list[str], data_dir: Path, out: Path, minutes: 
     run_dir = out / name.replace(", ", "-")
     summary = charrnn.train(data_dir / "train.tsv", run_dir, RECIPE, sets=sets, max_minutes=minutes)
     model = charrnn.load(run_dir)
-    result = {"variant": name, "minutes": minutes, "steps": summary.steps, "best_val_loss": summary.best_val_loss,
-              "config": charrnn.config.to_dict(model.config)["model"]}
+    return {"variant": name, "minutes": minutes, "steps": summary.steps, "best_val_loss": summary.best_val_loss,
+            "config": charrnn.config.to_dict(model.config)["model"], **scores(model, data_dir)}
+
+
+def run_ensemble(name: str, sets: list[str], data_dir: Path, out: Path, minutes: float, count: int) -> list[dict]:
+    """Train `count` models at once, one core and one thread each; score each alone, then all of them together."""
+    run_dirs = [out / f"{name.replace(', ', '-')}-seed{seed}" for seed in range(count)]
+    overrides = [part for item in [*sets, f"train.max_minutes={minutes}"] for part in ("--set", item)]
+    cores = sorted(os.sched_getaffinity(0))
+    processes = [subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(data_dir / "train.tsv"), "--config",
+                                   str(RECIPE), *overrides, "--threads", "1", "--seed", str(seed), "--out",
+                                   str(run_dir), "--quiet"],
+                                  stdout=subprocess.PIPE, preexec_fn=lambda core=cores[seed]: os.sched_setaffinity(0, {core}))
+                 for seed, run_dir in enumerate(run_dirs)]
+    summaries = [json.loads(process.communicate()[0].decode().splitlines()[-1]) for process in processes]
+    if any(process.returncode for process in processes):
+        sys.exit(f"g2p: a training process failed: exit codes {[process.returncode for process in processes]}")
+    results = [{"variant": f"{name}, seed {seed}", "minutes": minutes, "steps": summary["steps"],
+                "best_val_loss": summary["best_val_loss"], **scores(charrnn.load(run_dir), data_dir)}
+               for seed, (summary, run_dir) in enumerate(zip(summaries, run_dirs))]
+    together = charrnn.load(*run_dirs)
+    return results + [{"variant": f"{name}, {count} together", "minutes": minutes,
+                       "steps": sum(result["steps"] for result in results),
+                       "best_val_loss": min(result["best_val_loss"] for result in results), **scores(together, data_dir)}]
+
+
+def scores(model, data_dir: Path) -> dict:
+    """Test-set figures of a trained model, converting greedily and with a beam of 5."""
+    result = {}
     for beam in (1, 5):
         began = time.monotonic()
         score = model.score(data_dir / "test.tsv", beam=beam)
@@ -59,6 +91,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="training minutes per variant")
     parser.add_argument("--variants", default="recipe", help=f"comma-separated, or all: {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/g2p-bench"), help="folder for the runs")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="N",
+                        help="train N models of each variant at once, one core each, and score them together")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every variant, before the variant's own (repeatable)")
     args = parser.parse_args()
@@ -66,6 +100,8 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if not 1 <= args.ensemble <= len(os.sched_getaffinity(0)):
+        parser.error(f"--ensemble must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
     cpu = runtime.cpu_model(runtime.read_cpuinfo())
     print(f"{date.today()}, {cpu}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, {args.minutes:g} minutes per variant")
     print(f"overrides: {' '.join(args.set) or 'none'}")
@@ -73,11 +109,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     results = []
     for name in names:
-        result = run_variant(name, args.set + VARIANTS[name], args.data_dir, args.out, args.minutes)
-        results.append(result)
-        greedy, beam = result["beam1"], result["beam5"]
-        print(f"| {name} | {result['steps']:,} | {result['best_val_loss']:.4f} | {greedy['wer']:.1%} | "
-              f"{greedy['per']:.2%} | {beam['wer']:.1%} | {beam['per']:.2%} |", flush=True)
+        sets = args.set + VARIANTS[name]
+        rows = ([run_variant(name, sets, args.data_dir, args.out, args.minutes)] if args.ensemble == 1 else
+                run_ensemble(name, sets, args.data_dir, args.out, args.minutes, args.ensemble))
+        results += rows
+        for result in rows:
+            greedy, beam = result["beam1"], result["beam5"]
+            print(f"| {result['variant']} | {result['steps']:,} | {result['best_val_loss']:.4f} | {greedy['wer']:.1%} | "
+                  f"{greedy['per']:.2%} | {beam['wer']:.1%} | {beam['per']:.2%} |", flush=True)
     for result in results:
         print(json.dumps(result))
 

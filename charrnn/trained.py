@@ -150,14 +150,20 @@ class Model(checkpoint.FromCheckpoint):
         return Activations(text, ids, layer, recorded, top_ids, top_probs)
 
 
-def load(path: str | Path | None = None) -> Model | Seq2SeqModel:
+def load(path: str | Path | None = None, *more: str | Path) -> Model | Seq2SeqModel:
     """Load a model from a checkpoint file, a run directory or a folder of runs (its newest run).
 
     Without a path, the newest run under ./runs. The architecture comes from the
     checkpoint itself: a language model gives a `Model`, an encoder–decoder a
-    `Seq2SeqModel`. A damaged file raises `CheckpointError`.
+    `Seq2SeqModel`. Several paths of encoder–decoder runs on the same pairs give
+    one `Seq2SeqModel` in which they write together (an ensemble). A damaged file
+    raises `CheckpointError`.
 
         >>> model = charrnn.load("runs/lstm")
+        >>> together = charrnn.load("runs/g2p-a", "runs/g2p-b")
     """
-    loaded = checkpoint.load(None if path is None else Path(path))
-    return Seq2SeqModel(loaded) if loaded.config.model.kind == "seq2seq" else Model(loaded)
+    loaded = [checkpoint.load(None if path is None else Path(path)), *(checkpoint.load(Path(p)) for p in more)]
+    language_models = [one.path for one in loaded if one.config.model.kind != "seq2seq"]
+    if more and language_models:
+        raise UsageError(f"only encoder–decoder runs write together; {language_models[0]} is a language model")
+    return Model(loaded[0]) if language_models else Seq2SeqModel(*loaded)

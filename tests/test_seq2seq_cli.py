@@ -93,6 +93,35 @@ def test_eval_reports_loss_and_error_rates(reversal, capsys, monkeypatch):
     assert "exact match" in plain.out and "character error rate" in plain.out
 
 
+def test_runs_given_together_write_from_the_mean_of_their_distributions(reversal, capsys, monkeypatch):
+    """A run with itself is an ensemble whose mean is the run's own distribution: the same outputs and loss."""
+    folder, _ = reversal
+    monkeypatch.chdir(folder)
+    reports = [json.loads(run_in_process(capsys, "eval", "held_out.tsv", *runs, "--json", "--beam", "2").out)
+               for runs in (["-c", "run"], ["-c", "run", "-c", "run"])]
+    assert reports[1]["checkpoints"] == 2 * reports[0]["checkpoints"] and len(reports[0]["checkpoints"]) == 1
+    for key in ("nats_per_char", "exact_match", "char_error_rate", "pairs"):
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-6), key
+    result = run_in_process(capsys, "sample", "-c", "run", "-c", "run", "--source", "abc", "--source", "ddef")
+    assert result.code == 0 and result.out.splitlines() == ["cba", "fedd"], result.err
+    together = charrnn.load(folder / "run", folder / "run")
+    assert together.paths == 2 * [together.path] and "and 1 more" in repr(together)
+
+
+def test_runs_on_other_vocabularies_or_language_models_do_not_write_together(reversal, spelling, cli, small_corpus):
+    from clihelp import TINY
+
+    runs = [str(reversal[0] / "run"), str(spelling[0] / "run")]
+    result = cli("eval", str(reversal[0] / "held_out.tsv"), "-c", runs[0], "-c", runs[1])
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "different vocabularies" in result.err and result.out == ""
+    assert cli("train", small_corpus, "--config", TINY, "--out", "lm", "--steps", "4", "--quiet").code == 0
+    result = cli("sample", "-c", runs[0], "-c", "lm", "--source", "abc")
+    assert result.code == 2 and "only encoder–decoder runs write together" in result.err, result.err
+    with pytest.raises(charrnn.UsageError, match="attention is drawn for one model"):
+        charrnn.load(runs[0], runs[0]).attention("abc")
+
+
 def test_viz_draws_the_attention_as_a_heat_map(reversal, capsys, monkeypatch):
     folder, _ = reversal
     monkeypatch.chdir(folder)

@@ -82,6 +82,11 @@ def softmax(x):
 
 def reference_nats(params: dict, config: ModelConfig, source: np.ndarray, target: np.ndarray) -> float:
     """Summed nats of one unpadded pair, target's end symbol included."""
+    return -float(np.sum(np.log(reference_probabilities(params, config, source, target))))
+
+
+def reference_probabilities(params: dict, config: ModelConfig, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The probability of each of one unpadded pair's target symbols, its end symbol included, teacher-forced."""
     hidden, cell = config.hidden_size, config.cell
     encoder = params["encoder"]
     layer_input = encoder["embedding"][source]  # [S, E]
@@ -98,7 +103,7 @@ def reference_nats(params: dict, config: ModelConfig, source: np.ndarray, target
     state = np.tanh(final @ params["bridge"]["w"] + params["bridge"]["b"]).reshape(config.num_layers, fields, hidden)
     carries = [tuple(state[layer]) for layer in range(config.num_layers)]
     decoder, attention = params["decoder"], params.get("attention")
-    nats, feed = 0.0, np.zeros(hidden)
+    probabilities, feed = [], np.zeros(hidden)
     for previous, wanted in zip([0, *target], [*target, 0]):
         x = decoder["embedding"][previous]
         for layer in range(config.num_layers):
@@ -116,8 +121,8 @@ def reference_nats(params: dict, config: ModelConfig, source: np.ndarray, target
             context = softmax(scores) @ values
             x = feed = np.tanh(np.concatenate([x, context]) @ attention["w_c"] + attention["b_c"])
         logits = x @ decoder["output"]["w"] + decoder["output"]["b"]
-        nats -= np.log(softmax(logits)[wanted])
-    return nats
+        probabilities.append(softmax(logits)[wanted])
+    return np.array(probabilities)
 
 
 VARIANTS = [
@@ -141,6 +146,24 @@ def test_teacher_forced_loss_matches_numpy_reference(variant):
     expected = sum(reference_nats(params, config, s, t) for s, t in zip(sources, targets))
     assert int(count) == sum(len(t) + 1 for t in targets)
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+
+
+def test_an_ensembles_loss_is_that_of_the_mean_distribution():
+    """Two models writing together: nats of (p1 + p2) / 2 at every real target symbol, against NumPy; one model
+    alone is its own loss."""
+    configs = (dataclasses.replace(SMALL, **VARIANTS[0]), dataclasses.replace(SMALL, **VARIANTS[1]))
+    params = (params_for(configs[0], seed=1), params_for(configs[1], seed=2))
+    sources, targets = random_pairs(4, 6)
+    batch = pairs_lib.make_batch(sources, targets, source_len=8, target_len=8)
+    float32 = tuple(jax.tree.map(jnp.float32, member) for member in params)
+    total, count = s2s.ensemble_summed_loss(float32, configs, batch)
+    expected = -sum(np.sum(np.log((reference_probabilities(params[0], configs[0], s, t)
+                                   + reference_probabilities(params[1], configs[1], s, t)) / 2))
+                    for s, t in zip(sources, targets))
+    assert int(count) == sum(len(t) + 1 for t in targets)
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    alone = s2s.ensemble_summed_loss(float32[:1], configs[:1], batch)[0]
+    assert float(alone) == float(s2s.summed_loss(float32[0], configs[0], batch)[0])
 
 
 def test_attention_size_is_the_width_of_the_additive_scores_layer_alone():
@@ -256,7 +279,7 @@ def test_attention_weights_are_cast_once_per_compiled_call(path):
     if path == "train":
         jaxpr = jax.make_jaxpr(lambda p: s2s.loss(p, config, batch))(params)
     else:
-        jaxpr = jax.make_jaxpr(lambda p: generate.sample(p, config, batch.source, jax.random.key(0), jnp.float32(1.0),
+        jaxpr = jax.make_jaxpr(lambda p: generate.sample((p,), (config,), batch.source, jax.random.key(0), jnp.float32(1.0),
                                                          None, 6))(params)
     for shape in ("[16,8]", "[8,8]", "[24,8]"):
         assert str(jaxpr).count(f"bf16{shape} = convert_element_type") == 1, shape
@@ -323,13 +346,14 @@ def test_beam_of_one_is_greedy():
     params = jax.tree.map(jnp.float32, params_for(config))
     sources, targets = random_pairs(5, 8)
     source = pairs_lib.make_batch(sources, targets).source
-    greedy, _ = generate.sample(params, config, source, jax.random.key(0), jnp.float32(0.0), None, 7)
-    tokens, _ = generate.beam_search(params, config, source, 7, 1)
+    greedy, _ = generate.sample((params,), (config,), source, jax.random.key(0), jnp.float32(0.0), None, 7)
+    tokens, _ = generate.beam_search((params,), (config,), source, 7, 1)
     np.testing.assert_array_equal(np.asarray(tokens)[:, 0], np.asarray(greedy))
 
 
-def hypothesis_scores(params, config, source: np.ndarray, length: int) -> dict[tuple, float]:
-    """Every target the search can end with, and its log-probability, by teacher forcing each one."""
+def hypothesis_scores(params: tuple, configs: tuple, source: np.ndarray, length: int) -> dict[tuple, float]:
+    """Every target the search can end with, and its log-probability, by teacher forcing each one: with several
+    models, the sum over its symbols of the log of their mean probability."""
     characters = range(1, TARGET_VOCAB)
     ended = [(*prefix, 0) for n in range(length) for prefix in itertools.product(characters, repeat=n)]
     cut = list(itertools.product(characters, repeat=length))
@@ -339,29 +363,47 @@ def hypothesis_scores(params, config, source: np.ndarray, length: int) -> dict[t
         target_in = np.array([0, *hypothesis[:-1]], np.int32)[:, None]
         target_out = np.array(hypothesis, np.int32)[:, None]
         batch = pairs_lib.PairBatch(source[:, None], target_in, target_out, np.ones_like(target_out, bool))
-        logits, _ = forward(params, config, batch)
-        log_probs = jax.nn.log_softmax(np.asarray(logits, np.float64)[:, 0])
-        scores[hypothesis] = float(np.sum(np.take_along_axis(np.asarray(log_probs), target_out, axis=1)))
+        probabilities = 0.0
+        for member, config in zip(params, configs):
+            logits = np.asarray(forward(member, config, batch)[0], np.float64)[:, 0]
+            probabilities += np.take_along_axis(np.asarray(jax.nn.softmax(logits)), target_out, axis=1)
+        scores[hypothesis] = float(np.sum(np.log(probabilities / len(params))))
     return scores
 
 
-@pytest.mark.parametrize("input_feeding", [False, True])
-def test_beam_as_wide_as_every_hypothesis_is_exhaustive_search(input_feeding):
-    config = dataclasses.replace(SMALL, attention="dot", num_layers=1, encoder_layers=1, input_feeding=input_feeding)
-    params = jax.tree.map(jnp.float32, params_for(config, seed=3))
+@pytest.mark.parametrize("models", [[dict(input_feeding=False)], [dict(input_feeding=True)],
+                                    [dict(input_feeding=False), dict(attention="additive", cell="gru")]],
+                         ids=["one", "one-feeding", "ensemble"])
+def test_beam_as_wide_as_every_hypothesis_is_exhaustive_search(models):
+    base = dataclasses.replace(SMALL, attention="dot", num_layers=1, encoder_layers=1)
+    configs = tuple(dataclasses.replace(base, **model) for model in models)
+    params = tuple(jax.tree.map(jnp.float32, params_for(config, seed=3 + index)) for index, config in enumerate(configs))
     length = 3
     source = np.array([3, 1, 4], np.int32)
-    scores = hypothesis_scores(params, config, source, length)
+    scores = hypothesis_scores(params, configs, source, length)
     beam = len(scores)  # 1 + 4 + 16 ended, 64 cut
-    tokens, beam_scores = generate.beam_search(params, config, source[:, None], length, beam)
+    tokens, beam_scores = generate.beam_search(params, configs, source[:, None], length, beam)
     ranked = sorted(scores.items(), key=lambda item: -item[1])
     found = [tuple(row[: list(row).index(0) + 1] if 0 in row else row) for row in np.asarray(tokens)[0]]
     assert found[0] == ranked[0][0]
     np.testing.assert_allclose(np.asarray(beam_scores)[0], [score for _, score in ranked], rtol=1e-4, atol=1e-5)
     assert sorted(found) == sorted(scores)
     # A narrower beam finds hypotheses no better than the best.
-    _, narrow = generate.beam_search(params, config, source[:, None], length, 2)
+    _, narrow = generate.beam_search(params, configs, source[:, None], length, 2)
     assert float(narrow[0, 0]) <= ranked[0][1] + 1e-5
+
+
+def test_a_model_writing_with_itself_writes_as_it_does_alone():
+    """The mean of two equal distributions is that distribution: the same greedy targets, the same draws."""
+    config = dataclasses.replace(SMALL, attention="additive")
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(5, 8)
+    source = pairs_lib.make_batch(sources, targets).source
+    for temperature in (0.0, 1.0):
+        alone, _ = generate.sample((params,), (config,), source, jax.random.key(2), jnp.float32(temperature), None, 7)
+        twice, _ = generate.sample((params, params), (config, config), source, jax.random.key(2),
+                                   jnp.float32(temperature), None, 7)
+        np.testing.assert_array_equal(np.asarray(twice), np.asarray(alone))
 
 
 def test_sampling_stops_each_target_at_its_end_symbol():
@@ -369,7 +411,7 @@ def test_sampling_stops_each_target_at_its_end_symbol():
     params = jax.tree.map(jnp.float32, params_for(config))
     sources, targets = random_pairs(6, 16)
     source = pairs_lib.make_batch(sources, targets).source
-    ids, _ = generate.sample(params, config, source, jax.random.key(1), jnp.float32(1.5), None, 12)
+    ids, _ = generate.sample((params,), (config,), source, jax.random.key(1), jnp.float32(1.5), None, 12)
     for row in np.asarray(ids):
         ends = np.flatnonzero(row == 0)
         if len(ends):

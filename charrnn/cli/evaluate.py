@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from charrnn.cli.common import CheckpointOption, JsonOption, PlatformOption, ThreadsOption, app, setup
+from charrnn.cli.common import ENSEMBLE_HELP, JsonOption, PlatformOption, ThreadsOption, app, setup
 from charrnn.errors import UsageError
 from charrnn.rundir import strict_json
 
@@ -15,7 +15,7 @@ from charrnn.rundir import strict_json
 @app.command("eval")
 def evaluate(
     file: Annotated[Path, typer.Argument(help="UTF-8 text to score.")],
-    checkpoint: CheckpointOption = None,
+    checkpoint: Annotated[Optional[list[Path]], typer.Option("--checkpoint", "-c", help=ENSEMBLE_HELP)] = None,
     streams: Annotated[int, typer.Option("--streams", min=1, help="Parallel streams, state carried along each (fewer = fewer cold starts, slower).")] = 16,
     skip_unknown: Annotated[bool, typer.Option("--skip-unknown", help="Drop characters outside the model's vocabulary instead of failing.")] = False,
     beam: Annotated[Optional[int], typer.Option("--beam", min=1, help="Encoder–decoder runs: write each target by beam search of this width (default: the run's sample.beam).")] = None,
@@ -36,7 +36,7 @@ def evaluate(
     setup(platform, threads)
     from charrnn.trained import Seq2SeqModel, load
 
-    model = load(checkpoint)
+    model = load(*(checkpoint or [None]))
     if isinstance(model, Seq2SeqModel):
         if skip_unknown:
             raise UsageError("--skip-unknown is for language models; a pairs file must use the model's characters")
@@ -57,8 +57,8 @@ def evaluate(
 
 def _score_pairs(model, file: Path, beam: int | None, json_output: bool) -> None:
     score = model.score(file, beam)
-    result = {"file": str(file), "checkpoint": str(model.path), "beam": beam or model.config.sample.beam,
-              **score._asdict()}
+    result = {"file": str(file), "checkpoint": str(model.path), "checkpoints": [str(path) for path in model.paths],
+              "beam": beam or model.config.sample.beam, **score._asdict()}
     if json_output:
         print(strict_json(result))
         return

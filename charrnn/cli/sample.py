@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from charrnn.cli.common import CHECKPOINT_HELP, OUTPUT, SAMPLING, PlatformOption, ThreadsOption, app, err_console, \
+from charrnn.cli.common import ENSEMBLE_HELP, OUTPUT, SAMPLING, PlatformOption, ThreadsOption, app, err_console, \
     setup, text_option
 from charrnn.data import read_text
 from charrnn.errors import UsageError
@@ -19,7 +19,7 @@ CONVERTING = "Encoder–decoder runs"
 
 @app.command()
 def sample(
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP, rich_help_panel=SAMPLING)] = None,
+    checkpoint: Annotated[Optional[list[Path]], typer.Option("--checkpoint", "-c", help=ENSEMBLE_HELP, rich_help_panel=SAMPLING)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temp", "--temperature", help="Sampling temperature; 0 = always the most likely character (default: the run's sample.temperature, 0.8 unless set).", rich_help_panel=SAMPLING)] = None,
     length: Annotated[Optional[int], typer.Option("--length", "-n", help="Characters to generate per sample (default: the run's sample.length, 1000 unless set).", rich_help_panel=SAMPLING)] = None,
     prime: Annotated[Optional[str], typer.Option("--prime", help="Text to start from (printed first).", rich_help_panel=SAMPLING)] = None,
@@ -43,7 +43,7 @@ def sample(
     setup(platform, threads, cpu_device_per_core=sources is None)  # many samples of a small model split over the cores
     from charrnn.trained import Seq2SeqModel, load, random_seed
 
-    model = load(checkpoint)
+    model = load(*(checkpoint or [None]))
     if isinstance(model, Seq2SeqModel):
         if prime_text:
             raise UsageError("an encoder–decoder takes --source or --source-file, not --prime")

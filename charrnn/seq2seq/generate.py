@@ -1,4 +1,9 @@
-"""Writing targets for sources: character by character (greedy or sampled), or beam search; each one compiled call."""
+"""Writing targets for sources: character by character (greedy or sampled), or beam search; each one compiled call.
+
+Every function takes one or more models (`params` and `configs`, tuples of the same length) that write
+together: at each symbol they all read the same history and the choice is made from the mean of their
+distributions (an ensemble). One model is an ensemble of one.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,21 @@ from charrnn.seq2seq import attention, model as seq2seq_model
 from charrnn.seq2seq.pairs import BOUNDARY
 
 
-def _decoder(params: dict, config: ModelConfig, source: jax.Array):
-    """(decoder's prepared params, its initial state, memory) for sources [S, B]."""
-    prepared = seq2seq_model.prepare(params, config)
-    return (prepared, *seq2seq_model.start(params, prepared, config, source))
+def _decoders(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], source: jax.Array):
+    """Each model's (decoder's prepared params, its initial state, memory) for sources [S, B], as three tuples."""
+    prepared = tuple(seq2seq_model.prepare(member, config) for member, config in zip(params, configs, strict=True))
+    started = [seq2seq_model.start(member, ready, config, source) for member, ready, config in
+               zip(params, prepared, configs)]
+    return prepared, tuple(state for state, _ in started), tuple(memory for _, memory in started)
+
+
+def _step(prepared: tuple, configs: tuple[ModelConfig, ...], states: tuple, ids: jax.Array, memories: tuple):
+    """Every model reads ids [B]: (their states, log-probabilities [B, Vt] of their mean distribution, the first
+    model's attention weights [B, S] or None)."""
+    stepped = [seq2seq_model.decoder_step(ready, config, state, ids, memory)
+               for ready, config, state, memory in zip(prepared, configs, states, memories)]
+    log_probs = jnp.stack([jax.nn.log_softmax(logits.astype(jnp.float32)) for _, logits, _ in stepped])
+    return tuple(state for state, _, _ in stepped), seq2seq_model.mixture(log_probs), stepped[0][2]
 
 
 def until_all_ended(step, state: tuple, ended_of, length: int) -> tuple:
@@ -31,23 +47,25 @@ def until_all_ended(step, state: tuple, ended_of, length: int) -> tuple:
     return jax.lax.while_loop(unfinished, lambda loop: (loop[0] + 1, step(*loop)), (jnp.int32(0), state))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "length", "top_k"))
-def sample(params: dict, config: ModelConfig, source: jax.Array, key: jax.Array, temperature: jax.Array,
-           top_p: jax.Array | None, length: int, top_k: int = 0) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("configs", "length", "top_k"))
+def sample(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], source: jax.Array, key: jax.Array,
+           temperature: jax.Array, top_p: jax.Array | None, length: int,
+           top_k: int = 0) -> tuple[jax.Array, jax.Array]:
     """Targets for sources [S, B], one character at a time: (ids [B, length], attention weights [length, B, S]).
 
     Each character is chosen as `charrnn sample` chooses (temperature 0 = the most
     likely), with the noise of fold_in(key, t) at step t; after a target's end
-    symbol its ids are all BOUNDARY. Without attention the weights are 0.
+    symbol its ids are all BOUNDARY. The weights are the first model's; without
+    attention they are 0.
     """
-    prepared, carry, memory = _decoder(params, config, source)
-    batch_size, vocab_size = source.shape[1], prepared["output"]["b"].shape[0]
+    prepared, carry, memory = _decoders(params, configs, source)
+    batch_size, vocab_size = source.shape[1], prepared[0]["output"]["b"].shape[0]
 
     def one_character(t, state):
         carry, ids, ended, all_ids, all_weights = state
-        carry, logits, weights = seq2seq_model.decoder_step(prepared, config, carry, ids, memory)
+        carry, log_probs, weights = _step(prepared, configs, carry, ids, memory)
         noise = jax.random.gumbel(jax.random.fold_in(key, t), (batch_size, vocab_size))
-        chosen = jnp.where(ended, BOUNDARY, choose(logits, noise, temperature, top_k, top_p))
+        chosen = jnp.where(ended, BOUNDARY, choose(log_probs, noise, temperature, top_k, top_p))
         if weights is not None:
             all_weights = all_weights.at[t].set(weights)
         return carry, chosen, ended | (chosen == BOUNDARY), all_ids.at[t].set(chosen), all_weights
@@ -58,27 +76,28 @@ def sample(params: dict, config: ModelConfig, source: jax.Array, key: jax.Array,
     return ids.T, weights
 
 
-@functools.partial(jax.jit, static_argnames=("config", "length", "beam"))
-def beam_search(params: dict, config: ModelConfig, source: jax.Array, length: int,
+@functools.partial(jax.jit, static_argnames=("configs", "length", "beam"))
+def beam_search(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], source: jax.Array, length: int,
                 beam: int) -> tuple[jax.Array, jax.Array]:
     """The `beam` most likely targets found for each source [S, B]: (ids [B, beam, length], log-probabilities [B, beam]).
 
     Best first. A hypothesis is a target ended by the end symbol within `length`
     characters, or `length` characters cut there; its score is the sum of the
-    log-probabilities of its characters (the end symbol's included), with no
-    length penalty. A finished hypothesis continues only with end symbols, at no
+    log-probabilities of its characters (the end symbol's included) under the
+    models' mean distribution, with no length penalty. A finished hypothesis continues only with end symbols, at no
     cost, so it keeps its place among the unfinished ones.
     """
-    prepared, carry, memory = _decoder(params, config, source)
-    batch_size, vocab_size = source.shape[1], prepared["output"]["b"].shape[0]
+    prepared, carry, memory = _decoders(params, configs, source)
+    batch_size, vocab_size = source.shape[1], prepared[0]["output"]["b"].shape[0]
     carry = jax.tree.map(lambda leaf: jnp.repeat(leaf, beam, axis=0), carry)  # [B*K, H]: pair b's beams side by side
-    memory = attention.Memory(*(None if part is None else jnp.repeat(part, beam, axis=1) for part in memory))
+    memory = tuple(attention.Memory(*(None if part is None else jnp.repeat(part, beam, axis=1) for part in one))
+                   for one in memory)
     ended_row = jnp.where(jnp.arange(vocab_size) == BOUNDARY, 0.0, -jnp.inf)[None, None]  # [1, 1, V]
 
     def one_character(t, state):
         carry, ids, scores, tokens, ended = state
-        carry, logits, _ = seq2seq_model.decoder_step(prepared, config, carry, ids, memory)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch_size, beam, vocab_size)
+        carry, log_probs, _ = _step(prepared, configs, carry, ids, memory)
+        log_probs = log_probs.reshape(batch_size, beam, vocab_size)
         log_probs = jnp.where(ended[..., None], ended_row, log_probs)
         scores, flat = jax.lax.top_k((scores[..., None] + log_probs).reshape(batch_size, beam * vocab_size), beam)
         parent, chosen = flat // vocab_size, flat % vocab_size  # [B, K]

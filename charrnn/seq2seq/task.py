@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,16 +43,15 @@ def batches_of(sources: list[np.ndarray], targets: list[np.ndarray], size: int) 
             for part in np.array_split(order, max(1, -(-len(order) // size)))]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _summed_loss(params: dict, config, batch: PairBatch):
-    return seq2seq_model.summed_loss(params, config, batch)
+_summed_loss = jax.jit(seq2seq_model.ensemble_summed_loss, static_argnames=("configs",))
 
 
-def mean_loss(params: dict, config, sources: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    """Mean nats per target symbol (end symbols included) over all pairs, teacher-forced."""
+def mean_loss(params: tuple[dict, ...], configs: tuple, sources: list[np.ndarray], targets: list[np.ndarray]) -> float:
+    """Mean nats per target symbol (end symbols included) over all pairs, teacher-forced, under the models'
+    mean distribution (one model: its own)."""
     total, count = 0.0, 0.0
     for batch in batches_of(sources, targets, EVAL_BATCH_SIZE):
-        batch_total, batch_count = _summed_loss(params, config, batch)
+        batch_total, batch_count = _summed_loss(params, configs, batch)
         total, count = total + batch_total, count + batch_count
     return float(total / count)
 
@@ -97,7 +95,7 @@ class PairsTask:
                                 for part in chosen])
 
     def validation_loss(self, params: dict, placement) -> float:
-        return mean_loss(params, self.config.model, *self.corpus.val)
+        return mean_loss((params,), (self.config.model,), *self.corpus.val)
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab": pairs_lib.stored_symbols(self.corpus.target_vocab),

@@ -44,17 +44,48 @@ class Attention(NamedTuple):
 
 
 class Seq2SeqModel(checkpoint.FromCheckpoint):
-    """A trained encoder–decoder rebuilt from a checkpoint alone (see `charrnn.load`)."""
+    """A trained encoder–decoder rebuilt from a checkpoint alone (see `charrnn.load`).
+
+    Given several checkpoints of runs on the same vocabularies, it is an ensemble:
+    they write together, each symbol chosen from the mean of their distributions,
+    and the loss is that of the mean distribution. `config`, `params` and `path`
+    are then the first run's.
+    """
+
+    def __init__(self, loaded: checkpoint.Loaded, *others: checkpoint.Loaded):
+        super().__init__(loaded)
+        def symbols(one: checkpoint.Loaded) -> tuple:
+            return one.config.model.target, one.source_vocab.chars, pairs_lib.stored_symbols(one.vocab)
+
+        for other in others:
+            if symbols(other) != symbols(loaded):
+                raise UsageError(f"{other.path} and {loaded.path} have different vocabularies: "
+                                 "only runs on the same pairs can write together")
+        self._members = (loaded, *others)
 
     @property
     def source_vocab(self) -> Vocab:
         return self._loaded.source_vocab
 
+    @property
+    def paths(self) -> list[Path]:
+        """The checkpoint file of each model writing together (one, unless an ensemble)."""
+        return [member.path for member in self._members]
+
+    @property
+    def _params(self) -> tuple[dict, ...]:
+        return tuple(member.params for member in self._members)
+
+    @property
+    def _configs(self) -> tuple:
+        return tuple(member.config.model for member in self._members)
+
     def __repr__(self) -> str:
         model = self.config.model
         encoder = "bidirectional " if model.bidirectional else ""
+        others = f" and {len(self._members) - 1} more" if len(self._members) > 1 else ""
         return (f"<charrnn.Seq2SeqModel {model.cell} {encoder}{model.encoder_layers}x{model.hidden_size} -> "
-                f"{model.num_layers}x{model.hidden_size}, attention {model.attention}, from {self.path}>")
+                f"{model.num_layers}x{model.hidden_size}, attention {model.attention}, from {self.path}{others}>")
 
     def _sources(self, sources: Sequence[str], what: str) -> list[np.ndarray]:
         """Sources as ids; an empty one or a character the model never saw is a usage error."""
@@ -103,12 +134,12 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
             for column, ids in enumerate(part):
                 source[: len(ids), column] = ids
             if beam > 1:
-                tokens, _ = generate.beam_search(self.params, self.config.model, source, length, beam)
+                tokens, _ = generate.beam_search(self._params, self._configs, source, length, beam)
                 ids, weights = np.asarray(tokens)[:, 0], None
             else:
                 key = jax.random.fold_in(jax.random.key(seed), begin)
                 nucleus = np.float32(top_p) if top_p < 1.0 else None
-                ids, weights = generate.sample(self.params, self.config.model, source, key,
+                ids, weights = generate.sample(self._params, self._configs, source, key,
                                                capped_temperature(temperature), nucleus, length,
                                                top_k if top_k < vocab_size else 0)
                 ids, weights = np.asarray(ids), np.asarray(weights)
@@ -126,6 +157,8 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         """
         if self.config.model.attention == "none":
             raise UsageError("the model has no attention (model.attention = none)")
+        if len(self._members) > 1:
+            raise UsageError("attention is drawn for one model, not for several writing together")
         [(output, indices, weights)] = self._write([source], temperature, 1, None, None, None, seed, "--source")
         return Attention(source, output, [self.vocab.decode([i]) for i in indices], weights)
 
@@ -142,7 +175,7 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         if not isinstance(pairs, pairs_lib.Pairs):
             what, pairs = str(pairs), pairs_lib.read_pairs(Path(pairs), self.config.train.max_length).pairs
         sources, targets = encode_pairs(self.source_vocab, self.vocab, pairs, what)
-        nats = mean_loss(self.params, self.config.model, sources, targets)
+        nats = mean_loss(self._params, self._configs, sources, targets)
         references: dict[str, list[str]] = {}
         for source, target in zip(*pairs):
             references.setdefault(source, []).append(target)
