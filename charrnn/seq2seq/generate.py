@@ -84,8 +84,9 @@ def beam_search(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], sour
     Best first. A hypothesis is a target ended by the end symbol within `length`
     characters, or `length` characters cut there; its score is the sum of the
     log-probabilities of its characters (the end symbol's included) under the
-    models' mean distribution, with no length penalty. A finished hypothesis continues only with end symbols, at no
-    cost, so it keeps its place among the unfinished ones.
+    models' mean distribution, with no length penalty. A finished hypothesis
+    continues only with end symbols, at no cost, so it keeps its place among the
+    unfinished ones.
     """
     prepared, carry, memory = _decoders(params, configs, source)
     batch_size, vocab_size = source.shape[1], prepared[0]["output"]["b"].shape[0]

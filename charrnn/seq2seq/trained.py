@@ -54,6 +54,7 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
 
     def __init__(self, loaded: checkpoint.Loaded, *others: checkpoint.Loaded):
         super().__init__(loaded)
+
         def symbols(one: checkpoint.Loaded) -> tuple:
             return one.config.model.target, one.source_vocab.chars, pairs_lib.stored_symbols(one.vocab)
 
