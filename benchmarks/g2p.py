@@ -61,9 +61,10 @@ def run_ensemble(name: str, sets: list[str], data_dir: Path, out: Path, minutes:
                                    str(run_dir), "--quiet"],
                                   stdout=subprocess.PIPE, preexec_fn=lambda core=cores[seed]: os.sched_setaffinity(0, {core}))
                  for seed, run_dir in enumerate(run_dirs)]
-    summaries = [json.loads(process.communicate()[0].decode().splitlines()[-1]) for process in processes]
+    outputs = [process.communicate()[0].decode() for process in processes]
     if any(process.returncode for process in processes):
         sys.exit(f"g2p: a training process failed: exit codes {[process.returncode for process in processes]}")
+    summaries = [json.loads(output.splitlines()[-1]) for output in outputs]  # --quiet: the summary line
     results = [{"variant": f"{name}, seed {seed}", "minutes": minutes, "steps": summary["steps"],
                 "best_val_loss": summary["best_val_loss"], **scores(charrnn.load(run_dir), data_dir)}
                for seed, (summary, run_dir) in enumerate(zip(summaries, run_dirs))]
@@ -100,8 +101,9 @@ def main() -> None:
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    if not 1 <= args.ensemble <= len(os.sched_getaffinity(0)):
-        parser.error(f"--ensemble must be between 1 and the {len(os.sched_getaffinity(0))} cores this process may use")
+    cores = len(os.sched_getaffinity(0))
+    if not 1 <= args.ensemble <= cores:
+        parser.error(f"--ensemble must be between 1 and the {cores} cores this process may use")
     cpu = runtime.cpu_model(runtime.read_cpuinfo())
     print(f"{date.today()}, {cpu}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, {args.minutes:g} minutes per variant")
     print(f"overrides: {' '.join(args.set) or 'none'}")
