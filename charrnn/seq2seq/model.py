@@ -216,6 +216,8 @@ def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key
 
 def mixture(log_probs: jax.Array) -> jax.Array:
     """The log of the mean of several models' probabilities, from their log-probabilities stacked on axis 0."""
+    if log_probs.shape[0] == 1:  # one model's own: no reduction in every generated symbol's step
+        return log_probs[0]
     return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(log_probs.shape[0])
 
 
