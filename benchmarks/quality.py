@@ -18,12 +18,15 @@ times (medians are reported):
   loop of charrnn's equations, `nn.LSTM` has none), the same stream layout and
   epoch offsets (`charrnn.data`),
   clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
-  warm-up and schedule on the same clock, `train.ema`'s average evaluated, and
-  bfloat16 autocast where the recipe's matmuls are bfloat16. Initialisation is
+  warm-up and schedule on the same clock, `train.ema`'s average evaluated,
+  bfloat16 autocast where the recipe's matmuls are bfloat16, and
+  `train.larger_model` chosen as `charrnn.sizing` chooses, by timing its own
+  steps of the larger model (the timing counts against its budget). Initialisation is
   PyTorch's own, with the input weights rescaled to `model.input_init`'s range.
 - torch-own: PyTorch's usual way with the same model size and budget: dropout
   only between layers (`nn.LSTM(dropout=...)`), Adam with its default betas,
-  no averaging, everything else as the recipe.
+  no averaging, everything else as the recipe (the size chosen by its own
+  steps' time).
 
 The reference is the better PyTorch side. Every side counts the same things
 against the budget: everything from its first step until the budget is spent,
@@ -83,17 +86,34 @@ def train_charrnn(config, minutes: float) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         summary = charrnn.train(CORPUS, Path(scratch) / "run", config, max_minutes=minutes, callbacks=[keep_time])
+        layers = json.loads((Path(scratch) / "run" / "config.json").read_text())["model"]["num_layers"]
     chars = summary.steps * config.train.batch_size * config.train.seq_len
     return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
-            "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s}
+            "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s, "layers": layers}
 
 
-def train_torch(config, minutes: float, own: bool) -> dict:
+def train_torch_chosen(config, minutes: float, own: bool) -> dict:
+    """A PyTorch side on the model `charrnn.sizing` chooses for it, by timing its own steps of `train.larger_model`."""
+    from charrnn import data, sizing, training
+
+    began = time.monotonic()
+    corpus_chars = len(training.load_corpus(CORPUS, config.train.val_fraction).train_ids)
+    steps_per_epoch = data.stream_layout(corpus_chars, config.train.batch_size, config.train.seq_len).chunks_per_epoch
+    choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, minutes, own, timing=True))
+    if choice.note:
+        print(choice.note, file=sys.stderr, flush=True)
+    return {**train_torch(choice.config, minutes, own, spent_s=time.monotonic() - began),
+            "layers": choice.config.model.num_layers}
+
+
+def train_torch(config, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False):
+    """Train a side for the budget, `spent_s` of it already gone; return its result, or with `timing` only the
+    seconds a steady step takes (`charrnn.sizing.seconds_per_step`, its window after two warm-up steps)."""
     import torch
     from torch import nn
     from torch.nn import functional
 
-    from charrnn import data, dropout, model, steps, training
+    from charrnn import data, dropout, model, sizing, steps, training
 
     model_config, train_config = config.model, config.train
     if model_config.cell != "lstm" or model_config.kind != "lm":
@@ -215,9 +235,14 @@ def train_torch(config, minutes: float, own: bool) -> dict:
     layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
     dropout_from_step = 0 if own else dropout.first_step(config, layout.chunks_per_epoch)
     last_step = steps.last_step(train_config, layout.chunks_per_epoch)
-    budget, began, step = minutes * 60.0, time.monotonic(), 0
+    budget, began, step = minutes * 60.0, time.monotonic() - spent_s, 0
     state, best = zero_state(train_config.batch_size), math.inf
+    timed_from = None  # with `timing`: when the timed window began, at step 2
     while (elapsed := time.monotonic() - began) < budget and step < last_step:
+        if timing and step == 2:
+            timed_from = time.monotonic()
+        if timed_from is not None and (window := time.monotonic() - timed_from) >= sizing.PROBE_SECONDS:
+            return window / (step - 2)
         net.train(step >= dropout_from_step)  # eval mode drops nothing: the recipe's late dropout
         batch = data.training_batch(corpus.train_ids, layout, step, train_config.seed, train_config.random_offset)
         if np.any(batch.reset):
@@ -263,7 +288,7 @@ def run_side(args) -> None:
         import torch
 
         torch.set_num_threads(runtime.usable_cores())
-        result = train_torch(config, args.minutes, own=args.side == "torch-own")
+        result = train_torch_chosen(config, args.minutes, own=args.side == "torch-own")
     print(json.dumps({"side": args.side, **result}), flush=True)
 
 

@@ -26,7 +26,8 @@ PALLAS_UNIT = 16  # the kernel's smallest block of units: hidden_size must be a 
 
 
 # The defaults of ModelConfig and TrainConfig are configs/shakespeare.toml's but for its epoch cap, which fits that
-# corpus's size: plain `charrnn train CORPUS` trains the recipe for as many passes as its budget allows.
+# corpus's size, and the larger model it trains where the cap comes within the budget: plain `charrnn train CORPUS`
+# trains the recipe's model for as many passes as its budget allows.
 @dataclass(frozen=True)
 class ModelConfig:
     kind: str = "lm"  # lm: continue text | seq2seq: map each source line to its target (a pairs file)
@@ -71,6 +72,7 @@ class TrainConfig:
     steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
     max_minutes: float = 10.0  # wall-clock budget; 0 = no budget, the schedule follows steps
     max_epochs: float = 0.0  # passes over the training data that end the run, if before steps and minutes; 0 = no cap
+    larger_model: str = ""  # "model.key=value ...": train this larger model instead where its run, timed first, ends within max_minutes
     seed: int = 0  # parameters, dropout and epoch offsets all derive from it
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
     eval_every: int = 500  # steps between validation passes and checkpoints
@@ -288,6 +290,9 @@ def validate(config: Config) -> None:
              "train.final_lr_fraction must be > 0 for the exponential schedule")
     _require(0.0 < train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
     check_seed(train.seed, "train.seed")
+    if train.larger_model:
+        _require(model.kind == "lm", "train.larger_model is for language models (model.kind = lm)")
+        validate(with_larger_model(config))
     check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
     _require(sample.beam >= 1, f"sample.beam must be at least 1, got {sample.beam}")
 
@@ -306,6 +311,20 @@ def check_sampling(temperature: float, top_k: int, top_p: float, length: int) ->
     _require(top_k >= 0, f"top-k must be >= 0 (0 = off), got {top_k}")
     _require(0.0 < top_p <= 1.0, f"top-p must be in (0, 1], got {top_p}")
     _require(length >= 0, f"length must be >= 0, got {length}")
+
+
+def larger_model_overrides(train: TrainConfig) -> dict[str, dict[str, Any]]:
+    """`train.larger_model`'s space-separated `model.key=value` settings as overrides; other sections are errors."""
+    overrides = parse_set(train.larger_model.split())
+    _require(set(overrides) <= {"model"},
+             f"train.larger_model sets model keys only (model.key=value ...), got {train.larger_model!r}")
+    return overrides
+
+
+def with_larger_model(config: Config) -> Config:
+    """`config` training its `train.larger_model` (the same config where that is empty)."""
+    larger = apply_overrides(config, larger_model_overrides(config.train))
+    return dataclasses.replace(larger, train=dataclasses.replace(larger.train, larger_model=""))
 
 
 def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import jax
 
-from charrnn import checkpoint, config as config_lib, data, distributed, events, model, rundir, steps
+from charrnn import checkpoint, config as config_lib, data, distributed, events, model, rundir, sizing, steps
 from charrnn.atomic import probe_writable
 from charrnn.config import Config
 from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, \
@@ -157,7 +157,7 @@ def _check_inputs(corpus_path: Path, run_dir: Path, source, assignments: list[st
         latest = checkpoint.read_latest(rundir.checkpoints_dir(run_dir))
         metadata = latest[2]
         saved = config_lib.from_dict(metadata["config"])
-        config = config_lib.resolve(source, assignments, options, base=saved)
+        config = sizing.as_resumed(saved, config_lib.resolve(source, assignments, options, base=saved))
         _check_resumable(saved, config)
         task = load_task(corpus_path, config, metadata)
         last = steps.last_step(config.train, task.steps_per_epoch)
@@ -217,6 +217,12 @@ def _file_writers(run_dir: Path, corpus_path: Path, config: Config, first_step: 
 def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], options: dict, resume: bool,
            callbacks: list[events.Listener], devices: int | None) -> events.Summary:
     config, task, resumed = _check_inputs(corpus_path, run_dir, source, assignments, options, resume)
+    choice = sizing.Choice(config, 0.0, "")
+    if not resumed:
+        choice = sizing.choose(config, task.steps_per_epoch, lambda larger: sizing.seconds_per_step(larger, devices))
+        if choice.config.model != config.model:
+            task = TextTask(choice.config, task.corpus)  # train.larger_model is for language models
+        config = choice.config
     if config.train.tensorboard:  # the optional extra is there, and a folder of its own writable, before any writing
         summary_writer_class()
         if Path(config.train.tensorboard).is_absolute():
@@ -233,7 +239,7 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
                             metadata.get("val_loss"), path)
     else:
         skipped, (state, carry) = [], steps.fresh_state(config, optimizer, task.init_params, task.initial_carry)
-        progress = LoopState(state, carry)
+        progress = LoopState(state, carry, elapsed_s=choice.elapsed_s)  # choosing the model was the run's first work
     progress.state, progress.carry = steps.place(progress.state, progress.carry, placement, config.train.batch_size)
     first_step = int(state.step)
     listeners: list[events.Listener] = []  # filled below, once the run directory may be written
@@ -248,6 +254,8 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
             listeners += [*_file_writers(run_dir, corpus_path, config, first_step), *callbacks]
         emit(events.Message(f"training on {corpus_path} ({task.describe()}) into {run_dir}, "
                             f"{placement.num_devices} device(s)"))
+        if choice.note:
+            emit(events.Message(choice.note))
         for line in config_lib.summary_lines(config):
             emit(events.Message(line))
         if placement.is_main:

@@ -1,0 +1,75 @@
+"""The model a run's budget can train: `train.larger_model` where its run, timed first, ends within `train.max_minutes`.
+
+A larger model learns more from each pass over the text but takes longer over
+each; on a machine fast enough for all of the run's passes (`train.max_epochs`)
+it ends lower, on a slower one it is cut short by the clock and ends higher
+(README, "A third layer"). So before a new run starts, a few compiled steps of
+the larger model are timed on synthetic text, and the run trains it only where
+the predicted run fits the budget. The timing counts against the budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import jax
+
+from charrnn import bench, config as config_lib, steps
+from charrnn.config import Config
+
+PROBE_SECONDS = 2.0  # the timed window of compiled calls: `bench.calls_per_second` runs it for 2–4 s
+# Validation passes, checkpoints and compiling, as a share of a run's wall time: about 4% of a recipe run (README).
+OVERHEAD = 0.05
+
+
+class Choice(NamedTuple):
+    config: Config  # what the run trains, `train.larger_model` cleared
+    elapsed_s: float  # wall time the choice took, the run's first seconds
+    note: str  # the choice in a line, for the run's log ("" where there was none to make)
+
+
+def predicted_s(elapsed_s: float, steps_left: int, seconds_per_step: float) -> float:
+    """When a run `elapsed_s` in, with `steps_left` steps to take, ends: its steps and the overhead of evaluating
+    and saving."""
+    return elapsed_s + steps_left * seconds_per_step / (1.0 - OVERHEAD)
+
+
+def seconds_per_step(config: Config, devices: int | None) -> float:
+    """A training step's steady wall time for `config`, on the devices a run of it would use."""
+    probe = bench.TrainingBench(config, devices)
+    probe.compile()
+    return probe.chars_per_call / probe.chars_per_second(PROBE_SECONDS) / config.train.steps_per_call
+
+
+def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], float]) -> Choice:
+    """The model a new run trains: `config`'s, or its `train.larger_model` where a run of that fits the budget.
+
+    `time_step(config)` times a training step of a config (`seconds_per_step`).
+    """
+    larger, given = config_lib.with_larger_model(config), config_lib.apply_overrides(config, {"train": {"larger_model": ""}})
+    if larger == given:  # nothing to choose between
+        return Choice(given, 0.0, "")
+    named = f"train.larger_model ({config.train.larger_model})"
+    budget_s = config.train.max_minutes * 60.0
+    if not budget_s:
+        return Choice(larger, 0.0, f"{named}: no wall-clock budget to miss, training it")
+    if jax.process_count() > 1:
+        return Choice(given, 0.0, f"{named}: a run of several processes trains the model as given")
+    began = time.monotonic()
+    step_s = time_step(larger)
+    elapsed_s = time.monotonic() - began
+    last = steps.last_step(config.train, steps_per_epoch)
+    ends_s = predicted_s(elapsed_s, last, step_s)
+    chosen = larger if ends_s <= budget_s else given
+    return Choice(chosen, elapsed_s, f"{named}: {last:,} steps at {step_s * 1e3:.0f} ms each would end at about {ends_s:.0f} s "
+                                     f"of the {budget_s:.0f} s budget, so training "
+                                     + ("it" if chosen is larger else "the model as given"))
+
+
+def as_resumed(saved: Config, wanted: Config) -> Config:
+    """`wanted` for resuming a run saved as `saved`: with its `train.larger_model` where the run chose that."""
+    keys = config_lib.larger_model_overrides(wanted.train).get("model", {})
+    larger = config_lib.with_larger_model(wanted)
+    chose_larger = keys and all(getattr(saved.model, key) == getattr(larger.model, key) for key in keys)
+    return larger if chose_larger else wanted
