@@ -1,0 +1,138 @@
+"""`train.larger_model`: a new run times the larger model and trains it only where its run fits the budget."""
+
+import json
+import math
+import time
+
+import pytest
+from clihelp import TINY
+
+import charrnn
+from charrnn import config as config_lib, sizing
+from charrnn.errors import UsageError
+
+LARGER = "model.num_layers=3 model.hidden_size=24"
+
+
+def recipe(**train):
+    """The tiny config with a larger model to choose: 100 steps in a 60-second budget unless `train` says otherwise."""
+    return config_lib.resolve(TINY, [], {"train": {"larger_model": LARGER, "steps": 100, "max_minutes": 1.0, **train}})
+
+
+class Timer:
+    """A `time_step` that reports a fixed step time and remembers the configs it was asked to time."""
+
+    def __init__(self, seconds_per_step: float):
+        self.seconds_per_step, self.timed = seconds_per_step, []
+
+    def __call__(self, config):
+        self.timed.append(config)
+        return self.seconds_per_step
+
+
+def test_a_run_that_fits_trains_the_larger_model_and_one_that_does_not_the_model_as_given():
+    config = recipe()
+    # 100 steps of 0.5 s with 5% for evaluations are 52.6 s of the 60; of 0.6 s, 63.2 s.
+    fitting, too_slow = Timer(0.5), Timer(0.6)
+    chosen = sizing.choose(config, steps_per_epoch=1000, time_step=fitting)
+    assert (chosen.config.model.num_layers, chosen.config.model.hidden_size) == (3, 24)
+    assert chosen.config.train.larger_model == ""  # the run's saved config says what it trained
+    assert "training it" in chosen.note and "about 53 s of the 60 s" in chosen.note
+    kept = sizing.choose(config, steps_per_epoch=1000, time_step=too_slow)
+    assert (kept.config.model.num_layers, kept.config.model.hidden_size) == (2, 32)
+    assert kept.config.train.larger_model == "" and "the model as given" in kept.note
+    # What is timed is the larger model, not the one given.
+    assert [(timed.model.num_layers, timed.model.hidden_size) for timed in fitting.timed + too_slow.timed] == [(3, 24)] * 2
+    assert chosen.elapsed_s >= 0 and kept.elapsed_s >= 0
+
+
+def test_the_run_that_must_fit_ends_at_the_epoch_cap_when_that_comes_first():
+    # 5 epochs of 10 steps are 50 steps: at 1 s each, 52.6 s of the 60; train.steps (100) would be 105 s.
+    capped = sizing.choose(recipe(max_epochs=5.0), steps_per_epoch=10, time_step=Timer(1.0))
+    assert capped.config.model.num_layers == 3 and "50 steps" in capped.note
+    uncapped = sizing.choose(recipe(), steps_per_epoch=10, time_step=Timer(1.0))
+    assert uncapped.config.model.num_layers == 2
+
+
+def test_the_prediction_adds_the_overhead_of_evaluating_and_saving_to_the_steps():
+    assert sizing.predicted_s(10.0, 100, 0.5) == pytest.approx(10.0 + 50.0 / (1 - sizing.OVERHEAD))
+    assert sizing.predicted_s(10.0, 100, 0.5) > 60.0  # the timing's own seconds count
+
+
+def test_nothing_is_timed_where_there_is_nothing_to_choose():
+    timer = Timer(1e9)
+    no_budget = sizing.choose(recipe(max_minutes=0.0), 10, timer)
+    assert no_budget.config.model.num_layers == 3 and "no wall-clock budget" in no_budget.note
+    same = sizing.choose(recipe(larger_model="model.num_layers=2"), 10, timer)
+    assert same == sizing.Choice(config_lib.resolve(TINY, [], {"train": {"steps": 100, "max_minutes": 1.0}}), 0.0, "")
+    assert sizing.choose(config_lib.resolve(TINY, [], {}), 10, timer).note == ""
+    assert timer.timed == []
+
+
+def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
+    wanted = recipe()
+    larger = config_lib.with_larger_model(wanted)
+    assert sizing.as_resumed(larger, wanted) == larger
+    given = config_lib.apply_overrides(wanted, {"train": {"larger_model": ""}})
+    assert sizing.as_resumed(given, wanted) == wanted
+    # A key free to change on resume does not hide the choice.
+    assert sizing.as_resumed(config_lib.apply_overrides(larger, {"model": {"dtype": "bfloat16"}}), wanted) == larger
+
+
+@pytest.mark.parametrize("value, message", [
+    ("train.steps=10", "model keys only"),
+    ("model.bogus=1", "unknown config key model.bogus"),
+    ("model.num_layers=0", "model.num_layers must be at least 1"),
+    ("num_layers=3", "--set wants section.key=value"),
+])
+def test_a_larger_model_that_cannot_work_is_refused_when_the_config_is_read(value, message):
+    with pytest.raises(UsageError, match=message):
+        config_lib.resolve(TINY, [f"train.larger_model={value}"], {})
+
+
+def test_an_encoder_decoder_has_no_larger_model():
+    with pytest.raises(UsageError, match="for language models"):
+        config_lib.resolve(TINY, ["model.kind=seq2seq", "train.larger_model=model.num_layers=3"], {})
+
+
+def test_bad_larger_model_on_the_command_line_is_one_line_and_exit_code_2(cli, small_corpus, tmp_path):
+    result = cli("train", small_corpus, "--config", TINY, "--out", "run", "--set", "train.larger_model=train.lr=1")
+    assert result.code == 2
+    assert result.err.strip().count("\n") == 0 and "train.larger_model sets model keys only" in result.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_step_is_timed_from_compiled_calls_of_the_model():
+    step_s = sizing.seconds_per_step(config_lib.resolve(TINY, [], {}), devices=1)
+    assert math.isfinite(step_s) and step_s > 0
+
+
+def test_a_run_trains_the_model_chosen_counts_the_timing_and_resumes_without_timing_again(small_corpus, tmp_path,
+                                                                                            monkeypatch):
+    def slow_timer(config, devices):
+        time.sleep(0.5)
+        return 1e-6
+
+    monkeypatch.setattr(sizing, "seconds_per_step", slow_timer)
+    run = tmp_path / "run"
+    keys = {"larger_model": LARGER, "max_minutes": 60.0, "eval_every": 10, "log_every": 10}
+    charrnn.train(small_corpus, run, TINY, steps=10, **keys)
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["model"]["num_layers"], saved["model"]["hidden_size"], saved["train"]["larger_model"]) == (3, 24, "")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["elapsed_s"] >= 0.5  # the timing was the run's first half second
+    assert charrnn.load(run).config.model.num_layers == 3  # the checkpoint alone says which model it holds
+
+    def no_timer(config, devices):
+        raise AssertionError("a resumed run has its model already")
+
+    monkeypatch.setattr(sizing, "seconds_per_step", no_timer)
+    summary = charrnn.train(small_corpus, resume=run, config=TINY, steps=20, **keys)
+    assert summary.steps == 20 and charrnn.load(run).config.model.num_layers == 3
+
+
+def test_a_run_too_slow_for_the_larger_model_trains_the_model_as_given(small_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(sizing, "seconds_per_step", lambda config, devices: 1e3)
+    run = tmp_path / "run"
+    charrnn.train(small_corpus, run, TINY, steps=10, larger_model=LARGER, max_minutes=60.0, eval_every=10)
+    assert charrnn.load(run).config.model.num_layers == 2
