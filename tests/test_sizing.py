@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 
 import pytest
 from clihelp import TINY
@@ -107,20 +106,13 @@ def test_a_step_is_timed_from_compiled_calls_of_the_model():
     assert math.isfinite(step_s) and step_s > 0
 
 
-def test_a_run_trains_the_model_chosen_counts_the_timing_and_resumes_without_timing_again(small_corpus, tmp_path,
-                                                                                            monkeypatch):
-    def slow_timer(config, devices):
-        time.sleep(0.5)
-        return 1e-6
-
-    monkeypatch.setattr(sizing, "seconds_per_step", slow_timer)
+def test_a_run_trains_the_model_chosen_and_resumes_without_timing_again(small_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(sizing, "seconds_per_step", lambda config, devices: 1e-6)
     run = tmp_path / "run"
     keys = {"larger_model": LARGER, "max_minutes": 60.0, "eval_every": 10, "log_every": 10}
     charrnn.train(small_corpus, run, TINY, steps=10, **keys)
     saved = json.loads((run / "config.json").read_text())
     assert (saved["model"]["num_layers"], saved["model"]["hidden_size"], saved["train"]["larger_model"]) == (3, 24, "")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["elapsed_s"] >= 0.5  # the timing was the run's first half second
     assert charrnn.load(run).config.model.num_layers == 3  # the checkpoint alone says which model it holds
 
     def no_timer(config, devices):
@@ -129,6 +121,18 @@ def test_a_run_trains_the_model_chosen_counts_the_timing_and_resumes_without_tim
     monkeypatch.setattr(sizing, "seconds_per_step", no_timer)
     summary = charrnn.train(small_corpus, resume=run, config=TINY, steps=20, **keys)
     assert summary.steps == 20 and charrnn.load(run).config.model.num_layers == 3
+
+
+def test_the_seconds_the_choice_took_are_the_runs_first(small_corpus, tmp_path, monkeypatch):
+    def choose(config, steps_per_epoch, time_step):
+        return sizing.Choice(config_lib.with_larger_model(config), 1e4, "timed for a long while")
+
+    monkeypatch.setattr(sizing, "choose", choose)
+    run = tmp_path / "run"
+    charrnn.train(small_corpus, run, TINY, steps=10, larger_model=LARGER, max_minutes=0.0, eval_every=10, log_every=10)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(record["elapsed_s"] >= 1e4 for record in records)
+    assert charrnn.load(run).config.model.num_layers == 3
 
 
 def test_a_run_too_slow_for_the_larger_model_trains_the_model_as_given(small_corpus, tmp_path, monkeypatch):
