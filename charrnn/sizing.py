@@ -19,7 +19,8 @@ from charrnn import bench, config as config_lib, steps
 from charrnn.config import Config
 
 PROBE_SECONDS = 2.0  # the timed window of compiled calls: `bench.calls_per_second` runs it for 2–4 s
-# Validation passes, checkpoints and compiling, as a share of a run's wall time: about 4% of a recipe run (README).
+# A run's share of wall time outside its steps (validation passes, checkpoints, compiling), with room to spare
+# (benchmarks/README, "The recipe picks its size").
 OVERHEAD = 0.05
 
 
@@ -47,7 +48,8 @@ def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], f
 
     `time_step(config)` times a training step of a config (`seconds_per_step`).
     """
-    larger, given = config_lib.with_larger_model(config), config_lib.apply_overrides(config, {"train": {"larger_model": ""}})
+    larger = config_lib.with_larger_model(config)
+    given = config_lib.apply_overrides(config, {"train": {"larger_model": ""}})
     if larger == given:  # nothing to choose between
         return Choice(given, 0.0, "")
     named = f"train.larger_model ({config.train.larger_model})"
@@ -62,9 +64,9 @@ def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], f
     last = steps.last_step(config.train, steps_per_epoch)
     ends_s = predicted_s(elapsed_s, last, step_s)
     chosen = larger if ends_s <= budget_s else given
-    return Choice(chosen, elapsed_s, f"{named}: {last:,} steps at {step_s * 1e3:.0f} ms each would end at about {ends_s:.0f} s "
-                                     f"of the {budget_s:.0f} s budget, so training "
-                                     + ("it" if chosen is larger else "the model as given"))
+    outcome = "it" if chosen is larger else "the model as given"
+    return Choice(chosen, elapsed_s, f"{named}: {last:,} steps at {step_s * 1e3:.0f} ms each would end at about "
+                                     f"{ends_s:.0f} s of the {budget_s:.0f} s budget, so training {outcome}")
 
 
 def as_resumed(saved: Config, wanted: Config) -> Config:
