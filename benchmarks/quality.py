@@ -97,29 +97,30 @@ def train_torch_chosen(config, minutes: float, own: bool) -> dict:
     from charrnn import data, sizing, training
 
     began = time.monotonic()
-    corpus_chars = len(training.load_corpus(CORPUS, config.train.val_fraction).train_ids)
-    steps_per_epoch = data.stream_layout(corpus_chars, config.train.batch_size, config.train.seq_len).chunks_per_epoch
-    choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, minutes, own, timing=True))
+    corpus = training.load_corpus(CORPUS, config.train.val_fraction)
+    steps_per_epoch = data.stream_layout(len(corpus.train_ids), config.train.batch_size,
+                                         config.train.seq_len).chunks_per_epoch
+    choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, corpus, minutes, own, timing=True))
     if choice.note:
         print(choice.note, file=sys.stderr, flush=True)
-    return {**train_torch(choice.config, minutes, own, spent_s=time.monotonic() - began),
+    return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began),
             "layers": choice.config.model.num_layers}
 
 
-def train_torch(config, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False):
-    """Train a side for the budget, `spent_s` of it already gone; return its result, or with `timing` only the
-    seconds a steady step takes (`charrnn.sizing.seconds_per_step`, its window after two warm-up steps)."""
+def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False):
+    """Train a side on `corpus` (split by the config) for the budget, `spent_s` of it already gone; return its result,
+    or with `timing` only the seconds a steady step takes (`charrnn.sizing.seconds_per_step`, its window after two
+    warm-up steps)."""
     import torch
     from torch import nn
     from torch.nn import functional
 
-    from charrnn import data, dropout, model, sizing, steps, training
+    from charrnn import data, dropout, model, sizing, steps
 
     model_config, train_config = config.model, config.train
     if model_config.cell != "lstm" or model_config.kind != "lm":
         raise SystemExit("the PyTorch sides run LSTM language models")
     torch.manual_seed(train_config.seed)
-    corpus = training.load_corpus(CORPUS, train_config.val_fraction)
     vocab, hidden, layers = len(corpus.vocab), model_config.hidden_size, model_config.num_layers
     rate = model_config.dropout
     locked = model_config.locked_dropout and not own

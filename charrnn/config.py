@@ -323,8 +323,7 @@ def larger_model_overrides(train: TrainConfig) -> dict[str, dict[str, Any]]:
 
 def with_larger_model(config: Config) -> Config:
     """`config` training its `train.larger_model` (the same config where that is empty)."""
-    larger = apply_overrides(config, larger_model_overrides(config.train))
-    return dataclasses.replace(larger, train=dataclasses.replace(larger.train, larger_model=""))
+    return apply_overrides(config, {**larger_model_overrides(config.train), "train": {"larger_model": ""}})
 
 
 def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:

@@ -42,7 +42,6 @@ def test_a_run_that_fits_trains_the_larger_model_and_one_that_does_not_the_model
     assert kept.config.train.larger_model == "" and "the model as given" in kept.note
     # What is timed is the larger model, not the one given.
     assert [(timed.model.num_layers, timed.model.hidden_size) for timed in fitting.timed + too_slow.timed] == [(3, 24)] * 2
-    assert chosen.elapsed_s >= 0 and kept.elapsed_s >= 0
 
 
 def test_the_run_that_must_fit_ends_at_the_epoch_cap_when_that_comes_first():
