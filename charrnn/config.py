@@ -292,7 +292,10 @@ def validate(config: Config) -> None:
     check_seed(train.seed, "train.seed")
     if train.larger_model:
         _require(model.kind == "lm", "train.larger_model is for language models (model.kind = lm)")
-        validate(with_larger_model(config))
+        try:
+            validate(with_larger_model(config))
+        except UsageError as error:  # name the key the user wrote, not only the setting inside it
+            raise UsageError(f"train.larger_model ({train.larger_model!r}): {error}") from None
     check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
     _require(sample.beam >= 1, f"sample.beam must be at least 1, got {sample.beam}")
 
@@ -314,10 +317,10 @@ def check_sampling(temperature: float, top_k: int, top_p: float, length: int) ->
 
 
 def larger_model_overrides(train: TrainConfig) -> dict[str, dict[str, Any]]:
-    """`train.larger_model`'s space-separated `model.key=value` settings as overrides; other sections are errors."""
+    """`train.larger_model`'s space-separated `model.key=value` settings as overrides; other sections are errors
+    (`validate` names the key in front of them)."""
     overrides = parse_set(train.larger_model.split())
-    _require(set(overrides) <= {"model"},
-             f"train.larger_model sets model keys only (model.key=value ...), got {train.larger_model!r}")
+    _require(set(overrides) <= {"model"}, "it sets model keys only (model.key=value ...)")
     return overrides
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 from clihelp import TINY
@@ -84,7 +85,8 @@ def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
     ("num_layers=3", "--set wants section.key=value"),
 ])
 def test_a_larger_model_that_cannot_work_is_refused_when_the_config_is_read(value, message):
-    with pytest.raises(UsageError, match=message):
+    """The error names the key the user wrote and its value, then what is wrong inside it."""
+    with pytest.raises(UsageError, match=re.escape(f"train.larger_model ({value!r}): ") + ".*" + message):
         config_lib.resolve(TINY, [f"train.larger_model={value}"], {})
 
 
@@ -96,7 +98,7 @@ def test_an_encoder_decoder_has_no_larger_model():
 def test_bad_larger_model_on_the_command_line_is_one_line_and_exit_code_2(cli, small_corpus, tmp_path):
     result = cli("train", small_corpus, "--config", TINY, "--out", "run", "--set", "train.larger_model=train.lr=1")
     assert result.code == 2
-    assert result.err.strip().count("\n") == 0 and "train.larger_model sets model keys only" in result.err
+    assert result.err.strip().count("\n") == 0 and "train.larger_model ('train.lr=1'): it sets model keys only" in result.err
     assert not (tmp_path / "run").exists()
 
 
