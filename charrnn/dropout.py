@@ -1,8 +1,9 @@
 """Dropout in training: on layers' outputs (a mask per character or per chunk), on embedding rows, on W_h.
 
 Every mask is drawn from the training step's key, so a resumed run draws the
-same masks, and every one is inverted (kept values scaled by 1 / (1 - rate)) so
-evaluation, which has no key, runs the weights as they are.
+same masks, and every one is inverted (kept values scaled by 1 / (1 - rate), the
+keep probability rounded to a multiple of 2⁻¹⁶) so evaluation, which has no key,
+runs the weights as they are.
 
 - Output dropout (`model.dropout`): each layer's output, the top one's too. With
   `model.locked_dropout` one mask per stream holds for every step of the chunk
@@ -28,6 +29,9 @@ from charrnn.config import Config, ModelConfig
 
 # Folded into the step's key for the weight masks; output dropout folds in the layer index.
 _WEIGHTS_STREAM = 2**31 - 1
+# A mask's probabilities are multiples of 2⁻¹⁶: each 32-bit word drawn gives two elements, and drawing the bits is
+# most of what a mask costs on a CPU (benchmarks/README, "Dropout masks at 16 bits").
+MASK_LEVELS = 1 << 16
 
 
 def any_rate(config: ModelConfig) -> bool:
@@ -40,10 +44,29 @@ def first_step(config: Config, steps_per_epoch: int) -> int:
     return math.ceil(config.train.dropout_from_epoch * steps_per_epoch) if any_rate(config.model) else 0
 
 
+def kept_levels(rate: float) -> int:
+    """The keep probability 1 - `rate` in units of 2⁻¹⁶ (at least 1, below 2¹⁶), the resolution masks draw at."""
+    return min(MASK_LEVELS - 1, max(1, round((1.0 - rate) * MASK_LEVELS)))
+
+
+def keep_mask(key: jax.Array, levels: int, mask_shape: tuple[int, ...]) -> jax.Array:
+    """Booleans of `mask_shape`, each true with probability `levels` / 2¹⁶: 16 random bits to an element.
+
+    The words are drawn in the mask's own leading axes, so a mask of streams split
+    over devices is drawn where its streams are.
+    """
+    *leading, last = mask_shape
+    words = jax.random.bits(key, (*leading, (last + 1) // 2), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*leading, -1)[..., :last]
+    return halves < jnp.uint16(levels)
+
+
 def inverted(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
-    """`x` with a Bernoulli(1 - rate) mask of `mask_shape` (broadcast over x's leading axes), kept values / (1 - rate)."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+    """`x` with a Bernoulli(1 - rate) mask of `mask_shape` (broadcast over x's leading axes), kept values scaled by
+    the inverse of the keep probability as drawn (`kept_levels`), so that the expected value is `x`."""
+    levels = kept_levels(rate)
+    keep = keep_mask(key, levels, mask_shape)
+    return jnp.where(keep, x * (MASK_LEVELS / levels), jnp.zeros((), x.dtype))
 
 
 def outputs(x: jax.Array, rate: float, key: jax.Array | None, index: int, locked: bool = False) -> jax.Array:

@@ -27,6 +27,26 @@ def test_dropout_zeroes_and_rescales_top_output():
     assert 0.35 < dropped.mean() < 0.65
 
 
+@pytest.mark.parametrize("rate", [0.2, 0.25, 0.6])
+def test_a_mask_keeps_its_drawn_probability_and_scales_by_its_inverse(rate):
+    """Masks draw at 16 bits: the keep probability is 1 - rate to within 2⁻¹⁷, the kept fraction matches it, and kept
+    values are scaled by its inverse exactly, so the mean is unchanged."""
+    shape = (300, 1001)  # an odd last axis: its last 32-bit word gives one element, not two
+    levels = dropout.kept_levels(rate)
+    assert abs(levels / dropout.MASK_LEVELS - (1.0 - rate)) <= 2.0**-17
+    out = np.asarray(dropout.inverted(jnp.ones(shape), rate, jax.random.key(3), shape))
+
+    kept = out != 0.0
+    p, n = levels / dropout.MASK_LEVELS, kept.size
+    assert abs(kept.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    np.testing.assert_allclose(out[kept], dropout.MASK_LEVELS / levels, rtol=1e-7)
+    assert abs(out.mean() - 1.0) < 5 * np.sqrt((1 - p) / (p * n))
+    # The two halves of a word, neighbours along the last axis, are independent draws.
+    agree = np.mean(kept[:, 0:-1:2] == kept[:, 1::2])
+    assert abs(agree - (p**2 + (1 - p) ** 2)) < 0.01
+    assert not np.array_equal(kept[0], kept[1])
+
+
 @pytest.mark.parametrize("locked", [True, False])
 def test_locked_dropout_keeps_one_mask_across_time(locked):
     config = make_config("lstm", num_layers=2, hidden_size=32, dropout=0.5, locked_dropout=locked)
