@@ -244,7 +244,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
             timed_from = time.monotonic()
         if timed_from is not None and (window := time.monotonic() - timed_from) >= sizing.PROBE_SECONDS:
             return window / (step - 2)
-        net.train(step >= dropout_from_step)  # eval mode drops nothing: the recipe's late dropout
+        # Eval mode drops nothing: the recipe's late dropout. The timing drops out as charrnn's timed calls do.
+        net.train(timing or step >= dropout_from_step)
         batch = data.training_batch(corpus.train_ids, layout, step, train_config.seed, train_config.random_offset)
         if np.any(batch.reset):
             state = zero_state(train_config.batch_size)
@@ -269,6 +270,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
                     mean.mul_(decay).add_(param, alpha=1 - decay)
         if step % train_config.eval_every == 0:
             best = min(best, validate())
+    if timing:  # the run ended inside the timed window (a tiny one): its mean step
+        return (time.monotonic() - began) / max(step, 1)
     trained_s = min(time.monotonic() - began, budget)  # less than the budget where train.max_epochs ended the run
     final = validate()
     return {"best_val": min(best, final), "final_val": final, "steps": step,
