@@ -134,3 +134,19 @@ def test_sampling_chars_per_s_counts_every_stream_and_takes_the_median_window(mo
     monkeypatch.setattr(bench, "_timed", lambda function: (function(), next(windows))[1])
     config = config_lib.resolve(TINY, [], {})
     assert bench.measure_sampling(config, batch_size=3, length=10, repeats=3) == pytest.approx(3 * 10 / 0.4)
+
+
+def test_a_larger_model_is_named_with_the_versus_that_times_it(capsys, monkeypatch):
+    """bench measures the model as given; the line it prints about `train.larger_model` gives a --versus that works."""
+    monkeypatch.setattr(bench.TrainingBench, "compile", lambda self: 0.0)
+    monkeypatch.setattr(bench.TrainingBench, "chars_per_second", lambda self, seconds: float(self.config.model.num_layers))
+    larger = "model.num_layers=3"
+    given = ["bench", "--config", TINY, "--set", f"train.larger_model={larger}", "--repeats", "1", "--json"]
+    result = run_in_process(capsys, *given, "--versus", "model.hidden_size=12")
+    assert result.code == 0, result.err
+    suggested = result.err.split("--versus '")[1].split("'")[0]
+    assert suggested == larger
+
+    timed = run_in_process(capsys, *given, "--versus", suggested)
+    first, variant = json.loads(timed.out)["variants"]
+    assert (first["train_chars_per_s"], variant["train_chars_per_s"]) == (2.0, 3.0)  # TINY's two layers, then three

@@ -54,6 +54,9 @@ def benchmark(
 
     err_console.print(f"measuring {config.model.cell} {config.model.num_layers}x{config.model.hidden_size}, "
                       f"batch {config.train.batch_size}, seq {config.train.seq_len} ...")
+    if config.train.larger_model:
+        err_console.print(f"train.larger_model is not measured here (train times it first): --versus "
+                          f"'{config.train.larger_model}' measures it beside this model")
     if variants:
         _compare(benchmarks, [config, *variants], [None, *versus], repeats, seconds, json_output)
         return
