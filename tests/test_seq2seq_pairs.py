@@ -53,15 +53,15 @@ def test_validation_split_is_by_source_and_deterministic():
 
 def test_batches_pad_and_mask_and_put_the_end_symbol_last():
     batch = pairs_lib.make_batch([np.array([3, 4]), np.array([5])], [np.array([1, 2, 3]), np.array([4])])
-    assert batch.source.shape == (8, 2) and batch.target_in.shape == (8, 2)
+    assert batch.source.shape == (4, 2) and batch.target_in.shape == (4, 2)  # lengths 2 and 3 + 1 padded to 4
     np.testing.assert_array_equal(batch.source[:3].T, [[3, 4, 0], [5, 0, 0]])
-    np.testing.assert_array_equal(batch.target_in[:5].T, [[0, 1, 2, 3, 0], [0, 4, 0, 0, 0]])
-    np.testing.assert_array_equal(batch.target_out[:5].T, [[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(batch.target_mask[:5].T, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
-    longer = pairs_lib.make_batch([np.arange(1, 12), np.array([1])], [np.array([1]), np.array([2])])
+    np.testing.assert_array_equal(batch.target_in.T, [[0, 1, 2, 3], [0, 4, 0, 0]])
+    np.testing.assert_array_equal(batch.target_out.T, [[1, 2, 3, 0], [4, 0, 0, 0]])
+    np.testing.assert_array_equal(batch.target_mask.T, [[1, 1, 1, 1], [1, 1, 0, 0]])
+    longer = pairs_lib.make_batch([np.arange(1, 12), np.array([1])], [np.arange(1, 7), np.array([2])])
     stacked = pairs_lib.stack([batch, longer])  # padded to one shape for one compiled call
-    assert stacked.source.shape == (2, 16, 2) and stacked.target_mask.shape == (2, 8, 2)
-    assert not stacked.target_mask[0, 5:].any()
+    assert stacked.source.shape == (2, 12, 2) and stacked.target_mask.shape == (2, 8, 2)
+    assert not stacked.target_mask[0, 4:].any()
 
 
 def test_each_epoch_takes_every_pair_once_in_a_seeded_order():
@@ -82,8 +82,8 @@ def test_each_epoch_takes_every_pair_once_in_a_seeded_order():
 
 def test_length_key_sorts_by_padded_target_then_source():
     sources = [np.ones(length, np.int32) for length in (9, 2, 5, 1)]
-    targets = [np.ones(length, np.int32) for length in (3, 6, 12, 7)]  # padded with the end symbol: 8, 8, 16, 8
-    assert list(np.argsort(pairs_lib.length_key(sources, targets))) == [3, 1, 0, 2]
+    targets = [np.ones(length, np.int32) for length in (3, 6, 12, 7)]  # padded with the end symbol: 4, 8, 16, 8
+    assert list(np.argsort(pairs_lib.length_key(sources, targets))) == [0, 3, 1, 2]
 
 
 def test_sources_with_unknown_characters_are_named():
