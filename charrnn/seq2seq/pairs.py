@@ -21,7 +21,7 @@ from charrnn.errors import CorpusError
 
 PAD = 0  # source id of padding
 BOUNDARY = 0  # target id of start (as the decoder's input) and end (as its output)
-PAD_MULTIPLE = 4  # padded lengths are multiples of this: about a dozen shapes to compile, little padding
+PAD_MULTIPLE = 4  # padded lengths are multiples of this: a few shapes to compile, little padding (benchmarks/README)
 SORT_WINDOW = 256  # batches drawn together and sorted by length, so each batch's pairs are alike in length
 ALIKE_BATCHES = 4  # consecutive batches of similar length: a compiled call of up to 4 steps pads them to one shape
 
