@@ -5,6 +5,7 @@
     python benchmarks/g2p.py data/g2p --minutes 30                         # the recipe, configs/g2p.toml
     python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional   # README's 5-minute table
     python benchmarks/g2p.py data/g2p --minutes 30 --ensemble 2           # two models, one core each, then together
+    python benchmarks/g2p.py data/g2p --minutes 10 --config configs/g2p-gpu.toml   # the GPU recipe
 
 Each variant trains on train.tsv for the same minutes of wall-clock time
 (compilation and validation passes included), one after the other, then its final
@@ -43,21 +44,22 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, sets: list[str], data_dir: Path, out: Path, minutes: float) -> dict:
+def run_variant(name: str, recipe: Path, sets: list[str], data_dir: Path, out: Path, minutes: float) -> dict:
     run_dir = out / name.replace(", ", "-")
-    summary = charrnn.train(data_dir / "train.tsv", run_dir, RECIPE, sets=sets, max_minutes=minutes)
+    summary = charrnn.train(data_dir / "train.tsv", run_dir, recipe, sets=sets, max_minutes=minutes)
     model = charrnn.load(run_dir)
     return {"variant": name, "minutes": minutes, "steps": summary.steps, "best_val_loss": summary.best_val_loss,
             "config": charrnn.config.to_dict(model.config)["model"], **scores(model, data_dir)}
 
 
-def run_ensemble(name: str, sets: list[str], data_dir: Path, out: Path, minutes: float, count: int) -> list[dict]:
+def run_ensemble(name: str, recipe: Path, sets: list[str], data_dir: Path, out: Path, minutes: float,
+                 count: int) -> list[dict]:
     """Train `count` models at once, one core and one thread each; score each alone, then all of them together."""
     run_dirs = [out / f"{name.replace(', ', '-')}-seed{seed}" for seed in range(count)]
     overrides = [part for item in [*sets, f"train.max_minutes={minutes}"] for part in ("--set", item)]
     cores = sorted(os.sched_getaffinity(0))
     processes = [subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(data_dir / "train.tsv"), "--config",
-                                   str(RECIPE), *overrides, "--threads", "1", "--seed", str(seed), "--out",
+                                   str(recipe), *overrides, "--threads", "1", "--seed", str(seed), "--out",
                                    str(run_dir), "--quiet"],
                                   stdout=subprocess.PIPE, preexec_fn=lambda core=cores[seed]: os.sched_setaffinity(0, {core}))
                  for seed, run_dir in enumerate(run_dirs)]
@@ -89,6 +91,7 @@ def scores(model, data_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", type=Path, help="folder with train.tsv and test.tsv (examples/cmudict_pairs.py)")
+    parser.add_argument("--config", type=Path, default=RECIPE, help="the recipe every variant starts from")
     parser.add_argument("--minutes", type=float, default=30.0, help="training minutes per variant")
     parser.add_argument("--variants", default="recipe", help=f"comma-separated, or all: {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=Path("runs/g2p-bench"), help="folder for the runs")
@@ -106,14 +109,14 @@ def main() -> None:
         parser.error(f"--ensemble must be between 1 and the {cores} cores this process may use")
     cpu = runtime.cpu_model(runtime.read_cpuinfo())
     print(f"{date.today()}, {cpu}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, {args.minutes:g} minutes per variant")
-    print(f"overrides: {' '.join(args.set) or 'none'}")
+    print(f"recipe: {args.config}; overrides: {' '.join(args.set) or 'none'}")
     print("| variant | steps | best val nats/symbol | WER greedy | PER greedy | WER beam 5 | PER beam 5 |")
     print("|---|---|---|---|---|---|---|")
     results = []
     for name in names:
         sets = args.set + VARIANTS[name]
-        rows = ([run_variant(name, sets, args.data_dir, args.out, args.minutes)] if args.ensemble == 1 else
-                run_ensemble(name, sets, args.data_dir, args.out, args.minutes, args.ensemble))
+        rows = ([run_variant(name, args.config, sets, args.data_dir, args.out, args.minutes)] if args.ensemble == 1
+                else run_ensemble(name, args.config, sets, args.data_dir, args.out, args.minutes, args.ensemble))
         results += rows
         for result in rows:
             greedy, beam = result["beam1"], result["beam5"]
