@@ -26,7 +26,7 @@ from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.seq2seq import model as seq2seq_model
-from charrnn.seq2seq.pairs import TokenVocab, target_vocab
+from charrnn.seq2seq.pairs import TokenVocab, stored_symbols, target_vocab
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -207,10 +207,41 @@ class Loaded(NamedTuple):
 
 
 class FromCheckpoint:
-    """What every trained model offers: the config, vocabulary, params and file it was rebuilt from."""
+    """What every trained model offers: the config, vocabulary, params and file it was rebuilt from.
 
-    def __init__(self, loaded: Loaded):
+    Given several checkpoints of runs with the same symbols, it is an ensemble:
+    they predict together, from the mean of their distributions. `config`,
+    `params` and `path` are then the first run's.
+    """
+
+    def __init__(self, loaded: Loaded, *others: Loaded):
+        def symbols(one: Loaded) -> tuple:
+            source = one.source_vocab.chars if one.source_vocab else None
+            return one.config.model.target, source, stored_symbols(one.vocab)
+
+        for other in others:
+            if symbols(other) != symbols(loaded):
+                raise UsageError(f"{other.path} and {loaded.path} have different vocabularies: "
+                                 "only runs with the same symbols can predict together")
         self._loaded = loaded
+        self._members = (loaded, *others)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The checkpoint file of each model predicting together (one, unless an ensemble)."""
+        return [member.path for member in self._members]
+
+    @property
+    def _params(self) -> tuple[dict, ...]:
+        return tuple(member.params for member in self._members)
+
+    @property
+    def _configs(self) -> tuple:
+        return tuple(member.config.model for member in self._members)
+
+    def _members_suffix(self) -> str:
+        """What `repr` adds for an ensemble."""
+        return f" and {len(self._members) - 1} more" if len(self._members) > 1 else ""
 
     @property
     def config(self) -> config_lib.Config:

@@ -49,11 +49,21 @@ def random_seed() -> int:
 
 
 class Model(checkpoint.FromCheckpoint):
-    """A trained language model rebuilt from a checkpoint alone (see `load`)."""
+    """A trained language model rebuilt from a checkpoint alone (see `load`).
+
+    Given several checkpoints of runs on the same characters, `score` is the loss
+    of the mean of their distributions (an ensemble); sampling and activations
+    take one model.
+    """
 
     def __repr__(self) -> str:
         model = self.config.model
-        return f"<charrnn.Model {model.cell} {model.num_layers}x{model.hidden_size} from {self.path}>"
+        return (f"<charrnn.Model {model.cell} {model.num_layers}x{model.hidden_size} from {self.path}"
+                f"{self._members_suffix()}>")
+
+    def _one_model(self, what: str) -> None:
+        if len(self._members) > 1:
+            raise UsageError(f"{what} takes one language model; several score a text together (eval)")
 
     def encode(self, text: str, what: str = "the text", skip_unknown: bool = False) -> tuple[np.ndarray, str]:
         """(ids, text kept) of `text`; characters the model never saw are an error, or dropped with `skip_unknown`."""
@@ -107,6 +117,7 @@ class Model(checkpoint.FromCheckpoint):
 
             >>> texts = ["".join(pieces) for pieces in zip(*model.generate("KING:", length=100, num_samples=2))]
         """
+        self._one_model("sampling")
         temperature, top_k, top_p, length = self._sampling(temperature, top_k, top_p, length, self.config.sample.length)
         if num_samples < 1:
             raise UsageError(f"num_samples must be at least 1, got {num_samples}")
@@ -122,14 +133,16 @@ class Model(checkpoint.FromCheckpoint):
     def score(self, text: str, streams: int = 16, skip_unknown: bool = False, what: str = "the text") -> Score:
         """Mean loss over every character of `text` after the first, state carried along `streams` streams.
 
-        `what` names the text in errors (a file name, say).
+        `what` names the text in errors (a file name, say). Several models score
+        under the mean of their distributions.
 
             >>> model.score(open("held_out.txt").read()).bits_per_char
         """
         ids, _ = self.encode(text, what, skip_unknown)
         if streams < 1:
             raise UsageError(f"streams must be at least 1, got {streams}")
-        nats = steps.evaluate(self.params, self.config.model, ids, streams)
+        nats = (steps.evaluate(self.params, self.config.model, ids, streams) if len(self._members) == 1 else
+                steps.evaluate_together(self._params, self._configs, ids, streams))
         return Score(nats, bits(nats), math.exp(nats), int(len(ids) - 1))
 
     def activations(self, text: str, layer: int | None = None, skip_unknown: bool = False) -> Activations:
@@ -138,6 +151,7 @@ class Model(checkpoint.FromCheckpoint):
             >>> acts = model.activations("ROMEO: hello")
             >>> acts.states["h"].shape, acts.top_units(3, feature="line_position")
         """
+        self._one_model("activations")
         num_layers = self.config.model.num_layers
         layer = num_layers if layer is None else layer
         if not 1 <= layer <= num_layers:
@@ -155,15 +169,16 @@ def load(path: str | Path | None = None, *more: str | Path) -> Model | Seq2SeqMo
 
     Without a path, the newest run under ./runs. The architecture comes from the
     checkpoint itself: a language model gives a `Model`, an encoder–decoder a
-    `Seq2SeqModel`. Several paths of encoder–decoder runs on the same pairs give
-    one `Seq2SeqModel` in which they write together (an ensemble). A damaged file
-    raises `CheckpointError`.
+    `Seq2SeqModel`. Several paths of runs with the same symbols give one model
+    in which they predict together (an ensemble): encoder–decoders write
+    together, language models score together. A damaged file raises
+    `CheckpointError`.
 
         >>> model = charrnn.load("runs/lstm")
         >>> together = charrnn.load("runs/g2p-a", "runs/g2p-b")
     """
     loaded = [checkpoint.load(None if path is None else Path(path)), *(checkpoint.load(Path(p)) for p in more)]
-    language_models = [one.path for one in loaded if one.config.model.kind != "seq2seq"]
-    if more and language_models:
-        raise UsageError(f"only encoder–decoder runs write together; {language_models[0]} is a language model")
-    return Model(loaded[0]) if language_models else Seq2SeqModel(*loaded)
+    kinds = {one.config.model.kind == "seq2seq" for one in loaded}
+    if len(kinds) > 1:
+        raise UsageError("language models and encoder–decoder runs do not predict together")
+    return Seq2SeqModel(*loaded) if kinds == {True} else Model(*loaded)

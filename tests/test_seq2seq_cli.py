@@ -117,7 +117,7 @@ def test_runs_on_other_vocabularies_or_language_models_do_not_write_together(rev
     assert "different vocabularies" in result.err and result.out == ""
     assert cli("train", small_corpus, "--config", TINY, "--out", "lm", "--steps", "4", "--quiet").code == 0
     result = cli("sample", "-c", runs[0], "-c", "lm", "--source", "abc")
-    assert result.code == 2 and "only encoder–decoder runs write together" in result.err, result.err
+    assert result.code == 2 and "do not predict together" in result.err, result.err
     with pytest.raises(charrnn.UsageError, match="attention is drawn for one model"):
         charrnn.load(runs[0], runs[0]).attention("abc")
 

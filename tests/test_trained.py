@@ -109,6 +109,61 @@ def test_score_gives_eval_figures(cli, run, model, tmp_path, streams):
     assert figures["checkpoint"] == str(model.path)
 
 
+def log_probs_in_one_pass(one: charrnn.Model, text: str) -> np.ndarray:
+    """Log-probability of each character of `text` after the first: one stream, one call, in NumPy from the logits."""
+    from charrnn import model as model_lib
+
+    ids = one.vocab.encode(text)
+    carry = model_lib.initial_carry(one.params, one.config.model, 1)
+    _, logits = model_lib.forward(one.params, one.config.model, carry, ids[:-1, None])
+    logits = np.asarray(logits, np.float64)[:, 0]  # [N - 1, V]
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return log_softmax[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_language_models_score_together_under_their_mean_distribution(cli, runs, tmp_path):
+    text = TEXT * 8  # over one evaluation chunk (256): each model's state is carried from chunk to chunk
+    first, second = charrnn.load(runs / "first"), charrnn.load(runs / "second")
+    together = charrnn.load(runs / "first", runs / "second")
+    assert together.paths == [first.path, second.path] and "and 1 more" in repr(together)
+    probs = np.exp([log_probs_in_one_pass(first, text), log_probs_in_one_pass(second, text)])
+    expected = -np.mean(np.log(probs.mean(axis=0)))
+    score = together.score(text, streams=1)
+    assert score.nats_per_char == pytest.approx(expected, rel=1e-5)
+    assert score.chars == len(text) - 1
+    # Below the mean of the members' losses (-log is convex): the mean distribution is scored, not the mean loss.
+    members = [one.score(text, streams=1).nats_per_char for one in (first, second)]
+    assert score.nats_per_char < np.mean(members) - 1e-3
+    # A model with itself is the model.
+    assert charrnn.load(runs / "first", runs / "first").score(text).nats_per_char == pytest.approx(
+        first.score(text).nats_per_char, rel=1e-6)
+
+    file = tmp_path / "held_out.txt"
+    file.write_text(text, encoding="utf-8")
+    result = cli("eval", file, "-c", runs / "first", "-c", runs / "second", "--streams", "1", "--json")
+    assert result.code == 0, result.err
+    figures = json.loads(result.out)
+    assert figures["nats_per_char"] == score.nats_per_char
+    assert figures["checkpoints"] == [str(first.path), str(second.path)]
+
+
+def test_language_models_together_do_not_sample_or_mix_vocabularies(cli, runs, tmp_path):
+    together = charrnn.load(runs / "first", runs / "second")
+    with pytest.raises(charrnn.UsageError, match="sampling takes one language model"):
+        together.sample(length=10)
+    with pytest.raises(charrnn.UsageError, match="activations takes one language model"):
+        together.activations(TEXT)
+    result = cli("sample", "-c", runs / "first", "-c", runs / "second", "--length", "10")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and result.out == "", result.err
+
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("abc abd\n" * 200, encoding="utf-8")
+    charrnn.train(corpus, tmp_path / "other", TINY, steps=2, eval_every=2, log_every=2)
+    with pytest.raises(charrnn.UsageError, match="different vocabularies"):
+        charrnn.load(runs / "first", tmp_path / "other")
+
+
 def test_activations_are_the_cores_and_vizs_dump(cli, run, model, tmp_path):
     acts = model.activations(TEXT, layer=1)
     assert isinstance(acts, charrnn.Activations)

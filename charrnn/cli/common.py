@@ -35,7 +35,9 @@ ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="
 PlatformOption = Annotated[Optional[Platform], typer.Option("--platform", help="Force a JAX platform (default: GPU when JAX sees one).", rich_help_panel=RUN)]
 CHECKPOINT_HELP = "Run directory, checkpoint file, or a folder of runs (its newest); default: the newest run under ./runs."
 CheckpointOption = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP)]
-ENSEMBLE_HELP = CHECKPOINT_HELP + " Repeat it for encoder–decoder runs on the same pairs to write together (an ensemble)."
+ENSEMBLE_HELP = CHECKPOINT_HELP + (" Repeat it for runs with the same symbols to predict together (an ensemble, from the"
+                                    " mean of their distributions): encoder–decoders write and score together, language"
+                                    " models score together.")
 RunPaths = Annotated[list[Path], typer.Argument(exists=True, help="Run directories, or directories holding them (one level down).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.", rich_help_panel=OUTPUT)]
 

@@ -45,9 +45,10 @@ def evaluate(
     if beam is not None:
         raise UsageError("--beam is for encoder–decoder runs; this is a language model")
     score = model.score(text, streams, skip_unknown, what=str(file))
-    result = {"file": str(file), "checkpoint": str(model.path), **score._asdict()}
-    result = {key: result[key] for key in ("file", "checkpoint", "chars", "nats_per_char", "bits_per_char",
-                                           "perplexity")}
+    result = {"file": str(file), "checkpoint": str(model.path), "checkpoints": [str(path) for path in model.paths],
+              **score._asdict()}
+    result = {key: result[key] for key in ("file", "checkpoint", "checkpoints", "chars", "nats_per_char",
+                                           "bits_per_char", "perplexity")}
     if json_output:
         print(strict_json(result))
     else:

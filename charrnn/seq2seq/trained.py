@@ -52,41 +52,16 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
     are then the first run's.
     """
 
-    def __init__(self, loaded: checkpoint.Loaded, *others: checkpoint.Loaded):
-        super().__init__(loaded)
-
-        def symbols(one: checkpoint.Loaded) -> tuple:
-            return one.config.model.target, one.source_vocab.chars, pairs_lib.stored_symbols(one.vocab)
-
-        for other in others:
-            if symbols(other) != symbols(loaded):
-                raise UsageError(f"{other.path} and {loaded.path} have different vocabularies: "
-                                 "only runs on the same pairs can write together")
-        self._members = (loaded, *others)
-
     @property
     def source_vocab(self) -> Vocab:
         return self._loaded.source_vocab
 
-    @property
-    def paths(self) -> list[Path]:
-        """The checkpoint file of each model writing together (one, unless an ensemble)."""
-        return [member.path for member in self._members]
-
-    @property
-    def _params(self) -> tuple[dict, ...]:
-        return tuple(member.params for member in self._members)
-
-    @property
-    def _configs(self) -> tuple:
-        return tuple(member.config.model for member in self._members)
-
     def __repr__(self) -> str:
         model = self.config.model
         encoder = "bidirectional " if model.bidirectional else ""
-        others = f" and {len(self._members) - 1} more" if len(self._members) > 1 else ""
         return (f"<charrnn.Seq2SeqModel {model.cell} {encoder}{model.encoder_layers}x{model.hidden_size} -> "
-                f"{model.num_layers}x{model.hidden_size}, attention {model.attention}, from {self.path}{others}>")
+                f"{model.num_layers}x{model.hidden_size}, attention {model.attention}, from {self.path}"
+                f"{self._members_suffix()}>")
 
     def _sources(self, sources: Sequence[str], what: str) -> list[np.ndarray]:
         """Sources as ids; an empty one or a character the model never saw is a usage error."""
