@@ -216,7 +216,7 @@ class FromCheckpoint:
 
     def __init__(self, loaded: Loaded, *others: Loaded):
         def symbols(one: Loaded) -> tuple:
-            source = one.source_vocab.chars if one.source_vocab else None
+            source = None if one.source_vocab is None else one.source_vocab.chars
             return one.config.model.target, source, stored_symbols(one.vocab)
 
         for other in others:
@@ -236,7 +236,7 @@ class FromCheckpoint:
         return tuple(member.params for member in self._members)
 
     @property
-    def _configs(self) -> tuple:
+    def _configs(self) -> tuple[config_lib.ModelConfig, ...]:
         return tuple(member.config.model for member in self._members)
 
     def _members_suffix(self) -> str:

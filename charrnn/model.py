@@ -252,6 +252,19 @@ def token_losses(logits: jax.Array, targets: jax.Array, smoothing: float = 0.0) 
     return (1.0 - smoothing) * losses + smoothing * spread
 
 
+def masked_sums(losses: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(losses [T, B] summed over the real targets, how many there are), `mask` [T, B] marking the real ones."""
+    mask = mask.astype(losses.dtype)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def mixture(log_probs: jax.Array) -> jax.Array:
+    """The log of the mean of several models' probabilities, from their log-probabilities stacked on axis 0."""
+    if log_probs.shape[0] == 1:  # one model's own: no reduction in every generated symbol's step
+        return log_probs[0]
+    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(log_probs.shape[0])
+
+
 def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropout_key=None, smoothing: float = 0.0):
     """Mean cross-entropy (nats/char) of a chunk and the carry after it (see `token_losses` for `smoothing`)."""
     carry, logits = forward(params, config, carry, inputs, dropout_key)

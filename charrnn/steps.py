@@ -166,29 +166,22 @@ def make_eval_call(model_config: ModelConfig):
 
     def call(params: dict, carry: tuple, chunk: EvalChunk):
         carry, logits = model.forward(params, model_config, carry, chunk.inputs)
-        return carry, *_masked_sums(model.token_losses(logits, chunk.targets), chunk)
+        return carry, *model.masked_sums(model.token_losses(logits, chunk.targets), chunk.mask)
 
     return jax.jit(call)
 
 
-def _masked_sums(losses: jax.Array, chunk: EvalChunk) -> tuple[jax.Array, jax.Array]:
-    """(nats summed, targets counted) of losses [T, B] over the chunk's real targets."""
-    mask = chunk.mask.astype(losses.dtype)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
-@functools.partial(jax.jit, static_argnames=("model_configs",))
-def _summed_loss_together(params: tuple[dict, ...], carry: tuple, chunk: EvalChunk,
-                          model_configs: tuple[ModelConfig, ...]):
+@functools.partial(jax.jit, static_argnames=("configs",))
+def _ensemble_summed_loss(params: tuple[dict, ...], carry: tuple, chunk: EvalChunk,
+                          configs: tuple[ModelConfig, ...]):
     """`make_eval_call`'s call for models predicting together: each target's loss is -log of the mean of their
-    probabilities of it. `params`, `model_configs` and `carry` hold one entry per model."""
+    probabilities of it. `params`, `configs` and `carry` hold one entry per model."""
     carries, log_probs = [], []
-    for member_params, member_config, member_carry in zip(params, model_configs, carry):
+    for member_params, member_config, member_carry in zip(params, configs, carry, strict=True):
         member_carry, logits = model.forward(member_params, member_config, member_carry, chunk.inputs)
         carries.append(member_carry)
         log_probs.append(-model.token_losses(logits, chunk.targets))  # [T, B]
-    losses = math.log(len(params)) - jax.nn.logsumexp(jnp.stack(log_probs), axis=0)
-    return tuple(carries), *_masked_sums(losses, chunk)
+    return tuple(carries), *model.masked_sums(-model.mixture(jnp.stack(log_probs)), chunk.mask)
 
 
 def _evaluation_placers(placement, streams: int):
@@ -216,19 +209,19 @@ def evaluate(params: dict, model_config: ModelConfig, ids: np.ndarray, num_strea
     return _mean_over_chunks(eval_call, params, carry, map(place_chunk, chunks))
 
 
-def evaluate_together(params: tuple[dict, ...], model_configs: tuple[ModelConfig, ...], ids: np.ndarray,
+def evaluate_together(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], ids: np.ndarray,
                       num_streams: int, seq_len: int = EVAL_SEQ_LEN) -> float:
     """`evaluate` for models predicting together (one entry per model): mean nats/char under the mean of their
     distributions, each model's state carried along each stream."""
     chunks = evaluation_chunks(ids, num_streams, seq_len)
     streams = chunks[0].inputs.shape[1]
     carry = tuple(model.initial_carry(member_params, member_config, streams)
-                  for member_params, member_config in zip(params, model_configs))
-    return _mean_over_chunks(functools.partial(_summed_loss_together, model_configs=model_configs), params, carry,
-                             chunks)
+                  for member_params, member_config in zip(params, configs, strict=True))
+    return _mean_over_chunks(functools.partial(_ensemble_summed_loss, configs=configs), params, carry, chunks)
 
 
 def _mean_over_chunks(eval_call, params, carry, chunks) -> float:
+    """Mean nats per target over `chunks`, each call's carry passed to the next."""
     total, count = 0.0, 0.0
     for index, chunk in enumerate(chunks):
         carry, chunk_total, chunk_count = eval_call(params, carry, chunk)

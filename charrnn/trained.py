@@ -61,7 +61,8 @@ class Model(checkpoint.FromCheckpoint):
         return (f"<charrnn.Model {model.cell} {model.num_layers}x{model.hidden_size} from {self.path}"
                 f"{self._members_suffix()}>")
 
-    def _one_model(self, what: str) -> None:
+    def _require_one_model(self, what: str) -> None:
+        """A usage error where several models were loaded to predict together."""
         if len(self._members) > 1:
             raise UsageError(f"{what} takes one language model; several score a text together (eval)")
 
@@ -117,7 +118,7 @@ class Model(checkpoint.FromCheckpoint):
 
             >>> texts = ["".join(pieces) for pieces in zip(*model.generate("KING:", length=100, num_samples=2))]
         """
-        self._one_model("sampling")
+        self._require_one_model("sampling")
         temperature, top_k, top_p, length = self._sampling(temperature, top_k, top_p, length, self.config.sample.length)
         if num_samples < 1:
             raise UsageError(f"num_samples must be at least 1, got {num_samples}")
@@ -151,7 +152,7 @@ class Model(checkpoint.FromCheckpoint):
             >>> acts = model.activations("ROMEO: hello")
             >>> acts.states["h"].shape, acts.top_units(3, feature="line_position")
         """
-        self._one_model("activations")
+        self._require_one_model("activations")
         num_layers = self.config.model.num_layers
         layer = num_layers if layer is None else layer
         if not 1 <= layer <= num_layers:
@@ -178,7 +179,9 @@ def load(path: str | Path | None = None, *more: str | Path) -> Model | Seq2SeqMo
         >>> together = charrnn.load("runs/g2p-a", "runs/g2p-b")
     """
     loaded = [checkpoint.load(None if path is None else Path(path)), *(checkpoint.load(Path(p)) for p in more)]
-    kinds = {one.config.model.kind == "seq2seq" for one in loaded}
-    if len(kinds) > 1:
-        raise UsageError("language models and encoder–decoder runs do not predict together")
-    return Seq2SeqModel(*loaded) if kinds == {True} else Model(*loaded)
+    encoder_decoder = [one.config.model.kind == "seq2seq" for one in loaded]
+    if any(encoder_decoder) != all(encoder_decoder):
+        other = loaded[encoder_decoder.index(not encoder_decoder[0])]
+        raise UsageError(f"{other.path} and {loaded[0].path}: language models and encoder–decoder runs do not "
+                         "predict together")
+    return Seq2SeqModel(*loaded) if encoder_decoder[0] else Model(*loaded)

@@ -138,6 +138,13 @@ def test_language_models_score_together_under_their_mean_distribution(cli, runs,
     # A model with itself is the model.
     assert charrnn.load(runs / "first", runs / "first").score(text).nats_per_char == pytest.approx(
         first.score(text).nats_per_char, rel=1e-6)
+    # Members of other cells and sizes: each runs with its own config.
+    charrnn.train(runs.parent / "corpus.txt", tmp_path / "small", TINY, steps=10, seed=2, eval_every=10, log_every=10,
+                  sets=["model.cell=gru", "model.hidden_size=24", "model.num_layers=1"])
+    small = charrnn.load(tmp_path / "small")
+    probs = np.exp([log_probs_in_one_pass(small, text), log_probs_in_one_pass(first, text)])
+    assert charrnn.load(tmp_path / "small", runs / "first").score(text, streams=1).nats_per_char == pytest.approx(
+        -np.mean(np.log(probs.mean(axis=0))), rel=1e-5)
 
     file = tmp_path / "held_out.txt"
     file.write_text(text, encoding="utf-8")
@@ -156,6 +163,7 @@ def test_language_models_together_do_not_sample_or_mix_vocabularies(cli, runs, t
         together.activations(TEXT)
     result = cli("sample", "-c", runs / "first", "-c", runs / "second", "--length", "10")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and result.out == "", result.err
+    assert "sampling takes one language model" in result.err
 
     corpus = tmp_path / "other.txt"
     corpus.write_text("abc abd\n" * 200, encoding="utf-8")

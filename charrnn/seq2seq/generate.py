@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from charrnn import model
 from charrnn.config import ModelConfig
 from charrnn.sample import choose
 from charrnn.seq2seq import attention, model as seq2seq_model
@@ -32,7 +33,7 @@ def _step(prepared: tuple, configs: tuple[ModelConfig, ...], states: tuple, ids:
     stepped = [seq2seq_model.decoder_step(ready, config, state, ids, memory)
                for ready, config, state, memory in zip(prepared, configs, states, memories)]
     log_probs = jnp.stack([jax.nn.log_softmax(logits.astype(jnp.float32)) for _, logits, _ in stepped])
-    return tuple(state for state, _, _ in stepped), seq2seq_model.mixture(log_probs), stepped[0][2]
+    return tuple(state for state, _, _ in stepped), model.mixture(log_probs), stepped[0][2]
 
 
 def until_all_ended(step, state: tuple, ended_of, length: int) -> tuple:

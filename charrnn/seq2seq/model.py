@@ -201,24 +201,11 @@ def with_own_choices(params: dict, config: ModelConfig, batch: PairBatch, rate: 
     return batch._replace(target_in=true.at[1:].set(jnp.where(replace, chosen, true[1:])))
 
 
-def _masked_sum(losses: jax.Array, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
-    """(losses [T, B] summed over every real target symbol, end included; how many there are)."""
-    mask = batch.target_mask.astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask)
-
-
 def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None,
                 smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """(nats summed over every real target symbol, end included; how many there are). `model.token_losses`: smoothing."""
     logits, _ = forward(params, config, batch, dropout_key)
-    return _masked_sum(model.token_losses(logits, batch.target_out, smoothing), batch)
-
-
-def mixture(log_probs: jax.Array) -> jax.Array:
-    """The log of the mean of several models' probabilities, from their log-probabilities stacked on axis 0."""
-    if log_probs.shape[0] == 1:  # one model's own: no reduction in every generated symbol's step
-        return log_probs[0]
-    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(log_probs.shape[0])
+    return model.masked_sums(model.token_losses(logits, batch.target_out, smoothing), batch.target_mask)
 
 
 def ensemble_summed_loss(params: tuple[dict, ...], configs: tuple[ModelConfig, ...],
@@ -226,7 +213,7 @@ def ensemble_summed_loss(params: tuple[dict, ...], configs: tuple[ModelConfig, .
     """`summed_loss` under the models' mean distribution, teacher-forced (for one model, its own loss)."""
     losses = jnp.stack([model.token_losses(forward(member, config, batch)[0], batch.target_out)
                         for member, config in zip(params, configs, strict=True)])
-    return _masked_sum(-mixture(-losses), batch)
+    return model.masked_sums(-model.mixture(-losses), batch.target_mask)
 
 
 def loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key=None, smoothing: float = 0.0) -> jax.Array:

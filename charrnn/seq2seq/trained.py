@@ -46,10 +46,8 @@ class Attention(NamedTuple):
 class Seq2SeqModel(checkpoint.FromCheckpoint):
     """A trained encoder–decoder rebuilt from a checkpoint alone (see `charrnn.load`).
 
-    Given several checkpoints of runs on the same vocabularies, it is an ensemble:
-    they write together, each symbol chosen from the mean of their distributions,
-    and the loss is that of the mean distribution. `config`, `params` and `path`
-    are then the first run's.
+    Several models (an ensemble) write together: each symbol is chosen from the
+    mean of their distributions, and the loss is that of the mean distribution.
     """
 
     @property
