@@ -185,7 +185,7 @@ def measure_sampling(config: Config, batch_size: int, length: int, repeats: int)
     prime = np.array([0], np.int32)
 
     def run():
-        for block in sample.generate(params, config.model, prime, length, batch_size, 0, 0.8):
+        for block in sample.generate((params,), (config.model,), prime, length, batch_size, 0, 0.8):
             pass
         return block
 

@@ -7,6 +7,8 @@ Params are a plain dict pytree:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -263,6 +265,11 @@ def mixture(log_probs: jax.Array) -> jax.Array:
     if log_probs.shape[0] == 1:  # one model's own: no reduction in every generated symbol's step
         return log_probs[0]
     return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(log_probs.shape[0])
+
+
+def log_mean_softmax(logits: Sequence[jax.Array]) -> jax.Array:
+    """log(mean(softmax(logits))) over several models' logits, each [..., V]: their `mixture`'s log-probabilities."""
+    return mixture(jnp.stack([jax.nn.log_softmax(one.astype(jnp.float32)) for one in logits]))
 
 
 def loss(params: dict, config: ModelConfig, carry: tuple, inputs, targets, dropout_key=None, smoothing: float = 0.0):

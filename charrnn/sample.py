@@ -1,4 +1,9 @@
-"""Text generation: priming, temperature / top-k / top-p choice, and blocks of steps under jit."""
+"""Text generation: priming, temperature / top-k / top-p choice, and blocks of steps under jit.
+
+`generate` and `generate_text` take one or more models (`params` and `configs`, tuples of the same
+length) that write together: each carries its own state over the same text, and each character is
+chosen from the mean of their distributions (an ensemble). One model is an ensemble of one.
+"""
 
 from __future__ import annotations
 
@@ -110,29 +115,48 @@ def generation_params(params: dict, config: ModelConfig, one_stream: bool) -> di
     return model.transpose_weights(prepared) if one_stream else prepared
 
 
-@functools.partial(jax.jit, static_argnames=("config", "length", "top_k"))
-def generate_block(prepared: dict, config: ModelConfig, carry: tuple, last_ids: jax.Array, key: jax.Array,
-                   position: jax.Array, temperature: jax.Array, top_p: jax.Array, length: int, top_k: int):
-    """Generate `length` characters per stream from `carry` after `last_ids` [B], with `prepare`d params.
+def _fuses_alone(configs: tuple[ModelConfig, ...]) -> bool:
+    """Whether one model writes alone with the fused kernel (`model.kernel = "pallas"`); several step in XLA."""
+    return len(configs) == 1 and model.fuses_layers(configs[0])
+
+
+def _step(prepared: tuple[dict, ...], configs: tuple[ModelConfig, ...], carry: tuple, ids: jax.Array):
+    """Every model reads ids [B]: (their carries, logits [B, V] to choose from): the log of their mean distribution.
+
+    One model's logits go to `choose` as they are: a log_softmax would round them and change a seed's text.
+    """
+    stepped = [model.step(ready, config, member_carry, ids)
+               for ready, config, member_carry in zip(prepared, configs, carry, strict=True)]
+    carry = tuple(member_carry for member_carry, _ in stepped)
+    if len(stepped) == 1:
+        return carry, stepped[0][1]
+    return carry, model.log_mean_softmax([logits for _, logits in stepped])
+
+
+@functools.partial(jax.jit, static_argnames=("configs", "length", "top_k"))
+def generate_block(prepared: tuple[dict, ...], configs: tuple[ModelConfig, ...], carry: tuple, last_ids: jax.Array,
+                   key: jax.Array, position: jax.Array, temperature: jax.Array, top_p: jax.Array, length: int,
+                   top_k: int):
+    """Generate `length` characters per stream from each model's carry after `last_ids` [B], with `prepare`d params.
 
     The key of each character is fold_in(key, its position), so the text for a
     seed does not depend on how generation is cut into blocks.
     """
-    noise_shape = (last_ids.shape[0], prepared["output"]["b"].shape[0])  # [B, V]
+    noise_shape = (last_ids.shape[0], prepared[0]["output"]["b"].shape[0])  # [B, V]
     noise = jax.vmap(lambda offset: jax.random.gumbel(jax.random.fold_in(key, position + offset), noise_shape))(
         jnp.arange(length))  # [length, B, V], all at once: the loop below only does the model
-    if model.fuses_layers(config):  # the whole loop in one launch, where the kernel takes the block
+    if _fuses_alone(configs):  # the whole loop in one launch, where the kernel takes the block
         from charrnn import fused_sampling  # Pallas loads only for the runs that use it
 
-        blocks = fused_sampling.choose_blocks(config, *noise_shape, filtered=bool(top_k) or top_p is not None)
+        blocks = fused_sampling.choose_blocks(configs[0], *noise_shape, filtered=bool(top_k) or top_p is not None)
         if blocks is not None:
-            carry, ids = fused_sampling.generate_block(prepared, config, carry, last_ids,
-                                                       noise_scale(temperature) * noise, pick_unfiltered, blocks)
-            return carry, ids[-1], ids
+            member_carry, ids = fused_sampling.generate_block(prepared[0], configs[0], carry[0], last_ids,
+                                                              noise_scale(temperature) * noise, pick_unfiltered, blocks)
+            return (member_carry,), ids[-1], ids
 
     def one_character(state, noise_t):
         carry, ids = state
-        carry, logits = model.step(prepared, config, carry, ids)  # logits [B, V]
+        carry, logits = _step(prepared, configs, carry, ids)  # logits [B, V]
         next_ids = choose(logits, noise_t, temperature, top_k, top_p)
         return (carry, next_ids), next_ids
 
@@ -147,26 +171,34 @@ def prime(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array) 
     return carry
 
 
-def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: int, num_samples: int, seed: int,
-             temperature: float, top_k: int = 0, top_p: float = 1.0) -> Iterator[np.ndarray]:
+def generate(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], prime_ids: np.ndarray, length: int,
+             num_samples: int, seed: int, temperature: float, top_k: int = 0,
+             top_p: float = 1.0) -> Iterator[np.ndarray]:
     """Yield blocks of generated ids [n, B] until `length` characters per stream are out.
 
-    `prime_ids` (at least one id) conditions the model; generation continues after its last character.
+    `prime_ids` (at least one id) conditions the models; generation continues after its last character.
     """
     prime_ids = np.asarray(prime_ids, np.int32)
-    carry = model.initial_carry(params, config, num_samples)
+    carry = tuple(model.initial_carry(member, config, num_samples)
+                  for member, config in zip(params, configs, strict=True))
     last_ids = jnp.full((num_samples,), prime_ids[-1], jnp.int32)
-    split = distributed.local_split(num_samples, model.recurrent_step_macs(config, num_samples))
+    # Each model's matmuls are their own: the largest decides whether splitting the streams pays.
+    split = distributed.local_split(num_samples, max(model.recurrent_step_macs(config, num_samples)
+                                                     for config in configs))
     if split is not None:  # each CPU core runs its share of the streams, as in training
         params = distributed.put(jax.device_get(params), split.replicated)
         carry, last_ids = distributed.put_streams(jax.device_get((carry, last_ids)), split, num_samples)
     # The fused kernel multiplies the weights as they are; XLA's one-stream loop on a CPU, transposed.
-    one_stream = num_samples == 1 and jax.default_backend() == "cpu" and not model.fuses_layers(config)
-    prepared = generation_params(params, config, one_stream)
+    one_stream = (num_samples == 1 and jax.default_backend() == "cpu"
+                  and not any(model.fuses_layers(config) for config in configs))  # priming runs the kernel
+    prepared = tuple(generation_params(member, config, one_stream)
+                     for member, config in zip(params, configs, strict=True))
     if len(prime_ids) > 1:
-        carry = prime(prepared, config, carry, jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1)))
+        inputs = jnp.asarray(np.repeat(prime_ids[:-1, None], num_samples, axis=1))
+        carry = tuple(prime(ready, config, member_carry, inputs)
+                      for ready, config, member_carry in zip(prepared, configs, carry, strict=True))
     key = jax.random.key(seed)
-    top_k = top_k if 0 < top_k < len(params["output"]["b"]) else 0
+    top_k = top_k if 0 < top_k < len(params[0]["output"]["b"]) else 0
     nucleus = jnp.float32(top_p) if top_p < 1.0 else None  # static: top-p 1 compiles without the sort
     temperature = capped_temperature(temperature)
     block = block_length(length)
@@ -176,7 +208,7 @@ def generate(params: dict, config: ModelConfig, prime_ids: np.ndarray, length: i
 
     queued = None  # (position, ids) of the block before this one, still on the device
     for position in range(0, length, block):
-        carry, last_ids, ids = generate_block(prepared, config, carry, last_ids, key, jnp.int32(position),
+        carry, last_ids, ids = generate_block(prepared, configs, carry, last_ids, key, jnp.int32(position),
                                               temperature, nucleus, block, top_k)
         if queued is not None:  # the next block is queued before waiting on this one, so the device never idles
             yield on_host(*queued)
@@ -190,8 +222,8 @@ def prime_ids(vocab: Vocab, prime: str) -> np.ndarray:
     return vocab.encode(prime or ("\n" if "\n" in vocab.index else vocab.chars[0]))
 
 
-def generate_text(params: dict, config: ModelConfig, vocab: Vocab, prime: str, length: int, num_samples: int,
-                  seed: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
+def generate_text(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], vocab: Vocab, prime: str, length: int,
+                  num_samples: int, seed: int, temperature: float, top_k: int = 0, top_p: float = 1.0,
                   stop: str | None = None) -> Iterator[list[str]]:
     """Yield each sample's new text block by block, the prime first; a sample ends after `stop` ("" once ended).
 
@@ -201,7 +233,8 @@ def generate_text(params: dict, config: ModelConfig, vocab: Vocab, prime: str, l
     texts = [prime] * num_samples
     yield texts[:]
     done = [False] * num_samples
-    for ids in generate(params, config, prime_ids(vocab, prime), length, num_samples, seed, temperature, top_k, top_p):
+    for ids in generate(params, configs, prime_ids(vocab, prime), length, num_samples, seed, temperature, top_k,
+                        top_p):
         pieces = []
         for index in range(num_samples):
             piece = "" if done[index] else vocab.decode(ids[:, index])

@@ -51,20 +51,16 @@ def random_seed() -> int:
 class Model(checkpoint.FromCheckpoint):
     """A trained language model rebuilt from a checkpoint alone (see `load`).
 
-    Given several checkpoints of runs on the same characters, `score` is the loss
-    of the mean of their distributions (an ensemble); sampling and activations
-    take one model.
+    Given several checkpoints of runs on the same characters, they predict
+    together (an ensemble): `score` is the loss of the mean of their
+    distributions, and sampling draws each character from it, each model
+    carrying its own state. Activations take one model.
     """
 
     def __repr__(self) -> str:
         model = self.config.model
         return (f"<charrnn.Model {model.cell} {model.num_layers}x{model.hidden_size} from {self.path}"
                 f"{self._members_suffix()}>")
-
-    def _require_one_model(self, what: str) -> None:
-        """A usage error where several models were loaded to predict together."""
-        if len(self._members) > 1:
-            raise UsageError(f"{what} takes one language model; several score a text together (eval)")
 
     def encode(self, text: str, what: str = "the text", skip_unknown: bool = False) -> tuple[np.ndarray, str]:
         """(ids, text kept) of `text`; characters the model never saw are an error, or dropped with `skip_unknown`."""
@@ -118,7 +114,6 @@ class Model(checkpoint.FromCheckpoint):
 
             >>> texts = ["".join(pieces) for pieces in zip(*model.generate("KING:", length=100, num_samples=2))]
         """
-        self._require_one_model("sampling")
         temperature, top_k, top_p, length = self._sampling(temperature, top_k, top_p, length, self.config.sample.length)
         if num_samples < 1:
             raise UsageError(f"num_samples must be at least 1, got {num_samples}")
@@ -128,7 +123,7 @@ class Model(checkpoint.FromCheckpoint):
                 raise UsageError("--prime has no character of the model's vocabulary left")
         seed = random_seed() if seed is None else seed
         check_seed(seed, "--seed")
-        return sampling.generate_text(self.params, self.config.model, self.vocab, prime, length, num_samples, seed,
+        return sampling.generate_text(self._params, self._configs, self.vocab, prime, length, num_samples, seed,
                                       temperature, top_k, top_p, stop)
 
     def score(self, text: str, streams: int = 16, skip_unknown: bool = False, what: str = "the text") -> Score:
@@ -152,7 +147,8 @@ class Model(checkpoint.FromCheckpoint):
             >>> acts = model.activations("ROMEO: hello")
             >>> acts.states["h"].shape, acts.top_units(3, feature="line_position")
         """
-        self._require_one_model("activations")
+        if len(self._members) > 1:
+            raise UsageError("activations take one language model, not several predicting together")
         num_layers = self.config.model.num_layers
         layer = num_layers if layer is None else layer
         if not 1 <= layer <= num_layers:
@@ -171,8 +167,8 @@ def load(path: str | Path | None = None, *more: str | Path) -> Model | Seq2SeqMo
     Without a path, the newest run under ./runs. The architecture comes from the
     checkpoint itself: a language model gives a `Model`, an encoder–decoder a
     `Seq2SeqModel`. Several paths of runs with the same symbols give one model
-    in which they predict together (an ensemble): encoder–decoders write
-    together, language models score together. A damaged file raises
+    in which they predict together (an ensemble): they score, sample and
+    write from the mean of their distributions. A damaged file raises
     `CheckpointError`.
 
         >>> model = charrnn.load("runs/lstm")

@@ -317,7 +317,8 @@ def test_checkpoint_made_on_a_gpu_loads_and_samples_on_the_cpu():
 
     trained = checkpoint.load(Path(__file__).parent / "data" / "gpu_tiny_lstm.safetensors")
     assert trained.metadata["step"] == 60 and trained.config.model.cell == "lstm"
-    blocks = list(sample.generate(trained.params, trained.config.model, trained.vocab.encode("\n"), 40, 2, 0, 0.8))
+    blocks = list(sample.generate((trained.params,), (trained.config.model,), trained.vocab.encode("\n"), 40, 2, 0,
+                                  0.8))
     text = trained.vocab.decode(np.concatenate(blocks)[:, 0])
     assert len(text) == 40 and set(text) <= set(trained.vocab.chars)
 

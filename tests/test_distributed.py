@@ -248,13 +248,17 @@ def test_scale_out_options_that_cannot_work_are_usage_errors(small_corpus, tmp_p
     assert not (tmp_path / "a").exists()
 
 
-def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path):
-    trained = run_subprocess("train", small_corpus, *ARGS, "--devices", "1", "--out", "run", cwd=tmp_path)
-    assert trained.code == 0, trained.err
+@pytest.mark.parametrize("runs", [["run"], ["run", "run2"]], ids=["one model", "two together"])
+def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path, runs):
+    for seed, run in enumerate(runs):
+        trained = run_subprocess("train", small_corpus, *ARGS, "--devices", "1", "--seed", str(seed), "--out", run,
+                                 cwd=tmp_path)
+        assert trained.code == 0, trained.err
+    checkpoints = [word for run in runs for word in ("-c", run)]
     texts = {}
     for name, environment in (("one", {}), ("two", TWO_CPU_DEVICES)):
-        done = run_subprocess("sample", "-c", "run", "--num-samples", "32", "--length", "300", "--prime", small_corpus.read_text()[:5],
-                              "--seed", "5", "--json", cwd=tmp_path, **environment)
+        done = run_subprocess("sample", *checkpoints, "--num-samples", "32", "--length", "300", "--prime",
+                              small_corpus.read_text()[:5], "--seed", "5", "--json", cwd=tmp_path, **environment)
         assert done.code == 0, done.err
         texts[name] = [json.loads(line)["text"] for line in done.out.splitlines()]
     assert len(texts["one"]) == 32 and len(set(texts["one"])) == 32

@@ -28,7 +28,7 @@ def trained_looking_params(config: ModelConfig, seed: int = 0) -> dict:
 
 def generated(config: ModelConfig, params: dict, batch: int, length: int, temperature: float) -> np.ndarray:
     """`length` ids per stream, [length, batch], after a prime of three."""
-    return np.concatenate(list(sample.generate(params, config, np.array([1, 4, 2]), length, batch, seed=5,
+    return np.concatenate(list(sample.generate((params,), (config,), np.array([1, 4, 2]), length, batch, seed=5,
                                                temperature=temperature)))
 
 
@@ -55,8 +55,8 @@ def block_inputs(config: ModelConfig, batch: int, seed: int = 1):
 
 def xla_block(prepared, config, carry, last_ids, key, length, temperature):
     config = dataclasses.replace(config, kernel="xla")
-    return sample.generate_block(prepared, config, carry, last_ids, key, jnp.int32(0), jnp.float32(temperature),
-                                 None, length, 0)
+    return sample.generate_block((prepared,), (config,), (carry,), last_ids, key, jnp.int32(0),
+                                 jnp.float32(temperature), None, length, 0)
 
 
 @pytest.mark.parametrize("cell_name", ADDITIVE_CELLS)
@@ -65,7 +65,8 @@ def test_a_block_carries_the_state_the_xla_loop_carries(pallas_interpreted, cell
     prepared, carry, last_ids, key = block_inputs(config, batch=3)
     output = prepared["output"]  # every logit below 0, the padded columns' value were they not -inf
     prepared = {**prepared, "output": {**output, "b": output["b"] - 100.0}}
-    got = sample.generate_block(prepared, config, carry, last_ids, key, jnp.int32(0), jnp.float32(0.7), None, 20, 0)
+    got = sample.generate_block((prepared,), (config,), (carry,), last_ids, key, jnp.int32(0), jnp.float32(0.7),
+                                None, 20, 0)
     want = xla_block(prepared, config, carry, last_ids, key, 20, 0.7)
     np.testing.assert_array_equal(got[2], want[2])
     np.testing.assert_array_equal(got[1], want[1])
@@ -77,7 +78,8 @@ def test_bfloat16_weights_write_what_the_xla_loop_writes(pallas_interpreted):
     config = make_config("lstm", dtype="bfloat16")
     prepared, carry, last_ids, key = block_inputs(config, batch=2, seed=2)
     assert prepared["layers"][1]["w_h"].dtype == jnp.bfloat16
-    got = sample.generate_block(prepared, config, carry, last_ids, key, jnp.int32(0), jnp.float32(0.7), None, 20, 0)
+    got = sample.generate_block((prepared,), (config,), (carry,), last_ids, key, jnp.int32(0), jnp.float32(0.7),
+                                None, 20, 0)
     want = xla_block(prepared, config, carry, last_ids, key, 20, 0.7)
     np.testing.assert_array_equal(got[2], want[2])
     for have, expected in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0]), strict=True):
@@ -90,7 +92,7 @@ def test_the_kernel_runs_only_for_the_blocks_it_takes(pallas_interpreted):
 
     def launches(config, top_k=0, top_p=None):
         trace = jax.make_jaxpr(lambda prepared: sample.generate_block(
-            prepared, config, carry, last_ids, key, jnp.int32(0), jnp.float32(1.0), top_p, 4, top_k))(prepared)
+            (prepared,), (config,), (carry,), last_ids, key, jnp.int32(0), jnp.float32(1.0), top_p, 4, top_k))(prepared)
         return "pallas_call" in str(trace)
 
     assert launches(config)

@@ -131,7 +131,7 @@ def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_character():
 def test_temperatures_past_float32_sample_without_overflow_warnings(recwarn):
     config = ModelConfig(cell="rnn", num_layers=1, hidden_size=8, embedding_size=4)
     params = model.init_params(jax.random.key(0), config, 5)
-    texts = [np.concatenate(list(sample.generate(params, config, np.array([0]), 40, 2, seed=1, temperature=t,
+    texts = [np.concatenate(list(sample.generate((params,), (config,), np.array([0]), 40, 2, seed=1, temperature=t,
                                                  top_k=2))) for t in (1e40, sample.MAX_TEMPERATURE)]
     np.testing.assert_array_equal(texts[0], texts[1])
     assert not [warning for warning in recwarn if "overflow" in str(warning.message)]
@@ -144,7 +144,7 @@ def test_generation_does_not_depend_on_how_it_is_cut_into_blocks(monkeypatch):
 
     def text(block):
         monkeypatch.setattr(sample, "BLOCK", block)
-        return np.concatenate(list(sample.generate(params, config, prime, 50, 3, 7, 0.9, 4, 0.95)))
+        return np.concatenate(list(sample.generate((params,), (config,), prime, 50, 3, 7, 0.9, 4, 0.95)))
 
     whole, pieces = text(64), text(7)
     assert whole.shape == (50, 3) and np.array_equal(whole, pieces)
@@ -170,7 +170,7 @@ def test_generate_runs_equal_blocks_and_yields_exactly_the_length(monkeypatch):
 
     monkeypatch.setattr(sample, "generate_block", recording_block)
     monkeypatch.setattr(sample, "BLOCK", 16)
-    out = np.concatenate(list(sample.generate(params, config, np.array([1]), 50, 2, 0, 1.0)))
+    out = np.concatenate(list(sample.generate((params,), (config,), np.array([1]), 50, 2, 0, 1.0)))
     assert out.shape == (50, 2) and lengths == [13, 13, 13, 13]  # not 16, 16, 16, 16 with 14 thrown away
 
 
@@ -194,7 +194,7 @@ def test_priming_equals_running_the_model_over_the_prime():
     config = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8)
     params = model.init_params(jax.random.key(2), config, 11)
     prime = np.array([3, 1, 4, 1, 5, 9])
-    greedy = np.concatenate(list(sample.generate(params, config, prime, 1, 1, 0, 0.0)))[0, 0]
+    greedy = np.concatenate(list(sample.generate((params,), (config,), prime, 1, 1, 0, 0.0)))[0, 0]
     carry = model.initial_carry(params, config, 1)
     _, logits = model.forward(params, config, carry, jnp.asarray(prime)[:, None])
     assert greedy == int(jnp.argmax(logits[-1, 0]))
@@ -209,3 +209,31 @@ def test_first_argmax_equals_jnp_argmax_with_ties_and_infinities():
     got = np.asarray(sample.first_argmax(jnp.asarray(x)))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+
+
+def test_a_model_with_itself_writes_what_it_writes_alone_and_other_cells_write_their_mean():
+    """An ensemble of one model twice is that model (a product of experts would sharpen it); a GRU and an LSTM
+    together write, greedily, the most likely character of the mean of their one-pass distributions."""
+    lstm = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8)
+    gru = ModelConfig(cell="gru", num_layers=1, hidden_size=12, embedding_size=8)
+    lstm_params, gru_params = model.init_params(jax.random.key(4), lstm, 11), model.init_params(jax.random.key(5), gru, 11)
+    lstm_params["output"]["w"] = 8.0 * lstm_params["output"]["w"]  # distributions far from uniform
+    prime = np.array([3, 1, 4])
+
+    def written(params, configs, temperature):
+        return np.concatenate(list(sample.generate(params, configs, prime, 40, 2, 9, temperature)))
+
+    alone = written((lstm_params,), (lstm,), 1.0)
+    np.testing.assert_array_equal(written((lstm_params, lstm_params), (lstm, lstm), 1.0), alone)
+
+    ids = written((lstm_params, gru_params), (lstm, gru), 0.0)[:, 0]
+    text = np.concatenate([prime, ids])
+    probs = []
+    for params, config in ((lstm_params, lstm), (gru_params, gru)):
+        _, logits = model.forward(params, config, model.initial_carry(params, config, 1), jnp.asarray(text)[:, None])
+        logits = np.asarray(logits[:, 0], np.float64)
+        probs.append(np.exp(logits - logits.max(axis=-1, keepdims=True)))
+        probs[-1] /= probs[-1].sum(axis=-1, keepdims=True)
+    expected = np.argmax(np.mean(probs, axis=0), axis=-1)[len(prime) - 1 : -1]
+    np.testing.assert_array_equal(ids, expected)
+    assert not np.array_equal(ids, written((lstm_params,), (lstm,), 0.0)[:, 0])

@@ -32,8 +32,8 @@ def _step(prepared: tuple, configs: tuple[ModelConfig, ...], states: tuple, ids:
     model's attention weights [B, S] or None)."""
     stepped = [seq2seq_model.decoder_step(ready, config, state, ids, memory)
                for ready, config, state, memory in zip(prepared, configs, states, memories)]
-    log_probs = jnp.stack([jax.nn.log_softmax(logits.astype(jnp.float32)) for _, logits, _ in stepped])
-    return tuple(state for state, _, _ in stepped), model.mixture(log_probs), stepped[0][2]
+    log_probs = model.log_mean_softmax([logits for _, logits, _ in stepped])
+    return tuple(state for state, _, _ in stepped), log_probs, stepped[0][2]
 
 
 def until_all_ended(step, state: tuple, ended_of, length: int) -> tuple:
