@@ -10,7 +10,7 @@
 Each variant trains on train.tsv for the same minutes of wall-clock time
 (compilation and validation passes included), one after the other, then its final
 checkpoint converts every test word greedily and with a beam of 5. With
-`--ensemble N`, N models of a variant (seeds 0 to N-1) train at once, each in a
+`--ensemble N`, N models of a variant (seeds 0 to N-1, or from `--seed` on) train at once, each in a
 process of its own pinned to one core, and are scored alone and together. Word error
 rate: a word is wrong unless the output equals one of its listed
 pronunciations; phoneme error rate: edit distance over phonemes to the closest
@@ -53,23 +53,25 @@ def run_variant(name: str, recipe: Path, sets: list[str], data_dir: Path, out: P
 
 
 def run_ensemble(name: str, recipe: Path, sets: list[str], data_dir: Path, out: Path, minutes: float,
-                 count: int) -> list[dict]:
-    """Train `count` models at once, one core and one thread each; score each alone, then all of them together."""
-    run_dirs = [out / f"{name.replace(', ', '-')}-seed{seed}" for seed in range(count)]
+                 count: int, first_seed: int = 0) -> list[dict]:
+    """Train `count` models at once (seeds from `first_seed` on), one core and one thread each; score each alone,
+    then all of them together."""
+    seeds = range(first_seed, first_seed + count)
+    run_dirs = [out / f"{name.replace(', ', '-')}-seed{seed}" for seed in seeds]
     overrides = [part for item in [*sets, f"train.max_minutes={minutes}"] for part in ("--set", item)]
     cores = sorted(os.sched_getaffinity(0))
     processes = [subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(data_dir / "train.tsv"), "--config",
                                    str(recipe), *overrides, "--threads", "1", "--seed", str(seed), "--out",
                                    str(run_dir), "--quiet"],
-                                  stdout=subprocess.PIPE, preexec_fn=lambda core=cores[seed]: os.sched_setaffinity(0, {core}))
-                 for seed, run_dir in enumerate(run_dirs)]
+                                  stdout=subprocess.PIPE, preexec_fn=lambda core=cores[index]: os.sched_setaffinity(0, {core}))
+                 for index, (seed, run_dir) in enumerate(zip(seeds, run_dirs))]
     outputs = [process.communicate()[0].decode() for process in processes]
     if any(process.returncode for process in processes):
         sys.exit(f"g2p: a training process failed: exit codes {[process.returncode for process in processes]}")
     summaries = [json.loads(output.splitlines()[-1]) for output in outputs]  # --quiet: the summary line
     results = [{"variant": f"{name}, seed {seed}", "minutes": minutes, "steps": summary["steps"],
                 "best_val_loss": summary["best_val_loss"], **scores(charrnn.load(run_dir), data_dir)}
-               for seed, (summary, run_dir) in enumerate(zip(summaries, run_dirs))]
+               for seed, summary, run_dir in zip(seeds, summaries, run_dirs)]
     together = charrnn.load(*run_dirs)
     return results + [{"variant": f"{name}, {count} together", "minutes": minutes,
                        "steps": sum(result["steps"] for result in results),
@@ -97,6 +99,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/g2p-bench"), help="folder for the runs")
     parser.add_argument("--ensemble", type=int, default=1, metavar="N",
                         help="train N models of each variant at once, one core each, and score them together")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the first model's seed (default: the recipe's; 0 with --ensemble), the others' after it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every variant, before the variant's own (repeatable)")
     args = parser.parse_args()
@@ -115,8 +119,10 @@ def main() -> None:
     results = []
     for name in names:
         sets = args.set + VARIANTS[name]
-        rows = ([run_variant(name, args.config, sets, args.data_dir, args.out, args.minutes)] if args.ensemble == 1
-                else run_ensemble(name, args.config, sets, args.data_dir, args.out, args.minutes, args.ensemble))
+        seeded = sets if args.seed is None else [*sets, f"train.seed={args.seed}"]
+        rows = ([run_variant(name, args.config, seeded, args.data_dir, args.out, args.minutes)] if args.ensemble == 1
+                else run_ensemble(name, args.config, sets, args.data_dir, args.out, args.minutes, args.ensemble,
+                                  args.seed or 0))
         results += rows
         for result in rows:
             greedy, beam = result["beam1"], result["beam5"]
