@@ -5,6 +5,7 @@
     python benchmarks/g2p.py data/g2p --minutes 30                         # the recipe, configs/g2p.toml
     python benchmarks/g2p.py data/g2p --minutes 5 --variants recipe,dot,none,unidirectional   # README's 5-minute table
     python benchmarks/g2p.py data/g2p --minutes 30 --ensemble 2           # two models, one core each, then together
+    python benchmarks/g2p.py data/g2p --minutes 30 --ensemble 2 --both-ways   # the second writes right to left
     python benchmarks/g2p.py data/g2p --minutes 10 --config configs/g2p-gpu.toml   # the GPU recipe
 
 Each variant trains on train.tsv for the same minutes of wall-clock time
@@ -53,15 +54,18 @@ def run_variant(name: str, recipe: Path, sets: list[str], data_dir: Path, out: P
 
 
 def run_ensemble(name: str, recipe: Path, sets: list[str], data_dir: Path, out: Path, minutes: float,
-                 count: int, first_seed: int = 0) -> list[dict]:
+                 count: int, first_seed: int = 0, both_ways: bool = False) -> list[dict]:
     """Train `count` models at once (seeds from `first_seed` on), one core and one thread each; score each alone,
-    then all of them together."""
+    then all of them together. `both_ways`: every other model writes its targets last symbol first."""
     seeds = range(first_seed, first_seed + count)
-    run_dirs = [out / f"{name.replace(', ', '-')}-seed{seed}" for seed in seeds]
-    overrides = [part for item in [*sets, f"train.max_minutes={minutes}"] for part in ("--set", item)]
+    backwards = [both_ways and index % 2 == 1 for index in range(count)]
+    run_dirs = [out / f"{name.replace(', ', '-')}-seed{seed}{'-reversed' if reverse else ''}"
+                for seed, reverse in zip(seeds, backwards)]
+    overrides = [[part for item in [*sets, f"train.max_minutes={minutes}", *(["model.reverse_target=true"] * reverse)]
+                  for part in ("--set", item)] for reverse in backwards]
     cores = sorted(os.sched_getaffinity(0))
     processes = [subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(data_dir / "train.tsv"), "--config",
-                                   str(recipe), *overrides, "--threads", "1", "--seed", str(seed), "--out",
+                                   str(recipe), *overrides[index], "--threads", "1", "--seed", str(seed), "--out",
                                    str(run_dir), "--quiet"],
                                   stdout=subprocess.PIPE, preexec_fn=lambda core=cores[index]: os.sched_setaffinity(0, {core}))
                  for index, (seed, run_dir) in enumerate(zip(seeds, run_dirs))]
@@ -69,11 +73,12 @@ def run_ensemble(name: str, recipe: Path, sets: list[str], data_dir: Path, out: 
     if any(process.returncode for process in processes):
         sys.exit(f"g2p: a training process failed: exit codes {[process.returncode for process in processes]}")
     summaries = [json.loads(output.splitlines()[-1]) for output in outputs]  # --quiet: the summary line
-    results = [{"variant": f"{name}, seed {seed}", "minutes": minutes, "steps": summary["steps"],
-                "best_val_loss": summary["best_val_loss"], **scores(charrnn.load(run_dir), data_dir)}
-               for seed, summary, run_dir in zip(seeds, summaries, run_dirs)]
+    results = [{"variant": f"{name}, seed {seed}{', reversed' if reverse else ''}", "minutes": minutes,
+                "steps": summary["steps"], "best_val_loss": summary["best_val_loss"],
+                **scores(charrnn.load(run_dir), data_dir)}
+               for seed, reverse, summary, run_dir in zip(seeds, backwards, summaries, run_dirs)]
     together = charrnn.load(*run_dirs)
-    return results + [{"variant": f"{name}, {count} together", "minutes": minutes,
+    return results + [{"variant": f"{name}, {count} together{', both ways' if both_ways else ''}", "minutes": minutes,
                        "steps": sum(result["steps"] for result in results),
                        "best_val_loss": None, **scores(together, data_dir)}]  # no validation pass of their own
 
@@ -101,6 +106,8 @@ def main() -> None:
                         help="train N models of each variant at once, one core each, and score them together")
     parser.add_argument("--seed", type=int, default=None,
                         help="the first model's seed (default: the recipe's; 0 with --ensemble), the others' after it")
+    parser.add_argument("--both-ways", action="store_true",
+                        help="with --ensemble, every other model writes targets last symbol first (model.reverse_target)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every variant, before the variant's own (repeatable)")
     args = parser.parse_args()
@@ -111,6 +118,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     if not 1 <= args.ensemble <= cores:
         parser.error(f"--ensemble must be between 1 and the {cores} cores this process may use")
+    if args.both_ways and args.ensemble < 2:
+        parser.error("--both-ways needs --ensemble 2 or more: it reverses every other model")
     cpu = runtime.cpu_model(runtime.read_cpuinfo())
     print(f"{date.today()}, {cpu}, {os.cpu_count()} cores, charrnn {charrnn.__version__}, {args.minutes:g} minutes per variant")
     print(f"recipe: {args.config}; overrides: {' '.join(args.set) or 'none'}")
@@ -122,7 +131,7 @@ def main() -> None:
         seeded = sets if args.seed is None else [*sets, f"train.seed={args.seed}"]
         rows = ([run_variant(name, args.config, seeded, args.data_dir, args.out, args.minutes)] if args.ensemble == 1
                 else run_ensemble(name, args.config, sets, args.data_dir, args.out, args.minutes, args.ensemble,
-                                  args.seed or 0))
+                                  args.seed or 0, args.both_ways))
         results += rows
         for result in rows:
             greedy, beam = result["beam1"], result["beam5"]

@@ -52,6 +52,7 @@ class ModelConfig:
     attention_size: int = 0  # seq2seq, additive: units of the score's tanh layer (W_q, W_k, v); 0 = hidden_size
     target: str = "chars"  # seq2seq: the decoder writes characters | tokens (space-separated: one g2p phoneme per step)
     input_feeding: bool = False  # seq2seq: the decoder reads its previous attentional output with each symbol (Luong et al. 2015)
+    reverse_target: bool = False  # seq2seq: the decoder writes each target last symbol first; outputs read forwards again
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,8 @@ def validate(config: Config) -> None:
              "model.target = tokens is for seq2seq models; a language model writes characters")
     _require(not model.input_feeding or (model.kind == "seq2seq" and model.attention != "none"),
              "model.input_feeding feeds a seq2seq decoder its attention's output: it needs model.attention")
+    _require(model.kind == "seq2seq" or not model.reverse_target,
+             "model.reverse_target is for seq2seq models; a language model writes forwards")
     _require(model.kind == "lm" or not model.learn_initial_state,
              "model.learn_initial_state is for language models; a seq2seq decoder starts from the encoder's state")
     _require(model.cell in CELL_NAMES, f"model.cell must be one of {', '.join(CELL_NAMES)}, got {model.cell!r}")

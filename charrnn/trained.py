@@ -168,7 +168,8 @@ def load(path: str | Path | None = None, *more: str | Path) -> Model | Seq2SeqMo
     checkpoint itself: a language model gives a `Model`, an encoder–decoder a
     `Seq2SeqModel`. Several paths of runs with the same symbols give one model
     in which they predict together (an ensemble): they score, sample and
-    write from the mean of their distributions. A damaged file raises
+    write from the mean of their distributions (encoder–decoders writing in
+    opposite directions: see `charrnn.seq2seq.rescoring`). A damaged file raises
     `CheckpointError`.
 
         >>> model = charrnn.load("runs/lstm")

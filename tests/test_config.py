@@ -217,6 +217,7 @@ def test_missing_config_file(tmp_path):
         (["model.kind=seq2seq", "model.attention=dot", "model.attention_size=16"], "model.attention_size"),
         (["model.kind=seq2seq", "model.target=words"], "model.target"),
         (["model.target=tokens"], "model.target = tokens is for seq2seq"),
+        (["model.reverse_target=true"], "model.reverse_target is for seq2seq"),
         (["sample.beam=0"], "sample.beam"),
     ],
 )
@@ -237,6 +238,7 @@ def test_validate_rejects_infinite_weight_decay():
         ["model.dropout=0"],
         ["model.dropout=0.99"],
         ["model.kind=seq2seq", "model.input_feeding=true"],
+        ["model.kind=seq2seq", "model.reverse_target=true"],
         ["model.kind=seq2seq", "model.attention=additive", "model.attention_size=1"],
         ["model.weight_drop=0.99", "model.embedding_dropout=0.99", "train.ema=0.9999"],
         ["model.norm=layer", "model.cell=rnn"],

@@ -3,11 +3,15 @@
 import json
 import random
 
+import jax
 import numpy as np
 import pytest
 from clihelp import assert_identical_arrays, final_arrays, run_in_process, snapshot
 
 import charrnn
+from charrnn.seq2seq import generate
+from charrnn.seq2seq.pairs import Pairs
+from charrnn.seq2seq.task import mean_loss
 
 CONFIG = """
 [model]
@@ -106,6 +110,59 @@ def test_runs_given_together_write_from_the_mean_of_their_distributions(reversal
     assert result.code == 0 and result.out.splitlines() == ["cba", "fedd"], result.err
     together = charrnn.load(folder / "run", folder / "run")
     assert together.paths == 2 * [together.path] and "and 1 more" in repr(together)
+
+
+@pytest.fixture(scope="module")
+def backwards(tmp_path_factory):
+    """The reversal model with a decoder that writes each target last character first, on the same words."""
+    return trained(tmp_path_factory.mktemp("backwards"), reversal_pairs,
+                   CONFIG.replace("[model]\n", "[model]\nreverse_target = true\n"))
+
+
+def test_a_decoder_writing_right_to_left_learns_and_gives_its_output_forwards(backwards):
+    folder, summary = backwards
+    model = charrnn.load(folder / "run")
+    assert model.config.model.reverse_target and summary.best_val_loss < 0.05
+    score = model.score(folder / "held_out.tsv", beam=2)
+    assert score.exact_match >= 0.99 and score.nats_per_char < 0.2, score
+    assert model.convert(["abc", "fedcba"]) == ["cba", "abcdef"]
+    # Each output symbol's row holds the weights of the step that wrote it: the first symbol's, the last step
+    # before the end symbol's; the end symbol's row stays last.
+    seen = model.attention("abcdef")
+    assert seen.symbols == list("fedcba") and seen.weights.shape == (7, 6)
+    source = np.zeros((8, 1), np.int32)  # as `convert` pads it
+    source[:6, 0] = model.source_vocab.encode("abcdef") + 1
+    _, steps = generate.sample((model.params,), (model.config.model,), source, jax.random.key(0), np.float32(0.0),
+                               None, model.config.train.max_length + 1)
+    np.testing.assert_array_equal(seen.weights, np.asarray(steps)[[5, 4, 3, 2, 1, 0, 6], 0, :6])
+
+
+def test_runs_writing_both_ways_choose_together_and_score_their_mean_over_whole_targets(reversal, backwards, capsys,
+                                                                                      monkeypatch):
+    runs = [reversal[0] / "run", backwards[0] / "run"]
+    held_out = reversal[0] / "held_out.tsv"
+    together = charrnn.load(*runs)
+    assert together.score(held_out).exact_match >= 0.99
+    pairs = [line.split("\t") for line in held_out.read_text(encoding="utf-8").splitlines()[:12]]
+    alone = [charrnn.load(run) for run in runs]
+
+    def log_prob(model, source: str, target: str) -> float:  # teacher-forced, one pair, in the model's own order
+        ids = model.vocab.encode(target[::-1] if model.config.model.reverse_target else target).astype(np.int32) + 1
+        source_ids = model.source_vocab.encode(source).astype(np.int32) + 1
+        nats = mean_loss((model.params,), (model.config.model,), [source_ids], [ids])
+        return -nats * (len(target) + 1)
+
+    log_probs = [[log_prob(model, source, target) for model in alone] for source, target in pairs]
+    expected = -np.sum(np.logaddexp.reduce(log_probs, axis=1) - np.log(2)) / sum(len(t) + 1 for _, t in pairs)
+    got = together.score(Pairs(*map(list, zip(*pairs)))).nats_per_char
+    assert got == pytest.approx(expected, rel=1e-4)
+    monkeypatch.chdir(reversal[0])
+    both = ["-c", str(runs[0]), "-c", str(runs[1])]
+    result = run_in_process(capsys, "sample", *both, "--source", "abc", "--source", "ddef", "--beam", "2")
+    assert result.code == 0 and result.out.splitlines() == ["cba", "fedd"], result.err
+    result = run_in_process(capsys, "sample", *both, "--source", "abc", "--temp", "0.5")
+    assert result.code == 2 and result.out == "" and len(result.err.strip().splitlines()) == 1
+    assert "opposite directions" in result.err
 
 
 def test_runs_on_other_vocabularies_or_language_models_do_not_write_together(reversal, spelling, cli, small_corpus):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from charrnn.config import Config, ModelConfig, TrainConfig
-from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib, task as task_lib
+from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib, rescoring, task as task_lib
 from references import layer_norm, sigmoid
 
 SOURCE_VOCAB, TARGET_VOCAB = 7, 5  # id 0 included on both sides
@@ -417,3 +417,50 @@ def test_sampling_stops_each_target_at_its_end_symbol():
         ends = np.flatnonzero(row == 0)
         if len(ends):
             assert np.all(row[ends[0]:] == 0)
+
+
+def test_models_writing_both_ways_choose_the_target_their_product_ranks_first():
+    """A model writing left to right and one writing right to left: with beams as wide as every hypothesis, each
+    source's choice is the target of at most `length` symbols that maximises the product of the two models' NumPy
+    probabilities of the whole target (the right-to-left one's of the target reversed); with beams of one, the
+    better of the two greedy targets by that product. The loss is that of the mean of the two distributions."""
+    base = dataclasses.replace(SMALL, attention="additive", num_layers=1, encoder_layers=1)
+    configs = (base, dataclasses.replace(base, cell="gru", reverse_target=True))
+    params = tuple(params_for(config, seed=7 + index) for index, config in enumerate(configs))
+    float32 = tuple(jax.tree.map(jnp.float32, member) for member in params)
+    sources = [np.array(ids, np.int32) for ids in ([3, 6, 5], [4, 2, 4, 5], [5, 1, 3, 6, 4])]
+    source = pairs_lib.make_batch(sources, [np.array([1], np.int32)] * 3).source  # padded to 8 source positions
+    length = 3
+    targets = [np.array(t, np.int32) for n in range(length + 1)
+               for t in itertools.product(range(1, TARGET_VOCAB), repeat=n)]
+
+    def probabilities(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        return np.array([np.prod(reference_probabilities(params[0], configs[0], s, t)),
+                         np.prod(reference_probabilities(params[1], configs[1], s, t[::-1]))])
+
+    # Every hypothesis the searches' length + 1 steps can hold (those cut at length + 1 symbols too).
+    every = sum((TARGET_VOCAB - 1) ** n for n in range(length + 2))
+    chosen = rescoring.choose(float32, configs, source, length, beam=every)
+    by_mean = []
+    for s, got in zip(sources, chosen, strict=True):
+        each = np.array([probabilities(s, t) for t in targets])
+        np.testing.assert_array_equal(got + 1, targets[int(np.argmax(each.prod(axis=1)))])
+        by_mean.append(int(np.argmax(each.sum(axis=1))) != int(np.argmax(each.prod(axis=1))))
+    assert any(by_mean)  # the mean of the probabilities would choose otherwise
+
+    greedy = [[pairs_lib.written(ids[:length]) + 1 for ids in np.asarray(generate.sample(
+        (member,), (config,), source, jax.random.key(0), jnp.float32(0.0), None, length + 1)[0])]
+        for member, config in zip(float32, configs)]
+    chosen = rescoring.choose(float32, configs, source, length, beam=1)
+    backward_chosen = False
+    for s, forward, backward, got in zip(sources, *greedy, chosen, strict=True):
+        proposals = [forward, backward[::-1]]
+        best = proposals[int(np.argmax([probabilities(s, t).prod() for t in proposals]))]
+        np.testing.assert_array_equal(got + 1, best)
+        backward_chosen |= len(forward) != len(best) or bool(np.any(forward != best))
+    assert backward_chosen  # the right-to-left model's proposal counted
+
+    pairs = random_pairs(8, 4)
+    expected = -sum(np.log(probabilities(s, t).mean()) for s, t in zip(*pairs))
+    got = rescoring.mean_nats(float32, configs, *pairs)
+    np.testing.assert_allclose(got, expected / sum(len(t) + 1 for t in pairs[1]), rtol=1e-5)

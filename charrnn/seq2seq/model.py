@@ -208,6 +208,12 @@ def summed_loss(params: dict, config: ModelConfig, batch: PairBatch, dropout_key
     return model.masked_sums(model.token_losses(logits, batch.target_out, smoothing), batch.target_mask)
 
 
+def pair_log_probs(params: dict, config: ModelConfig, batch: PairBatch) -> jax.Array:
+    """Each pair's teacher-forced log-probability of its whole target, the end symbol's included: [B]."""
+    logits, _ = forward(params, config, batch)
+    return -jnp.sum(model.token_losses(logits, batch.target_out) * batch.target_mask, axis=0)
+
+
 def ensemble_summed_loss(params: tuple[dict, ...], configs: tuple[ModelConfig, ...],
                          batch: PairBatch) -> tuple[jax.Array, jax.Array]:
     """`summed_loss` under the models' mean distribution, teacher-forced (for one model, its own loss)."""

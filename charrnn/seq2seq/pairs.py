@@ -147,6 +147,12 @@ def written(ids) -> np.ndarray:
     return ids[: ends[0] if len(ends) else len(ids)] - 1
 
 
+def written_order(ids: np.ndarray, reverse: bool) -> np.ndarray:
+    """A target's ids in the order a decoder writes them, last symbol first where `reverse` (model.reverse_target);
+    its own inverse, so it also turns what such a decoder wrote back to reading order."""
+    return ids[::-1] if reverse else ids
+
+
 def split(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
     """(train, validation) by a hash of each source: a source's every target lands on the same side."""
     val = [int(hashlib.sha256(source.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction for source in pairs.sources]

@@ -30,16 +30,20 @@ class PairsCorpus(NamedTuple):
 
 
 def encode_pairs(source_vocab: Vocab, target_vocab: Vocab | TokenVocab, pairs: pairs_lib.Pairs,
-                 what: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(sources, targets) as ids; `what` names the pairs in an error about characters outside a vocabulary."""
+                 what: str, reverse: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(sources, targets) as ids, each target last symbol first where `reverse` (model.reverse_target); `what`
+    names the pairs in an error about characters outside a vocabulary."""
+    targets = pairs_lib.encode_side(target_vocab, pairs.targets, f"{what}'s targets")
     return (pairs_lib.encode_side(source_vocab, pairs.sources, f"{what}'s sources"),
-            pairs_lib.encode_side(target_vocab, pairs.targets, f"{what}'s targets"))
+            [pairs_lib.written_order(ids, reverse) for ids in targets])
 
 
-def batches_of(sources: list[np.ndarray], targets: list[np.ndarray], size: int) -> list[PairBatch]:
-    """Consecutive batches of up to `size` pairs, sorted by length so that little of each is padding."""
+def batches_of(sources: list[np.ndarray], targets: list[np.ndarray],
+               size: int) -> list[tuple[np.ndarray, PairBatch]]:
+    """Consecutive batches of up to `size` pairs, sorted by length so that little of each is padding, each with the
+    indices of its pairs."""
     order = np.argsort(pairs_lib.length_key(sources, targets), kind="stable")
-    return [pairs_lib.make_batch([sources[i] for i in part], [targets[i] for i in part])
+    return [(part, pairs_lib.make_batch([sources[i] for i in part], [targets[i] for i in part]))
             for part in np.array_split(order, max(1, -(-len(order) // size)))]
 
 
@@ -50,7 +54,7 @@ def mean_loss(params: tuple[dict, ...], configs: tuple, sources: list[np.ndarray
     """Mean nats per target symbol (end symbols included) over all pairs, teacher-forced, under the models'
     mean distribution (one model: its own)."""
     total, count = 0.0, 0.0
-    for batch in batches_of(sources, targets, EVAL_BATCH_SIZE):
+    for _, batch in batches_of(sources, targets, EVAL_BATCH_SIZE):
         batch_total, batch_count = _summed_loss(params, configs, batch)
         total, count = total + batch_total, count + batch_count
     return float(total / count)
@@ -119,5 +123,6 @@ def load_pairs(path: Path, config: Config, vocabs: tuple[Vocab, Vocab | TokenVoc
     if not val.sources:
         raise CorpusError(f"{path}: no pair falls in the validation split (train.val_fraction); use more pairs")
     source_vocab, target_vocab = vocabs or pairs_lib.vocabularies(read.pairs, config.model.target)
-    return PairsCorpus(source_vocab, target_vocab, encode_pairs(source_vocab, target_vocab, train, str(path)),
-                       encode_pairs(source_vocab, target_vocab, val, str(path)), read.checksum, read.skipped)
+    reverse = config.model.reverse_target
+    return PairsCorpus(source_vocab, target_vocab, encode_pairs(source_vocab, target_vocab, train, str(path), reverse),
+                       encode_pairs(source_vocab, target_vocab, val, str(path), reverse), read.checksum, read.skipped)

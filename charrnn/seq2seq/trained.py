@@ -13,7 +13,7 @@ from charrnn.config import check_seed
 from charrnn.data import Vocab
 from charrnn.errors import CorpusError, UsageError
 from charrnn.sample import capped_temperature
-from charrnn.seq2seq import generate, pairs as pairs_lib
+from charrnn.seq2seq import generate, pairs as pairs_lib, rescoring
 from charrnn.seq2seq.pairs import PAD
 from charrnn.seq2seq.scoring import error_rates
 from charrnn.seq2seq.task import encode_pairs, mean_loss
@@ -48,6 +48,8 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
 
     Several models (an ensemble) write together: each symbol is chosen from the
     mean of their distributions, and the loss is that of the mean distribution.
+    Models writing in opposite directions (model.reverse_target) choose whole
+    targets instead, by rescoring (`charrnn.seq2seq.rescoring`).
     """
 
     @property
@@ -60,6 +62,11 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         return (f"<charrnn.Seq2SeqModel {model.cell} {encoder}{model.encoder_layers}x{model.hidden_size} -> "
                 f"{model.num_layers}x{model.hidden_size}, attention {model.attention}, from {self.path}"
                 f"{self._members_suffix()}>")
+
+    @property
+    def _both_ways(self) -> bool:
+        """Whether the models write targets in opposite directions (model.reverse_target), and so choose by rescoring."""
+        return len(rescoring.directions(self._configs)) > 1
 
     def _sources(self, sources: Sequence[str], what: str) -> list[np.ndarray]:
         """Sources as ids; an empty one or a character the model never saw is a usage error."""
@@ -79,7 +86,8 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         `beam` > 1 searches for the most likely target; otherwise characters are
         chosen one at a time at `temperature` (0 = the most likely), as `sample`
         chooses them. `length` caps a target (default: the run's train.max_length).
-        Unset settings take the run's `sample` config.
+        Unset settings take the run's `sample` config. Models writing in opposite
+        directions choose only the most likely target: temperature 0, or a beam.
 
             >>> model = charrnn.load("runs/g2p")
             >>> model.convert(["hello", "world"], beam=5)
@@ -96,6 +104,11 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         check_seed(seed, "--seed")
         if beam < 1:
             raise UsageError(f"beam must be at least 1, got {beam}")
+        both_ways = self._both_ways
+        if both_ways and beam == 1 and temperature > 0:
+            raise UsageError("runs writing targets in opposite directions (model.reverse_target) choose together only "
+                             "the most likely target: temperature 0 or a beam")
+        reverse = self._configs[0].reverse_target and not both_ways  # rescoring.choose gives targets forwards
         encoded = self._sources(sources, what)
         vocab_size = len(self.vocab) + 1
         # Sources of similar length batched together: each batch stops once its longest target has ended.
@@ -107,20 +120,26 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
             source = np.full((pairs_lib.padded_length(max(map(len, part))), len(part)), PAD, np.int32)
             for column, ids in enumerate(part):
                 source[: len(ids), column] = ids
-            if beam > 1:
+            weights = None
+            if both_ways:
+                chosen = rescoring.choose(self._params, self._configs, source, length - 1, beam)
+            elif beam > 1:
                 tokens, _ = generate.beam_search(self._params, self._configs, source, length, beam)
-                ids, weights = np.asarray(tokens)[:, 0], None
+                chosen = [pairs_lib.written(ids[: length - 1]) for ids in np.asarray(tokens)[:, 0]]
             else:
                 key = jax.random.fold_in(jax.random.key(seed), begin)
                 nucleus = np.float32(top_p) if top_p < 1.0 else None
                 ids, weights = generate.sample(self._params, self._configs, source, key,
                                                capped_temperature(temperature), nucleus, length,
                                                top_k if top_k < vocab_size else 0)
-                ids, weights = np.asarray(ids), np.asarray(weights)
+                chosen, weights = [pairs_lib.written(one[: length - 1]) for one in np.asarray(ids)], np.asarray(weights)
             for column, row in enumerate(rows):
-                indices = pairs_lib.written(ids[column][: length - 1])
-                results[row] = (self.vocab.decode(indices), indices,
-                                None if weights is None else weights[: len(indices) + 1, column, : len(part[column])])
+                indices = chosen[column]
+                seen = None if weights is None else weights[: len(indices) + 1, column, : len(part[column])]
+                if reverse:  # written last symbol first: read forwards, each symbol's weights with it, the end's last
+                    indices = pairs_lib.written_order(indices, reverse)
+                    seen = None if seen is None else np.concatenate([seen[-2::-1], seen[-1:]])
+                results[row] = (self.vocab.decode(indices), indices, seen)
         return results
 
     def attention(self, source: str, temperature: float = 0.0, seed: int = 0) -> Attention:
@@ -148,8 +167,12 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         what = "the pairs"
         if not isinstance(pairs, pairs_lib.Pairs):
             what, pairs = str(pairs), pairs_lib.read_pairs(Path(pairs), self.config.train.max_length).pairs
-        sources, targets = encode_pairs(self.source_vocab, self.vocab, pairs, what)
-        nats = mean_loss(self._params, self._configs, sources, targets)
+        if self._both_ways:  # no shared step: the mean over whole targets
+            nats = rescoring.mean_nats(self._params, self._configs, *encode_pairs(self.source_vocab, self.vocab,
+                                                                                  pairs, what))
+        else:
+            nats = mean_loss(self._params, self._configs, *encode_pairs(self.source_vocab, self.vocab, pairs, what,
+                                                                       self._configs[0].reverse_target))
         references: dict[str, list[str]] = {}
         for source, target in zip(*pairs):
             references.setdefault(source, []).append(target)
