@@ -67,7 +67,9 @@ class TransposedWeight:
 
     `matmul` then computes x @ w as a dot product of x with each row. For one row
     of x (generating one sample) the product is bound by how fast the weights
-    stream from cache, and a CPU streams rows faster than w's columns.
+    stream from cache, and a CPU streams rows faster than w's columns. Wrapping
+    a matrix w itself, `TransposedWeight(w)` multiplies by wᵀ without a copy
+    (the backward pass through time).
     """
 
     rows: jax.Array  # [O, I]

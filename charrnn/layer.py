@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from charrnn.cells import Cell, accumulation_dtype, dense, matmul
+from charrnn.cells import Cell, TransposedWeight, accumulation_dtype, dense, matmul
 
 INPUT_PARAMS = ("table", "w_x", "b")  # the input projection's params; the rest belong to the cell
 
@@ -77,19 +77,14 @@ def _forward(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int):
     return (final, hidden), (params, carries_in, saved_products, inputs)
 
 
-def _transposed(w: jax.Array) -> jax.Array:
-    # The transpose made once, as its own array: a dot that reads w transposed
-    # inside the loop is slower than one over a row-major copy.
-    return jax.lax.optimization_barrier(w.T)
-
-
 def _backward(cell: Cell, unroll: int, saved, cotangents):
     params, carries_in, saved_products, inputs = saved
     d_final, d_hidden = cotangents
     w_h, dense_input, table_input = params["w_h"], "w_x" in params, "table" in params
     additive = cell.activate is not None
-    w_h_transposed = _transposed(w_h)
-    w_x_transposed = _transposed(params["w_x"]) if dense_input else None
+    # dr_t W_hᵀ contracts each row of W_h as it lies in memory: faster than multiplying by a transposed copy.
+    w_h_transposed = TransposedWeight(w_h)
+    w_x_transposed = TransposedWeight(params["w_x"]) if dense_input else None
     others = {name: value for name, value in recurrent_params(params).items() if name != "w_h"}  # the GRU's b_hn
 
     def local_gradients(carry_in, products, d_carry, d_h):

@@ -64,9 +64,11 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
                 f"{self._members_suffix()}>")
 
     @property
-    def _both_ways(self) -> bool:
-        """Whether the models write targets in opposite directions (model.reverse_target), and so choose by rescoring."""
-        return len(rescoring.directions(self._configs)) > 1
+    def _shared_direction(self) -> bool | None:
+        """The models' model.reverse_target where they all agree; None where they write targets in opposite
+        directions, and so choose by rescoring."""
+        groups = rescoring.directions(self._configs)
+        return self._configs[groups[0][0]].reverse_target if len(groups) == 1 else None
 
     def _sources(self, sources: Sequence[str], what: str) -> list[np.ndarray]:
         """Sources as ids; an empty one or a character the model never saw is a usage error."""
@@ -104,11 +106,12 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         check_seed(seed, "--seed")
         if beam < 1:
             raise UsageError(f"beam must be at least 1, got {beam}")
-        both_ways = self._both_ways
+        shared = self._shared_direction
+        both_ways = shared is None
         if both_ways and beam == 1 and temperature > 0:
             raise UsageError("runs writing targets in opposite directions (model.reverse_target) choose together only "
                              "the most likely target: temperature 0 or a beam")
-        reverse = self._configs[0].reverse_target and not both_ways  # rescoring.choose gives targets forwards
+        reverse = bool(shared)  # rescoring.choose gives targets forwards
         encoded = self._sources(sources, what)
         vocab_size = len(self.vocab) + 1
         # Sources of similar length batched together: each batch stops once its longest target has ended.
@@ -167,12 +170,9 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         what = "the pairs"
         if not isinstance(pairs, pairs_lib.Pairs):
             what, pairs = str(pairs), pairs_lib.read_pairs(Path(pairs), self.config.train.max_length).pairs
-        if self._both_ways:  # no shared step: the mean over whole targets
-            nats = rescoring.mean_nats(self._params, self._configs, *encode_pairs(self.source_vocab, self.vocab,
-                                                                                  pairs, what))
-        else:
-            nats = mean_loss(self._params, self._configs, *encode_pairs(self.source_vocab, self.vocab, pairs, what,
-                                                                       self._configs[0].reverse_target))
+        shared = self._shared_direction
+        loss = rescoring.mean_nats if shared is None else mean_loss  # no shared step: the mean over whole targets
+        nats = loss(self._params, self._configs, *encode_pairs(self.source_vocab, self.vocab, pairs, what, bool(shared)))
         references: dict[str, list[str]] = {}
         for source, target in zip(*pairs):
             references.setdefault(source, []).append(target)
