@@ -61,22 +61,32 @@ def keep_mask(key: jax.Array, levels: int, mask_shape: tuple[int, ...]) -> jax.A
     return halves < jnp.uint16(levels)
 
 
-def inverted(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
-    """`x` with a Bernoulli(1 - rate) mask of `mask_shape` (broadcast over x's leading axes), kept values scaled by
-    the inverse of the keep probability as drawn (`kept_levels`), so that the expected value is `x`."""
+def inverse_keep(rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
+    """float32 factors of `mask_shape`: 0 where a Bernoulli(1 - rate) mask drops, elsewhere the inverse of the keep
+    probability as drawn (`kept_levels`), so that x times them has the expected value x."""
     levels = kept_levels(rate)
-    keep = keep_mask(key, levels, mask_shape)
-    return jnp.where(keep, x * (MASK_LEVELS / levels), jnp.zeros((), x.dtype))
+    return jnp.where(keep_mask(key, levels, mask_shape), jnp.float32(MASK_LEVELS / levels), jnp.float32(0))
+
+
+def inverted(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
+    """`x` times `inverse_keep` factors of `mask_shape` (as many axes as x, each x's size or 1)."""
+    return x * inverse_keep(rate, key, mask_shape).astype(x.dtype)
+
+
+def output_factors(shape: tuple[int, ...], rate: float, key: jax.Array | None, index: int,
+                   locked: bool = False) -> jax.Array | None:
+    """What output dropout multiplies an output of `shape` [T, B, ...] by, from the mask of fold_in(key, index):
+    [T, B, ...], or [1, B, ...] for all T steps where `locked`. None without a key or a rate (evaluation)."""
+    if key is None or rate == 0:
+        return None
+    key = jax.random.fold_in(key, index)
+    return inverse_keep(rate, key, shape[1:])[None] if locked else inverse_keep(rate, key, shape)
 
 
 def outputs(x: jax.Array, rate: float, key: jax.Array | None, index: int, locked: bool = False) -> jax.Array:
-    """Output dropout of `x` [T, B, ...] with the mask of fold_in(key, index); `x` itself without a key (evaluation).
-
-    `locked`: one mask [B, ...] for all T steps.
-    """
-    if key is None or rate == 0:
-        return x
-    return inverted(x, rate, jax.random.fold_in(key, index), x.shape[1:] if locked else x.shape)
+    """Output dropout of `x` [T, B, ...] (`output_factors`); `x` itself without a key (evaluation)."""
+    factors = output_factors(x.shape, rate, key, index, locked)
+    return x if factors is None else x * factors.astype(x.dtype)
 
 
 def weights(params: dict, config: ModelConfig, key: jax.Array | None) -> dict:

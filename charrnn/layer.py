@@ -1,4 +1,4 @@
-"""One recurrent layer over a whole chunk, with backpropagation through time written out.
+"""Recurrent layers over a whole chunk, with backpropagation through time written out.
 
 Forward, step t projects its input inside the loop (where `model.projects_per_step`),
 so no [T, B, G*H] array of projections goes through memory: x_t = table[id_t] in
@@ -12,6 +12,12 @@ and dW_x = Σ_t in_tᵀ dx_t need nothing from later steps, so each is one
 (what differentiating the scan does). The reverse loop writes each step's
 gradients over the products it saved for that step, so the backward pass
 allocates and zero-fills no [T, B, G·H] arrays of its own.
+
+Layers one above the other run as a wavefront (`run_stack`): iteration k takes
+layer l through step k - l, whose input, the layer below's output at that step,
+came out of iteration k - 1. The layers of one iteration do not wait for each
+other, so their products run side by side on the CPU's cores; the backward pass
+runs the same iterations in reverse.
 """
 
 from __future__ import annotations
@@ -51,81 +57,200 @@ def scan_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int =
     return jax.lax.scan(step, carry, inputs, unroll=unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def scan_stack(cell: Cell, layers: tuple, carries: tuple, inputs: jax.Array, factors: tuple | None = None,
+               unroll: int = 1):
+    """Reference: (carries, hiddens) of `scan_layer`s one above the other, layer l > 0 reading hidden_{l-1} ⊙ factors[l-1]."""
+    finals, hiddens = [], []
+    layer_input = inputs
+    for index, (params, carry) in enumerate(zip(layers, carries, strict=True)):
+        final, hidden = scan_layer(cell, params, carry, layer_input, unroll)
+        finals.append(final)
+        hiddens.append(hidden)
+        layer_input = hidden if factors is None or index + 1 == len(layers) else hidden * factors[index]
+    return tuple(finals), tuple(hiddens)
+
+
 def run_layer(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int = 1):
-    """(carry, hidden [T, B, H]) of one layer over ids [T, B], inputs [T, B, I] or projections [T, B, G*H].
+    """(carry, hidden [T, B, H]) of one layer over ids [T, B], inputs [T, B, I] or projections [T, B, G*H]:
+    `run_stack` of one layer, equal to `scan_layer`."""
+    (final,), (hidden,) = run_stack(cell, (params,), (carry,), inputs, None, unroll)
+    return final, hidden
 
-    Equal to `scan_layer`, with the backward pass below.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def run_stack(cell: Cell, layers: tuple, carries: tuple, inputs: jax.Array, factors: tuple | None, unroll: int = 1):
+    """(carries, hiddens [T, B, H] each) of layers one above the other, as a wavefront.
+
+    The first layer reads `inputs` as `run_layer` does; layer l > 0 reads the
+    outputs of layer l - 1 times `factors[l - 1]` ([T, B, H] or [1, B, H]: dropout
+    between layers), or as they are where `factors` is None, through its "w_x"
+    and "b". Equal to `scan_stack`, with the backward pass below.
     """
-    return scan_layer(cell, params, carry, inputs, unroll)
+    return scan_stack(cell, layers, carries, inputs, factors, unroll)
 
 
-def _forward(cell: Cell, params: dict, carry, inputs: jax.Array, unroll: int):
-    additive = cell.activate is not None
+def _at(array: jax.Array, t) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(array, t, keepdims=False)
 
-    def step(carry, input_t):
-        x_t = project_input(params, input_t)  # [B, G*H]
-        recurrent = matmul(carry.h, params["w_h"])  # [B, G*H]
-        if additive:  # keep z = x + r alone: the backward pass needs nothing else
-            z = x_t + recurrent
-            new_carry, h = cell.activate(params, carry, z)
-            return new_carry, (h, carry, (z,))
-        new_carry, h = cell.gates(params, carry, x_t, recurrent)
-        return new_carry, (h, carry, (recurrent, x_t))
 
-    final, (hidden, carries_in, saved_products) = jax.lax.scan(step, carry, inputs, unroll=unroll)
-    return (final, hidden), (params, carries_in, saved_products, inputs)
+def _chosen(runs, new, old):
+    """`new` where the layer runs this iteration, else `old` (pytrees); `new` where `runs` is None (it always runs)."""
+    return new if runs is None else jax.tree.map(lambda one, other: jnp.where(runs, one, other), new, old)
+
+
+def _put(array: jax.Array, value: jax.Array, t, runs=None) -> jax.Array:
+    """`array` with step t set to `value`, or left as it is where the layer does not run this iteration."""
+    value = _chosen(runs, value.astype(array.dtype), _at(array, t))
+    return jax.lax.dynamic_update_index_in_dim(array, value, t, 0)
+
+
+def _factor(factors: tuple | None, below: int, t):
+    """The dropout factor [B, H] of layer `below`'s output at step t (one for all steps where locked)."""
+    if factors is None:
+        return None
+    return _at(factors[below], t if factors[below].shape[0] > 1 else 0)
+
+
+def _sweep(advance, state, num_layers: int, num_steps: int, unroll: int, reverse: bool = False):
+    """Run `advance(state, steps) -> state` for each wavefront iteration k in [0, T + L - 1), in order or reversed.
+
+    Iteration k runs layer l at step k - l where 0 <= k - l < T: `steps[l]` is
+    (that step clamped into [0, T), whether it runs), the latter None for a lone
+    layer, which runs every iteration. The L - 1 iterations at either end, where
+    some layers wait, are the loop's own: one loop body, however deep the stack.
+    """
+    def body(state, k):
+        steps = []
+        for index in range(num_layers):
+            t = k - index
+            steps.append((t, None) if num_layers == 1 else
+                         (jnp.clip(t, 0, num_steps - 1), (t >= 0) & (t < num_steps)))
+        return advance(state, steps), None
+
+    ks = jnp.arange(num_steps + num_layers - 1)
+    return jax.lax.scan(body, state, ks, reverse=reverse, unroll=unroll)[0]
+
+
+def _layer_step(cell: Cell, params: dict, carry, layer_input: jax.Array):
+    """(carry, h, products) of one step of one layer; `products` is what the backward pass needs of it."""
+    x_t = project_input(params, layer_input)  # [B, G*H]
+    recurrent = matmul(carry.h, params["w_h"])  # [B, G*H]
+    if cell.activate is not None:  # keep z = x + r alone: the backward pass needs nothing else
+        z = x_t + recurrent
+        new_carry, h = cell.activate(params, carry, z)
+        return new_carry, h, (z,)
+    new_carry, h = cell.gates(params, carry, x_t, recurrent)
+    return new_carry, h, (recurrent, x_t)
+
+
+def _forward(cell: Cell, layers: tuple, carries: tuple, inputs: jax.Array, factors: tuple | None, unroll: int):
+    num_layers, num_steps = len(layers), inputs.shape[0]
+
+    def layer_input(state_carries, index: int, t):
+        if index == 0:
+            return _at(inputs, t)
+        below = state_carries[index - 1].h  # the layer below's output at step t: it ran that step one iteration ago
+        factor = _factor(factors, index - 1, t)
+        return below if factor is None else below * factor
+
+    def advance(state, steps):
+        state_carries, records = state
+        new_carries, new_records = [], []
+        for index, (t, runs) in enumerate(steps):
+            carry = state_carries[index]
+            new_carry, h, products = _layer_step(cell, layers[index], carry, layer_input(state_carries, index, t))
+            new_carries.append(_chosen(runs, new_carry, carry))
+            new_records.append(jax.tree.map(lambda record, value: _put(record, value, t, runs),
+                                            records[index], (h, carry, products)))
+        return tuple(new_carries), tuple(new_records)
+
+    def empty_record(index: int):  # [T, ...] for each step's (h, carry in, products)
+        one = jax.eval_shape(lambda carry: _layer_step(cell, layers[index], carry,
+                                                       layer_input(carries, index, 0)), carries[index])
+        return jax.tree.map(lambda leaf: jnp.zeros((num_steps,) + leaf.shape, leaf.dtype), (one[1], carries[index], one[2]))
+
+    records = tuple(empty_record(index) for index in range(num_layers))
+    finals, records = _sweep(advance, (tuple(carries), records), num_layers, num_steps, unroll)
+    hiddens = tuple(record[0] for record in records)
+    saved = (layers, tuple(record[1] for record in records), tuple(record[2] for record in records), hiddens,
+             inputs, factors)
+    return (finals, hiddens), saved
+
+
+def _local_gradients(cell: Cell, others: dict, carry_in, products: tuple, d_carry, d_h):
+    """(d_others, d_carry_in, d_products) of one step's gate arithmetic, d_products shaped as products."""
+    if cell.activate is not None:  # products = (z,): dz is both d_recurrent and d_x
+        _, vjp = jax.vjp(lambda o, c, z: cell.activate(o, c, z), others, carry_in, *products)
+        d_others, d_carry_in, d_z = vjp((d_carry, d_h))
+        return d_others, d_carry_in, (d_z,)
+    recurrent, x_t = products
+    _, vjp = jax.vjp(lambda o, c, r, x: cell.gates(o, c, x, r), others, carry_in, recurrent, x_t)
+    d_others, d_carry_in, d_recurrent, d_x = vjp((d_carry, d_h))
+    return d_others, d_carry_in, (d_recurrent, d_x)
 
 
 def _backward(cell: Cell, unroll: int, saved, cotangents):
-    params, carries_in, saved_products, inputs = saved
-    d_final, d_hidden = cotangents
-    w_h, dense_input, table_input = params["w_h"], "w_x" in params, "table" in params
-    additive = cell.activate is not None
+    layers, carries_in, saved_products, hiddens, inputs, factors = saved
+    d_finals, d_hiddens = cotangents
+    num_layers, num_steps = len(layers), inputs.shape[0]
+    first = layers[0]
+    first_dense, first_table = "w_x" in first, "table" in first
     # dr_t W_hᵀ contracts each row of W_h as it lies in memory: faster than multiplying by a transposed copy.
-    w_h_transposed = TransposedWeight(w_h)
-    w_x_transposed = TransposedWeight(params["w_x"]) if dense_input else None
-    others = {name: value for name, value in recurrent_params(params).items() if name != "w_h"}  # the GRU's b_hn
+    w_h_transposed = tuple(TransposedWeight(params["w_h"]) for params in layers)
+    w_x_transposed = tuple(TransposedWeight(params["w_x"]) if "w_x" in params else None for params in layers)
+    others = tuple({name: value for name, value in recurrent_params(params).items() if name != "w_h"}
+                   for params in layers)  # gains and shifts, the GRU's b_hn
 
-    def local_gradients(carry_in, products, d_carry, d_h):
-        """(d_others, d_carry_in, d_products) of one step's gate arithmetic, d_products shaped as products."""
-        if additive:  # products = (z,): dz is both d_recurrent and d_x
-            _, vjp = jax.vjp(lambda o, c, z: cell.activate(o, c, z), others, carry_in, *products)
-            d_others, d_carry_in, d_z = vjp((d_carry, d_h))
-            return d_others, d_carry_in, (d_z,)
-        recurrent, x_t = products
-        _, vjp = jax.vjp(lambda o, c, r, x: cell.gates(o, c, x, r), others, carry_in, recurrent, x_t)
-        d_others, d_carry_in, d_recurrent, d_x = vjp((d_carry, d_h))
-        return d_others, d_carry_in, (d_recurrent, d_x)
+    def advance(state, steps):
+        d_carries, from_above, products, d_others, d_inputs = state
+        new_d_carries, new_from_above, new_products, new_d_others = (list(part) for part in state[:4])
+        for index, (t, runs) in enumerate(steps):
+            d_h = _at(d_hiddens[index], t)
+            if index + 1 < num_layers:  # what the layer above sent down for this step, one iteration ago
+                d_h = d_h + from_above[index]
+            products_t = tuple(_at(product, t) for product in products[index])
+            carry_in = jax.tree.map(lambda record: _at(record, t), carries_in[index])
+            d_other, d_carry_in, d_products = _local_gradients(cell, others[index], carry_in, products_t,
+                                                               d_carries[index], d_h)
+            d_recurrent, d_x = d_products[0], d_products[-1]
+            d_carry_in = d_carry_in._replace(h=d_carry_in.h + matmul(d_recurrent, w_h_transposed[index]))
+            new_d_carries[index] = _chosen(runs, d_carry_in, d_carries[index])
+            if index > 0:
+                d_below = matmul(d_x, w_x_transposed[index]).astype(d_h.dtype)
+                factor = _factor(factors, index - 1, t)
+                # read one iteration later by the layer below, at this step: only where this layer runs it
+                new_from_above[index - 1] = d_below if factor is None else d_below * factor
+            elif first_dense:
+                d_inputs = _put(d_inputs, matmul(d_x, w_x_transposed[0]), t, runs)
+            new_products[index] = tuple(_put(product, d_product, t, runs)
+                                        for product, d_product in zip(products[index], d_products, strict=True))
+            new_d_others[index] = _chosen(runs, jax.tree.map(jnp.add, d_others[index], d_other), d_others[index])
+        return tuple(new_d_carries), tuple(new_from_above), tuple(new_products), tuple(new_d_others), d_inputs
 
-    def step(state, step_saved):
-        d_carry, products = state  # products [T, ...]: steps after t hold their gradients already
-        carry_in, d_h, t = step_saved
-        products_t = tuple(jax.lax.dynamic_index_in_dim(product, t, keepdims=False) for product in products)
-        d_others, d_carry_in, d_products = local_gradients(carry_in, products_t, d_carry, d_h)
-        d_recurrent, d_x = d_products[0], d_products[-1]
-        d_carry_in = d_carry_in._replace(h=d_carry_in.h + matmul(d_recurrent, w_h_transposed))
-        d_input = matmul(d_x, w_x_transposed).astype(d_h.dtype) if dense_input else None
-        products = tuple(jax.lax.dynamic_update_index_in_dim(product, d_product.astype(product.dtype), t, 0)
-                         for product, d_product in zip(products, d_products, strict=True))
-        return (d_carry_in, products), (d_input, d_others)
+    from_above = tuple(jnp.zeros_like(hidden[0]) for hidden in hiddens[:-1])
+    d_others = jax.tree.map(jnp.zeros_like, others)
+    d_inputs = jnp.zeros(inputs.shape, d_hiddens[0].dtype) if first_dense else None
+    state = (tuple(d_finals), from_above, saved_products, d_others, d_inputs)
+    d_carries, _, d_products, d_others, d_inputs = _sweep(advance, state, num_layers, num_steps, unroll, reverse=True)
 
-    steps = jnp.arange(d_hidden.shape[0])
-    (d_carry, d_products), (d_inputs, d_others) = jax.lax.scan(
-        step, (d_final, saved_products), (carries_in, d_hidden, steps), reverse=True, unroll=unroll
-    )
-    d_recurrents, d_xs = d_products[0], d_products[-1]
-    d_params = {name: jnp.sum(value, axis=0) for name, value in d_others.items()}
-    d_params["w_h"] = weight_gradient(carries_in.h, d_recurrents, w_h)
-    if dense_input:
-        d_params["w_x"] = weight_gradient(inputs, d_xs, params["w_x"])
-        d_params["b"] = jnp.sum(d_xs, axis=(0, 1)).astype(params["b"].dtype)
-    elif table_input:  # rows of the table, added up per character
-        table = params["table"]
-        d_params["table"] = jnp.zeros(table.shape, d_xs.dtype).at[inputs].add(d_xs).astype(table.dtype)
-    else:  # the inputs were the projections
-        d_inputs = d_xs.astype(inputs.dtype)
-    return d_params, d_carry, d_inputs
+    d_layers = []
+    for index, params in enumerate(layers):
+        d_recurrents, d_xs = d_products[index][0], d_products[index][-1]
+        d_params = dict(d_others[index])
+        d_params["w_h"] = weight_gradient(carries_in[index].h, d_recurrents, params["w_h"])
+        if index > 0 or first_dense:
+            below = inputs if index == 0 else hiddens[index - 1]
+            factor = None if index == 0 or factors is None else factors[index - 1]
+            d_params["w_x"] = weight_gradient(below if factor is None else below * factor, d_xs, params["w_x"])
+            d_params["b"] = jnp.sum(d_xs, axis=(0, 1)).astype(params["b"].dtype)
+        elif first_table:  # rows of the table, added up per character
+            table = params["table"]
+            d_params["table"] = jnp.zeros(table.shape, d_xs.dtype).at[inputs].add(d_xs).astype(table.dtype)
+        else:  # the inputs were the projections
+            d_inputs = d_xs.astype(inputs.dtype)
+        d_layers.append(d_params)
+    d_factors = None if factors is None else tuple(jnp.zeros_like(factor) for factor in factors)
+    return tuple(d_layers), d_carries, d_inputs, d_factors
 
 
 def weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array) -> jax.Array:
@@ -141,4 +266,4 @@ def weight_gradient(layer_inputs: jax.Array, d_outputs: jax.Array, w: jax.Array)
                                preferred_element_type=accumulation_dtype(w.dtype)).astype(w.dtype)
 
 
-run_layer.defvjp(_forward, _backward)
+run_stack.defvjp(_forward, _backward)

@@ -16,7 +16,7 @@ import optax
 from charrnn import dropout, runtime
 from charrnn.cells import Cell, TransposedWeight, accumulation_dtype, cell_of, dense
 from charrnn.config import ModelConfig
-from charrnn.layer import project_input, recurrent_params, run_layer
+from charrnn.layer import project_input, recurrent_params, run_layer, run_stack
 
 
 def recurrent_cell(config: ModelConfig) -> Cell:
@@ -179,12 +179,28 @@ def over_time(config: ModelConfig):
     return run
 
 
+def stacks_layers(config: ModelConfig) -> bool:
+    """Whether the recurrent layers run together as one wavefront (`layer.run_stack`) rather than one after another:
+    where each projects its input inside its XLA time loop (`projects_per_step`) and none adds its input to its output."""
+    return projects_per_step() and not fuses_layers(config) and not config.residual
+
+
 def run_layers(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):
     """Run the recurrent stack over `inputs` [T, B] from `carry`.
 
     Returns (carry, [per-layer outputs [T, B, H]], top-layer output after dropout).
     """
-    return _stack(prepared, config, carry, inputs, over_time(config), dropout_key)
+    if not stacks_layers(config):
+        return _stack(prepared, config, carry, inputs, over_time(config), dropout_key)
+    num_layers = len(carry)
+    shape = inputs.shape + carry[0].h.shape[-1:]  # [T, B, H]
+    factors = tuple(dropout.output_factors(shape, config.dropout, dropout_key, index, config.locked_dropout)
+                    for index in range(num_layers - 1))
+    layers = tuple(layer_params(prepared, index) for index in range(num_layers))
+    carry, hiddens = run_stack(recurrent_cell(config), layers, tuple(carry), inputs,
+                               factors if factors and factors[0] is not None else None, config.scan_unroll)
+    return carry, list(hiddens), dropout.outputs(hiddens[-1], config.dropout, dropout_key, num_layers - 1,
+                                                 config.locked_dropout)
 
 
 def forward_prepared(prepared: dict, config: ModelConfig, carry: tuple, inputs: jax.Array, dropout_key=None):

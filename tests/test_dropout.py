@@ -64,6 +64,28 @@ def test_locked_dropout_keeps_one_mask_across_time(locked):
         assert np.mean(dropped[1:] != dropped[:-1]) > 0.3
 
 
+@pytest.mark.parametrize("cell, locked", [("gru", False), ("lstm", True)])
+def test_layers_as_one_wavefront_are_the_layers_one_after_another(monkeypatch, cell, locked):
+    """The layers run together (`layer.run_stack`, on CPUs that project per step) and one after another, with
+    dropout between them and on top: the same loss, carry and gradients."""
+    config = make_config(cell, num_layers=3, dropout=0.3, locked_dropout=locked, norm="layer")
+    params, carry = random_params(config, seed=40), random_carry(config, seed=41)
+    inputs, targets, key = random_ids(42), random_ids(43), jax.random.key(44)
+
+    def loss_and_gradient(stacked: bool):
+        monkeypatch.setattr(model, "stacks_layers", lambda config: stacked)
+        objective = lambda params: model.loss(params, config, carry, inputs, targets, key)
+        return jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+
+    (stacked_loss, stacked_carry), stacked_gradient = loss_and_gradient(True)
+    (loss, new_carry), gradient = loss_and_gradient(False)
+    np.testing.assert_allclose(stacked_loss, loss, rtol=1e-6)
+    for stacked_leaf, leaf in zip(jax.tree.leaves((stacked_carry, stacked_gradient)), jax.tree.leaves((new_carry, gradient)),
+                                  strict=True):
+        np.testing.assert_allclose(stacked_leaf, leaf, rtol=1e-5, atol=1e-5 * float(np.abs(leaf).max()))
+    assert float(np.abs(gradient["layers"][0]["w_h"]).max()) > 0
+
+
 def test_dropout_needs_a_key_and_a_rate():
     config = make_config("lstm", dropout=0.3)
     no_dropout = make_config("lstm")
