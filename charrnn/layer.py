@@ -66,7 +66,8 @@ def scan_stack(cell: Cell, layers: tuple, carries: tuple, inputs: jax.Array, fac
         final, hidden = scan_layer(cell, params, carry, layer_input, unroll)
         finals.append(final)
         hiddens.append(hidden)
-        layer_input = hidden if factors is None or index + 1 == len(layers) else hidden * factors[index]
+        if index + 1 < len(layers):
+            layer_input = _dropped(hidden, None if factors is None else factors[index])
     return tuple(finals), tuple(hiddens)
 
 
@@ -102,6 +103,11 @@ def _put(array: jax.Array, value: jax.Array, t, runs=None) -> jax.Array:
     """`array` with step t set to `value`, or left as it is where the layer does not run this iteration."""
     value = _chosen(runs, value.astype(array.dtype), _at(array, t))
     return jax.lax.dynamic_update_index_in_dim(array, value, t, 0)
+
+
+def _dropped(values: jax.Array, factor) -> jax.Array:
+    """A layer's outputs as the layer above reads them: times the dropout `factor`, or as they are where it is None."""
+    return values if factor is None else values * factor
 
 
 def _factor(factors: tuple | None, below: int, t):
@@ -150,8 +156,7 @@ def _forward(cell: Cell, layers: tuple, carries: tuple, inputs: jax.Array, facto
         if index == 0:
             return _at(inputs, t)
         below = state_carries[index - 1].h  # the layer below's output at step t: it ran that step one iteration ago
-        factor = _factor(factors, index - 1, t)
-        return below if factor is None else below * factor
+        return _dropped(below, _factor(factors, index - 1, t))
 
     def advance(state, steps):
         state_carries, records = state
@@ -217,9 +222,8 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
             new_d_carries[index] = _chosen(runs, d_carry_in, d_carries[index])
             if index > 0:
                 d_below = matmul(d_x, w_x_transposed[index]).astype(d_h.dtype)
-                factor = _factor(factors, index - 1, t)
                 # read one iteration later by the layer below, at this step: only where this layer runs it
-                new_from_above[index - 1] = d_below if factor is None else d_below * factor
+                new_from_above[index - 1] = _dropped(d_below, _factor(factors, index - 1, t))
             elif first_dense:
                 d_inputs = _put(d_inputs, matmul(d_x, w_x_transposed[0]), t, runs)
             new_products[index] = tuple(_put(product, d_product, t, runs)
@@ -241,7 +245,7 @@ def _backward(cell: Cell, unroll: int, saved, cotangents):
         if index > 0 or first_dense:
             below = inputs if index == 0 else hiddens[index - 1]
             factor = None if index == 0 or factors is None else factors[index - 1]
-            d_params["w_x"] = weight_gradient(below if factor is None else below * factor, d_xs, params["w_x"])
+            d_params["w_x"] = weight_gradient(_dropped(below, factor), d_xs, params["w_x"])
             d_params["b"] = jnp.sum(d_xs, axis=(0, 1)).astype(params["b"].dtype)
         elif first_table:  # rows of the table, added up per character
             table = params["table"]
