@@ -8,11 +8,13 @@ import tempfile
 
 import jax
 import pytest
+from clihelp import QUICK_COMPILES
 
 from charrnn import runtime
 
 # The XLA options `charrnn` runs with, so in-process runs compare bit for bit with subprocess ones.
 runtime.set_xla_flags()
+os.environ["XLA_FLAGS"] = runtime.with_xla_flags(os.environ["XLA_FLAGS"], QUICK_COMPILES)
 # One compilation cache for the whole session (subprocesses included), away from the user's, removed at the end.
 if "CHARRNN_CACHE_DIR" not in os.environ:
     os.environ["CHARRNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="charrnn-test-cache-")
