@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_subprocess, \
     start_subprocess, subprocess_env
+from conftest import SAMPLE_TEXT
 
 from charrnn import checkpoint, data, distributed, runtime, training
 from charrnn.errors import PeerError
@@ -248,17 +249,25 @@ def test_scale_out_options_that_cannot_work_are_usage_errors(small_corpus, tmp_p
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("runs", [["run"], ["run", "run2"]], ids=["one model", "two together"])
-def test_samples_split_over_cpu_devices_are_the_same_text(small_corpus, tmp_path, runs):
-    for seed, run in enumerate(runs):
-        trained = run_subprocess("train", small_corpus, *ARGS, "--devices", "1", "--seed", str(seed), "--out", run,
-                                 cwd=tmp_path)
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A folder with two runs trained on one device, "run" and "run2" (seeds 0 and 1)."""
+    folder = tmp_path_factory.mktemp("two_runs")
+    (folder / "corpus.txt").write_text(SAMPLE_TEXT * 40, encoding="utf-8")
+    for seed, run in enumerate(["run", "run2"]):
+        trained = run_subprocess("train", "corpus.txt", *ARGS, "--devices", "1", "--seed", str(seed), "--out", run,
+                                 cwd=folder)
         assert trained.code == 0, trained.err
+    return folder
+
+
+@pytest.mark.parametrize("runs", [["run"], ["run", "run2"]], ids=["one model", "two together"])
+def test_samples_split_over_cpu_devices_are_the_same_text(two_runs, runs):
     checkpoints = [word for run in runs for word in ("-c", run)]
     texts = {}
     for name, environment in (("one", {}), ("two", TWO_CPU_DEVICES)):
         done = run_subprocess("sample", *checkpoints, "--num-samples", "32", "--length", "300", "--prime",
-                              small_corpus.read_text()[:5], "--seed", "5", "--json", cwd=tmp_path, **environment)
+                              SAMPLE_TEXT[:5], "--seed", "5", "--json", cwd=two_runs, **environment)
         assert done.code == 0, done.err
         texts[name] = [json.loads(line)["text"] for line in done.out.splitlines()]
     assert len(texts["one"]) == 32 and len(set(texts["one"])) == 32
