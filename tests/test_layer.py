@@ -41,6 +41,16 @@ def problem(cell_name, norm, dtype, input_kind):
     return cell, params, carry, inputs, weights
 
 
+def assert_same_gradients(expected, got, tolerance: float):
+    """`got` has `expected`'s structure and dtypes, and each leaf is within `tolerance` of it (relative to its largest)."""
+    assert jax.tree.structure(expected) == jax.tree.structure(got)
+    for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(got)):
+        assert want.dtype == have.dtype, path
+        want, have = np.asarray(want, np.float32), np.asarray(have, np.float32)
+        assert np.abs(want).max() > 0, path
+        assert np.allclose(have, want, rtol=tolerance, atol=tolerance * np.abs(want).max()), path
+
+
 def objective(layer_function, cell, weights, params, carry, inputs):
     """A scalar that depends on every output and on the final carry."""
     final, hidden = layer_function(cell, params, carry, inputs)
@@ -63,12 +73,7 @@ def test_custom_backward_equals_scan_autodiff(cell_name, norm, dtype, tolerance,
     argnums = (0, 1) if input_kind == "table" else (0, 1, 2)  # character ids have no gradient
     expected = jax.grad(plain, argnums=argnums)(params, carry, inputs)
     got = jax.jit(jax.grad(custom, argnums=argnums))(params, carry, inputs)
-    assert jax.tree.structure(expected) == jax.tree.structure(got)
-    for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(got)):
-        assert want.dtype == have.dtype, path
-        want, have = np.asarray(want, np.float32), np.asarray(have, np.float32)
-        assert np.abs(want).max() > 0, path
-        assert np.allclose(have, want, rtol=tolerance, atol=tolerance * np.abs(want).max()), path
+    assert_same_gradients(expected, got, tolerance)
 
 
 def stack_problem(cell_name, norm, dtype, input_kind, num_layers, num_steps, factor_steps):
@@ -123,8 +128,4 @@ def test_wavefront_stack_equals_layers_one_after_another(cell_name, norm, num_la
     argnums = (0, 1) if input_kind == "table" else (0, 1, 2)
     expected = jax.grad(plain, argnums=argnums)(layers, carries, inputs)
     got = jax.jit(jax.grad(custom, argnums=argnums))(layers, carries, inputs)
-    assert jax.tree.structure(expected) == jax.tree.structure(got)
-    for (path, want), have in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(got)):
-        want, have = np.asarray(want), np.asarray(have)
-        assert np.abs(want).max() > 0, path
-        assert np.allclose(have, want, rtol=1e-5, atol=1e-5 * np.abs(want).max()), path
+    assert_same_gradients(expected, got, 1e-5)
