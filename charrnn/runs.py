@@ -21,8 +21,12 @@ RECORDING_KEYS = ("train.tensorboard",)
 SHOWN_RESULTS = ("best_val_loss", "best_val_bpc", "chars_per_s", "steps", "wall_s", "status")
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Return the run directories among `paths` and their children, sorted, each once."""
+def find_runs(paths: list[Path] | None = None) -> list[Path]:
+    """Return the run directories among `paths` (none named: runs/) and their children, sorted, each once."""
+    if not paths:
+        if not rundir.DEFAULT_RUNS.is_dir():
+            raise UsageError(f"no runs under {rundir.DEFAULT_RUNS}/ (train one, or name run directories)")
+        paths = [rundir.DEFAULT_RUNS]
     found: dict[Path, Path] = {}
     for path in paths:
         if not path.exists():

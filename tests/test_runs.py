@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clihelp import REPO, TINY, run_subprocess, start_subprocess, subprocess_env
+from clihelp import REPO, TINY, run_in_process, run_subprocess, start_subprocess, subprocess_env
 from conftest import SAMPLE_TEXT
 
 from charrnn import config, rundir, runs
@@ -70,6 +70,21 @@ def test_find_runs_takes_runs_and_their_parents_once_each(sweep):
         with pytest.raises(UsageError) as caught:
             runs.find_runs([bad])
         assert str(bad) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_runs_named_by_no_path_are_those_under_runs(sweep, capsys, tmp_path, monkeypatch):
+    root, _ = sweep
+    monkeypatch.chdir(root)
+    assert runs.find_runs() == runs.find_runs([Path("runs")]) == [Path("runs") / name for name in sorted(SWEEP)]
+    listed = run_in_process(capsys, "runs", "--json")
+    assert listed.code == 0 and [row["run"] for row in json.loads(listed.out)] == [
+        row["run"] for row in json.loads(run_in_process(capsys, "runs", "runs", "--json").out)]
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    for command in ("runs", "plot"):
+        result = run_in_process(capsys, command)
+        assert result.code == 2
+        assert result.err.strip() == "charrnn: error: no runs under runs/ (train one, or name run directories)"
+        assert not any(tmp_path.iterdir())  # plot wrote no image
 
 
 def test_finished_rows_hold_the_summary_and_the_config(sweep, rows):

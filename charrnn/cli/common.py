@@ -38,7 +38,7 @@ CheckpointOption = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", 
 ENSEMBLE_HELP = CHECKPOINT_HELP + (" Repeat it for runs with the same symbols to predict together (an ensemble, from the"
                                     " mean of their distributions): encoder–decoders write and score together, language"
                                     " models sample and score together.")
-RunPaths = Annotated[list[Path], typer.Argument(exists=True, help="Run directories, or directories holding them (one level down).", show_default=False)]
+RunPaths = Annotated[list[Path] | None, typer.Argument(exists=True, help="Run directories, or directories holding them (one level down); runs/ if none is named.", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.", rich_help_panel=OUTPUT)]
 
 

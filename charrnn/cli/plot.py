@@ -12,7 +12,7 @@ from charrnn.cli.common import OUTPUT, RunPaths, app, err_console
 
 @app.command("plot")
 def plot_curves(
-    paths: RunPaths,
+    paths: RunPaths = None,
     output: Annotated[Path, typer.Option("--output", "-o", dir_okay=False, help="Image to write; its suffix picks the format (.png, .svg, .pdf).", rich_help_panel=OUTPUT)] = Path("curves.png"),
     log_scale: Annotated[bool, typer.Option("--log", help="Bits/char on a logarithmic axis, so that one run whose loss blew up does not flatten the others.", rich_help_panel=OUTPUT)] = False,
 ) -> None:

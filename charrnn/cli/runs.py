@@ -22,7 +22,7 @@ _STATUS_STYLES = {"diverged": "red", "interrupted": "yellow", "running": "cyan",
 
 @app.command("runs")
 def compare_runs(
-    paths: RunPaths,
+    paths: RunPaths = None,
     sort: Annotated[str, typer.Option("--sort", help="Column to sort by: best_val_bpc, best_val_loss, chars_per_s, steps, wall_s, status, run, or a config key such as model.hidden_size.", rich_help_panel=OUTPUT)] = "best_val_bpc",
     descending: Annotated[bool, typer.Option("--desc", help="Largest first (runs without a value stay last).", rich_help_panel=OUTPUT)] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list: every run's results and full config.", rich_help_panel=OUTPUT)] = False,
