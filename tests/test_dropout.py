@@ -60,6 +60,7 @@ def test_locked_dropout_keeps_one_mask_across_time(locked):
     assert 0.35 < dropped.mean() < 0.65
     same_every_step = np.all(dropped == dropped[:1])
     assert same_every_step == locked
+    assert np.mean(dropped[:, 1:] != dropped[:, :-1]) > 0.3  # each stream draws its own mask
     if not locked:  # each step draws its own mask
         assert np.mean(dropped[1:] != dropped[:-1]) > 0.3
 
@@ -227,6 +228,14 @@ def test_a_task_told_not_to_drop_drops_nothing(kind, small_corpus, reversal_pair
     assert undropped != float(task.batch_loss(params, carry, batch, key)[0])
 
 
+@pytest.mark.parametrize("setting", [{"dropout": 0.3}, {"embedding_dropout": 0.3}, {"weight_drop": 0.3}])
+def test_late_dropout_waits_for_every_kind_of_dropout(setting):
+    """train.dropout_from_epoch holds back each kind alone; with nothing to drop, there is nothing to wait for."""
+    late = config_lib.resolve(TINY, ["model.dropout=0", "train.dropout_from_epoch=1.5"], {})
+    assert dropout.first_step(late, steps_per_epoch=10) == 0
+    assert dropout.first_step(dataclasses.replace(late, model=dataclasses.replace(late.model, **setting)), 10) == 15
+
+
 def test_late_dropout_starts_at_its_epoch(small_corpus, tmp_path):
     """Until train.dropout_from_epoch, a run is one without dropout; from there, one that always had it."""
     base = ["model.dropout=0.5", "model.weight_drop=0.3", "train.schedule=constant", "train.steps_per_call=2",
@@ -252,6 +261,10 @@ def test_late_dropout_starts_at_its_epoch(small_corpus, tmp_path):
                                                                   "train.steps=4"]), 4))
     always = params_at(train("always", ["train.steps=4"]), 4)
     assert any(not np.array_equal(late_at_4[name], always[name]) for name in late_at_4)
+    # From epoch 0 (TINY's), the very first call drops out.
+    first_call = params_at(train("first-call", ["train.steps=2"]), 2)
+    never_2 = params_at(train("never-2", ["model.dropout=0", "model.weight_drop=0", "train.steps=2"]), 2)
+    assert any(not np.array_equal(first_call[name], never_2[name]) for name in first_call)
 
     train("switched", ["train.dropout_from_epoch=1000", "train.steps=4"])
     switched = train("switched", ["train.dropout_from_epoch=0", "train.steps=8"], resume=True)

@@ -114,6 +114,21 @@ def test_k_steps_in_one_call_equal_k_calls_of_one_step(corpus):
     assert_trees_close(carry_one_call, carry, atol=1e-6)
 
 
+@pytest.mark.parametrize("setting", [{"dropout": 0.3}, {"weight_drop": 0.3}, {"embedding_dropout": 0.3}, {}])
+def test_each_step_draws_its_own_dropout_masks(corpus, setting):
+    """The masks follow the step counter: the same params, carry and batch lose otherwise at the next step
+    (and the same without dropout)."""
+    ids, vocab_size = corpus
+    model_config = dataclasses.replace(MODEL, **setting)
+    losses = []
+    for step in (0, 1):
+        optimizer, state, carry = fresh_start(model_config, TRAIN, vocab_size)
+        call = steps.make_train_call(model_config, TRAIN, optimizer)
+        state = state._replace(step=jnp.asarray(step, state.step.dtype))
+        losses.append(float(run_steps(call, state, carry, batches(ids, TRAIN, 0, 1), 0.0)[2].loss[0]))
+    assert (losses[0] != losses[1]) == bool(setting)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_every_parameter_changes_after_one_step(corpus, cell):
     ids, vocab_size = corpus
