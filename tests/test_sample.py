@@ -8,6 +8,7 @@ import pytest
 from charrnn import model, sample
 from charrnn.cells import TransposedWeight
 from charrnn.config import ModelConfig
+from charrnn.data import Vocab
 
 LOGITS = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.25, 0.2], [0.5, 0.2, 0.15, 0.1, 0.05]]))
 
@@ -95,6 +96,8 @@ def test_temperature_zero_and_tiny_temperatures_are_argmax():
     for temperature in (0.0, 1e-30, 1e-6):
         chosen = draws(LOGITS, temperature, 0, 1.0, count=50)
         assert (chosen == np.array([1, 0])).all()
+    for top_k, top_p in ((3, 1.0), (0, 0.9), (5, 1.0)):  # through the filtering path too
+        assert (draws(LOGITS, 0.0, top_k, top_p, count=200) == np.array([1, 0])).all()
     filtered = sample.filter_logits(LOGITS, jnp.float32(1e-30), 0, jnp.float32(1.0))
     assert not np.isnan(np.asarray(filtered)).any()
 
@@ -237,3 +240,11 @@ def test_a_model_with_itself_writes_what_it_writes_alone_and_other_cells_write_t
     expected = np.argmax(np.mean(probs, axis=0), axis=-1)[len(prime) - 1 : -1]
     np.testing.assert_array_equal(ids, expected)
     assert not np.array_equal(ids, written((lstm_params,), (lstm,), 0.0)[:, 0])
+
+
+def test_a_stop_string_split_between_blocks_ends_the_sample(monkeypatch):
+    """`stop` is found across the join of two blocks, not only inside one."""
+    blocks = [np.array([[0], [1]]), np.array([[2], [3]]), np.array([[0], [0]])]  # "ab", "cd", "aa"
+    monkeypatch.setattr(sample, "generate", lambda *args: iter(blocks))
+    pieces = list(sample.generate_text((), (), Vocab("abcd"), "", 6, 1, 0, 0.0, stop="bc"))
+    assert "".join(piece[0] for piece in pieces) == "abc"

@@ -58,6 +58,20 @@ def test_the_prediction_adds_the_overhead_of_evaluating_and_saving_to_the_steps(
     assert sizing.predicted_s(10.0, 100, 0.5) > 60.0  # the timing's own seconds count
 
 
+def test_the_seconds_spent_timing_count_against_the_budget(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(sizing.time, "monotonic", lambda: now[0])
+
+    class TenSeconds(Timer):
+        def __call__(self, config):
+            now[0] += 10.0
+            return super().__call__(config)
+
+    # 100 steps of 0.5 s end at 52.6 s: within the 60 s alone, past them after 10 s of timing.
+    kept = sizing.choose(recipe(), steps_per_epoch=1000, time_step=TenSeconds(0.5))
+    assert kept.config.model.num_layers == 2 and kept.elapsed_s == 10.0 and "about 63 s" in kept.note
+
+
 def test_nothing_is_timed_where_there_is_nothing_to_choose():
     timer = Timer(1e9)
     no_budget = sizing.choose(recipe(max_minutes=0.0), 10, timer)
