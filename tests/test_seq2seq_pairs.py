@@ -1,5 +1,9 @@
 """Pairs files, vocabularies, batches and error rates of the encoder–decoder (NumPy only)."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -19,6 +23,8 @@ def test_reads_pairs_ignoring_blank_lines_and_line_endings(tmp_path):
     read = pairs_lib.read_pairs(write(tmp_path, "cat\tK AE1 T\r\n\nab\tba\n"), max_length=20)
     assert read.pairs == pairs_lib.Pairs(["cat", "ab"], ["K AE1 T", "ba"])
     assert read.skipped == 0
+    at_most = pairs_lib.read_pairs(write(tmp_path, "x" * 10 + "\t" + "y" * 10 + "\n"), max_length=10)
+    assert at_most.pairs.sources == ["x" * 10]  # as long as train.max_length is not over it
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -49,6 +55,16 @@ def test_validation_split_is_by_source_and_deterministic():
     assert len(train.sources) + len(val.sources) == 903
     assert 10 <= len(set(val.sources)) <= 60
     assert pairs_lib.split(pairs, 0.1) == (train, val)
+    order = np.random.default_rng(0).permutation(903)  # the same pairs in another order: the same words held out
+    shuffled = pairs_lib.Pairs([sources[i] for i in order], [pairs.targets[i] for i in order])
+    assert set(pairs_lib.split(shuffled, 0.1)[1].sources) == set(val.sources)
+    # and in another process, whose string hashes differ
+    held_out = (f"from charrnn.seq2seq import pairs; p = pairs.Pairs({sources!r}, {pairs.targets!r}); "
+                "print(sorted(set(pairs.split(p, 0.1)[1].sources)))")
+    for hash_seed in ("1", "2"):
+        printed = subprocess.run([sys.executable, "-c", held_out], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout
+        assert printed.strip() == str(sorted(set(val.sources)))
 
 
 def test_batches_pad_and_mask_and_put_the_end_symbol_last():
@@ -123,3 +139,8 @@ def test_error_rates_use_the_closest_reference():
     assert rates.token_error_rate == pytest.approx(1 / 10)  # one phoneme of the closest 6, none of 4
     assert rates.char_error_rate == pytest.approx(1 / (12 + 17))
     assert error_rates(["ab"], [["ab"]]).token_error_rate is None
+    # Rates are over the reference's length, not the output's; a word is right if it is any of its references.
+    assert error_rates(["HH AH0"], [["HH AH0 L OW1"]]).token_error_rate == 0.5
+    assert error_rates(["ab"], [["abcd"]]).char_error_rate == 0.5
+    assert error_rates(["HH EH0 L OW1"], [["HH AH0 L OW1", "HH EH0 L OW1"]]).exact_match == 1.0
+    assert error_rates(["a b", "cd"], [["a b"], ["cd"]]).token_error_rate == 0.0  # some targets are tokens
