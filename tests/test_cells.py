@@ -180,12 +180,15 @@ def test_bfloat16_weights_stay_close_to_float32(name, norm):
         np.testing.assert_allclose(field_half, field_full, rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(1, INPUT), (BATCH, INPUT), (STEPS, BATCH, INPUT)])
-def test_matmul_with_transposed_weights_equals_the_product(shape, dtype):
+def test_matmul_sums_in_float32_to_the_product_of_its_inputs(shape, dtype, transposed):
+    """Weights as they lie or held transposed, in either dtype: the float32 sum of the rounded inputs' products."""
     rng = np.random.default_rng(3)
     x, w = rng.normal(size=shape), rng.normal(size=(INPUT, 4 * HIDDEN))
-    product = matmul(jnp.asarray(x, jnp.float32), TransposedWeight(jnp.asarray(w.T, dtype)))
+    weight = TransposedWeight(jnp.asarray(w.T, dtype)) if transposed else jnp.asarray(w, dtype)
+    product = matmul(jnp.asarray(x, jnp.float32), weight)
     assert product.shape == shape[:-1] + (4 * HIDDEN,) and product.dtype == jnp.float32
     exact = np.asarray(jnp.asarray(x, dtype), np.float64) @ np.asarray(jnp.asarray(w, dtype), np.float64)
     np.testing.assert_allclose(product, exact, rtol=1e-5, atol=1e-5)

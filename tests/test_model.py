@@ -189,7 +189,8 @@ def explicit_forward(params: dict, config: ModelConfig, carry: tuple, inputs):
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_projection_table_equals_embedding_then_projection(cell, residual, norm):
-    config = make_config(cell, residual=residual, norm=norm)
+    layers = 3 if residual else 2  # with a third layer, each residual must join its own layer's input
+    config = make_config(cell, residual=residual, norm=norm, num_layers=layers)
     params, carry = random_params(config, seed=11), random_carry(config, seed=12)
     inputs = random_ids(13)
 
@@ -199,7 +200,7 @@ def test_projection_table_equals_embedding_then_projection(cell, residual, norm)
     np.testing.assert_allclose(logits_model, logits_explicit, rtol=0, atol=1e-5)
     assert_trees_close(carry_model, carry_explicit, atol=1e-5)
     if residual:  # the residual really changed the result
-        _, logits_plain = explicit_forward(params, make_config(cell, norm=norm), carry, inputs)
+        _, logits_plain = explicit_forward(params, make_config(cell, norm=norm, num_layers=layers), carry, inputs)
         assert not np.allclose(logits_plain, logits_explicit, atol=1e-2)
 
 

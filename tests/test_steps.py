@@ -86,6 +86,29 @@ def test_constant_stays_constant():
     assert {steps.learning_rate(config, step, progress) for step, progress in [(0, 0.0), (7, 0.4), (99, 1.0)]} == {0.3}
 
 
+def test_optimizer_is_global_clipping_then_adam_then_decoupled_decay():
+    """Against the formulas over several steps (one step of Adam is the same whatever its betas), with gradients
+    below and above the clip."""
+    config = TrainConfig(clip_norm=1.0, beta1=0.8, beta2=0.95, weight_decay=0.1)
+    optimizer = steps.make_optimizer(config)
+    rng = np.random.default_rng(0)
+    params = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))}
+    state = optimizer.init(jax.tree.map(jnp.asarray, params))
+    m = {name: np.zeros_like(value) for name, value in params.items()}
+    v = {name: np.zeros_like(value) for name, value in params.items()}
+    for t, scale in enumerate([0.2, 3.0, 0.5, 10.0], start=1):
+        grads = {name: scale * rng.normal(size=value.shape) for name, value in params.items()}
+        norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))  # one norm over every leaf
+        updates, state = optimizer.update(jax.tree.map(jnp.asarray, grads), state, jax.tree.map(jnp.asarray, params))
+        for name in params:
+            g = grads[name] * min(1.0, config.clip_norm / norm)
+            m[name] = config.beta1 * m[name] + (1 - config.beta1) * g
+            v[name] = config.beta2 * v[name] + (1 - config.beta2) * g**2
+            m_hat, v_hat = m[name] / (1 - config.beta1**t), v[name] / (1 - config.beta2**t)
+            expected = m_hat / (np.sqrt(v_hat) + 1e-8) + config.weight_decay * params[name]
+            np.testing.assert_allclose(updates[name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} step {t}")
+
+
 # ---------------------------------------------------------------- the train call
 
 
