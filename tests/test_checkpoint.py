@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from charrnn import checkpoint, config as config_lib, model
+from charrnn import checkpoint, config as config_lib, model, rundir
 from charrnn.config import Config, ModelConfig
 from charrnn.errors import CheckpointError, StorageError
 
@@ -154,8 +154,8 @@ def _flip_bit(payload: bytes, position: int) -> bytes:
     return bytes(damaged)
 
 
-def _other_version(monkeypatch) -> bytes:
-    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + 1)
+def _other_version(monkeypatch, offset: int = 1) -> bytes:
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", checkpoint.FORMAT_VERSION + offset)
     payload = _payload()
     monkeypatch.undo()
     return payload
@@ -190,11 +190,12 @@ def test_damaged_files_are_detected(make, fragment, tmp_path):
     assert str(path) in message and fragment in message
 
 
-def test_other_format_version_is_refused(tmp_path, monkeypatch):
-    path = tmp_path / "future.safetensors"
-    path.write_bytes(_other_version(monkeypatch))
+@pytest.mark.parametrize("offset", [1, -1], ids=["newer", "older"])
+def test_other_format_version_is_refused(tmp_path, monkeypatch, offset):
+    path = tmp_path / "other.safetensors"
+    path.write_bytes(_other_version(monkeypatch, offset))
     message = _checkpoint_error(checkpoint.read, path)
-    assert f"format version {checkpoint.FORMAT_VERSION + 1}" in message and str(path) in message
+    assert f"format version {checkpoint.FORMAT_VERSION + offset}" in message and str(path) in message
 
 
 @pytest.mark.parametrize("name", ["missing.safetensors", "."], ids=["missing", "directory"])
@@ -287,6 +288,17 @@ def test_rotate_keeps_the_newest(keep, tmp_path):
     assert checkpoint.step_files(tmp_path) == [checkpoint.step_path(tmp_path, step) for step in steps[-keep:]]
     assert not (tmp_path / temp).exists()
     assert (tmp_path / best).exists() and (tmp_path / notes).exists()
+
+
+def test_the_best_copy_is_the_last_checkpoint_saved_as_best(tmp_path):
+    first, second = (checkpoint.flatten(_tree(seed), "state") for seed in (0, 1))
+    rundir.checkpoints_dir(tmp_path).mkdir()
+    for step, arrays, best in ((5, first, True), (10, second, True), (15, first, False)):
+        checkpoint.save(tmp_path, step, arrays, {"step": step}, best=best, keep=1)
+    arrays, metadata = checkpoint.read(rundir.checkpoints_dir(tmp_path) / rundir.BEST_FILE)
+    assert metadata["step"] == 10 and arrays.keys() == second.keys()
+    for name, value in second.items():
+        np.testing.assert_array_equal(arrays[name], value)
 
 
 @pytest.mark.parametrize("broken", [[], [3], [3, 2], [2]])

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from clihelp import TINY, run_in_process, snapshot, subprocess_env
 
 from charrnn import checkpoint
+from charrnn.errors import Interrupted
 
 USAGE, CORPUS, CHECKPOINT, STORAGE = 2, 3, 4, 6
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 60
@@ -214,3 +216,9 @@ def test_an_ascii_locale_with_redirected_stdout_writes_utf8(workspace, argv, exp
                               capture_output=True)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout.decode("utf-8")
+
+
+def test_a_signal_ends_with_the_shells_code_for_it():
+    """README's exit codes: 128 + the signal's number, as a shell reports a process the signal ended."""
+    assert Interrupted("stopped", signal.SIGINT).exit_code == 130
+    assert Interrupted("stopped", signal.SIGTERM).exit_code == 143

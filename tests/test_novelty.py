@@ -46,6 +46,8 @@ def test_short_sample_and_short_training_text():
     assert result["longest_copy"] == "cab"
     assert result["ngram_fractions"] == {2: 2 / 6, 3: 1 / 5, 4: 0.0}
     assert novelty("abc", "")["longest_copy_length"] == 0
+    # A sample exactly n characters long holds one n-gram; a shorter one none.
+    assert novelty("abcdefghij" * 3, "cdefghijab", ns=(10, 11))["ngram_fractions"] == {10: 1.0, 11: None}
 
 
 def brute_force(train: str, sample: str, ns) -> tuple[int, dict]:

@@ -3,6 +3,7 @@
 import html
 import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -92,6 +93,20 @@ def test_predictions_reach_the_script_intact():
     guesses = json.loads(payload)
     assert len(guesses) == len(TEXT)
     assert guesses[0] == [["e", 0.5], ["\\n", 0.2], ["<", 0.1], ["&", 0.05], ["\u2423", 0.01]]
+
+
+def test_a_label_that_would_close_the_script_stays_inside_it():
+    predictions = [[("</script><!--", 1.0)] for _ in TEXT]  # a label of a model whose symbols are tokens
+    (script,) = read_page(render.html(TEXT, UNITS, predictions, "t")).scripts
+    assert "</" not in script and "<!--" not in script
+    payload = script.split("const PREDICTIONS = ", 1)[1].split(";\n", 1)[0]
+    assert json.loads(payload)[0] == [["</script><!--", 1.0]]
+
+
+def test_each_character_is_escaped_in_its_span():
+    page = render.html(TEXT, UNITS, PREDICTIONS, "t")
+    shown = re.findall(r'<span[^>]* data-i="\d+"[^>]*>([^<>]*)</span>', page)  # no raw < or > inside a span
+    assert [html.unescape(text) for text in shown] == [render.shown(char) for char in TEXT] * len(UNITS)
 
 
 def test_colours_show_sign_and_scale():

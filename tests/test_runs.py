@@ -208,6 +208,11 @@ def test_curves_of_a_resumed_run_keep_the_newer_points(tmp_path):
         log.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
     curve = runs.curves(tmp_path)["train"]
     assert curve == {"chars_seen": [1000, 2000, 2500, 3000, 3500], "bpc": [4.0, 3.0, 2.9, 2.6, 2.4]}
+    (tmp_path / "again").mkdir()
+    again = rundir.MetricsLog(tmp_path / "again")  # killed just after logging 2000, which the resume logs again
+    for chars_seen, bpc in ((1000, 4.0), (2000, 3.0), (2000, 2.95), (3000, 2.5)):
+        again.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
+    assert runs.curves(tmp_path / "again")["train"] == {"chars_seen": [1000, 2000, 3000], "bpc": [4.0, 2.95, 2.5]}
 
 
 def test_plot_writes_a_png(sweep, tmp_path):
