@@ -204,7 +204,8 @@ class Loop:
                 last_eval_block = step // train_config.eval_every
                 self.pause_to_save(evaluate=True)
                 last_save_time = time.monotonic()
-            elif train_config.save_minutes and time.monotonic() - last_save_time >= train_config.save_minutes * 60:
+            elif (train_config.save_minutes and step < self.last_step  # the last step is saved after its evaluation
+                  and time.monotonic() - last_save_time >= train_config.save_minutes * 60):
                 self.pause_to_save(evaluate=False)
                 last_save_time = time.monotonic()
 

@@ -75,8 +75,9 @@ def test_training_chars_per_s_counts_every_character_of_every_call_in_a_window_o
     assert len(calls) == 4
     assert rate == pytest.approx(4 * config.train.batch_size * config.train.seq_len * 3 / 0.5)
     calls.clear()
-    training.chars_per_second(0.51)  # just past 4 calls: the next group doubles to 8
+    rate = training.chars_per_second(0.51)  # just past 4 calls: the next group doubles to 8
     assert len(calls) == 8
+    assert rate == pytest.approx(8 * config.train.batch_size * config.train.seq_len * 3 / 1.0)  # over the 1 s taken
 
 
 def test_versus_takes_the_variants_windows_in_turn_and_reports_the_median_ratio_of_each_round(capsys, monkeypatch):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clihelp import TINY
 
 from charrnn.errors import UsageError
 from charrnn.events import Evaluated, Logged, Started, Stopped
@@ -100,3 +101,15 @@ def test_without_the_extra_says_how_to_install_it(tmp_path, monkeypatch):
     message = str(raised.value)
     assert "\n" not in message and ".[tensorboard]" in message
     assert raised.value.exit_code == 2
+
+
+@needs_tensorboardx
+def test_a_resume_purges_from_the_step_after_its_checkpoint(cli, small_corpus, tmp_path):
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    args = ["--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5"]
+    assert cli("train", small_corpus, *args, "--steps", "10", "--out", "run", "--tensorboard").code == 0
+    assert cli("train", "--resume", "run", "--steps", "20", "--tensorboard").code == 0
+    starts = [event.step for event in read_events(tmp_path / "run" / "tensorboard")
+              if event.session_log.status == SessionLog.START]
+    assert starts == [11]

@@ -12,7 +12,7 @@ from clihelp import TINY, assert_identical_arrays, final_arrays, start_subproces
 from test_tensorboard import needs_tensorboardx, read_scalars
 
 import charrnn
-from charrnn import config as config_lib, events, rundir, training
+from charrnn import checkpoint, config as config_lib, distributed, events, rundir, steps, training
 
 # 20 steps, two evaluations, four log lines: a few seconds on a CPU.
 KEYS = {"steps": 20, "eval_every": 10, "log_every": 5}
@@ -235,3 +235,72 @@ def test_both_tasks_train_on_smoothed_labels_and_validate_on_plain_ones(small_co
             losses[smoothing, "validation"] = task.validation_loss(params, None)
         assert losses[0.3] != losses[0.0], kind
         assert losses[0.3, "validation"] == losses[0.0, "validation"], kind
+
+
+def test_the_step_that_diverged_is_the_one_after_the_last_finite_one(small_corpus, tmp_path):
+    recorder = Recorder()
+    with pytest.raises(charrnn.DivergedError, match="non-finite"):
+        charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=30, lr=1e38, clip_norm=0.0,
+                      log_every=1, eval_every=100)
+    (diverged,) = recorder.of(events.Diverged)
+    # TINY: one step per call, a log line each step: every finite step is logged, the next one diverged.
+    assert [event.step for event in recorder.of(events.Logged)] == list(range(1, diverged.step))
+
+
+def test_the_final_loss_is_the_last_evaluation_and_the_best_the_lowest(small_corpus, tmp_path, monkeypatch):
+    losses = iter([2.0, 3.0])
+    monkeypatch.setattr(steps, "evaluate", lambda *args, **kwargs: next(losses))
+    recorder = Recorder()
+    summary = charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=6, eval_every=3,
+                            log_every=3)
+    assert [(e.step, e.val_loss, e.best) for e in recorder.of(events.Evaluated)] == [(3, 2.0, True), (6, 3.0, False)]
+    assert (summary.best_val_loss, summary.final_val_loss) == (2.0, 3.0)
+
+
+def test_a_run_ending_between_evaluations_evaluates_at_its_end(small_corpus, tmp_path):
+    recorder = Recorder()
+    summary = charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=7, eval_every=5,
+                            log_every=5)
+    evaluated = recorder.of(events.Evaluated)
+    assert [(e.step, e.final) for e in evaluated] == [(5, False), (7, True)]
+    assert summary.final_val_loss == evaluated[-1].val_loss
+
+
+def test_save_minutes_saves_between_evaluations(small_corpus, tmp_path):
+    recorder = Recorder()
+    charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=6, eval_every=3, log_every=3,
+                  save_minutes=1e-9, keep=10)
+    # After every call but those that evaluate (3) and the last (6), which save with their evaluation.
+    assert [event.step for event in recorder.of(events.Saved)] == [1, 2, 4, 5]
+
+
+def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeypatch):
+    """A clock that reads 10 s more at each check: with a 30 s budget, calls start at 0, 10 and 20 s only."""
+    checks = []
+
+    def agree(values):
+        checks.append(1)
+        return np.array([10.0 * (len(checks) - 1), values[1]])
+
+    monkeypatch.setattr(distributed, "agree", agree)
+    summary = charrnn.train(small_corpus, tmp_path / "run", TINY, steps=1000, max_minutes=0.5, eval_every=1000,
+                            log_every=1)
+    assert summary.steps == 3
+
+
+def test_a_run_resumed_at_its_own_last_step_ends_there(cli, small_corpus, tmp_path):
+    args = ["--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5"]
+    assert cli("train", small_corpus, *args, "--steps", "10", "--out", "run").code == 0
+    again = cli("train", "--resume", "run", "--steps", "10", "--json")
+    assert again.code == 0, again.err
+    assert json.loads(again.out.splitlines()[-1])["steps"] == 10
+
+
+def test_the_budget_spans_resumes(cli, small_corpus, tmp_path):
+    args = ["--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5"]
+    assert cli("train", small_corpus, *args, "--steps", "10", "--out", "run").code == 0
+    spent = checkpoint.read_latest(tmp_path / "run" / "checkpoints")[2]["elapsed_s"]
+    assert spent > 0
+    resumed = cli("train", "--resume", "run", "--steps", "1000", "--minutes", str(spent / 2 / 60), "--json")
+    assert resumed.code == 0, resumed.err
+    assert json.loads(resumed.out.splitlines()[-1])["steps"] == 10  # the budget was spent before the resume
