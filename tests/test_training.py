@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import time
+import types
 
 import jax
 import numpy as np
@@ -304,3 +305,31 @@ def test_the_budget_spans_resumes(cli, small_corpus, tmp_path):
     resumed = cli("train", "--resume", "run", "--steps", "1000", "--minutes", str(spent / 2 / 60), "--json")
     assert resumed.code == 0, resumed.err
     assert json.loads(resumed.out.splitlines()[-1])["steps"] == 10  # the budget was spent before the resume
+
+
+def test_training_chars_per_s_leaves_out_the_first_call_and_the_evaluations(small_corpus, tmp_path, monkeypatch):
+    """On a clock that moves only where the run does: 50 s in the first call (compiling), 1 s in each later one,
+    100 s in each evaluation. Steady training is the 5 calls after the first: a step a second."""
+    from charrnn import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    compile_train_call, evaluate = steps.compile_train_call, steps.evaluate
+
+    def timed_calls(*args, **kwargs):
+        call = compile_train_call(*args, **kwargs)
+
+        def timed(*call_args):
+            now[0] += 1.0 if now[0] else 50.0
+            return call(*call_args)
+        return timed
+
+    def timed_evaluation(*args, **kwargs):
+        now[0] += 100.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "compile_train_call", timed_calls)
+    monkeypatch.setattr(steps, "evaluate", timed_evaluation)
+    summary = charrnn.train(small_corpus, tmp_path / "run", TINY, steps=6, eval_every=3, log_every=3)
+    tiny = config_lib.resolve(TINY, [], {}).train
+    assert summary.train_chars_per_s == pytest.approx(tiny.batch_size * tiny.seq_len)
