@@ -200,12 +200,13 @@ class Loop:
             if step // train_config.log_every > last_log_block or step == self.last_step:
                 last_log_block = step // train_config.log_every
                 self.log(step, last_lr)
-            if step // train_config.eval_every > last_eval_block and step < self.last_step:
+            if step == self.last_step:  # evaluated and saved once, after the loop
+                break
+            if step // train_config.eval_every > last_eval_block:
                 last_eval_block = step // train_config.eval_every
                 self.pause_to_save(evaluate=True)
                 last_save_time = time.monotonic()
-            elif (train_config.save_minutes and step < self.last_step  # the last step is saved after its evaluation
-                  and time.monotonic() - last_save_time >= train_config.save_minutes * 60):
+            elif train_config.save_minutes and time.monotonic() - last_save_time >= train_config.save_minutes * 60:
                 self.pause_to_save(evaluate=False)
                 last_save_time = time.monotonic()
 
