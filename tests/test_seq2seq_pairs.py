@@ -1,11 +1,11 @@
 """Pairs files, vocabularies, batches and error rates of the encoder–decoder (NumPy only)."""
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from clihelp import subprocess_env
 
 from charrnn.data import Vocab
 from charrnn.errors import CorpusError
@@ -63,7 +63,7 @@ def test_validation_split_is_by_source_and_deterministic():
                 "print(sorted(set(pairs.split(p, 0.1)[1].sources)))")
     for hash_seed in ("1", "2"):
         printed = subprocess.run([sys.executable, "-c", held_out], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONHASHSEED": hash_seed}).stdout
+                                 env=subprocess_env(PYTHONHASHSEED=hash_seed)).stdout
         assert printed.strip() == str(sorted(set(val.sources)))
 
 

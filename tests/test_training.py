@@ -289,17 +289,22 @@ def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeyp
     assert summary.steps == 3
 
 
+def train_ten_steps(cli, corpus) -> None:
+    """A run "run" of TINY's model for 10 steps, by the command line, evaluated at 5 and 10."""
+    done = cli("train", corpus, "--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5",
+               "--steps", "10", "--out", "run")
+    assert done.code == 0, done.err
+
+
 def test_a_run_resumed_at_its_own_last_step_ends_there(cli, small_corpus, tmp_path):
-    args = ["--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5"]
-    assert cli("train", small_corpus, *args, "--steps", "10", "--out", "run").code == 0
+    train_ten_steps(cli, small_corpus)
     again = cli("train", "--resume", "run", "--steps", "10", "--json")
     assert again.code == 0, again.err
     assert json.loads(again.out.splitlines()[-1])["steps"] == 10
 
 
 def test_the_budget_spans_resumes(cli, small_corpus, tmp_path):
-    args = ["--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5"]
-    assert cli("train", small_corpus, *args, "--steps", "10", "--out", "run").code == 0
+    train_ten_steps(cli, small_corpus)
     spent = checkpoint.read_latest(tmp_path / "run" / "checkpoints")[2]["elapsed_s"]
     assert spent > 0
     resumed = cli("train", "--resume", "run", "--steps", "1000", "--minutes", str(spent / 2 / 60), "--json")
