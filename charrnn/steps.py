@@ -86,10 +86,12 @@ def fresh_state(config: Config, optimizer, init_params, initial_carry) -> tuple[
 
     `init_params(key) -> params`, `initial_carry(params, batch_size) -> carry`: the task's.
     """
-    key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
-    params = jax.device_get(init_params(key))
-    state = jax.device_get(initial_state(params, optimizer, config.train.ema > 0))
-    return state, jax.device_get(initial_carry(params, config.train.batch_size))
+    def fresh(key: jax.Array) -> tuple[TrainState, tuple]:
+        params = init_params(key)
+        return initial_state(params, optimizer, config.train.ema > 0), initial_carry(params, config.train.batch_size)
+
+    # One compiled program rather than an eager dispatch (and compilation) of each initialiser's operations.
+    return jax.device_get(jax.jit(fresh)(jax.random.fold_in(jax.random.key(config.train.seed), 0)))
 
 
 def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[TrainState, tuple]:
