@@ -70,10 +70,12 @@ def test_record_does_not_depend_on_the_chunk_size():
         np.testing.assert_allclose(pieces["h"], whole["h"], rtol=0, atol=1e-5)
 
 
-def test_record_refuses_a_layer_the_model_lacks():
+def test_record_refuses_a_layer_the_model_lacks_and_an_empty_text():
     config = ModelConfig(cell="rnn", num_layers=2, hidden_size=8, embedding_size=5)
     with pytest.raises(ValueError, match="layer 2"):
         activations.record(noisy_params(config, 0), config, np.array([1, 2]), 2)
+    with pytest.raises(ValueError, match="no characters"):
+        activations.record(noisy_params(config, 0), config, np.array([], np.int32), 0)
 
 
 def test_features_on_hand_made_text():
@@ -129,18 +131,26 @@ def test_top_units_refuses_mismatched_text_and_unknown_feature():
         activations.top_units(units, "abcde", 1, "vowels")
 
 
+VIZ_VOCAB, VIZ_TEXT = "\n abcdefg", "a bad cafe\nfed a bag"  # VOCAB characters, and a text of them
+
+
+def write_checkpoint(directory, cell: str):
+    """A checkpoint of a two-layer model of width 8 with noisy params, as `viz` reads one: (config, params, path)."""
+    config = Config(model=ModelConfig(cell=cell, num_layers=2, hidden_size=8, embedding_size=5))
+    params = noisy_params(config.model, seed=3)
+    metadata = {"config": config_lib.to_dict(config), "vocab": VIZ_VOCAB, "corpus_sha": "0" * 16, "step": 1,
+                "elapsed_s": 0.0, "val_loss": 2.0, "best_val_loss": 2.0, "chars_seen": 1, "saved_at": 0.0}
+    path = checkpoint.step_path(directory, 1)
+    checkpoint.write(path, checkpoint.flatten(params, "params"), metadata)
+    return config, params, path
+
+
 def test_viz_writes_the_dump_and_the_page_at_the_names_given(tmp_path, capsys):
     """--dump FILE is FILE whatever its suffix (NumPy alone would add .npz), holding what `record` gives."""
     from clihelp import run_in_process
 
-    config = Config(model=ModelConfig(cell="lstm", num_layers=2, hidden_size=8, embedding_size=5))
-    vocab = "\n abcdefg"  # VOCAB characters
-    params = noisy_params(config.model, seed=3)
-    metadata = {"config": config_lib.to_dict(config), "vocab": vocab, "corpus_sha": "0" * 16, "step": 1,
-                "elapsed_s": 0.0, "val_loss": 2.0, "best_val_loss": 2.0, "chars_seen": 1, "saved_at": 0.0}
-    path = checkpoint.step_path(tmp_path, 1)
-    checkpoint.write(path, checkpoint.flatten(params, "params"), metadata)
-    text = "a bad cafe\nfed a bag"
+    config, params, path = write_checkpoint(tmp_path, "lstm")
+    text = VIZ_TEXT
     dump, page = tmp_path / "acts.bin", tmp_path / "page.html"
 
     result = run_in_process(capsys, "viz", "-c", path, "--text", text, "--layer", "2", "--units", "0,3",
@@ -149,10 +159,31 @@ def test_viz_writes_the_dump_and_the_page_at_the_names_given(tmp_path, capsys):
     assert result.code == 0, result.err
     assert sorted(file.name for file in tmp_path.iterdir()) == ["acts.bin", "page.html", path.name]
     saved = np.load(dump)
-    ids = np.array([vocab.index(char) for char in text])
+    ids = np.array([VIZ_VOCAB.index(char) for char in text])
     expected = activations.record(params, config.model, ids, 1)
     assert str(saved["text"]) == text and int(saved["layer"]) == 2
     np.testing.assert_array_equal(saved["ids"], ids)
     for name in ("h", "c", "top_ids", "top_probs"):
         np.testing.assert_allclose(saved[name], expected[name], rtol=0, atol=1e-6)
     assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")  # its content: tests/test_render.py
+
+
+@pytest.mark.parametrize("cell, args, error", [
+    ("lstm", ["--units", "8"], "--units must name units 0..7"),  # one past the last unit
+    ("gru", ["--state", "c"], "--state c needs an LSTM"),
+])
+def test_viz_refuses_units_and_states_the_model_lacks(tmp_path, capsys, cell, args, error):
+    from clihelp import run_in_process
+
+    _, _, path = write_checkpoint(tmp_path, cell)
+    result = run_in_process(capsys, "viz", "-c", path, "--text", VIZ_TEXT, *args)
+    assert result.code == 2 and result.err.startswith(f"charrnn: error: {error}"), result.err
+
+
+def test_viz_top_shows_that_many_units_on_stdout_and_ranks_them_on_stderr(tmp_path, capsys):
+    from clihelp import run_in_process
+
+    _, _, path = write_checkpoint(tmp_path, "lstm")
+    result = run_in_process(capsys, "viz", "-c", path, "--text", VIZ_TEXT, "--top", "3", "--state", "c")
+    assert result.code == 0, result.err
+    assert result.err.count("unit ") == 3 and result.out.count("layer 2 c, unit ") == 3

@@ -151,3 +151,11 @@ def test_a_larger_model_is_named_with_the_versus_that_times_it(capsys, monkeypat
     timed = run_in_process(capsys, *given, "--versus", suggested)
     first, variant = json.loads(timed.out)["variants"]
     assert (first["train_chars_per_s"], variant["train_chars_per_s"]) == (2.0, 3.0)  # TINY's two layers, then three
+
+
+def test_the_window_and_repeats_asked_for_reach_the_benchmark(capsys, monkeypatch):
+    asked = []
+    monkeypatch.setattr(bench, "benchmark", lambda config, repeats, seconds: asked.append((repeats, seconds)) or {"x": 1.0})
+    result = run_in_process(capsys, "bench", "--config", TINY, "--repeats", "3", "--seconds", "0.25")
+    assert result.code == 0, result.err
+    assert asked == [(3, 0.25)] and result.out == "x 1.00\n"

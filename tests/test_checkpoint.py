@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from safetensors.numpy import save as save_safetensors
 
 from charrnn import checkpoint, config as config_lib, model, rundir
+from charrnn.atomic import probe_writable
 from charrnn.config import Config, ModelConfig
 from charrnn.errors import CheckpointError, StorageError
 
@@ -219,6 +221,40 @@ def test_enospc_keeps_the_old_file(tmp_path, monkeypatch):
 def test_write_into_missing_directory_is_a_storage_error(tmp_path):
     with pytest.raises(StorageError):
         checkpoint.write_atomic(tmp_path / "absent" / "model.safetensors", _payload())
+
+
+def test_the_file_is_synced_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """The order that makes a write survive power loss: data on disk, then the name, then the name on disk."""
+    path, payload = tmp_path / "model.safetensors", _payload()
+    steps, fsync, replace = [], os.fsync, os.replace
+
+    def synced(descriptor):
+        kind = "directory" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file"
+        size = os.fstat(descriptor).st_size
+        steps.append(("fsync", kind, size if kind == "file" else None))
+        fsync(descriptor)
+
+    def renamed(source, target):
+        steps.append(("replace", Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", renamed)
+    descriptors = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    checkpoint.write_atomic(path, payload)
+    assert steps == [("fsync", "file", len(payload)), ("replace", path), ("fsync", "directory", None)]
+    assert path.read_bytes() == payload and os.listdir(tmp_path) == [path.name]
+    if descriptors is not None:
+        assert len(os.listdir("/proc/self/fd")) == descriptors  # every descriptor it opened is closed
+
+
+def test_a_probed_directory_is_made_with_its_parents_and_left_empty(tmp_path):
+    directory = tmp_path / "runs" / "new"
+    probe_writable(directory)
+    assert directory.is_dir() and os.listdir(directory) == []
+    (directory / "file").write_bytes(b"x")
+    with pytest.raises(OSError):
+        probe_writable(directory / "file" / "below")  # under a file: OSError, as documented
 
 
 CHILD = textwrap.dedent(

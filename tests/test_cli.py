@@ -80,8 +80,41 @@ def test_help_and_version(cli):
     for command in ("train", "sample", "eval"):
         result = cli(command, "--help")
         assert result.code == 0 and "Usage" in result.out
+    bare = cli()  # no command: the list of commands, not silence
+    assert bare.code == 0 and "Usage" in bare.out and "sample" in bare.out
     assert "Model" in cli("train", "-h").out and "Training" in cli("train", "-h").out
     assert cli("--version").out.startswith("charrnn ")
+
+
+# Each first-class option of `train`, a value unlike tiny.toml's and the defaults', and the key it sets.
+FIRST_CLASS = {"--cell": ("gru", "model.cell"), "--layers": ("1", "model.num_layers"),
+               "--hidden": ("12", "model.hidden_size"), "--embedding": ("6", "model.embedding_size"),
+               "--dropout": ("0.125", "model.dropout"), "--steps": ("2", "train.steps"),
+               "--minutes": ("7.5", "train.max_minutes"), "--epochs": ("9.5", "train.max_epochs"),
+               "--batch-size": ("4", "train.batch_size"), "--seq-len": ("12", "train.seq_len"),
+               "--lr": ("0.004", "train.lr"), "--seed": ("5", "train.seed")}
+
+
+def test_first_class_options_set_the_keys_they_name(cli, small_corpus, monkeypatch):
+    """Each option reaches the config the run would train with (caught as the corpus is about to be read)."""
+    from charrnn import config as config_lib
+    from charrnn import training
+    from charrnn.errors import UsageError
+
+    resolved = []
+
+    def stop_at_the_corpus(path, config, metadata=None):
+        resolved.append(config_lib.to_dict(config))
+        raise UsageError("stopped before reading the corpus")
+
+    monkeypatch.setattr(training, "load_task", stop_at_the_corpus)
+    options = [word for option, (value, _) in FIRST_CLASS.items() for word in (option, value)]
+    result = cli("train", small_corpus, "--config", TINY, *options, "--out", "run")
+    assert result.code == 2 and "stopped before reading the corpus" in result.err
+    (saved,) = resolved
+    for option, (value, key) in FIRST_CLASS.items():
+        section, name = key.split(".")
+        assert str(saved[section][name]) == value, option
 
 
 def cosine_lr(train: dict, step: int, progress: float) -> float:

@@ -13,6 +13,7 @@ from clihelp import TINY, run_in_process, snapshot, subprocess_env
 
 from charrnn import checkpoint
 from charrnn.errors import Interrupted
+from charrnn.stdout import ReaderGone, command_stdout
 
 USAGE, CORPUS, CHECKPOINT, STORAGE = 2, 3, 4, 6
 TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 60
@@ -106,6 +107,11 @@ CASES = [
      STORAGE, "cannot write"),
     ("plot under a file", ["plot", "runs/good", "-o", "bad/not_a_dir/curves.png"], STORAGE, "cannot write"),
     ("missing --prime-file", ["sample", "--prime-file", "nowhere.txt"], CORPUS, "cannot read"),
+    ("--prime and --prime-file", ["sample", "--prime", "A", "--prime-file", "corpus.txt"], USAGE, "not both"),
+    ("sample --beam of a language model", ["sample", "--beam", "2"], USAGE, "--beam"),
+    ("eval --beam of a language model", ["eval", "corpus.txt", "--beam", "2"], USAGE, "--beam"),
+    ("novelty n-grams of length 0", ["novelty", "corpus.txt", "corpus.txt", "--ngrams", "5,0"], USAGE, "--ngrams"),
+    ("runs --json and --csv", ["runs", "runs", "--json", "--csv"], USAGE, "not both"),
     ("missing viz --text-file", ["viz", "-c", "runs/good", "--text-file", "nowhere.txt"], CORPUS, "cannot read"),
     ("resume past --steps", ["train", "--resume", "runs/good", "--steps", "2"], USAGE, "at step 10"),
     ("config not UTF-8", [*TRAIN, "corpus.txt", "--config", "bad/latin1.txt"], USAGE, "not UTF-8"),
@@ -183,6 +189,24 @@ def test_length_zero_prints_only_the_prime(workspace, capsys, monkeypatch):
     monkeypatch.chdir(workspace)
     result = run_in_process(capsys, "sample", "--length", "0", "--prime", "ROMEO", "--seed", "1")
     assert result.code == 0 and result.out == "ROMEO\n"
+    from_file = run_in_process(capsys, "sample", "--length", "0", "--prime-file", "corpus.txt", "--seed", "1")
+    assert from_file.code == 0 and from_file.out == (workspace / "corpus.txt").read_text(encoding="utf-8") + "\n"
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (RuntimeError("boom\nsecond line"), 1, "charrnn: error: internal error: RuntimeError: boom\n"),  # a bug: line 1
+    (KeyboardInterrupt(), 130, ""),  # Ctrl-C: the shell's code for SIGINT, no traceback
+], ids=["bug", "ctrl-c"])
+def test_a_bug_or_ctrl_c_ends_with_its_exit_code_and_no_traceback(workspace, capsys, monkeypatch, raised, code, line):
+    import charrnn.novelty
+
+    def measure(*args, **kwargs):
+        raise raised
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(charrnn.novelty, "novelty", measure)
+    result = run_in_process(capsys, "novelty", "corpus.txt", "corpus.txt")
+    assert (result.code, result.err, result.out) == (code, line, "")
 
 
 @pytest.mark.parametrize("argv, read", [
@@ -200,6 +224,23 @@ def test_output_piped_into_head_exits_quietly(workspace, argv, read):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert b"Traceback" not in err and b"error" not in err and b"Exception" not in err
+
+
+def test_a_closed_pipe_ends_the_command_and_leaves_stdout_writable(monkeypatch):
+    """In-process: the write that meets the closed pipe raises ReaderGone, the descriptor then leads to
+    /dev/null (so the interpreter's last flush succeeds), and sys.stdout is the stream it was."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write
+    with open(write_end, "w", encoding="ascii") as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        with pytest.raises(ReaderGone), command_stdout():
+            print("naïve " * 10, flush=True)  # UTF-8 whatever the stream had; the flush meets the closed pipe
+        assert sys.stdout is stream
+        with pytest.raises(KeyError), command_stdout():
+            raise KeyError("any error")
+        assert sys.stdout is stream
+        stream.write("more")
+    # Closing flushed "more" into /dev/null: no BrokenPipeError.
 
 
 @pytest.mark.parametrize("argv, expected", [

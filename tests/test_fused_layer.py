@@ -58,10 +58,11 @@ def test_outputs_and_gradients_equal_the_xla_layer(cell_name):
 
 def test_bfloat16_weights_match_the_xla_layer_in_bfloat16():
     cell, params, carry, projections, weights = problem("lstm", batch=4, dtype=jnp.bfloat16, seed=1)
+    projections = projections.astype(jnp.bfloat16)  # as a bfloat16 model's projection table gives them
     reference = functools.partial(objective, run_layer, cell, weights)
     fused = functools.partial(objective, interpreted, cell, weights)
     got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(params, carry, projections)
-    assert got[0]["w_h"].dtype == jnp.bfloat16
+    assert got[0]["w_h"].dtype == got[2].dtype == jnp.bfloat16
     assert_close(got, jax.grad(reference, argnums=(0, 1, 2))(params, carry, projections), 2e-2)
 
 
@@ -100,12 +101,18 @@ def test_the_gpu_kernels_lower_to_triton(cell_name, dtype):
     assert lowered.as_text().count("xla.gpu.triton") == 2  # the forward kernel and the backward one
 
 
+def programs_of(blocks: fused_layer.Blocks, batch: int, hidden: int) -> int:
+    """How many programs `blocks` launch for a [batch, hidden] layer: every one must be resident at once."""
+    return -(-batch // blocks.rows) * (hidden // blocks.units)
+
+
 @pytest.mark.parametrize("batch, hidden, programs", [(64, 512, 132), (128, 1024, 132), (256, 1024, 132),
-                                                     (1, 512, 132), (100, 48, 20), (256, 4096, 8)])
+                                                     (1, 512, 132), (100, 48, 20), (256, 4096, 8),
+                                                     (64, 48, 3), (PALLAS_UNIT, PALLAS_UNIT, 1)])  # exact fits
 def test_blocks_fit_the_resident_programs_and_tile_the_layer(batch, hidden, programs):
     blocks = fused_layer.choose_blocks(batch, hidden, programs)
-    batch_blocks = -(-batch // blocks.rows)
-    assert batch_blocks * (hidden // blocks.units) <= programs
+    assert blocks is not None
+    assert programs_of(blocks, batch, hidden) <= programs
     for size in (blocks.rows, blocks.units, blocks.depth):
         assert size >= PALLAS_UNIT and size & (size - 1) == 0  # Triton's blocks are powers of two
     assert hidden % blocks.units == 0 and hidden % blocks.depth == 0

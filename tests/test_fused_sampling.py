@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_fused_layer import programs_of
 
 from charrnn import fused_layer, fused_sampling, model, runtime, sample
 from charrnn.config import ADDITIVE_CELLS, PALLAS_UNIT, ModelConfig
@@ -102,6 +103,15 @@ def test_the_kernel_runs_only_for_the_blocks_it_takes(pallas_interpreted):
     assert not launches(dataclasses.replace(config, residual=True))
     assert fused_sampling.choose_blocks(config, 2, fused_sampling.MAX_VOCAB, filtered=False) is not None
     assert fused_sampling.choose_blocks(config, 2, fused_sampling.MAX_VOCAB + 1, filtered=False) is None
+
+
+def test_the_blocks_fit_the_device_for_the_streams_asked_and_hold_whole_units_of_vocabulary(monkeypatch):
+    monkeypatch.setattr(runtime, "resident_programs", lambda: 2)  # a device that holds two programs at once
+    blocks = fused_sampling.choose_blocks(make_config("lstm"), 64, VOCAB, filtered=False)
+    assert programs_of(blocks, 64, H) <= 2
+    sizes = [1, 9, PALLAS_UNIT, PALLAS_UNIT + 1, fused_sampling.MAX_VOCAB]
+    assert [fused_sampling.padded_vocab(size) for size in sizes] == [PALLAS_UNIT] * 3 + [2 * PALLAS_UNIT,
+                                                                                        fused_sampling.MAX_VOCAB]
 
 
 @pytest.mark.parametrize("cell_name", ADDITIVE_CELLS)

@@ -1,5 +1,6 @@
 """Novelty of a sample against its training text: known answers, a brute-force reference, speed."""
 
+import json
 import time
 from pathlib import Path
 
@@ -76,3 +77,16 @@ def test_a_megabyte_of_training_text_takes_seconds():
     result = novelty(train, sample)
     assert time.perf_counter() - start < 10.0
     assert result["longest_copy_length"] >= 1000 and result["longest_copy"].startswith(train[300_000:301_000])
+
+
+def test_the_command_reports_what_novelty_measures(cli, tmp_path):
+    sample = TRAIN[1000:1040] + "WXYZ" + TRAIN[9000:9015]
+    (tmp_path / "train.txt").write_text(TRAIN, encoding="utf-8")
+    (tmp_path / "sample.txt").write_text(sample, encoding="utf-8")
+    expected = novelty(TRAIN, sample, ns=(3, 30))
+    result = cli("novelty", "train.txt", "sample.txt", "--ngrams", "3,30", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out) == {"train_file": "train.txt", "sample_file": "sample.txt", **expected,
+                                      "ngram_fractions": {str(n): share for n, share in expected["ngram_fractions"].items()}}
+    plain = cli("novelty", "train.txt", "sample.txt", "--ngrams", "3,30")
+    assert plain.out.splitlines()[0] == f"longest copy: 40 characters: {TRAIN[1000:1040]!r}"

@@ -77,6 +77,15 @@ def test_page_is_well_formed_and_holds_every_character_and_value():
         assert reader.row_text[unit] == TEXT
         assert reader.row_values[unit] == [render.format_value(value) for value in values]
     assert "<title>layer 2 &lt;h&gt; &amp; c</title>" in page
+    # The heading gives each unit's colour scale: 1 for values within [-1, 1], else the largest |value|.
+    assert "<h2>unit 3 <small>(colour scale \u00b11.00)</small></h2>" in page
+    assert f"<h2>unit 17 <small>(colour scale \u00b1{np.max(np.abs(UNITS[17])):.2f})</small></h2>" in page
+
+
+@pytest.mark.parametrize("length", [len(TEXT) - 1, len(TEXT) + 1])
+def test_a_unit_with_a_value_too_few_or_too_many_is_refused(length):
+    with pytest.raises(ValueError, match=f"unit 5 has {length} values for {len(TEXT)} characters"):
+        render.html(TEXT, {3: UNITS[3], 5: np.zeros(length)}, None, "t")
 
 
 def test_page_needs_nothing_from_outside():
@@ -85,28 +94,33 @@ def test_page_needs_nothing_from_outside():
         assert outside not in page
 
 
+def script_guesses(predictions) -> list:
+    """The PREDICTIONS array of the page's one script, as the browser reads it."""
+    (script,) = read_page(render.html(TEXT, UNITS, predictions, "t")).scripts
+    assert "</" not in script and "<!--" not in script
+    return json.loads(script.split("const PREDICTIONS = ", 1)[1].split(";\n", 1)[0])
+
+
 def test_predictions_reach_the_script_intact():
-    page = render.html(TEXT, UNITS, PREDICTIONS, "t")
-    (script,) = read_page(page).scripts
-    assert "</" not in script
-    payload = script.split("const PREDICTIONS = ", 1)[1].split(";\n", 1)[0]
-    guesses = json.loads(payload)
+    guesses = script_guesses(PREDICTIONS)
     assert len(guesses) == len(TEXT)
     assert guesses[0] == [["e", 0.5], ["\\n", 0.2], ["<", 0.1], ["&", 0.05], ["\u2423", 0.01]]
+    # A tab is labelled as one; probabilities keep four decimals (the tooltip shows one decimal of a percent).
+    assert script_guesses([[("\t", 0.123456), ("\r", 0.00012)]])[0] == [["\\t", 0.1235], ["\u240d", 0.0001]]
 
 
 def test_a_label_that_would_close_the_script_stays_inside_it():
     predictions = [[("</script><!--", 1.0)] for _ in TEXT]  # a label of a model whose symbols are tokens
-    (script,) = read_page(render.html(TEXT, UNITS, predictions, "t")).scripts
-    assert "</" not in script and "<!--" not in script
-    payload = script.split("const PREDICTIONS = ", 1)[1].split(";\n", 1)[0]
-    assert json.loads(payload)[0] == [["</script><!--", 1.0]]
+    assert script_guesses(predictions)[0] == [["</script><!--", 1.0]]
 
 
 def test_each_character_is_escaped_in_its_span():
     page = render.html(TEXT, UNITS, PREDICTIONS, "t")
-    shown = re.findall(r'<span[^>]* data-i="\d+"[^>]*>([^<>]*)</span>', page)  # no raw < or > inside a span
-    assert [html.unescape(text) for text in shown] == [render.shown(char) for char in TEXT] * len(UNITS)
+    spans = re.findall(r'<span( class="nl")? data-i="(\d+)"[^>]*>([^<>]*)</span>', page)  # no raw < or > inside
+    assert [html.unescape(text) for _, _, text in spans] == [render.shown(char) for char in TEXT] * len(UNITS)
+    # Each span names its position (the tooltip's key into PREDICTIONS); newlines are marked to draw their ↵.
+    assert [int(position) for _, position, _ in spans] == list(range(len(TEXT))) * len(UNITS)
+    assert [bool(mark) for mark, _, _ in spans] == [char == "\n" for char in TEXT] * len(UNITS)
 
 
 def test_colours_show_sign_and_scale():
@@ -124,6 +138,23 @@ def test_terminal_blocks_colour_every_character():
         styled = [span for span in block.spans if span.style.bgcolor is not None]
         assert len(styled) == len(TEXT)
         assert [span.style.bgcolor.triplet.hex for span in styled] == render.colours(values)
+
+
+def test_attention_page_has_a_row_per_written_symbol_and_the_end():
+    weights = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [-0.2, 0.2, 1.3]])  # beyond [0, 1]: clipped colours
+    page = render.attention_html("a <", ["x", "\t"], weights, "att & <b>")
+    reader = read_page(page)
+    assert reader.problems == [] and reader.open_tags == []
+    rows = re.findall(r"<tr><th>([^<]*)</th>(.*?)</tr>", page)
+    assert [html.unescape(label) for label, _ in rows] == ["", "x", "\\t", "\u2403"]  # header, symbols, end
+    assert rows[0][1] == "<th>a</th><th>\u2423</th><th>&lt;</th>"
+    cell = re.compile(r'<td style="background:(#[0-9a-f]{6})" title="([^"]*)">([^<]*)</td>')
+    cells = [cell.findall(row) for _, row in rows[1:]]
+    assert [[colour for colour, _, _ in row] for row in cells] == [
+        ["#ea9394", "#ea9394", "#ffffff"], ["#ffffff", "#d62728", "#ffffff"], ["#ffffff", "#f7d4d4", "#d62728"]]
+    assert cells[0][0][1:] == ("0.500", "0.50") and cells[2][0][1:] == ("-0.200", "-0.20")
+    with pytest.raises(ValueError, match=r"\(3, 3\) wanted"):
+        render.attention_html("a <", ["x", "\t"], weights[:2], "t")  # no row for the end symbol
 
 
 def test_control_characters_are_shown_as_symbols():

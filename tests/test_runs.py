@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import importlib.util
+import re
 import shutil
 import statistics
 import subprocess
@@ -234,6 +235,30 @@ def test_plot_writes_a_png(sweep, tmp_path):
     assert ".png" in str(caught.value)
 
 
+def test_plot_labels_each_run_and_draws_bits_on_the_axis_asked_for(tmp_path):
+    """Legend entries are the labels given, with the status of a run that did not finish; log_scale labels the
+    ticks inside the decade; an image format is its suffix in any case, and PNG without one."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from charrnn.plot import plot_runs
+
+    run_dirs = [tmp_path / "done", tmp_path / "killed"]
+    for run_dir, status in zip(run_dirs, (rundir.FINISHED, rundir.RUNNING)):
+        rundir.create(run_dir)
+        rundir.write_status(run_dir, status, {"pid": 0, "step": 20})  # running with no lock: interrupted
+        log = rundir.MetricsLog(run_dir)
+        for chars_seen, bpc in ((1000, 0.5), (2000, 20.0)):
+            log.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
+        log.write({"event": "eval", "step": 20, "val_bpc": 3.0, "chars_seen": 2000})
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        plot_runs(run_dirs, tmp_path / "curves.SVG", labels=["first", "second"], log_scale=True)
+    texts = re.findall(r"<text[^>]*>([^<]*)</text>", (tmp_path / "curves.SVG").read_text(encoding="utf-8"))
+    assert texts[-2:] == ["first", "second (interrupted)"]
+    assert {"2", "3", "4"} <= set(texts) and "2.5" not in texts  # a linear axis would have 0.0, 2.5, ... 20.0
+    plot_runs(run_dirs, tmp_path / "curves")
+    assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_without_matplotlib_says_how_to_install(sweep, tmp_path, monkeypatch):
     from charrnn.plot import plot_runs
 
@@ -284,3 +309,21 @@ def test_sweep_script_trains_every_combination_then_tables_and_plots(small_corpu
     again = subprocess.run(script, cwd=tmp_path, env={**env, "PLOT": ""}, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("finished before, kept") == 2 and again.stdout == first.stdout
+
+
+def test_the_commands_take_their_order_and_scale(tmp_path, capsys, monkeypatch):
+    """`runs --sort KEY --desc` orders by KEY, largest first; `plot --log` asks for the logarithmic axis."""
+    for name, hidden_size in (("a", 16), ("b", 64), ("c", 32)):
+        rundir.create(tmp_path / "runs" / name)
+        rundir.write_json(tmp_path / "runs" / name / rundir.CONFIG_FILE, {"model": {"hidden_size": hidden_size}})
+    monkeypatch.chdir(tmp_path)
+    for options, order in ((["--desc"], [64, 32, 16]), ([], [16, 32, 64])):
+        listed = run_in_process(capsys, "runs", "--sort", "model.hidden_size", *options, "--json")
+        assert [row["model.hidden_size"] for row in json.loads(listed.out)] == order
+    import charrnn.plot
+
+    drawn = []
+    monkeypatch.setattr(charrnn.plot, "plot_runs", lambda run_dirs, output, log_scale: drawn.append(log_scale))
+    for options in (["--log"], []):
+        assert run_in_process(capsys, "plot", *options).code == 0
+    assert drawn == [True, False]

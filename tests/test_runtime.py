@@ -1,7 +1,14 @@
 """Process-wide settings: the XLA options charrnn adds, and that XLA accepts them."""
 
+import importlib.metadata
+import os
+import re
 import subprocess
 import sys
+import types
+from pathlib import Path
+
+import pytest
 
 from charrnn import runtime
 from clihelp import subprocess_env
@@ -54,3 +61,64 @@ def test_the_cpu_model_is_read_from_its_own_line(monkeypatch):
     monkeypatch.setattr("platform.processor", lambda: "")
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert runtime.cpu_model("flags\t\t: fpu model name\n") == "x86_64"
+
+
+def test_peak_memory_is_the_kernels_high_water_mark_in_mib():
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("no /proc")
+    high_water_kib = int(re.search(r"^VmHWM:\s*(\d+) kB", status.read_text(), re.MULTILINE).group(1))
+    assert runtime.peak_rss_mb() == pytest.approx(high_water_kib / 1024, rel=0.005)
+
+
+def test_the_cache_lives_where_it_is_asked_for_or_under_the_users_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(runtime.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert runtime.cache_dir() == tmp_path / "charrnn" / "jax"
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "shared"))
+    assert runtime.cache_dir() == tmp_path / "shared"
+
+
+@pytest.mark.parametrize("version, expected", [("0.10.2", (0, 10)), ("0.4.36.dev20241231", (0, 4)),
+                                               ("1.0rc1", (1, 0))])
+def test_the_jaxlib_release_is_its_major_and_minor_number(monkeypatch, version, expected):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    assert runtime.jaxlib_version() == expected
+
+
+class AffinityAndConfig:
+    """Stand-ins for the calls `configure` makes to the OS and to jax.config, which record them."""
+
+    def __init__(self, monkeypatch, cores: list[int]):
+        import jax
+
+        self.cores, self.calls = cores, []
+        monkeypatch.setenv("XLA_FLAGS", "")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(self.cores))
+        monkeypatch.setattr(os, "sched_setaffinity", self.pin)
+        monkeypatch.setattr(jax.config, "update", lambda name, value: self.calls.append((name, value)))
+
+    def pin(self, pid, cores):
+        self.cores = list(cores)
+        self.calls.append(("affinity", self.cores))
+
+
+@pytest.mark.parametrize("threads, expected", [
+    (None, [("jax_num_cpu_devices", 4)]),
+    (1, []),  # one thread: neither pinned to a core nor split into devices
+    (2, [("affinity", [3, 5]), ("jax_num_cpu_devices", 2)]),  # the first `threads` cores it may use
+])
+def test_configure_pins_threads_to_cores_and_makes_a_device_per_core(monkeypatch, threads, expected):
+    recorded = AffinityAndConfig(monkeypatch, [3, 5, 8, 9])
+    runtime.configure(threads=threads, compilation_cache=False, cpu_device_per_core=True)
+    assert recorded.calls == expected
+
+
+def test_resident_programs_are_the_gpus_multiprocessors(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(core_count=132)])
+    assert runtime.resident_programs() == 132
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace()])  # a jaxlib that does not say
+    assert runtime.resident_programs() == 16

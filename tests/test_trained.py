@@ -71,7 +71,7 @@ def test_api_and_cli_give_the_same_text_for_a_seed(cli, run, model, settings):
     assert result.out == text + "\n"
 
     pieces = list(model.stream(**settings))
-    assert "".join(pieces) == text
+    assert "".join(pieces) == text and all(pieces)  # no empty piece: not the missing prime, nor a stopped block
     if "stop" not in settings and settings["length"] > 128:
         assert len(pieces) > 2  # the prime or first block, then more blocks as they are generated
 
@@ -83,11 +83,24 @@ def test_api_and_cli_give_the_same_text_for_a_seed(cli, run, model, settings):
     assert [line["text"] for line in lines] == texts
     assert [(line["index"], line["seed"], line["prime"]) for line in lines] == \
         [(index, settings["seed"], settings.get("prime", "")) for index in range(3)]
+    plain = cli("sample", "-c", run, *sample_options(settings), "--num-samples", "3")
+    assert plain.out == "\n\n".join(texts) + "\n"  # without --json: the samples, a blank line between them
+    one = cli("sample", "-c", run, *sample_options(settings), "--json")
+    assert [json.loads(line)["text"] for line in one.out.splitlines()] == [text]  # --json with one sample too
 
 
 def test_a_different_seed_gives_different_text(model):
     assert model.sample("All:", length=100, seed=1) != model.sample("All:", length=100, seed=2)
     assert model.sample("All:", length=100, seed=1) == model.sample("All:", length=100, seed=1)
+
+
+def test_a_sample_without_a_seed_names_the_seed_it_drew_on_stderr_alone(cli, run):
+    drawn = cli("sample", "-c", run, "--prime", "All:", "--length", "30")
+    assert drawn.code == 0, drawn.err
+    assert len(drawn.out) == len("All:") + 30 + 1  # stdout holds the text alone
+    seed = int(drawn.err.split("seed ")[1].split()[0])
+    again = cli("sample", "-c", run, "--prime", "All:", "--length", "30", "--seed", str(seed))
+    assert again.out == drawn.out and "seed" not in again.err  # the seed named repeats the text; given, not shown
 
 
 @pytest.mark.parametrize("streams", [None, 3])
@@ -107,6 +120,19 @@ def test_score_gives_eval_figures(cli, run, model, tmp_path, streams):
     assert score.bits_per_char == pytest.approx(score.nats_per_char / math.log(2))
     assert score.perplexity == pytest.approx(math.exp(score.nats_per_char))
     assert figures["checkpoint"] == str(model.path)
+    assert list(figures) == ["file", "checkpoint", "checkpoints", "chars", "nats_per_char", "bits_per_char",
+                             "perplexity"]  # README's stable keys
+    plain = cli("eval", file, "-c", run, *options)
+    assert plain.out == (f"{file}: {score.nats_per_char:.4f} nats/char, {score.bits_per_char:.4f} bits/char, "
+                         f"perplexity {score.perplexity:.3f} over {score.chars} characters\n")
+
+
+def test_inspect_json_is_what_the_checkpoint_describes(cli, run, model):
+    result = cli("inspect", run, "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out) == model.describe()
+    table = cli("inspect", run)
+    assert table.code == 0 and f"{model.describe()['parameter_count']:,}" in table.out
 
 
 def next_log_probs(one: charrnn.Model, text: str) -> np.ndarray:
@@ -252,6 +278,11 @@ def test_unknown_characters_are_usage_errors_unless_skipped(cli, run, model):
         model.score("All\u20ac")
     assert model.score("All:\u20ac\n", skip_unknown=True) == model.score("All:\n")
     assert model.activations("A\u20acll", skip_unknown=True).text == "All"
+    # Nothing left once the unknown characters are dropped: an error, not a sample without a prime.
+    with pytest.raises(charrnn.UsageError, match="no character of the model's vocabulary left"):
+        model.sample("\u20ac\u20ac", length=10, seed=1, skip_unknown=True)
+    with pytest.raises(charrnn.UsageError, match="no character of the model's vocabulary left"):
+        model.activations("\u20ac", skip_unknown=True)
 
     refused = cli("sample", "-c", run, "--prime", "All:\u20ac", "--length", "10", "--seed", "1")
     assert refused.code == charrnn.UsageError.exit_code == 2
@@ -268,6 +299,23 @@ def test_bad_settings_are_usage_errors(model, settings):
     if "num_samples" not in settings:
         with pytest.raises(charrnn.UsageError):
             model.stream("All:", **{"length": 10, "seed": 1, **settings})  # at the call, before any piece
+
+
+@pytest.mark.parametrize("call, argument, message", [
+    ("score", {"streams": 0}, "streams must be at least 1"),
+    ("activations", {"layer": 0}, "--layer 0: the model has 2 layer"),  # layers count from 1
+    ("activations", {"layer": 3}, "--layer 3: the model has 2 layer"),
+])
+def test_bad_score_and_activations_arguments_are_usage_errors(model, call, argument, message):
+    with pytest.raises(charrnn.UsageError, match=message):
+        getattr(model, call)(TEXT, **argument)
+
+
+def test_a_sample_asked_for_without_a_seed_draws_a_31_bit_one(monkeypatch):
+    from charrnn import trained
+
+    monkeypatch.setattr(os, "urandom", lambda count: b"\xff" * count)
+    assert trained.random_seed() == 2**31 - 1
 
 
 def test_loading_what_is_not_a_checkpoint_is_a_checkpoint_error(tmp_path):

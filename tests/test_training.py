@@ -94,6 +94,21 @@ def test_callbacks_see_the_events_in_order(small_corpus, tmp_path):
                                                                                                events.Evaluated)]
 
 
+def test_records_give_bits_per_character_and_every_listener_hears_in_order(tmp_path):
+    logged = events.Logged(step=5, loss=2.0, lr=0.01, grad_norm=1.5, chars_per_s=None, chars_seen=640, elapsed_s=1.0,
+                           val_loss=None)
+    assert logged.record()["bpc"] == pytest.approx(2.0 / math.log(2))
+    for final in (False, True):
+        record = events.Evaluated(step=10, val_loss=1.5, chars_seen=1280, elapsed_s=2.0, final=final,
+                                  checkpoint=tmp_path / "step.safetensors", best=True).record()
+        assert record["val_bpc"] == pytest.approx(1.5 / math.log(2)) and record["final"] is final
+    heard = []
+    emit = events.broadcast([lambda event: heard.append(("first", event)),
+                             lambda event: heard.append(("second", event))])
+    emit(logged)
+    assert heard == [("first", logged), ("second", logged)]
+
+
 def test_an_epoch_cap_ends_the_run_and_its_schedule_where_that_many_steps_would(small_corpus, tmp_path):
     """train.max_epochs stops at ceil(epochs × steps per epoch), with the lr and arrays of that step count."""
     keys = {"schedule": "cosine", "log_every": 1, "eval_every": 1000, "steps_per_call": 4}
