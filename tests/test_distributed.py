@@ -1,6 +1,7 @@
 """Data parallelism: streams split over devices and processes give the parameters of one device."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -14,9 +15,10 @@ import pytest
 from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arrays, logged_train_steps, run_subprocess, \
     start_subprocess, subprocess_env
 from conftest import SAMPLE_TEXT
+from jax.sharding import PartitionSpec
 
 from charrnn import checkpoint, data, distributed, runtime, training
-from charrnn.errors import PeerError
+from charrnn.errors import PeerError, UsageError
 
 TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 CPU_DEVICE_PER_CORE = {"XLA_FLAGS": ""}  # no forced count: charrnn train gives JAX one CPU device per core
@@ -63,11 +65,13 @@ def as_process(monkeypatch, index: int) -> None:
 
 def test_processes_supply_disjoint_contiguous_blocks_of_streams_in_order(monkeypatch):
     placement = distributed.make_placement(1, NUM_STREAMS, 0)  # the slice follows the process, not the devices
-    blocks = []
+    blocks, mains = [], []
     for index in range(NUM_PROCESSES):
         as_process(monkeypatch, index)
         blocks.append(list(range(NUM_STREAMS))[placement.local_streams(NUM_STREAMS)])
+        mains.append(placement.is_main)
     assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert mains == [True, False, False, False]  # process 0 alone writes
 
 
 def test_each_process_reads_its_own_streams_of_the_minibatch(monkeypatch):
@@ -108,6 +112,33 @@ def test_put_streams_hands_jax_only_this_process_rows_or_columns(monkeypatch):
         np.testing.assert_array_equal(chunk_part, chunk[:, own])  # [T, B / processes]
 
 
+def test_each_layout_splits_its_stream_axis_and_stacked_minibatches_go_whole(monkeypatch):
+    placement = distributed.make_placement(1, NUM_STREAMS, 0, one_device=True)  # one device is what pallas allows
+    assert placement.num_devices == 1
+    streams = distributed.AXIS
+    assert [sharding.spec for sharding in placement[1:]] == [  # replicated; [B, H]; [T, B]; [K, T, B]
+        PartitionSpec(), PartitionSpec(streams), PartitionSpec(None, streams), PartitionSpec(None, None, streams)]
+    handed = []
+    monkeypatch.setattr(distributed.jax, "make_array_from_process_local_data",
+                        lambda sharding, local: handed.append((sharding, local)))
+    as_process(monkeypatch, 1)
+    stacked = data.Batch(np.ones((2, 7, 3)), np.zeros((2, 7, 3)), np.array([True, False]))  # [K, T, B / processes]
+    distributed.put_batches(stacked, placement)
+    # The task already read this process's streams: each part goes to JAX as it is.
+    assert [sharding for sharding, _ in handed] == [placement.stacked, placement.stacked, placement.replicated]
+    for (_, local), part in zip(handed, stacked):
+        np.testing.assert_array_equal(local, part)
+
+
+def test_every_process_takes_process_0s_decisions(monkeypatch):
+    process_0 = np.array([12.5, 1.0])  # elapsed seconds, stopping
+    monkeypatch.setattr(distributed.multihost_utils, "broadcast_one_to_all", lambda values: process_0)
+    own = np.array([13.0, 0.0])
+    assert distributed.agree(own) is own  # alone, its own
+    as_process(monkeypatch, 2)
+    np.testing.assert_array_equal(distributed.agree(own), process_0)
+
+
 class FakeDevice(NamedTuple):
     platform: str
 
@@ -116,12 +147,39 @@ def test_default_device_count_splits_small_models_over_cpu_cores():
     cpus = [FakeDevice("cpu")] * 4
     small, large = 1_000_000, distributed.CPU_SPLIT_MAX_STEP_MACS + 1
     assert distributed.default_device_count(cpus, 64, small) == 4
+    assert distributed.default_device_count(cpus, 64, distributed.CPU_SPLIT_MAX_STEP_MACS) == 4  # the bound splits
     assert distributed.default_device_count(cpus, 48, small) == 3  # the most that divide the streams
     assert distributed.default_device_count(cpus, 50, small) == 2
     assert distributed.default_device_count(cpus, 47, small) == 1
     assert distributed.default_device_count(cpus, 24, small) == 1  # 12 streams a core are too few
+    assert distributed.default_device_count(cpus, 8, small) == 1  # too few even for one: still one
     assert distributed.default_device_count(cpus, 64, large) == 1  # XLA spreads a large matmul itself
     assert distributed.default_device_count([FakeDevice("gpu")] * 2, 8, large) == 2
+
+
+def test_generation_splits_over_cpu_cores_by_the_training_rule(monkeypatch):
+    monkeypatch.setattr(distributed, "make_placement", lambda count, streams, step_macs: ("mesh", count, streams))
+    monkeypatch.setattr(distributed.jax, "local_devices", lambda: [FakeDevice("cpu")] * 4)
+    assert distributed.local_split(64, 0) == ("mesh", 4, 64)
+    assert distributed.local_split(24, 0) is None  # one device: the default one, no mesh
+    monkeypatch.setattr(distributed.jax, "local_devices", lambda: [FakeDevice("gpu")] * 4)
+    assert distributed.local_split(64, 0) is None
+
+
+@pytest.mark.parametrize("devices, processes, batch_size, one_device, words", [
+    (3, 1, 12, False, "--devices 3: JAX sees 2 device(s)"),
+    (0, 1, 12, False, "--devices 0: JAX sees 2 device(s)"),
+    (1, 4, 12, False, "must be all devices in a multi-process run"),
+    (2, 1, 7, False, "train.batch_size 7 must be divisible by the 2 devices"),
+    (2, 1, 12, True, "pallas runs on one device"),
+    (None, 4, 12, True, "pallas runs on one device"),
+])
+def test_device_choices_that_cannot_work_are_usage_errors(monkeypatch, devices, processes, batch_size, one_device,
+                                                          words):
+    monkeypatch.setattr(distributed.jax, "devices", lambda: [FakeDevice("cpu")] * 2)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: processes)
+    with pytest.raises(UsageError, match=re.escape(words)):
+        distributed.make_placement(devices, batch_size, 0, one_device=one_device)
 
 
 def test_default_split_over_cores_resumes_bit_identically(small_corpus, tmp_path):
@@ -247,6 +305,43 @@ def test_scale_out_options_that_cannot_work_are_usage_errors(small_corpus, tmp_p
                                   cwd=tmp_path)
             assert done.code == 2 and words in done.err and len(done.err.strip().splitlines()) == 1, done.err
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("coordinator, num_processes, process_id, auto, has_out, words", [
+    (None, None, None, False, False, None),  # one process
+    (None, None, 1, False, True, "need --coordinator"),
+    (None, 2, None, False, True, "need --coordinator"),
+    (None, None, None, True, False, "needs --out or --resume"),
+    (None, None, None, True, True, None),  # the launcher describes the run
+    ("127.0.0.1:9", 2, 1, False, True, None),
+    ("127.0.0.1:0", 2, 1, False, True, "port in 1-65535"),
+    ("127.0.0.1:65536", 2, 1, False, True, "port in 1-65535"),
+    ("[::1]:9", 2, 1, False, True, None),  # the port follows the last colon
+    (":9", 2, 1, False, True, "HOST:PORT"),
+    ("127.0.0.1:9", None, 1, False, True, "needs --num-processes and --process-id"),
+    ("127.0.0.1:9", 2, None, False, True, "needs --num-processes and --process-id"),
+    ("127.0.0.1:9", 2, 2, False, True, "--process-id 2 must be below --num-processes 2"),
+])
+def test_scale_out_options_are_checked_before_anything_starts(coordinator, num_processes, process_id, auto, has_out,
+                                                              words):
+    """In process, every rule; process 1 leaves the port alone (process 0's probe is the command-line test's)."""
+    if words is None:
+        distributed.check_scale_out(coordinator, num_processes, process_id, auto, has_out)
+    else:
+        with pytest.raises(UsageError, match=re.escape(words)):
+            distributed.check_scale_out(coordinator, num_processes, process_id, auto, has_out)
+
+
+@pytest.mark.parametrize("error, expected", [(ValueError, UsageError), (RuntimeError, PeerError)],
+                         ids=["a run JAX cannot make out", "peers that never came"])
+def test_failing_to_join_is_a_usage_or_a_peer_error(monkeypatch, error, expected):
+    def fail(*args, **kwargs):
+        raise error("DEADLINE_EXCEEDED: barrier timed out")
+
+    monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)  # keep this process's collectives
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", fail)
+    with pytest.raises(expected, match="cannot join the distributed run: DEADLINE_EXCEEDED"):
+        distributed.initialize("127.0.0.1:9", 2, 1, False)
 
 
 @pytest.fixture(scope="module")

@@ -253,6 +253,22 @@ def test_both_tasks_train_on_smoothed_labels_and_validate_on_plain_ones(small_co
         assert losses[0.3, "validation"] == losses[0.0, "validation"], kind
 
 
+def test_the_text_task_gives_consecutive_steps_of_the_streams_asked_for(small_corpus):
+    """batches(step, count, streams): `count` steps, each going on from the last; steps_per_epoch make an epoch."""
+    task = training.load_task(small_corpus, config_lib.resolve(TINY, [], {}))
+    assert task.describe() == "6,300 + 700 characters, 34 symbols"
+    assert task.init_params(jax.random.key(0))["embedding"].shape[0] == 34  # a row per symbol
+    every = slice(None)
+    two = task.batches(3, 2, every)  # [K, T, B]
+    for index in range(2):
+        np.testing.assert_array_equal(two.inputs[index], task.batches(3 + index, 1, every).inputs[0])
+    np.testing.assert_array_equal(two.inputs[1, 0], two.targets[0, -1])  # step 4 goes on where step 3 stopped
+    np.testing.assert_array_equal(task.batches(3, 2, slice(2, 5)).targets, two.targets[..., 2:5])
+    epoch = task.steps_per_epoch
+    resets = [bool(task.batches(step, 1, every).reset[0]) for step in (0, 1, epoch - 1, epoch)]
+    assert resets == [True, False, False, True]
+
+
 def test_the_step_that_diverged_is_the_one_after_the_last_finite_one(small_corpus, tmp_path):
     recorder = Recorder()
     with pytest.raises(charrnn.DivergedError, match="non-finite"):
