@@ -202,17 +202,22 @@ def test_curves_are_bits_per_char_against_characters_seen(sweep):
                                                        "val": {"chars_seen": [], "val_bpc": []}}
 
 
-def test_curves_of_a_resumed_run_keep_the_newer_points(tmp_path):
-    log = rundir.MetricsLog(tmp_path)
-    # Killed after 3000 characters, resumed from the checkpoint at 2000: 2500 and 3000 are logged again.
-    for chars_seen, bpc in ((1000, 4.0), (2000, 3.0), (3000, 2.5), (2500, 2.9), (3000, 2.6), (3500, 2.4)):
+def log_train(run_dir, points) -> rundir.MetricsLog:
+    """`run_dir`'s metrics log with a train record for each (chars_seen, bpc) point, a step per 100 characters."""
+    log = rundir.MetricsLog(run_dir)
+    for chars_seen, bpc in points:
         log.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
+    return log
+
+
+def test_curves_of_a_resumed_run_keep_the_newer_points(tmp_path):
+    # Killed after 3000 characters, resumed from the checkpoint at 2000: 2500 and 3000 are logged again.
+    log_train(tmp_path, ((1000, 4.0), (2000, 3.0), (3000, 2.5), (2500, 2.9), (3000, 2.6), (3500, 2.4)))
     curve = runs.curves(tmp_path)["train"]
     assert curve == {"chars_seen": [1000, 2000, 2500, 3000, 3500], "bpc": [4.0, 3.0, 2.9, 2.6, 2.4]}
     (tmp_path / "again").mkdir()
-    again = rundir.MetricsLog(tmp_path / "again")  # killed just after logging 2000, which the resume logs again
-    for chars_seen, bpc in ((1000, 4.0), (2000, 3.0), (2000, 2.95), (3000, 2.5)):
-        again.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
+    # Killed just after logging 2000, which the resume logs again.
+    log_train(tmp_path / "again", ((1000, 4.0), (2000, 3.0), (2000, 2.95), (3000, 2.5)))
     assert runs.curves(tmp_path / "again")["train"] == {"chars_seen": [1000, 2000, 3000], "bpc": [4.0, 2.95, 2.5]}
 
 
@@ -245,9 +250,7 @@ def test_plot_labels_each_run_and_draws_bits_on_the_axis_asked_for(tmp_path):
     for run_dir, status in zip(run_dirs, (rundir.FINISHED, rundir.RUNNING)):
         rundir.create(run_dir)
         rundir.write_status(run_dir, status, {"pid": 0, "step": 20})  # running with no lock: interrupted
-        log = rundir.MetricsLog(run_dir)
-        for chars_seen, bpc in ((1000, 0.5), (2000, 20.0)):
-            log.write({"event": "train", "step": chars_seen // 100, "bpc": bpc, "chars_seen": chars_seen})
+        log = log_train(run_dir, ((1000, 0.5), (2000, 20.0)))
         log.write({"event": "eval", "step": 20, "val_bpc": 3.0, "chars_seen": 2000})
 
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
