@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from charrnn import data, model, steps
-from charrnn.config import ModelConfig, TrainConfig
+from charrnn.config import Config, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8, dropout=0.0)
 TRAIN = TrainConfig(batch_size=2, seq_len=8, lr=1e-2, schedule="constant", warmup_steps=0, seed=3, random_offset=False)
@@ -107,6 +107,26 @@ def test_optimizer_is_global_clipping_then_adam_then_decoupled_decay():
             m_hat, v_hat = m[name] / (1 - config.beta1**t), v[name] / (1 - config.beta2**t)
             expected = m_hat / (np.sqrt(v_hat) + 1e-8) + config.weight_decay * params[name]
             np.testing.assert_allclose(updates[name], expected, rtol=1e-5, atol=1e-6, err_msg=f"{name} step {t}")
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])  # the largest seed a run takes: no 32-bit signed argument
+def test_a_fresh_state_is_the_tasks_initialisation_from_the_seed(seed):
+    """The parameters `init_params` gives for the seed's key, bit for bit; the optimizer's and the average's
+    start, and the carry, from them."""
+    config = Config(model=MODEL, train=dataclasses.replace(TRAIN, seed=seed, ema=0.9))
+    optimizer = steps.make_optimizer(config.train)
+
+    def init_params(key):
+        return model.init_params(key, MODEL, 11)
+
+    state, carry = steps.fresh_state(config, optimizer, init_params,
+                                     lambda params, batch_size: model.initial_carry(params, MODEL, batch_size))
+    expected = init_params(jax.random.fold_in(jax.random.key(seed), 0))
+    jax.tree.map(np.testing.assert_array_equal, state.params, expected)
+    jax.tree.map(np.testing.assert_array_equal, state.average, expected)
+    jax.tree.map(np.testing.assert_array_equal, state.opt_state, optimizer.init(expected))
+    assert int(state.step) == 0
+    jax.tree.map(np.testing.assert_array_equal, carry, model.initial_carry(expected, MODEL, TRAIN.batch_size))
 
 
 # ---------------------------------------------------------------- the train call
