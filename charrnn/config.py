@@ -15,7 +15,7 @@ CELL_NAMES = ("rnn", "gru", "lstm")
 MODEL_KINDS = ("lm", "seq2seq")
 ATTENTIONS = ("none", "additive", "dot")
 TARGETS = ("chars", "tokens")
-SCHEDULES = ("constant", "cosine", "exponential")
+SCHEDULES = ("constant", "cosine", "linear", "exponential")
 DTYPES = ("float32", "bfloat16", "auto")
 KERNELS = ("xla", "pallas")
 NORMS = ("none", "layer")
@@ -60,7 +60,7 @@ class TrainConfig:
     batch_size: int = 64  # parallel contiguous streams per minibatch
     seq_len: int = 50  # characters per chunk; gradients stop at chunk edges
     lr: float = 6e-3  # peak learning rate of Adam
-    schedule: str = "cosine"  # constant | cosine | exponential, over the whole run
+    schedule: str = "cosine"  # constant | cosine | linear | exponential, over the whole run
     warmup_steps: int = 50  # linear warm-up from 0 to lr
     final_lr_fraction: float = 0.0  # lr at the end of the run, as a fraction of lr
     beta1: float = 0.9  # Adam first-moment decay

@@ -67,6 +67,8 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     final = config.final_lr_fraction
     if config.schedule == "cosine":
         decay = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif config.schedule == "linear":
+        decay = final + (1.0 - final) * (1.0 - progress)
     elif config.schedule == "exponential":
         decay = final**progress  # validation keeps final > 0 here
     else:

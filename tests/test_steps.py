@@ -73,6 +73,18 @@ def test_cosine_goes_from_lr_to_final_fraction(final):
     assert steps.learning_rate(config, 0, 0.0) == pytest.approx(2.0 / 3)  # warm-up multiplies the schedule
 
 
+@pytest.mark.parametrize("final", [0.0, 0.1])
+def test_linear_goes_from_lr_to_final_fraction_in_a_straight_line(final):
+    config = TrainConfig(lr=2.0, warmup_steps=3, schedule="linear", final_lr_fraction=final)
+    after_warmup = 10
+    for progress in (0.0, 0.25, 0.5, 0.8, 1.0):
+        assert steps.learning_rate(config, after_warmup, progress) == pytest.approx(
+            2.0 * (final + (1 - final) * (1 - progress)), abs=1e-12)
+    assert steps.learning_rate(config, after_warmup, 1.7) == steps.learning_rate(config, after_warmup, 1.0)
+    assert steps.learning_rate(config, after_warmup, -0.5) == pytest.approx(2.0)
+    assert steps.learning_rate(config, 0, 0.5) == pytest.approx(2.0 / 3 * (1 + final) / 2)  # warm-up multiplies it
+
+
 def test_exponential_reaches_final_fraction():
     config = TrainConfig(lr=1.0, warmup_steps=0, schedule="exponential", final_lr_fraction=0.01)
     assert steps.learning_rate(config, 0, 0.0) == pytest.approx(1.0)
