@@ -3,7 +3,7 @@
 A larger model learns more from each pass over the text but takes longer over
 each; on a machine fast enough for all of the run's passes (`train.max_epochs`)
 it ends lower, on a slower one it is cut short by the clock and ends higher
-(README, "A third layer"). So before a new run starts, a few compiled steps of
+(benchmarks/README.md, "A third layer"). So before a new run starts, a few compiled steps of
 the larger model are timed on synthetic text, and the run trains it only where
 the predicted run fits the budget. The timing counts against the budget.
 """
