@@ -84,6 +84,7 @@ class TrainConfig:
     save_minutes: float = 0.0  # also checkpoint every this many minutes; 0 = only at evals
     random_offset: bool = True  # new random stream offset (and reset state) each epoch
     max_length: int = 100  # seq2seq: the longest source or target, in characters; longer pairs are errors
+    pad_multiple: int = 4  # seq2seq: batches are padded to lengths that are multiples of this; larger: fewer shapes to compile, more padding
     skip_bad_pairs: bool = False  # seq2seq: skip (and count) malformed or too-long lines instead of refusing the file
     scheduled_sampling: float = 0.0  # seq2seq: chance the decoder reads its own choice of the previous symbol, not the true one
     tensorboard: str = ""  # TensorBoard event files: "" = none; a relative path is inside the run directory
@@ -270,7 +271,7 @@ def validate(config: Config) -> None:
     for key in ("dropout", "embedding_dropout", "weight_drop"):
         _require(0.0 <= getattr(model, key) < 1.0, f"model.{key} must be in [0, 1)")
     for key in ("batch_size", "seq_len", "steps", "eval_every", "eval_batch_size", "log_every",
-                "steps_per_call", "keep", "max_length"):
+                "steps_per_call", "keep", "max_length", "pad_multiple"):
         _require(getattr(train, key) >= 1, f"train.{key} must be at least 1")
     _require(train.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {train.schedule!r}")
     _require(math.isfinite(train.lr) and train.lr > 0, "train.lr must be a positive number")

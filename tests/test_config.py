@@ -181,6 +181,7 @@ def test_missing_config_file(tmp_path):
         (["train.lr=nan"], "train.lr"),
         (["train.lr=inf"], "train.lr"),
         (["train.schedule=step"], "train.schedule"),
+        (["train.pad_multiple=0"], "train.pad_multiple"),
         (["train.warmup_steps=-1"], "train.warmup_steps"),
         (["train.final_lr_fraction=1.5"], "train.final_lr_fraction"),
         (["train.final_lr_fraction=-0.1"], "train.final_lr_fraction"),

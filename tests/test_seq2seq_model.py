@@ -320,6 +320,31 @@ def test_training_reads_own_choices_only_when_scheduled():
     assert not np.isclose(losses[0.0], losses[1.0], rtol=1e-3)
 
 
+def test_a_runs_pad_multiple_shapes_its_batches_and_leaves_its_losses_alone(monkeypatch):
+    """`train.pad_multiple` pads training and validation batches to its multiples; padding is masked, so the
+    validation loss is the same whatever the multiple."""
+    sources, targets = random_pairs(4, 40, max_source=11, max_target=9)
+    corpus = task_lib.PairsCorpus(None, None, (sources, targets), (sources, targets), "", 0)
+    params = jax.tree.map(jnp.float32, params_for(SMALL))
+    shapes, make_batch = [], pairs_lib.make_batch
+
+    def recorded(*args, **kwargs):
+        batch = make_batch(*args, **kwargs)
+        shapes.append((batch.source.shape[0], batch.target_in.shape[0]))
+        return batch
+
+    monkeypatch.setattr(pairs_lib, "make_batch", recorded)
+    losses = []
+    for multiple in (1, 4, 16):
+        task = task_lib.PairsTask(Config(SMALL, TrainConfig(batch_size=8, pad_multiple=multiple)), corpus)
+        shapes.clear()
+        batch = task.batches(0, 3, slice(None))
+        losses.append(task.validation_loss(params, None))
+        assert len(shapes) > 3 and all(length % multiple == 0 for shape in shapes for length in shape), shapes
+        assert (batch.source.shape[1] == 16) if multiple == 16 else (batch.source.shape[1] <= 12)  # sources ≤ 11
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+
+
 def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():
     """The feeding path (attention inside a step-by-step loop) against the plain one (whole layers, then
     attention): with W_f = 0 they compute the same, locked dropout masks and gradients included."""

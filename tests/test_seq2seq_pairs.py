@@ -102,6 +102,15 @@ def test_length_key_sorts_by_padded_target_then_source():
     assert list(np.argsort(pairs_lib.length_key(sources, targets))) == [0, 3, 1, 2]
 
 
+def test_a_larger_pad_multiple_pads_to_its_multiples_and_sorts_by_them():
+    batch = pairs_lib.make_batch([np.array([3, 4]), np.array([5])], [np.array([1, 2, 3]), np.array([4])], multiple=8)
+    assert batch.source.shape == (8, 2) and batch.target_in.shape == (8, 2)
+    assert batch.target_mask.sum() == 4 + 2 and not batch.target_mask[4:].any()  # the padding stays masked
+    sources = [np.ones(length, np.int32) for length in (9, 2, 5, 1)]
+    targets = [np.ones(length, np.int32) for length in (3, 6, 12, 7)]  # with the end symbol padded to 8: 8, 8, 16, 8
+    assert list(np.argsort(pairs_lib.length_key(sources, targets, multiple=8))) == [3, 1, 0, 2]
+
+
 def test_sources_with_unknown_characters_are_named():
     with pytest.raises(CorpusError, match="'z'"):
         pairs_lib.encode_side(Vocab("abc"), ["abz"], "--source")

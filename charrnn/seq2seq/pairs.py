@@ -21,7 +21,7 @@ from charrnn.errors import CorpusError
 
 PAD = 0  # source id of padding
 BOUNDARY = 0  # target id of start (as the decoder's input) and end (as its output)
-PAD_MULTIPLE = 4  # padded lengths are multiples of this: a few shapes to compile, little padding (benchmarks/README)
+PAD_MULTIPLE = 4  # padded lengths are multiples of this (a run's `train.pad_multiple`): few shapes, little padding
 SORT_WINDOW = 256  # batches drawn together and sorted by length, so each batch's pairs are alike in length
 ALIKE_BATCHES = 4  # consecutive batches of similar length: a compiled call of up to 4 steps pads them to one shape
 
@@ -160,26 +160,26 @@ def split(pairs: Pairs, val_fraction: float) -> tuple[Pairs, Pairs]:
     return pick(False), pick(True)
 
 
-def padded_length(length: int | np.ndarray) -> int | np.ndarray:
-    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+def padded_length(length: int | np.ndarray, multiple: int = PAD_MULTIPLE) -> int | np.ndarray:
+    return -(-length // multiple) * multiple
 
 
-def length_key(sources: list[np.ndarray], targets: list[np.ndarray]) -> np.ndarray:
+def length_key(sources: list[np.ndarray], targets: list[np.ndarray], multiple: int = PAD_MULTIPLE) -> np.ndarray:
     """Each pair's place in a sort by padded target length, then source length.
 
     Pairs sorted by it fill batches that pad little on both sides: a batch of
     one padded target length spans as few source lengths as it can.
     """
     source_lengths = np.array([len(ids) for ids in sources])
-    target_lengths = padded_length(np.array([len(ids) + 1 for ids in targets]))  # the end symbol included
+    target_lengths = padded_length(np.array([len(ids) + 1 for ids in targets]), multiple)  # the end symbol included
     return target_lengths * (source_lengths.max(initial=0) + 1) + source_lengths
 
 
 def make_batch(sources: list[np.ndarray], targets: list[np.ndarray], source_len: int | None = None,
-               target_len: int | None = None) -> PairBatch:
-    """Pad encoded pairs into one time-major batch (lengths rounded up to PAD_MULTIPLE unless given)."""
-    source_len = source_len or padded_length(max(len(ids) for ids in sources))
-    target_len = target_len or padded_length(max(len(ids) for ids in targets) + 1)
+               target_len: int | None = None, multiple: int = PAD_MULTIPLE) -> PairBatch:
+    """Pad encoded pairs into one time-major batch (lengths rounded up to `multiple` unless given)."""
+    source_len = source_len or padded_length(max(len(ids) for ids in sources), multiple)
+    target_len = target_len or padded_length(max(len(ids) for ids in targets) + 1, multiple)
     batch_size = len(sources)
     source = np.full((source_len, batch_size), PAD, np.int32)
     target_in = np.full((target_len, batch_size), BOUNDARY, np.int32)

@@ -38,23 +38,24 @@ def encode_pairs(source_vocab: Vocab, target_vocab: Vocab | TokenVocab, pairs: p
             [pairs_lib.written_order(ids, reverse) for ids in targets])
 
 
-def batches_of(sources: list[np.ndarray], targets: list[np.ndarray],
-               size: int) -> list[tuple[np.ndarray, PairBatch]]:
+def batches_of(sources: list[np.ndarray], targets: list[np.ndarray], size: int,
+               multiple: int = pairs_lib.PAD_MULTIPLE) -> list[tuple[np.ndarray, PairBatch]]:
     """Consecutive batches of up to `size` pairs, sorted by length so that little of each is padding, each with the
-    indices of its pairs."""
-    order = np.argsort(pairs_lib.length_key(sources, targets), kind="stable")
-    return [(part, pairs_lib.make_batch([sources[i] for i in part], [targets[i] for i in part]))
+    indices of its pairs; lengths padded to multiples of `multiple`."""
+    order = np.argsort(pairs_lib.length_key(sources, targets, multiple), kind="stable")
+    return [(part, pairs_lib.make_batch([sources[i] for i in part], [targets[i] for i in part], multiple=multiple))
             for part in np.array_split(order, max(1, -(-len(order) // size)))]
 
 
 _summed_loss = jax.jit(seq2seq_model.ensemble_summed_loss, static_argnames=("configs",))
 
 
-def mean_loss(params: tuple[dict, ...], configs: tuple, sources: list[np.ndarray], targets: list[np.ndarray]) -> float:
+def mean_loss(params: tuple[dict, ...], configs: tuple, sources: list[np.ndarray], targets: list[np.ndarray],
+              multiple: int = pairs_lib.PAD_MULTIPLE) -> float:
     """Mean nats per target symbol (end symbols included) over all pairs, teacher-forced, under the models'
-    mean distribution (one model: its own)."""
+    mean distribution (one model: its own); batches padded to multiples of `multiple`."""
     total, count = 0.0, 0.0
-    for _, batch in batches_of(sources, targets, EVAL_BATCH_SIZE):
+    for _, batch in batches_of(sources, targets, EVAL_BATCH_SIZE, multiple):
         batch_total, batch_count = _summed_loss(params, configs, batch)
         total, count = total + batch_total, count + batch_count
     return float(total / count)
@@ -66,7 +67,7 @@ class PairsTask:
     def __init__(self, config: Config, corpus: PairsCorpus):
         self.config, self.corpus = config, corpus
         sources, targets = corpus.train
-        self.sort_keys = pairs_lib.length_key(sources, targets)
+        self.sort_keys = pairs_lib.length_key(sources, targets, config.train.pad_multiple)
         self.schedule = pairs_lib.schedule(len(targets), config.train.batch_size)
         self.steps_per_epoch = self.schedule.batches_per_epoch
         self.chars_per_step = int(round(config.train.batch_size * (np.mean([len(ids) for ids in targets]) + 1)))
@@ -95,11 +96,11 @@ class PairsTask:
     def batches(self, step: int, count: int, streams: slice) -> PairBatch:
         sources, targets = self.corpus.train
         chosen = [self._batch_pairs(step + i)[streams] for i in range(count)]
-        return pairs_lib.stack([pairs_lib.make_batch([sources[j] for j in part], [targets[j] for j in part])
-                                for part in chosen])
+        return pairs_lib.stack([pairs_lib.make_batch([sources[j] for j in part], [targets[j] for j in part],
+                                                     multiple=self.config.train.pad_multiple) for part in chosen])
 
     def validation_loss(self, params: dict, placement) -> float:
-        return mean_loss((params,), (self.config.model,), *self.corpus.val)
+        return mean_loss((params,), (self.config.model,), *self.corpus.val, self.config.train.pad_multiple)
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab": pairs_lib.stored_symbols(self.corpus.target_vocab),
