@@ -33,6 +33,7 @@ max_minutes = 0
 eval_every = 300
 log_every = 50
 max_length = 12
+pad_multiple = 8  # words of up to 6 characters: one batch shape to compile, not three
 
 [sample]
 temperature = 0
