@@ -34,9 +34,9 @@ def main() -> None:
         config = config_lib.resolve(args.config, [f"train.pad_multiple={multiple}"], {})
         task = task_lib.PairsTask(config, task_lib.load_pairs(args.data_dir / "train.tsv", config))
         per_call = config.train.steps_per_call
-        lengths = [task.batches(step, per_call, slice(None)) for step in
-                   range(0, args.epochs * task.steps_per_epoch - per_call + 1, per_call)]
-        lengths = [(batch.source.shape[1], batch.target_in.shape[1]) for batch in lengths]
+        calls = (task.batches(step, per_call, slice(None))
+                 for step in range(0, args.epochs * task.steps_per_epoch - per_call + 1, per_call))
+        lengths = [(batch.source.shape[1], batch.target_in.shape[1]) for batch in calls]  # [K, S, B], [K, T, B]
         validation = {(batch.source.shape[0], batch.target_in.shape[0])
                       for _, batch in task_lib.batches_of(*task.corpus.val, task_lib.EVAL_BATCH_SIZE, multiple)}
         print(f"| {multiple} | {len(set(lengths))} | {len(validation)} | {np.mean([sum(shape) for shape in lengths]):.1f} |")

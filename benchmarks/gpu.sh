@@ -2,12 +2,9 @@
 # The fused Pallas layer and generation loop on one GPU, in about 6 minutes: checked against XLA's loops
 # there, then timed against cuDNN on configs B, D and E (bf16; E in fp32 too; sampling on B), by vs_pytorch.py.
 #   bash benchmarks/gpu.sh        # needs jax with CUDA and torch with CUDA on the machine
-# Runs from a checkout without installing (PYTHONPATH); PYTHON picks the interpreter (default python3).
+# Runs from a checkout without installing; PYTHON picks the interpreter (benchmarks/gpu_checkout.sh).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py=${PYTHON:-python3}
-"$py" -c 'import jax; assert jax.default_backend() == "gpu", f"no GPU for jax: {jax.devices()}"' || exit 1
+source "$(dirname "$0")/gpu_checkout.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 "$py" -c 'import jax, torch; print(f"jax {jax.__version__}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")'
 date -u +%F

@@ -7,15 +7,12 @@
 # Grapheme-to-phoneme: configs/g2p-gpu.toml for MINUTES (default 7, so that the whole command ends within
 # 10 minutes) beside them, then scored greedily and at beam 5.
 # Every job shares the GPU with the others, so each figure is a lower bound on what it would do alone.
-# Runs from a checkout without installing (PYTHONPATH); PYTHON picks the interpreter (default python3).
+# Runs from a checkout without installing; PYTHON picks the interpreter (benchmarks/gpu_checkout.sh).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_checkout.sh"
 models=${1:-4}
 out=${2:-runs/gpu-recipes}
 minutes=${3:-7}
-"$py" -c 'import jax; assert jax.default_backend() == "gpu", f"no GPU for jax: {jax.devices()}"' || exit 1
 [ -f data/g2p/train.tsv ] || { echo "data/g2p/train.tsv is missing: $py examples/cmudict_pairs.py data/g2p"; exit 1; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
