@@ -20,11 +20,13 @@ import numpy as np
 from charrnn import config as config_lib
 from charrnn.seq2seq import task as task_lib
 
+GPU_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "g2p-gpu.toml"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="folder with train.tsv (examples/cmudict_pairs.py)")
-    parser.add_argument("--config", type=Path, default=Path("configs/g2p-gpu.toml"))
+    parser.add_argument("--config", type=Path, default=GPU_RECIPE, help="the run's config (its batch size, steps per call)")
     parser.add_argument("--multiples", default="4,8,16", help="comma-separated values of train.pad_multiple")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the training pairs to walk")
     args = parser.parse_args()
