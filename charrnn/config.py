@@ -65,7 +65,7 @@ class TrainConfig:
     final_lr_fraction: float = 0.0  # lr at the end of the run, as a fraction of lr
     beta1: float = 0.9  # Adam first-moment decay
     beta2: float = 0.99  # Adam second-moment decay; 0.99 adapts faster than 0.999
-    weight_decay: float = 0.0  # AdamW decoupled decay per step, times lr
+    weight_decay: float = 0.1  # AdamW decoupled decay per step, times lr: a little lower at five passes of the recipe
     label_smoothing: float = 0.0  # training targets: 1 - this on the true symbol, this spread over all; validation is plain cross-entropy
     dropout_from_epoch: float = 1.0  # every dropout (model.dropout, embedding_dropout, weight_drop) starts after this many epochs: a first pass meets only new text
     ema: float = 0.0  # evaluate and save an average of the weights with this decay per step (0.999: ~the last 1000 steps); 0 = off
