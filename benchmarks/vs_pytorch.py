@@ -118,6 +118,7 @@ def charrnn_config(cell, layers, hidden, batch, seq_len, embedding, dtype, steps
                   "dtype": dtype, "scan_unroll": unroll, "dropout": 0.0, "kernel": kernel,
                   "norm": "none"},  # nn.LSTM's equations: no layer normalisation
         "train": {"batch_size": batch, "seq_len": seq_len, "lr": 2e-3, "clip_norm": 5.0,
+                  "weight_decay": 0.0,  # as the PyTorch side's torch.optim.Adam
                   "steps_per_call": steps_per_call},
     })
 
