@@ -4,6 +4,7 @@
     python benchmarks/quality.py --minutes 10                # charrnn, PyTorch on the recipe, PyTorch's own
     python benchmarks/quality.py --minutes 10 --threads 1    # one core: a stand-in for a slower machine
     python benchmarks/quality.py --sides charrnn --set model.weight_drop=0.2
+    python benchmarks/quality.py --minutes 10 --members 2 --sides charrnn,torch-recipe   # two at once, together
 
 Three sides, each in a fresh process of its own, one after another, `--repeats`
 times (medians are reported):
@@ -27,6 +28,12 @@ times (medians are reported):
   only between layers (`nn.LSTM(dropout=...)`), Adam with its default betas,
   no averaging, everything else as the recipe (the size chosen by its own
   steps' time).
+
+With `--members N`, each side trains N models at once, one process on a core of
+its own each (seeds `train.seed` to `train.seed` + N - 1), and is scored by the
+mean of their distributions at each character, state carried as above
+(`charrnn eval -c A -c B`'s score for charrnn's runs); steps are the members'
+mean, chars/s their sum.
 
 The reference is the better PyTorch side. Every side counts the same things
 against the budget: everything from its first step until the budget is spent,
@@ -74,7 +81,7 @@ def resolved_config(config_path: Path, sets: list[str]):
     return config_lib.resolve(config_path, sets, {})
 
 
-def train_charrnn(config, minutes: float) -> dict:
+def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
     import charrnn
     from charrnn import events
 
@@ -85,14 +92,15 @@ def train_charrnn(config, minutes: float) -> dict:
             trained_s.append(event.elapsed_s)
 
     with tempfile.TemporaryDirectory() as scratch:
-        summary = charrnn.train(CORPUS, Path(scratch) / "run", config, max_minutes=minutes, callbacks=[keep_time])
-        layers = json.loads((Path(scratch) / "run" / "config.json").read_text())["model"]["num_layers"]
+        run_dir = run_dir or Path(scratch) / "run"  # a member's run is kept for scoring together
+        summary = charrnn.train(CORPUS, run_dir, config, max_minutes=minutes, callbacks=[keep_time])
+        layers = json.loads((run_dir / "config.json").read_text())["model"]["num_layers"]
     chars = summary.steps * config.train.batch_size * config.train.seq_len
     return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
             "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s, "layers": layers}
 
 
-def train_torch_chosen(config, minutes: float, own: bool) -> dict:
+def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | None = None) -> dict:
     """A PyTorch side on the model `charrnn.sizing` chooses for it, by timing its own steps of `train.larger_model`."""
     from charrnn import data, sizing, training
 
@@ -103,14 +111,16 @@ def train_torch_chosen(config, minutes: float, own: bool) -> dict:
     choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, corpus, minutes, own, timing=True))
     if choice.note:
         print(choice.note, file=sys.stderr, flush=True)
-    return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began),
+    return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began,
+                          scores_path=scores_path),
             "layers": choice.config.model.num_layers}
 
 
-def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False):
+def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False,
+                scores_path: Path | None = None):
     """Train a side on `corpus` (split by the config) for the budget, `spent_s` of it already gone; return its result,
     or with `timing` only the seconds a steady step takes (`charrnn.sizing.seconds_per_step`, its window after two
-    warm-up steps)."""
+    warm-up steps). With `scores_path`, the final model's log-probability of each validation target is saved there."""
     import torch
     from torch import nn
     from torch.nn import functional
@@ -217,7 +227,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     scored = net if average is None else average
 
     @torch.no_grad()
-    def validate() -> float:
+    def validate(log_probs: list | None = None) -> float:
         scored.eval()
         total, count, state = 0.0, 0.0, None
         for chunk in data.evaluation_chunks(corpus.val_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN):
@@ -231,6 +241,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
                                               reduction="none")
             mask = torch.from_numpy(chunk.mask.reshape(-1).astype(np.float32))
             total, count = total + float((losses * mask).sum()), count + float(mask.sum())
+            if log_probs is not None:
+                log_probs.append(-losses[mask.bool()].numpy())
         return total / count
 
     layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
@@ -273,27 +285,65 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     if timing:  # the run ended inside the timed window (a tiny one): its mean step
         return (time.monotonic() - began) / max(step, 1)
     trained_s = min(time.monotonic() - began, budget)  # less than the budget where train.max_epochs ended the run
-    final = validate()
+    log_probs = None if scores_path is None else []
+    final = validate(log_probs)
+    if scores_path is not None:
+        np.save(scores_path, np.concatenate(log_probs))
     return {"best_val": min(best, final), "final_val": final, "steps": step,
             "chars_per_s": step * train_config.batch_size * train_config.seq_len / trained_s}
 
 
 def run_side(args) -> None:
     """One side in this process: print its result as one JSON line."""
-    if args.threads:
-        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:args.threads]))
+    allowed = sorted(os.sched_getaffinity(0))
+    if args.member is not None:  # one core of its own
+        os.sched_setaffinity(0, {allowed[args.member % len(allowed)]})
+    elif args.threads:
+        os.sched_setaffinity(0, set(allowed[:args.threads]))
+    threads = 1 if args.member is not None else args.threads or None
     config = resolved_config(args.config, args.set)
     if args.side == "charrnn":
         import charrnn
 
-        charrnn.configure(threads=args.threads or None, cpu_device_per_core=True)  # as `charrnn train` does
-        result = train_charrnn(config, args.minutes)
+        charrnn.configure(threads=threads, cpu_device_per_core=True)  # as `charrnn train` does
+        result = train_charrnn(config, args.minutes, args.keep)
     else:
         import torch
 
         torch.set_num_threads(runtime.usable_cores())
-        result = train_torch_chosen(config, args.minutes, own=args.side == "torch-own")
+        result = train_torch_chosen(config, args.minutes, own=args.side == "torch-own", scores_path=args.keep)
     print(json.dumps({"side": args.side, **result}), flush=True)
+
+
+def run_members(side: str, command: list[str], members: int, base_seed: int, environ: dict, scratch: Path) -> dict:
+    """`members` processes of one side at once, a core each, with seeds from `base_seed` on; scored together."""
+    keeps = [scratch / f"{side}-{index}" for index in range(members)]
+    if side != "charrnn":
+        keeps = [keep.with_suffix(".npy") for keep in keeps]
+    running = [subprocess.Popen([*command, "--member", str(index), "--keep", str(keep),
+                                 f"--set=train.seed={base_seed + index}"],
+                                env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index, keep in enumerate(keeps)]
+    results = []
+    for process in running:
+        stdout, stderr = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"{side} failed:\n{stderr[-2000:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    if side == "charrnn":
+        import charrnn
+        from charrnn import training
+
+        config = json.loads((keeps[0] / "config.json").read_text())
+        corpus = training.load_corpus(CORPUS, config["train"]["val_fraction"])
+        text = "".join(corpus.vocab.chars[int(i)] for i in corpus.val_ids)
+        together = charrnn.load(*keeps).score(text, streams=config["train"]["eval_batch_size"]).nats_per_char
+    else:  # -log of the mean of the members' probabilities of each target
+        log_probs = np.stack([np.load(keep) for keep in keeps])
+        together = float(-np.mean(np.logaddexp.reduce(log_probs, axis=0) - math.log(members)))
+    return {"side": side, "best_val": together, "final_val": together,
+            "steps": statistics.mean(result["steps"] for result in results),
+            "chars_per_s": sum(result["chars_per_s"] for result in results), "members": results}
 
 
 def machine() -> dict:
@@ -314,7 +364,11 @@ def main() -> None:
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="cores each side may use (0: all)")
+    parser.add_argument("--members", type=int, default=1,
+                        help="models each side trains at once, one core each, scored together (default 1)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
+    parser.add_argument("--member", type=int, help=argparse.SUPPRESS)  # its index: the core it runs on
+    parser.add_argument("--keep", type=Path, help=argparse.SUPPRESS)  # where a member keeps its run or scores
     args = parser.parse_args()
     if args.side:
         return run_side(args)
@@ -323,9 +377,11 @@ def main() -> None:
     for side in sides:
         if side not in SIDES:
             parser.error(f"unknown side {side!r}")
-    resolved_config(args.config, args.set)  # a bad config fails here, before any side trains
+    base_seed = resolved_config(args.config, args.set).train.seed  # a bad config fails here, before any side trains
+    if not 1 <= args.members <= runtime.usable_cores():
+        parser.error(f"--members must be between 1 and the {runtime.usable_cores()} cores this process may use")
     print(json.dumps({"machine": machine(), "minutes": args.minutes, "config": str(args.config), "set": args.set,
-                      "threads": args.threads or "all"}), flush=True)
+                      "threads": args.threads or "all", "members": args.members}), flush=True)
     from charrnn import entry
 
     environ = entry.environment_with_huge_pages(dict(os.environ), platform.libc_ver()[0]) or dict(os.environ)
@@ -334,6 +390,12 @@ def main() -> None:
         for side in sides:
             command = [sys.executable, __file__, "--side", side, "--minutes", str(args.minutes), "--config",
                        str(args.config), "--threads", str(args.threads), *(f"--set={item}" for item in args.set)]
+            if args.members > 1:
+                with tempfile.TemporaryDirectory() as scratch:
+                    result = run_members(side, command, args.members, base_seed, environ, Path(scratch))
+                print(json.dumps(result), flush=True)
+                results[side].append(result)
+                continue
             finished = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
             if finished.returncode != 0:
                 raise SystemExit(f"{side} failed:\n{finished.stderr[-2000:]}")
