@@ -315,6 +315,13 @@ def run_side(args) -> None:
     print(json.dumps({"side": args.side, **result}), flush=True)
 
 
+def side_result(side: str, returncode: int, stdout: str, stderr: str) -> dict:
+    """The result a side's process printed as its last line, or the end of its errors where it failed."""
+    if returncode != 0:
+        raise SystemExit(f"{side} failed:\n{stderr[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def run_members(side: str, command: list[str], members: int, base_seed: int, environ: dict, scratch: Path) -> dict:
     """`members` processes of one side at once, a core each, with seeds from `base_seed` on; scored together."""
     keeps = [scratch / f"{side}-{index}" for index in range(members)]
@@ -326,17 +333,15 @@ def run_members(side: str, command: list[str], members: int, base_seed: int, env
                for index, keep in enumerate(keeps)]
     results = []
     for process in running:
-        stdout, stderr = process.communicate()
-        if process.returncode != 0:
-            raise SystemExit(f"{side} failed:\n{stderr[-2000:]}")
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+        stdout, stderr = process.communicate()  # before its return code, which it sets
+        results.append(side_result(side, process.returncode, stdout, stderr))
     if side == "charrnn":
         import charrnn
         from charrnn import training
 
         config = json.loads((keeps[0] / "config.json").read_text())
         corpus = training.load_corpus(CORPUS, config["train"]["val_fraction"])
-        text = "".join(corpus.vocab.chars[int(i)] for i in corpus.val_ids)
+        text = corpus.vocab.decode(corpus.val_ids)
         together = charrnn.load(*keeps).score(text, streams=config["train"]["eval_batch_size"]).nats_per_char
     else:  # -log of the mean of the members' probabilities of each target
         log_probs = np.stack([np.load(keep) for keep in keeps])
@@ -397,9 +402,7 @@ def main() -> None:
                 results[side].append(result)
                 continue
             finished = subprocess.run(command, env=environ, capture_output=True, text=True, check=False)
-            if finished.returncode != 0:
-                raise SystemExit(f"{side} failed:\n{finished.stderr[-2000:]}")
-            result = json.loads(finished.stdout.strip().splitlines()[-1])
+            result = side_result(side, finished.returncode, finished.stdout, finished.stderr)
             print(json.dumps(result), flush=True)
             results[side].append(result)
 
