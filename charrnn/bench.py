@@ -18,6 +18,7 @@ import numpy as np
 
 from charrnn import cells, data, distributed, model, runtime, sample, steps
 from charrnn.config import Config
+from charrnn.task import TextTask
 
 VOCAB_SIZE = 65  # Tiny Shakespeare's
 
@@ -44,28 +45,23 @@ class TrainingBench:
     def __init__(self, config: Config, num_devices: int | None = None):
         self.config = config
         train_config = config.train
-        self.placement = distributed.make_placement(
-            num_devices, train_config.batch_size, model.recurrent_step_macs(config.model, train_config.batch_size),
-            one_device=model.fuses_layers(config.model))
+        self.placement = steps.placement(config, num_devices)
+        chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
+        ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
+        self.task = TextTask(config, data.Corpus(data.Vocab("".join(map(chr, range(VOCAB_SIZE)))), ids, ids, ""))
         optimizer = steps.make_optimizer(train_config)
         self.call = steps.make_train_call(config.model, train_config, optimizer, self.placement)
-        self.state, self.carry = steps.place(*steps.fresh_state(
-            config, optimizer, lambda key: model.init_params(key, config.model, VOCAB_SIZE),
-            lambda params, batch_size: model.initial_carry(params, config.model, batch_size)), self.placement,
-                                             train_config.batch_size)
-        chars_per_call = train_config.batch_size * train_config.seq_len * train_config.steps_per_call
-        self.ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
-        self.layout = data.stream_layout(len(self.ids), train_config.batch_size, train_config.seq_len)
+        self.state, self.carry = steps.place(*steps.fresh_state(config, optimizer, self.task.init_params,
+                                                                self.task.initial_carry),
+                                             self.placement, train_config.batch_size)
         self.lrs = np.full((train_config.steps_per_call,), train_config.lr, np.float32)
         self.step = 0
         self.chars_per_call = chars_per_call
 
     def run_call(self) -> None:
         train_config = self.config.train
-        batches = distributed.put_batches(data.stack_batches([
-            data.training_batch(self.ids, self.layout, self.step + i, train_config.seed, False)
-            for i in range(train_config.steps_per_call)
-        ]), self.placement)
+        batches = distributed.put_batches(self.task.batches(self.step, train_config.steps_per_call, slice(None)),
+                                          self.placement)
         self.state, self.carry, metrics = self.call(self.state, self.carry, batches, self.lrs)
         self.step += train_config.steps_per_call
         return metrics

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from charrnn import config as config_lib, model, rundir, steps
+from charrnn import config as config_lib, members, model, rundir, steps
 from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (FAULT_ENV: for tests)
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
@@ -209,9 +209,10 @@ class Loaded(NamedTuple):
 class FromCheckpoint:
     """What every trained model offers: the config, vocabulary, params and file it was rebuilt from.
 
-    Given several checkpoints of runs with the same symbols, it is an ensemble:
-    they predict together, from the mean of their distributions. `config`,
-    `params` and `path` are then the first run's.
+    Given several checkpoints of runs with the same symbols, or one of a run of
+    several members (`train.members`), it is an ensemble: they predict together,
+    from the mean of their distributions. `config`, `params` and `path` are then
+    the first model's.
     """
 
     def __init__(self, loaded: Loaded, *others: Loaded):
@@ -224,7 +225,7 @@ class FromCheckpoint:
                 raise UsageError(f"{other.path} and {loaded.path} have different vocabularies: "
                                  "only runs with the same symbols can predict together")
         self._loaded = loaded
-        self._members = (loaded, *others)
+        self._members = tuple(member for one in (loaded, *others) for member in member_models(one))
 
     @property
     def paths(self) -> list[Path]:
@@ -254,7 +255,7 @@ class FromCheckpoint:
 
     @property
     def params(self) -> dict:
-        return self._loaded.params
+        return self._members[0].params
 
     @property
     def path(self) -> Path:
@@ -303,10 +304,17 @@ def load(path: Path | None, attempts: int = 5) -> Loaded:
             source_vocab = Vocab(metadata["source_vocab"]) if seq2seq else None
         except (KeyError, TypeError, UsageError) as error:
             raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
-        template = jax.eval_shape(lambda: init_params(jax.random.key(0), config.model, vocab, source_vocab))
+        template = jax.eval_shape(lambda: members.combine(
+            [init_params(jax.random.key(0), config.model, vocab, source_vocab)] * config.train.members))
         params = jax.device_put(unflatten(template, "params", arrays))
         return Loaded(config, vocab, params, metadata, file, len(payload), source_vocab)
     raise AssertionError("unreachable")
+
+
+def member_models(loaded: Loaded) -> tuple[Loaded, ...]:
+    """The models a checkpoint holds: one, or each member of a run of several (`train.members`)."""
+    return tuple(loaded._replace(params=params)
+                 for params in members.split(loaded.params, loaded.config.train.members))
 
 
 def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Vocab | TokenVocab,
@@ -318,16 +326,22 @@ def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Voc
 
 
 def restore_training(arrays: dict[str, np.ndarray], task, optimizer, batch_size: int, step: int,
-                     averaged: bool = False) -> tuple[steps.TrainState, tuple]:
-    """The training state and carried state stored in `arrays` (host arrays), shaped as `task` makes them.
+                     averaged: bool = False, count: int = 1) -> tuple[steps.TrainState, tuple]:
+    """The training state and carried state stored in `arrays` (host arrays), shaped as `task` makes them for a
+    run of `count` members (`train.members`).
 
     `averaged` (`train.ema`): "params" holds the weights' average and "iterate" the optimizer's weights.
     """
-    template = jax.eval_shape(task.init_params, jax.random.key(0))
-    params = unflatten(template, "iterate" if averaged else "params", arrays)
-    average = unflatten(template, "params", arrays) if averaged else None
-    opt_state = unflatten(jax.eval_shape(optimizer.init, params), "opt_state", arrays)
-    carry = unflatten(jax.eval_shape(lambda: task.initial_carry(params, batch_size)), "carry", arrays)
+    def member(key: jax.Array):
+        params = task.init_params(key)
+        return params, optimizer.init(params), task.initial_carry(params, batch_size)
+
+    template = jax.eval_shape(lambda key: members.combine([member(key)] * count), jax.random.key(0))
+    params_template, opt_template, carry_template = template
+    params = unflatten(params_template, "iterate" if averaged else "params", arrays)
+    average = unflatten(params_template, "params", arrays) if averaged else None
+    opt_state = unflatten(opt_template, "opt_state", arrays)
+    carry = unflatten(carry_template, "carry", arrays)
     return steps.TrainState(params, opt_state, np.asarray(step, np.int32), average), carry
 
 

@@ -75,6 +75,7 @@ class TrainConfig:
     max_epochs: float = 0.0  # passes over the training data that end the run, if before steps and minutes; 0 = no cap
     larger_model: str = ""  # "model.key=value ...": train this larger model instead where its run, timed first, ends within max_minutes
     seed: int = 0  # parameters, dropout and epoch offsets all derive from it
+    members: int = 1  # models trained side by side, from seeds seed, seed + 1, ...; they predict together (an ensemble)
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
     eval_every: int = 500  # steps between validation passes and checkpoints
     eval_batch_size: int = 16  # validation streams; fewer streams = fewer cold starts
@@ -294,6 +295,9 @@ def validate(config: Config) -> None:
              "train.final_lr_fraction must be > 0 for the exponential schedule")
     _require(0.0 < train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
     check_seed(train.seed, "train.seed")
+    _require(train.members >= 1, "train.members must be at least 1")
+    check_seed(train.seed + train.members - 1, "train.seed + train.members - 1")
+    _require(train.members == 1 or model.kind == "lm", "train.members > 1 is for language models (model.kind = lm)")
     if train.larger_model:
         _require(model.kind == "lm", "train.larger_model is for language models (model.kind = lm)")
         try:

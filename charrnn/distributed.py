@@ -132,14 +132,14 @@ def local_split(num_streams: int, step_macs: int) -> Placement | None:
     return make_placement(count, num_streams, step_macs) if count > 1 else None
 
 
-def make_placement(num_devices: int | None, batch_size: int, step_macs: int, one_device: bool = False) -> Placement:
+def make_placement(num_devices: int | None, batch_size: int, step_macs: int, one_device: str = "") -> Placement:
     """A mesh over `num_devices` devices (default: `default_device_count`), checking the streams divide among them.
 
-    `one_device`: the model runs a kernel the compiler cannot split over devices (`model.kernel = "pallas"`).
+    `one_device`: why the run cannot be split over devices, or "" where it can.
     """
     devices = jax.devices()
     if one_device and (num_devices not in (None, 1) or jax.process_count() > 1):
-        raise UsageError("model.kernel = pallas runs on one device: use --devices 1 in one process, or model.kernel = xla")
+        raise UsageError(f"{one_device}: use --devices 1 in one process")
     if num_devices is None:
         devices = devices[:1 if one_device else default_device_count(devices, batch_size, step_macs)]
     else:

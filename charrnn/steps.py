@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from charrnn import averaging, distributed, model
+from charrnn import averaging, distributed, members, model
 from charrnn.config import Config, ModelConfig, TrainConfig
 from charrnn.data import Batch, EvalChunk, evaluation_chunks
 
@@ -84,16 +84,32 @@ def initial_state(params: dict, optimizer, averaged: bool = False) -> TrainState
 
 
 def fresh_state(config: Config, optimizer, init_params, initial_carry) -> tuple[TrainState, tuple]:
-    """A new run's training state and carried state as host arrays, the same on every process (from the seed).
+    """A new run's training state and carried state as host arrays, the same on every process (from the seed);
+    with `train.members`, each member's from its own seed, stacked (`charrnn.members`).
 
     `init_params(key) -> params`, `initial_carry(params, batch_size) -> carry`: the task's.
     """
+    @jax.jit  # one compiled program rather than an eager dispatch (and compilation) of each initialiser's operations
     def fresh(key: jax.Array) -> tuple[TrainState, tuple]:
         params = init_params(key)
         return initial_state(params, optimizer, config.train.ema > 0), initial_carry(params, config.train.batch_size)
 
-    # One compiled program rather than an eager dispatch (and compilation) of each initialiser's operations.
-    return jax.device_get(jax.jit(fresh)(jax.random.fold_in(jax.random.key(config.train.seed), 0)))
+    made = [fresh(jax.random.fold_in(jax.random.key(seed), 0)) for seed in members.seeds(config.train)]
+    state, carry = members.combine(made)
+    return jax.device_get((state._replace(step=made[0][0].step), carry))  # one step count for the run
+
+
+def placement(config: Config, devices: int | None) -> distributed.Placement:
+    """Where a run's training arrays live: its streams split over `devices` (default: as many as pay), or one
+    device where the run cannot be split."""
+    if model.fuses_layers(config.model):
+        one_device = "model.kernel = pallas runs on one device (model.kernel = xla splits)"
+    elif config.train.members > 1:
+        one_device = "train.members > 1 trains its models on one device, one after another"
+    else:
+        one_device = ""
+    return distributed.make_placement(devices, config.train.batch_size,
+                                      model.recurrent_step_macs(config.model, config.train.batch_size), one_device)
 
 
 def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[TrainState, tuple]:
@@ -131,38 +147,58 @@ def compile_train_call(batch_loss, train_config: TrainConfig, optimizer, placeme
     into the previous chunk) and leaves through stop_gradient to become the next
     step's starting state. A step whose loss or gradient is not finite changes
     nothing, so non-finite numbers never reach the parameters. With `train.ema`,
-    the weights' average follows each step (`charrnn.averaging`).
+    the weights' average follows each step (`charrnn.averaging`). With
+    `train.members`, state, carry and batches hold a leading member axis; each
+    member takes the K steps in turn, as a run of its seed alone would, and the
+    metrics are the members' mean loss and gradient norm, finite where every
+    member's step was.
     """
-    dropout_root = jax.random.fold_in(jax.random.key(train_config.seed), 1)
+    def run_steps(state: TrainState, carry: tuple, batches, lrs: jax.Array, dropout_root: jax.Array):
+        def one_step(state_and_carry, step_inputs):
+            state, carry = state_and_carry
+            batch, lr = step_inputs
+            dropout_key = jax.random.fold_in(dropout_root, state.step)
+            (loss, new_carry), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, carry, batch,
+                                                                                    dropout_key)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params = keep_finite(params, state.params)
+            average = state.average
+            if average is not None:
+                average = keep_finite(averaging.update(average, params, train_config.ema, state.step + 1), average)
+            new_state = TrainState(params, keep_finite(opt_state, state.opt_state), state.step + 1, average)
+            new_carry = keep_finite(jax.lax.stop_gradient(new_carry), carry)
+            return (new_state, new_carry), StepMetrics(loss, grad_norm, finite)
 
-    def one_step(state_and_carry, step_inputs):
-        state, carry = state_and_carry
-        batch, lr = step_inputs
-        dropout_key = jax.random.fold_in(dropout_root, state.step)
-        (loss, new_carry), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, carry, batch,
-                                                                                dropout_key)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(lambda param, update: param - lr * update, state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        params = keep_finite(params, state.params)
-        average = state.average
-        if average is not None:
-            average = keep_finite(averaging.update(average, params, train_config.ema, state.step + 1), average)
-        new_state = TrainState(params, keep_finite(opt_state, state.opt_state), state.step + 1, average)
-        new_carry = keep_finite(jax.lax.stop_gradient(new_carry), carry)
-        return (new_state, new_carry), StepMetrics(loss, grad_norm, finite)
-
-    def call(state: TrainState, carry: tuple, batches, lrs: jax.Array):
         (state, carry), metrics = jax.lax.scan(one_step, (state, carry), (batches, lrs))
         return state, carry, metrics
 
+    dropout_roots = [jax.random.fold_in(jax.random.key(seed), 1) for seed in members.seeds(train_config)]
+
+    def call(state: TrainState, carry: tuple, batches, lrs: jax.Array):
+        return run_steps(state, carry, batches, lrs, dropout_roots[0])
+
+    def members_call(state: TrainState, carry: tuple, batches, lrs: jax.Array):
+        def member(parts):
+            params, opt_state, average, member_carry, member_batches, dropout_root = parts
+            member_state, member_carry, metrics = run_steps(TrainState(params, opt_state, state.step, average),
+                                                            member_carry, member_batches, lrs, dropout_root)
+            return (member_state.params, member_state.opt_state, member_state.average, member_carry), metrics
+
+        (params, opt_state, average, carry), metrics = jax.lax.map(
+            member, (state.params, state.opt_state, state.average, carry, batches, jnp.stack(dropout_roots)))
+        metrics = StepMetrics(metrics.loss.mean(axis=0), metrics.grad_norm.mean(axis=0), metrics.finite.all(axis=0))
+        return TrainState(params, opt_state, state.step + lrs.shape[0], average), carry, metrics
+
+    compiled = call if train_config.members == 1 else members_call
     if placement is None:
-        return jax.jit(call, donate_argnums=(0, 1))
+        return jax.jit(compiled, donate_argnums=(0, 1))
     # State stays replicated and the carry stays split with its streams, call after call.
     out_shardings = (placement.replicated, placement.batch, placement.replicated)
-    return jax.jit(call, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(compiled, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def make_eval_call(model_config: ModelConfig):

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import jax
 
-from charrnn import data, model, steps
+from charrnn import data, members, model, steps
 from charrnn.config import Config
 
 
@@ -59,13 +59,17 @@ class TextTask:
 
     def batches(self, step: int, count: int, streams: slice) -> data.Batch:
         train = self.config.train
-        return data.stack_batches([
-            data.training_batch(self.corpus.train_ids, self.layout, step + i, train.seed, train.random_offset, streams)
+        return members.combine([data.stack_batches([
+            data.training_batch(self.corpus.train_ids, self.layout, step + i, seed, train.random_offset, streams)
             for i in range(count)
-        ])
+        ]) for seed in members.seeds(train)])  # each member's epoch offsets follow its own seed
 
     def validation_loss(self, params: dict, placement) -> float:
-        return steps.evaluate(params, self.config.model, self.corpus.val_ids, self.config.train.eval_batch_size,
+        model_config, train = self.config.model, self.config.train
+        if train.members > 1:
+            return steps.evaluate_together(members.split(params, train.members), (model_config,) * train.members,
+                                           self.corpus.val_ids, train.eval_batch_size)
+        return steps.evaluate(params, model_config, self.corpus.val_ids, train.eval_batch_size,
                               eval_call=self.eval_call, placement=placement)
 
     def metadata(self) -> dict[str, Any]:

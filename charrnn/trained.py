@@ -146,9 +146,11 @@ class Model(checkpoint.FromCheckpoint):
 
             >>> acts = model.activations("ROMEO: hello")
             >>> acts.states["h"].shape, acts.top_units(3, feature="line_position")
+
+        Of a run of several members (`train.members`), they are the first member's.
         """
-        if len(self._members) > 1:
-            raise UsageError("activations take one language model, not several predicting together")
+        if len(set(self.paths)) > 1:
+            raise UsageError("activations take one language model, not several runs predicting together")
         num_layers = self.config.model.num_layers
         layer = num_layers if layer is None else layer
         if not 1 <= layer <= num_layers:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import jax
 
-from charrnn import checkpoint, config as config_lib, data, distributed, events, model, rundir, sizing, steps
+from charrnn import checkpoint, config as config_lib, data, events, rundir, sizing, steps
 from charrnn.atomic import probe_writable
 from charrnn.config import Config
 from charrnn.errors import CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted, PeerError, \
@@ -24,7 +24,7 @@ from charrnn.task import Task, TextTask
 from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 
 # Train keys that fix the data stream, the carried state's shape or what a checkpoint holds: a resumed run keeps them.
-_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset", "ema")
+_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset", "ema", "members")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
 _RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll", "kernel")
 
@@ -227,14 +227,12 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
         summary_writer_class()
         if Path(config.train.tensorboard).is_absolute():
             _probe(Path(config.train.tensorboard))
-    placement = distributed.make_placement(devices, config.train.batch_size,
-                                           model.recurrent_step_macs(config.model, config.train.batch_size),
-                                           one_device=model.fuses_layers(config.model))
+    placement = steps.placement(config, devices)
     optimizer = steps.make_optimizer(config.train)
     if resumed:
         path, arrays, metadata, skipped = resumed
         state, carry = checkpoint.restore_training(arrays, task, optimizer, config.train.batch_size, metadata["step"],
-                                                   averaged=config.train.ema > 0)
+                                                   averaged=config.train.ema > 0, count=config.train.members)
         progress = LoopState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
                             metadata.get("val_loss"), path)
     else:

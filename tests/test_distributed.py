@@ -113,7 +113,7 @@ def test_put_streams_hands_jax_only_this_process_rows_or_columns(monkeypatch):
 
 
 def test_each_layout_splits_its_stream_axis_and_stacked_minibatches_go_whole(monkeypatch):
-    placement = distributed.make_placement(1, NUM_STREAMS, 0, one_device=True)  # one device is what pallas allows
+    placement = distributed.make_placement(1, NUM_STREAMS, 0, one_device="a kernel")  # one device is what pallas allows
     assert placement.num_devices == 1
     streams = distributed.AXIS
     assert [sharding.spec for sharding in placement[1:]] == [  # replicated; [B, H]; [T, B]; [K, T, B]
@@ -167,12 +167,12 @@ def test_generation_splits_over_cpu_cores_by_the_training_rule(monkeypatch):
 
 
 @pytest.mark.parametrize("devices, processes, batch_size, one_device, words", [
-    (3, 1, 12, False, "--devices 3: JAX sees 2 device(s)"),
-    (0, 1, 12, False, "--devices 0: JAX sees 2 device(s)"),
-    (1, 4, 12, False, "must be all devices in a multi-process run"),
-    (2, 1, 7, False, "train.batch_size 7 must be divisible by the 2 devices"),
-    (2, 1, 12, True, "pallas runs on one device"),
-    (None, 4, 12, True, "pallas runs on one device"),
+    (3, 1, 12, "", "--devices 3: JAX sees 2 device(s)"),
+    (0, 1, 12, "", "--devices 0: JAX sees 2 device(s)"),
+    (1, 4, 12, "", "must be all devices in a multi-process run"),
+    (2, 1, 7, "", "train.batch_size 7 must be divisible by the 2 devices"),
+    (2, 1, 12, "a kernel runs on one device", "a kernel runs on one device: use --devices 1 in one process"),
+    (None, 4, 12, "a kernel runs on one device", "a kernel runs on one device: use --devices 1"),
 ])
 def test_device_choices_that_cannot_work_are_usage_errors(monkeypatch, devices, processes, batch_size, one_device,
                                                           words):
@@ -229,13 +229,15 @@ print(len(jax.devices()), [tuple(shard.data.shape) for shard in h.addressable_sh
 
 
 def test_a_kernel_the_compiler_cannot_split_keeps_a_run_on_one_device(tmp_path):
-    probe = """
-from charrnn import distributed
+    probe = f"""
+from charrnn import config, model, steps
 from charrnn.errors import UsageError
-print(distributed.make_placement(None, 64, 0).mesh.devices.size,
-      distributed.make_placement(None, 64, 0, one_device=True).mesh.devices.size)
+model.fuses_layers = lambda model_config: model_config.kernel == "pallas"  # as on a GPU
+xla = config.resolve({str(TINY)!r}, ["train.batch_size=64"], {{}})
+pallas = config.resolve({str(TINY)!r}, ["train.batch_size=64", "model.kernel=pallas", "model.norm=none"], {{}})
+print(steps.placement(xla, None).num_devices, steps.placement(pallas, None).num_devices)
 try:
-    distributed.make_placement(2, 64, 0, one_device=True)
+    steps.placement(pallas, 2)
 except UsageError as error:
     print(error)
 """

@@ -228,7 +228,7 @@ def test_language_models_sample_together_from_their_mean_distribution(cli, runs,
 
 def test_language_models_together_record_no_activations_and_share_a_vocabulary(runs, tmp_path):
     together = charrnn.load(runs / "first", runs / "second")
-    with pytest.raises(charrnn.UsageError, match="activations take one language model"):
+    with pytest.raises(charrnn.UsageError, match="activations take one language model, not several runs"):
         together.activations(TEXT)
 
     corpus = tmp_path / "other.txt"

@@ -105,6 +105,7 @@ def train(
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="train.seq_len", rich_help_panel=TRAINING)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="train.lr", rich_help_panel=TRAINING)] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="train.seed", rich_help_panel=TRAINING)] = None,
+    members: Annotated[Optional[int], typer.Option("--members", help="train.members: models trained side by side from seeds --seed, --seed + 1, ...; they predict, write and are scored together.", rich_help_panel=TRAINING)] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="train.tensorboard: write TensorBoard event files into the run's tensorboard/ folder (needs the optional tensorboard extra).", rich_help_panel=OUTPUT)] = False,
     tensorboard_dir: Annotated[Optional[Path], typer.Option("--tensorboard-dir", file_okay=False, help="Write the TensorBoard event files into this folder instead (implies --tensorboard).", rich_help_panel=OUTPUT)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors and the final JSON line.", rich_help_panel=OUTPUT)] = False,
@@ -121,6 +122,7 @@ def train(
     options = {"cell": cell.value if cell else None, "num_layers": num_layers, "hidden_size": hidden_size,
                "embedding_size": embedding_size, "dropout": dropout, "steps": steps, "max_minutes": minutes,
                "max_epochs": epochs, "batch_size": batch_size, "seq_len": seq_len, "lr": lr, "seed": seed,
+               "members": members,
                "tensorboard": _tensorboard_dir(tensorboard, tensorboard_dir)}
     # One process per host splits its streams over the CPU's cores itself; several take a device each.
     multi_process = bool(coordinator or distributed_auto)
