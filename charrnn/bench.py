@@ -50,7 +50,7 @@ class TrainingBench:
         ids = _synthetic_ids(chars_per_call * 4 + train_config.seq_len + 1, train_config.seed)
         self.task = TextTask(config, data.Corpus(data.Vocab("".join(map(chr, range(VOCAB_SIZE)))), ids, ids, ""))
         optimizer = steps.make_optimizer(train_config)
-        self.call = steps.make_train_call(config.model, train_config, optimizer, self.placement)
+        self.call = steps.compile_train_call(self.task.batch_loss, train_config, optimizer, self.placement)
         self.state, self.carry = steps.place(*steps.fresh_state(config, optimizer, self.task.init_params,
                                                                 self.task.initial_carry),
                                              self.placement, train_config.batch_size)
@@ -161,9 +161,9 @@ def measure_matmul(rows: int, inputs: int, outputs: int, dtype: str, repeats: in
 
 
 def train_matmul_flops_per_char(config: Config) -> float:
-    """A training step's matmul work (`model.training_matmul_flops`) per character it trains on."""
+    """A training step's matmul work (`model.training_matmul_flops`, every member's) per character it trains on."""
     train = config.train
-    return model.training_matmul_flops(config.model, VOCAB_SIZE, train.batch_size, train.seq_len) / (
+    return train.members * model.training_matmul_flops(config.model, VOCAB_SIZE, train.batch_size, train.seq_len) / (
         train.batch_size * train.seq_len)
 
 

@@ -225,12 +225,13 @@ class FromCheckpoint:
                 raise UsageError(f"{other.path} and {loaded.path} have different vocabularies: "
                                  "only runs with the same symbols can predict together")
         self._loaded = loaded
-        self._members = tuple(member for one in (loaded, *others) for member in member_models(one))
+        self._runs = (loaded, *others)
+        self._members = tuple(member for one in self._runs for member in member_models(one))
 
     @property
     def paths(self) -> list[Path]:
-        """The checkpoint file of each model predicting together (one, unless an ensemble)."""
-        return [member.path for member in self._members]
+        """The checkpoint file of each run predicting together (one, unless an ensemble of runs)."""
+        return [run.path for run in self._runs]
 
     @property
     def _params(self) -> tuple[dict, ...]:
@@ -242,7 +243,7 @@ class FromCheckpoint:
 
     def _members_suffix(self) -> str:
         """What `repr` adds for an ensemble."""
-        return f" and {len(self._members) - 1} more" if len(self._members) > 1 else ""
+        return f" and {len(self._runs) - 1} more" if len(self._runs) > 1 else ""
 
     @property
     def config(self) -> config_lib.Config:
@@ -326,9 +327,9 @@ def init_params(key: jax.Array, model_config: config_lib.ModelConfig, vocab: Voc
 
 
 def restore_training(arrays: dict[str, np.ndarray], task, optimizer, batch_size: int, step: int,
-                     averaged: bool = False, count: int = 1) -> tuple[steps.TrainState, tuple]:
+                     averaged: bool = False, num_members: int = 1) -> tuple[steps.TrainState, tuple]:
     """The training state and carried state stored in `arrays` (host arrays), shaped as `task` makes them for a
-    run of `count` members (`train.members`).
+    run of `num_members` members (`train.members`).
 
     `averaged` (`train.ema`): "params" holds the weights' average and "iterate" the optimizer's weights.
     """
@@ -336,7 +337,7 @@ def restore_training(arrays: dict[str, np.ndarray], task, optimizer, batch_size:
         params = task.init_params(key)
         return params, optimizer.init(params), task.initial_carry(params, batch_size)
 
-    template = jax.eval_shape(lambda key: members.combine([member(key)] * count), jax.random.key(0))
+    template = jax.eval_shape(lambda key: members.combine([member(key)] * num_members), jax.random.key(0))
     params_template, opt_template, carry_template = template
     params = unflatten(params_template, "iterate" if averaged else "params", arrays)
     average = unflatten(params_template, "params", arrays) if averaged else None

@@ -1,7 +1,8 @@
 """Several models in one run (`train.members`): trained side by side, each from its own seed, predicting together.
 
-Member i is the model a run with `train.seed + i` would train alone: its own
-initial weights, dropout masks and epoch offsets, the same schedule. A run of
+Member i is the model a run with `train.seed + i` would train alone given the
+same steps and learning rates: its own initial weights, dropout masks and epoch
+offsets (a wall-clock budget is the run's, shared by its members). A run of
 several keeps each array of its weights, optimizer state and carried state with
 a leading member axis; a run of one keeps them as they are, so its checkpoints
 are those of any other run. Evaluation, sampling and `charrnn.load` use the

@@ -260,6 +260,14 @@ def evaluate_together(params: tuple[dict, ...], configs: tuple[ModelConfig, ...]
     return _mean_over_chunks(functools.partial(_ensemble_summed_loss, configs=configs), params, carry, chunks)
 
 
+def evaluate_models(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], ids: np.ndarray, num_streams: int,
+                    eval_call=None, placement=None) -> float:
+    """`evaluate` of one model (one entry in `params` and `configs`), `evaluate_together` of several."""
+    if len(params) == 1:
+        return evaluate(params[0], configs[0], ids, num_streams, eval_call=eval_call, placement=placement)
+    return evaluate_together(params, configs, ids, num_streams)
+
+
 def _mean_over_chunks(eval_call, params, carry, chunks) -> float:
     """Mean nats per target over `chunks`, each call's carry passed to the next."""
     total, count = 0.0, 0.0

@@ -28,7 +28,8 @@ class Task(Protocol):
         """(mean loss, next carry) of one minibatch; with `dropout` false, no kind of dropout applies."""
 
     def batches(self, step: int, count: int, streams: slice) -> Any:
-        """Host minibatches of steps [step, step + count), stacked [K, ...], for the `streams` of this process."""
+        """Host minibatches of steps [step, step + count), stacked [K, ...] ([M, K, ...] for `train.members` M > 1,
+        which runs on one device), for the `streams` of this process."""
 
     def validation_loss(self, params: dict, placement) -> float: ...
 
@@ -65,12 +66,9 @@ class TextTask:
         ]) for seed in members.seeds(train)])  # each member's epoch offsets follow its own seed
 
     def validation_loss(self, params: dict, placement) -> float:
-        model_config, train = self.config.model, self.config.train
-        if train.members > 1:
-            return steps.evaluate_together(members.split(params, train.members), (model_config,) * train.members,
-                                           self.corpus.val_ids, train.eval_batch_size)
-        return steps.evaluate(params, model_config, self.corpus.val_ids, train.eval_batch_size,
-                              eval_call=self.eval_call, placement=placement)
+        train = self.config.train
+        return steps.evaluate_models(members.split(params, train.members), (self.config.model,) * train.members,
+                                     self.corpus.val_ids, train.eval_batch_size, self.eval_call, placement)
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab": self.corpus.vocab.chars, "corpus_sha": self.corpus.checksum}

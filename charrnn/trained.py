@@ -137,8 +137,7 @@ class Model(checkpoint.FromCheckpoint):
         ids, _ = self.encode(text, what, skip_unknown)
         if streams < 1:
             raise UsageError(f"streams must be at least 1, got {streams}")
-        nats = (steps.evaluate(self.params, self.config.model, ids, streams) if len(self._members) == 1 else
-                steps.evaluate_together(self._params, self._configs, ids, streams))
+        nats = steps.evaluate_models(self._params, self._configs, ids, streams)
         return Score(nats, bits(nats), math.exp(nats), int(len(ids) - 1))
 
     def activations(self, text: str, layer: int | None = None, skip_unknown: bool = False) -> Activations:
@@ -149,7 +148,7 @@ class Model(checkpoint.FromCheckpoint):
 
         Of a run of several members (`train.members`), they are the first member's.
         """
-        if len(set(self.paths)) > 1:
+        if len(self._runs) > 1:
             raise UsageError("activations take one language model, not several runs predicting together")
         num_layers = self.config.model.num_layers
         layer = num_layers if layer is None else layer

@@ -232,7 +232,7 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     if resumed:
         path, arrays, metadata, skipped = resumed
         state, carry = checkpoint.restore_training(arrays, task, optimizer, config.train.batch_size, metadata["step"],
-                                                   averaged=config.train.ema > 0, count=config.train.members)
+                                                   averaged=config.train.ema > 0, num_members=config.train.members)
         progress = LoopState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
                             metadata.get("val_loss"), path)
     else:

@@ -82,13 +82,6 @@ def test_nothing_is_timed_where_there_is_nothing_to_choose():
     assert timer.timed == []
 
 
-def test_a_run_of_several_members_times_the_larger_model_with_its_members():
-    timer = Timer(0.5)
-    chosen = sizing.choose(recipe(members=2), 1000, timer)
-    assert [timed.train.members for timed in timer.timed] == [2]  # what the run would train, all its members
-    assert (chosen.config.train.members, chosen.config.model.num_layers) == (2, 3)
-
-
 def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
     wanted = recipe()
     larger = config_lib.with_larger_model(wanted)
