@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 from clihelp import TINY, final_arrays
+from conftest import SAMPLE_TEXT
 
 import charrnn
 from charrnn import bench, config as config_lib, members, steps
@@ -24,8 +25,7 @@ def runs(tmp_path_factory):
     alone."""
     root = tmp_path_factory.mktemp("members")
     small = root / "corpus.txt"
-    small.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60,
-                     encoding="utf-8")
+    small.write_text(SAMPLE_TEXT * 40, encoding="utf-8")  # the `small_corpus` text, for the whole module
     charrnn.train(small, root / "pair", TINY, seed=5, members=2, steps=12, **SETTINGS)
     charrnn.train(small, root / "stopped", TINY, seed=5, members=2, steps=6, **SETTINGS)
     charrnn.train(resume=root / "stopped", steps=12)
