@@ -22,15 +22,19 @@ times (medians are reported):
   warm-up and schedule on the same clock, `train.ema`'s average evaluated,
   bfloat16 autocast where the recipe's matmuls are bfloat16, and
   `train.larger_model` chosen as `charrnn.sizing` chooses, by timing its own
-  steps of the larger model (the timing counts against its budget). Initialisation is
+  steps of the larger model (the timing counts against its budget), and
+  `train.members` models, each from its own seed (weights, dropout, epoch offsets),
+  taking their steps one after another in one process and scored together, as
+  charrnn's members are. Initialisation is
   PyTorch's own, with the input weights rescaled to `model.input_init`'s range.
 - torch-own: PyTorch's usual way with the same model size and budget: dropout
   only between layers (`nn.LSTM(dropout=...)`), Adam with its default betas,
   no averaging, everything else as the recipe (the size chosen by its own
   steps' time).
 
-With `--members N`, each side trains N models at once, one process on a core of
-its own each (seeds `train.seed` to `train.seed` + N - 1), and is scored by the
+With `--members N`, each side trains N runs at once, one process on a core of
+its own each (seeds from `train.seed` on, as many apart as the most members a run
+of the config may train), and is scored by the
 mean of their distributions at each character, state carried as above
 (`charrnn eval -c A -c B`'s score for charrnn's runs); steps are the members'
 mean, chars/s their sum.
@@ -94,10 +98,11 @@ def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = run_dir or Path(scratch) / "run"  # a member's run is kept for scoring together
         summary = charrnn.train(CORPUS, run_dir, config, max_minutes=minutes, callbacks=[keep_time])
-        layers = json.loads((run_dir / "config.json").read_text())["model"]["num_layers"]
+        chosen = json.loads((run_dir / "config.json").read_text())  # the model train.larger_model chose
     chars = summary.steps * config.train.batch_size * config.train.seq_len
     return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
-            "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s, "layers": layers}
+            "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s,
+            "layers": chosen["model"]["num_layers"], "run_members": chosen["train"]["members"]}
 
 
 def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | None = None) -> dict:
@@ -113,7 +118,7 @@ def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | No
         print(choice.note, file=sys.stderr, flush=True)
     return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began,
                           scores_path=scores_path),
-            "layers": choice.config.model.num_layers}
+            "layers": choice.config.model.num_layers, "run_members": choice.config.train.members}
 
 
 def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False,
@@ -125,12 +130,11 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     from torch import nn
     from torch.nn import functional
 
-    from charrnn import data, dropout, model, sizing, steps
+    from charrnn import data, dropout, members, model, sizing, steps
 
     model_config, train_config = config.model, config.train
     if model_config.cell != "lstm" or model_config.kind != "lm":
         raise SystemExit("the PyTorch sides run LSTM language models")
-    torch.manual_seed(train_config.seed)
     vocab, hidden, layers = len(corpus.vocab), model_config.hidden_size, model_config.num_layers
     rate = model_config.dropout
     locked = model_config.locked_dropout and not own
@@ -212,33 +216,47 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     def map_state(function, state):
         return (tuple(map(function, state)) if fused else [tuple(map(function, part)) for part in state])
 
-    net = Net()
-    if not own:  # W_x at the recipe's model.input_init: nn.LSTM draws U(±1/√H), nn.Linear U(±1/√fan_in)
-        with torch.no_grad():
-            for name, weight in net.rnn.named_parameters():
-                if "weight_ih" in name and model_config.input_init == "fan_in":
-                    weight.mul_(math.sqrt(hidden / weight.shape[1]))
-                elif name.endswith("input.weight") and model_config.input_init == "hidden":
-                    weight.mul_(math.sqrt(weight.shape[1] / hidden))
-    betas = (0.9, 0.999) if own else (train_config.beta1, train_config.beta2)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=train_config.lr, betas=betas, eps=1e-8,
-                                  weight_decay=train_config.weight_decay)
-    average = copy.deepcopy(net) if ema else None
-    scored = net if average is None else average
+    class Member:
+        """One of `train.members` models, from its own seed: weights, dropout masks and epoch offsets."""
+
+        def __init__(self, seed: int):
+            self.seed = seed
+            torch.manual_seed(seed)
+            self.net = Net()
+            if not own:  # W_x at the recipe's model.input_init: nn.LSTM draws U(±1/√H), nn.Linear U(±1/√fan_in)
+                with torch.no_grad():
+                    for name, weight in self.net.rnn.named_parameters():
+                        if "weight_ih" in name and model_config.input_init == "fan_in":
+                            weight.mul_(math.sqrt(hidden / weight.shape[1]))
+                        elif name.endswith("input.weight") and model_config.input_init == "hidden":
+                            weight.mul_(math.sqrt(weight.shape[1] / hidden))
+            betas = (0.9, 0.999) if own else (train_config.beta1, train_config.beta2)
+            self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train_config.lr, betas=betas, eps=1e-8,
+                                               weight_decay=train_config.weight_decay)
+            self.average = copy.deepcopy(self.net) if ema else None
+            self.scored = self.net if self.average is None else self.average
+            self.state = zero_state(train_config.batch_size)
+
+    crew = [Member(seed) for seed in members.seeds(train_config)]
 
     @torch.no_grad()
     def validate(log_probs: list | None = None) -> float:
-        scored.eval()
-        total, count, state = 0.0, 0.0, None
+        """The members' score together: -log of the mean of their probabilities of each target."""
+        total, count, states = 0.0, 0.0, None
+        for member in crew:
+            member.scored.eval()
         for chunk in data.evaluation_chunks(corpus.val_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN):
-            if state is None:
-                state = zero_state(chunk.inputs.shape[1])
-            with autocast:
-                logits, state = scored(torch.from_numpy(chunk.inputs.astype(np.int64)), state)
-            logits, state = logits.float(), map_state(torch.Tensor.float, state)
-            losses = functional.cross_entropy(logits.reshape(-1, vocab),
-                                              torch.from_numpy(chunk.targets.astype(np.int64)).reshape(-1),
-                                              reduction="none")
+            if states is None:
+                states = [zero_state(chunk.inputs.shape[1]) for _ in crew]
+            member_log_probs = []
+            for index, member in enumerate(crew):
+                with autocast:
+                    logits, states[index] = member.scored(torch.from_numpy(chunk.inputs.astype(np.int64)), states[index])
+                logits, states[index] = logits.float(), map_state(torch.Tensor.float, states[index])
+                member_log_probs.append(functional.log_softmax(logits.reshape(-1, vocab), dim=-1))
+            together = torch.logsumexp(torch.stack(member_log_probs), dim=0) - math.log(len(crew))
+            losses = functional.nll_loss(together, torch.from_numpy(chunk.targets.astype(np.int64)).reshape(-1),
+                                         reduction="none")
             mask = torch.from_numpy(chunk.mask.reshape(-1).astype(np.float32))
             total, count = total + float((losses * mask).sum()), count + float(mask.sum())
             if log_probs is not None:
@@ -246,40 +264,44 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
         return total / count
 
     layout = data.stream_layout(len(corpus.train_ids), train_config.batch_size, train_config.seq_len)
+
+    def train_step(member: Member, step: int, lr: float, dropping: bool) -> None:
+        net = member.net
+        net.train(dropping)  # eval mode drops nothing: the recipe's late dropout
+        batch = data.training_batch(corpus.train_ids, layout, step, member.seed, train_config.random_offset)
+        if np.any(batch.reset):
+            member.state = zero_state(train_config.batch_size)
+        for group in member.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            logits, state = net(torch.from_numpy(batch.inputs.astype(np.int64)), member.state)
+        logits, state = logits.float(), map_state(torch.Tensor.float, state)
+        loss = functional.cross_entropy(logits.reshape(-1, vocab), torch.from_numpy(batch.targets.astype(np.int64)).reshape(-1))
+        member.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_config.clip_norm > 0:
+            nn.utils.clip_grad_norm_(net.parameters(), train_config.clip_norm)
+        member.optimizer.step()
+        member.state = map_state(torch.Tensor.detach, state)
+        if member.average is not None:  # charrnn.averaging's formula
+            done = step + 1
+            decay = min(ema, (1 + done) / (10 + done))
+            with torch.no_grad():
+                for mean, param in zip(member.average.parameters(), net.parameters()):
+                    mean.mul_(decay).add_(param, alpha=1 - decay)
     dropout_from_step = 0 if own else dropout.first_step(config, layout.chunks_per_epoch)
     last_step = steps.last_step(train_config, layout.chunks_per_epoch)
-    budget, began, step = minutes * 60.0, time.monotonic() - spent_s, 0
-    state, best = zero_state(train_config.batch_size), math.inf
+    budget, began, step, best = minutes * 60.0, time.monotonic() - spent_s, 0, math.inf
     timed_from = None  # with `timing`: when the timed window began, at step 2
     while (elapsed := time.monotonic() - began) < budget and step < last_step:
         if timing and step == 2:
             timed_from = time.monotonic()
         if timed_from is not None and (window := time.monotonic() - timed_from) >= sizing.PROBE_SECONDS:
             return window / (step - 2)
-        # Eval mode drops nothing: the recipe's late dropout. The timing drops out as charrnn's timed calls do.
-        net.train(timing or step >= dropout_from_step)
-        batch = data.training_batch(corpus.train_ids, layout, step, train_config.seed, train_config.random_offset)
-        if np.any(batch.reset):
-            state = zero_state(train_config.batch_size)
-        progress = max(step / last_step, elapsed / budget)
-        for group in optimizer.param_groups:
-            group["lr"] = steps.learning_rate(train_config, step, progress)
-        with autocast:
-            logits, state = net(torch.from_numpy(batch.inputs.astype(np.int64)), state)
-        logits, state = logits.float(), map_state(torch.Tensor.float, state)
-        loss = functional.cross_entropy(logits.reshape(-1, vocab), torch.from_numpy(batch.targets.astype(np.int64)).reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train_config.clip_norm > 0:
-            nn.utils.clip_grad_norm_(net.parameters(), train_config.clip_norm)
-        optimizer.step()
-        state = map_state(torch.Tensor.detach, state)
+        lr = steps.learning_rate(train_config, step, max(step / last_step, elapsed / budget))
+        for member in crew:  # one after another, as charrnn's members take their steps
+            train_step(member, step, lr, dropping=timing or step >= dropout_from_step)
         step += 1
-        if average is not None:  # charrnn.averaging's formula
-            decay = min(ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for mean, param in zip(average.parameters(), net.parameters()):
-                    mean.mul_(decay).add_(param, alpha=1 - decay)
         if step % train_config.eval_every == 0:
             best = min(best, validate())
     if timing:  # the run ended inside the timed window (a tiny one): its mean step
@@ -322,13 +344,13 @@ def side_result(side: str, returncode: int, stdout: str, stderr: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def run_members(side: str, command: list[str], members: int, base_seed: int, environ: dict, scratch: Path) -> dict:
-    """`members` processes of one side at once, a core each, with seeds from `base_seed` on; scored together."""
+def run_members(side: str, command: list[str], members: int, seeds: range, environ: dict, scratch: Path) -> dict:
+    """`members` processes of one side at once, a core each, one seed of `seeds` each; scored together."""
     keeps = [scratch / f"{side}-{index}" for index in range(members)]
     if side != "charrnn":
         keeps = [keep.with_suffix(".npy") for keep in keeps]
     running = [subprocess.Popen([*command, "--member", str(index), "--keep", str(keep),
-                                 f"--set=train.seed={base_seed + index}"],
+                                 f"--set=train.seed={seeds[index]}"],
                                 env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for index, keep in enumerate(keeps)]
     results = []
@@ -382,7 +404,13 @@ def main() -> None:
     for side in sides:
         if side not in SIDES:
             parser.error(f"unknown side {side!r}")
-    base_seed = resolved_config(args.config, args.set).train.seed  # a bad config fails here, before any side trains
+    config = resolved_config(args.config, args.set)  # a bad config fails here, before any side trains
+    from charrnn import config as config_lib
+
+    # Each process's run may train several members from its seed on (train.members, or a larger model's).
+    stride = max([config.train.members] + [config_lib.with_larger_model(config, overrides).train.members
+                                           for _, overrides in config_lib.larger_model_overrides(config.train)])
+    seeds = range(config.train.seed, config.train.seed + stride * args.members, stride)
     if not 1 <= args.members <= runtime.usable_cores():
         parser.error(f"--members must be between 1 and the {runtime.usable_cores()} cores this process may use")
     print(json.dumps({"machine": machine(), "minutes": args.minutes, "config": str(args.config), "set": args.set,
@@ -397,7 +425,7 @@ def main() -> None:
                        str(args.config), "--threads", str(args.threads), *(f"--set={item}" for item in args.set)]
             if args.members > 1:
                 with tempfile.TemporaryDirectory() as scratch:
-                    result = run_members(side, command, args.members, base_seed, environ, Path(scratch))
+                    result = run_members(side, command, args.members, seeds, environ, Path(scratch))
                 print(json.dumps(result), flush=True)
                 results[side].append(result)
                 continue

@@ -73,7 +73,7 @@ class TrainConfig:
     steps: int = 100_000  # total optimizer steps of the run (max_minutes may end it first)
     max_minutes: float = 10.0  # wall-clock budget; 0 = no budget, the schedule follows steps
     max_epochs: float = 0.0  # passes over the training data that end the run, if before steps and minutes; 0 = no cap
-    larger_model: str = ""  # "model.key=value ...": train this larger model instead where its run, timed first, ends within max_minutes
+    larger_model: str = ""  # "model.key=value train.members=N ...; ...": train the first of these alternatives whose run, timed first, ends within max_minutes
     seed: int = 0  # parameters, dropout and epoch offsets all derive from it
     members: int = 1  # models trained side by side, from seeds seed, seed + 1, ...; they predict together (an ensemble)
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
@@ -301,7 +301,8 @@ def validate(config: Config) -> None:
     if train.larger_model:
         _require(model.kind == "lm", "train.larger_model is for language models (model.kind = lm)")
         try:
-            validate(with_larger_model(config))
+            for _, overrides in larger_model_overrides(train):
+                validate(with_larger_model(config, overrides))
         except UsageError as error:  # name the key the user wrote, not only the setting inside it
             raise UsageError(f"train.larger_model ({train.larger_model!r}): {error}") from None
     check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
@@ -324,17 +325,24 @@ def check_sampling(temperature: float, top_k: int, top_p: float, length: int) ->
     _require(length >= 0, f"length must be >= 0, got {length}")
 
 
-def larger_model_overrides(train: TrainConfig) -> dict[str, dict[str, Any]]:
-    """`train.larger_model`'s space-separated `model.key=value` settings as overrides; other sections are errors
-    (`validate` names the key in front of them)."""
-    overrides = parse_set(train.larger_model.split())
-    _require(set(overrides) <= {"model"}, "it sets model keys only (model.key=value ...)")
-    return overrides
+# What a larger model may set besides model keys: several models scoring together, and their passes over the text.
+LARGER_MODEL_TRAIN_KEYS = ("members", "max_epochs")
 
 
-def with_larger_model(config: Config) -> Config:
-    """`config` training its `train.larger_model` (the same config where that is empty)."""
-    return apply_overrides(config, {**larger_model_overrides(config.train), "train": {"larger_model": ""}})
+def larger_model_overrides(train: TrainConfig) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """`train.larger_model`'s alternatives (separated by ";"): each as written and its space-separated settings as
+    overrides; keys other than model keys and LARGER_MODEL_TRAIN_KEYS are errors (`validate` names the key in front
+    of them)."""
+    alternatives = [(text.strip(), parse_set(text.split())) for text in train.larger_model.split(";") if text.strip()]
+    for _, overrides in alternatives:
+        _require(set(overrides) <= {"model", "train"} and set(overrides.get("train", {})) <= set(LARGER_MODEL_TRAIN_KEYS),
+                 "it sets model keys, train.members and train.max_epochs only (model.key=value ...)")
+    return alternatives
+
+
+def with_larger_model(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """`config` training one of its `train.larger_model` alternatives, that key cleared."""
+    return apply_overrides(config, {**overrides, "train": {**overrides.get("train", {}), "larger_model": ""}})
 
 
 def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:

@@ -1,11 +1,14 @@
-"""The model a run's budget can train: `train.larger_model` where its run, timed first, ends within `train.max_minutes`.
+"""The model a run's budget can train: a `train.larger_model` alternative where its run, timed first, ends within
+`train.max_minutes`.
 
 A larger model learns more from each pass over the text but takes longer over
 each; on a machine fast enough for all of the run's passes (`train.max_epochs`)
 it ends lower, on a slower one it is cut short by the clock and ends higher
-(benchmarks/README.md, "A third layer"). So before a new run starts, a few compiled steps of
-the larger model are timed on synthetic text, and the run trains it only where
-the predicted run fits the budget. The timing counts against the budget.
+(benchmarks/README.md, "A third layer"). Two members scoring together
+(`train.members`) end lower still after fewer passes each, where those fit. So
+before a new run starts, a few compiled steps of each alternative are timed on
+synthetic text, and the run trains the first whose predicted run fits the
+budget. The timing counts against the budget.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 
 from charrnn import bench, config as config_lib, steps
 from charrnn.config import Config
+from charrnn.errors import UsageError
 
 PROBE_SECONDS = 2.0  # the timed window of compiled calls: `bench.calls_per_second` runs it for 2–4 s
 # A run's share of wall time outside its steps (validation passes, checkpoints, compiling), with room to spare
@@ -44,34 +48,50 @@ def seconds_per_step(config: Config, devices: int | None) -> float:
 
 
 def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], float]) -> Choice:
-    """The model a new run trains: `config`'s, or its `train.larger_model` where a run of that fits the budget.
+    """The model a new run trains: the first of `config`'s `train.larger_model` alternatives whose run fits the
+    budget, timed in turn, or `config`'s own where none does.
 
     `time_step(config)` times a training step of a config (`seconds_per_step`).
     """
-    larger = config_lib.with_larger_model(config)
     given = config_lib.apply_overrides(config, {"train": {"larger_model": ""}})
-    if larger == given:  # nothing to choose between
+    alternatives = [(text, larger) for text, overrides in config_lib.larger_model_overrides(config.train)
+                    if (larger := config_lib.with_larger_model(config, overrides)) != given]
+    if not alternatives:  # nothing to choose between
         return Choice(given, 0.0, "")
     named = f"train.larger_model ({config.train.larger_model})"
     budget_s = config.train.max_minutes * 60.0
     if not budget_s:
-        return Choice(larger, 0.0, f"{named}: no wall-clock budget to miss, training it")
+        return Choice(alternatives[0][1], 0.0, f"{named}: no wall-clock budget to miss, training "
+                                               + ("it" if len(alternatives) == 1 else repr(alternatives[0][0])))
     if jax.process_count() > 1:
         return Choice(given, 0.0, f"{named}: a run of several processes trains the model as given")
-    began = time.monotonic()
-    step_s = time_step(larger)
-    elapsed_s = time.monotonic() - began
-    last = steps.last_step(config.train, steps_per_epoch)
-    ends_s = predicted_s(elapsed_s, last, step_s)
-    chosen = larger if ends_s <= budget_s else given
-    outcome = "it" if chosen is larger else "the model as given"
-    return Choice(chosen, elapsed_s, f"{named}: {last:,} steps at {step_s * 1e3:.0f} ms each would end at about "
-                                     f"{ends_s:.0f} s of the {budget_s:.0f} s budget, so training {outcome}")
+    began, timings = time.monotonic(), []
+    step_times: dict[Config, float] = {}  # a step takes as long however many passes the run takes
+    for text, larger in alternatives:
+        timed = config_lib.apply_overrides(larger, {"train": {"max_epochs": 0.0}})
+        try:
+            if timed not in step_times:
+                step_times[timed] = time_step(larger)
+        except UsageError as error:  # e.g. several members on a run given several devices: the others may run
+            timings.append(f"{text!r} cannot run here ({error})")
+            continue
+        step_s = step_times[timed]
+        elapsed_s = time.monotonic() - began
+        last = steps.last_step(larger.train, steps_per_epoch)
+        ends_s = predicted_s(elapsed_s, last, step_s)
+        timings.append(("" if len(alternatives) == 1 else f"{text!r}: ")
+                       + f"{last:,} steps at {step_s * 1e3:.0f} ms each would end at about {ends_s:.0f} s of the "
+                         f"{budget_s:.0f} s budget")
+        if ends_s <= budget_s:
+            return Choice(larger, elapsed_s, f"{named}: {'; '.join(timings)}, so training it")
+    return Choice(given, time.monotonic() - began, f"{named}: {'; '.join(timings)}, so training the model as given")
 
 
 def as_resumed(saved: Config, wanted: Config) -> Config:
-    """`wanted` for resuming a run saved as `saved`: with its `train.larger_model` where the run chose that."""
-    keys = config_lib.larger_model_overrides(wanted.train).get("model", {})
-    larger = config_lib.with_larger_model(wanted)
-    chose_larger = keys and all(getattr(saved.model, key) == getattr(larger.model, key) for key in keys)
-    return larger if chose_larger else wanted
+    """`wanted` for resuming a run saved as `saved`: with the `train.larger_model` alternative the run chose, if any."""
+    for _, overrides in config_lib.larger_model_overrides(wanted.train):
+        larger = config_lib.with_larger_model(wanted, overrides)
+        if all(getattr(getattr(saved, section), key) == getattr(getattr(larger, section), key)
+               for section, keys in overrides.items() for key in keys):
+            return larger
+    return wanted

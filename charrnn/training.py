@@ -220,7 +220,7 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     choice = sizing.Choice(config, 0.0, "")
     if not resumed:
         choice = sizing.choose(config, task.steps_per_epoch, lambda larger: sizing.seconds_per_step(larger, devices))
-        if choice.config.model != config.model:
+        if choice.config.model != config.model or choice.config.train.members != config.train.members:
             task = TextTask(choice.config, task.corpus)  # train.larger_model is for language models
         config = choice.config
     if config.train.tensorboard:  # the optional extra is there, and a folder of its own writable, before any writing

@@ -14,6 +14,11 @@ from charrnn.errors import UsageError
 LARGER = "model.num_layers=3 model.hidden_size=24"
 
 
+def first_larger(config):
+    """`config` training its first `train.larger_model` alternative."""
+    return config_lib.with_larger_model(config, config_lib.larger_model_overrides(config.train)[0][1])
+
+
 def recipe(**train):
     """The tiny config with a larger model to choose: 100 steps in a 60-second budget unless `train` says otherwise."""
     return config_lib.resolve(TINY, [], {"train": {"larger_model": LARGER, "steps": 100, "max_minutes": 1.0, **train}})
@@ -84,7 +89,7 @@ def test_nothing_is_timed_where_there_is_nothing_to_choose():
 
 def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
     wanted = recipe()
-    larger = config_lib.with_larger_model(wanted)
+    larger = first_larger(wanted)
     assert sizing.as_resumed(larger, wanted) == larger
     given = config_lib.apply_overrides(wanted, {"train": {"larger_model": ""}})
     assert sizing.as_resumed(given, wanted) == wanted
@@ -93,7 +98,9 @@ def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
 
 
 @pytest.mark.parametrize("value, message", [
-    ("train.steps=10", "model keys only"),
+    ("train.steps=10", "model keys, train.members and train.max_epochs only"),
+    ("model.num_layers=3; train.lr=1", "model keys, train.members and train.max_epochs only"),
+    ("model.num_layers=3; train.members=0", "train.members must be at least 1"),
     ("model.bogus=1", "unknown config key model.bogus"),
     ("model.num_layers=0", "model.num_layers must be at least 1"),
     ("num_layers=3", "--set wants section.key=value"),
@@ -112,7 +119,7 @@ def test_an_encoder_decoder_has_no_larger_model():
 def test_bad_larger_model_on_the_command_line_is_one_line_and_exit_code_2(cli, small_corpus, tmp_path):
     result = cli("train", small_corpus, "--config", TINY, "--out", "run", "--set", "train.larger_model=train.lr=1")
     assert result.code == 2
-    assert result.err.strip().count("\n") == 0 and "train.larger_model ('train.lr=1'): it sets model keys only" in result.err
+    assert result.err.strip().count("\n") == 0 and "train.larger_model ('train.lr=1'): it sets model keys, train.members" in result.err
     assert not (tmp_path / "run").exists()
 
 
@@ -140,7 +147,7 @@ def test_a_run_trains_the_model_chosen_and_resumes_without_timing_again(small_co
 
 def test_the_seconds_the_choice_took_are_the_runs_first(small_corpus, tmp_path, monkeypatch):
     def choose(config, steps_per_epoch, time_step):
-        return sizing.Choice(config_lib.with_larger_model(config), 1e4, "timed for a long while")
+        return sizing.Choice(first_larger(config), 1e4, "timed for a long while")
 
     monkeypatch.setattr(sizing, "choose", choose)
     run = tmp_path / "run"
@@ -155,3 +162,82 @@ def test_a_run_too_slow_for_the_larger_model_trains_the_model_as_given(small_cor
     run = tmp_path / "run"
     charrnn.train(small_corpus, run, TINY, steps=10, larger_model=LARGER, max_minutes=60.0, eval_every=10)
     assert charrnn.load(run).config.model.num_layers == 2
+
+
+class TimerByModel(Timer):
+    """A `time_step` whose step time depends on the config: `seconds(config) -> float`."""
+
+    def __init__(self, seconds):
+        super().__init__(0.0)
+        self.seconds = seconds
+
+    def __call__(self, config):
+        self.timed.append(config)
+        return self.seconds(config)
+
+
+TWO_ALTERNATIVES = f"train.members=2 train.max_epochs=1; {LARGER}"
+
+
+def members_or_layers(config):
+    """Two members step in 1 s, the three-layer model in 0.5 s."""
+    return 1.0 if config.train.members == 2 else 0.5
+
+
+def test_alternatives_are_timed_in_turn_and_the_first_that_fits_is_trained():
+    config = recipe(larger_model=TWO_ALTERNATIVES)
+    # One epoch of 10 steps: two members' 10 s fit the 60 s, and the three layers are not timed.
+    first = TimerByModel(members_or_layers)
+    chosen = sizing.choose(config, steps_per_epoch=10, time_step=first)
+    assert (chosen.config.train.members, chosen.config.train.max_epochs, chosen.config.model.num_layers) == (2, 1.0, 2)
+    assert chosen.config.train.larger_model == "" and len(first.timed) == 1
+    assert "'train.members=2 train.max_epochs=1': 10 steps at 1000 ms" in chosen.note and "training it" in chosen.note
+    # One epoch of 1000 steps: train.steps (100) ends the run, 105 s for the members; the three layers' 53 s fit.
+    second = TimerByModel(members_or_layers)
+    chosen = sizing.choose(config, steps_per_epoch=1000, time_step=second)
+    assert (chosen.config.train.members, chosen.config.train.max_epochs, chosen.config.model.num_layers) == (1, 0.0, 3)
+    assert [timed.train.members for timed in second.timed] == [2, 1]
+    assert "about 105 s of the 60 s" in chosen.note and f"'{LARGER}': 100 steps at 500 ms" in chosen.note
+    # Neither fits: the model as given.
+    neither = sizing.choose(config, steps_per_epoch=1000, time_step=TimerByModel(lambda config: 1.0))
+    assert (neither.config.train.members, neither.config.model.num_layers) == (1, 2)
+    assert neither.note.endswith("so training the model as given")
+
+
+def test_an_alternative_that_cannot_run_here_is_passed_over():
+    def members_refused(config):
+        if config.train.members > 1:
+            raise UsageError("train.members > 1 trains its models on one device")
+        return 0.5
+
+    chosen = sizing.choose(recipe(larger_model=TWO_ALTERNATIVES), 1000, TimerByModel(members_refused))
+    assert chosen.config.model.num_layers == 3 and chosen.config.train.members == 1
+    assert "cannot run here (train.members > 1 trains its models on one device)" in chosen.note
+
+
+def test_a_resume_finds_whichever_alternative_the_run_chose():
+    wanted = recipe(larger_model=TWO_ALTERNATIVES)
+    members, layers = (config_lib.with_larger_model(wanted, overrides)
+                       for _, overrides in config_lib.larger_model_overrides(wanted.train))
+    assert sizing.as_resumed(members, wanted) == members
+    assert sizing.as_resumed(layers, wanted) == layers
+    assert sizing.as_resumed(config_lib.apply_overrides(wanted, {"train": {"larger_model": ""}}), wanted) == wanted
+
+
+def test_a_run_that_chose_members_trains_and_resumes_them(small_corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(sizing, "seconds_per_step", lambda config, devices: 1e-6)
+    run = tmp_path / "run"
+    keys = {"larger_model": "train.members=2", "max_minutes": 60.0, "eval_every": 10, "log_every": 10}
+    charrnn.train(small_corpus, run, TINY, steps=10, **keys)
+    assert json.loads((run / "config.json").read_text())["train"]["members"] == 2
+    monkeypatch.setattr(sizing, "seconds_per_step", lambda config, devices: pytest.fail("timed on resume"))
+    summary = charrnn.train(small_corpus, resume=run, config=TINY, steps=20, **keys)
+    assert summary.steps == 20 and charrnn.load(run).config.train.members == 2
+
+
+def test_alternatives_that_differ_only_in_passes_are_timed_once():
+    timer = TimerByModel(lambda config: 1.0)
+    config = recipe(larger_model="train.members=2 train.max_epochs=9; train.members=2 train.max_epochs=4")
+    # 90 steps of 1 s do not fit the 60 s; 40 steps do, at the step time already measured.
+    chosen = sizing.choose(config, steps_per_epoch=10, time_step=timer)
+    assert (chosen.config.train.members, chosen.config.train.max_epochs) == (2, 4.0) and len(timer.timed) == 1

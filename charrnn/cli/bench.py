@@ -55,8 +55,9 @@ def benchmark(
     err_console.print(f"measuring {config.model.cell} {config.model.num_layers}x{config.model.hidden_size}, "
                       f"batch {config.train.batch_size}, seq {config.train.seq_len} ...")
     if config.train.larger_model:
-        err_console.print(f"train.larger_model is not measured here (train times it first): --versus "
-                          f"'{config.train.larger_model}' measures it beside this model")
+        versus_options = " ".join(f"--versus '{text}'" for text, _ in config_lib.larger_model_overrides(config.train))
+        err_console.print(f"train.larger_model is not measured here (train times it first): {versus_options} "
+                          f"times it beside this model")
     if variants:
         _compare(benchmarks, [config, *variants], [None, *versus], repeats, seconds, json_output)
         return
