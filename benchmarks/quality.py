@@ -49,7 +49,8 @@ data/tinyshakespeare.txt, every character scored once, state carried along
 tunable, as `charrnn train` does. A side ends at the budget or, where the
 config sets `train.max_epochs`, after that many passes over the training text
 if sooner, its schedule at its end there (`charrnn.steps.last_step`). chars/s is
-every side's steps times its characters per step over the time it trained
+every side's steps times its characters per step (the text once, however many
+`train.members` a run trains) over the time it trained
 (charrnn's steady training rate, without compilation and evaluations, is
 printed beside it).
 """
