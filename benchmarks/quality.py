@@ -103,7 +103,7 @@ def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
     chars = summary.steps * config.train.batch_size * config.train.seq_len
     return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
             "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s,
-            "layers": chosen["model"]["num_layers"], "run_members": chosen["train"]["members"]}
+            "layers": chosen["model"]["num_layers"], "models_per_run": chosen["train"]["members"]}
 
 
 def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | None = None) -> dict:
@@ -119,7 +119,7 @@ def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | No
         print(choice.note, file=sys.stderr, flush=True)
     return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began,
                           scores_path=scores_path),
-            "layers": choice.config.model.num_layers, "run_members": choice.config.train.members}
+            "layers": choice.config.model.num_layers, "models_per_run": choice.config.train.members}
 
 
 def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False,
@@ -237,25 +237,26 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
             self.average = copy.deepcopy(self.net) if ema else None
             self.scored = self.net if self.average is None else self.average
             self.state = zero_state(train_config.batch_size)
+            self.random = torch.get_rng_state()  # its own dropout masks: the generator's state between its steps
 
-    crew = [Member(seed) for seed in members.seeds(train_config)]
+    models = [Member(seed) for seed in members.seeds(train_config)]
 
     @torch.no_grad()
     def validate(log_probs: list | None = None) -> float:
         """The members' score together: -log of the mean of their probabilities of each target."""
         total, count, states = 0.0, 0.0, None
-        for member in crew:
+        for member in models:
             member.scored.eval()
         for chunk in data.evaluation_chunks(corpus.val_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN):
             if states is None:
-                states = [zero_state(chunk.inputs.shape[1]) for _ in crew]
+                states = [zero_state(chunk.inputs.shape[1]) for _ in models]
             member_log_probs = []
-            for index, member in enumerate(crew):
+            for index, member in enumerate(models):
                 with autocast:
                     logits, states[index] = member.scored(torch.from_numpy(chunk.inputs.astype(np.int64)), states[index])
                 logits, states[index] = logits.float(), map_state(torch.Tensor.float, states[index])
                 member_log_probs.append(functional.log_softmax(logits.reshape(-1, vocab), dim=-1))
-            together = torch.logsumexp(torch.stack(member_log_probs), dim=0) - math.log(len(crew))
+            together = torch.logsumexp(torch.stack(member_log_probs), dim=0) - math.log(len(models))
             losses = functional.nll_loss(together, torch.from_numpy(chunk.targets.astype(np.int64)).reshape(-1),
                                          reduction="none")
             mask = torch.from_numpy(chunk.mask.reshape(-1).astype(np.float32))
@@ -268,6 +269,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
 
     def train_step(member: Member, step: int, lr: float, dropping: bool) -> None:
         net = member.net
+        torch.set_rng_state(member.random)
         net.train(dropping)  # eval mode drops nothing: the recipe's late dropout
         batch = data.training_batch(corpus.train_ids, layout, step, member.seed, train_config.random_offset)
         if np.any(batch.reset):
@@ -284,6 +286,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
             nn.utils.clip_grad_norm_(net.parameters(), train_config.clip_norm)
         member.optimizer.step()
         member.state = map_state(torch.Tensor.detach, state)
+        member.random = torch.get_rng_state()
         if member.average is not None:  # charrnn.averaging's formula
             done = step + 1
             decay = min(ema, (1 + done) / (10 + done))
@@ -300,7 +303,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
         if timed_from is not None and (window := time.monotonic() - timed_from) >= sizing.PROBE_SECONDS:
             return window / (step - 2)
         lr = steps.learning_rate(train_config, step, max(step / last_step, elapsed / budget))
-        for member in crew:  # one after another, as charrnn's members take their steps
+        for member in models:  # one after another, as charrnn's members take their steps
             train_step(member, step, lr, dropping=timing or step >= dropout_from_step)
         step += 1
         if step % train_config.eval_every == 0:
@@ -366,9 +369,10 @@ def run_members(side: str, command: list[str], members: int, seeds: range, envir
         corpus = training.load_corpus(CORPUS, config["train"]["val_fraction"])
         text = corpus.vocab.decode(corpus.val_ids)
         together = charrnn.load(*keeps).score(text, streams=config["train"]["eval_batch_size"]).nats_per_char
-    else:  # -log of the mean of the members' probabilities of each target
-        log_probs = np.stack([np.load(keep) for keep in keeps])
-        together = float(-np.mean(np.logaddexp.reduce(log_probs, axis=0) - math.log(members)))
+    else:  # -log of the mean of every model's probability of each target (a run's scores are its models' mean)
+        weights = np.array([result["models_per_run"] for result in results], np.float64)[:, None]
+        log_probs = np.stack([np.load(keep) for keep in keeps]) + np.log(weights)
+        together = float(-np.mean(np.logaddexp.reduce(log_probs, axis=0) - math.log(weights.sum())))
     return {"side": side, "best_val": together, "final_val": together,
             "steps": statistics.mean(result["steps"] for result in results),
             "chars_per_s": sum(result["chars_per_s"] for result in results), "members": results}
@@ -409,8 +413,7 @@ def main() -> None:
     from charrnn import config as config_lib
 
     # Each process's run may train several members from its seed on (train.members, or a larger model's).
-    stride = max([config.train.members] + [config_lib.with_larger_model(config, overrides).train.members
-                                           for _, overrides in config_lib.larger_model_overrides(config.train)])
+    stride = max([config.train.members] + [larger.config.train.members for larger in config_lib.larger_models(config)])
     seeds = range(config.train.seed, config.train.seed + stride * args.members, stride)
     if not 1 <= args.members <= runtime.usable_cores():
         parser.error(f"--members must be between 1 and the {runtime.usable_cores()} cores this process may use")

@@ -7,7 +7,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from charrnn.errors import UsageError
 
@@ -210,9 +210,12 @@ def resolve(source: Config | Path | str | None, assignments: list[str], options:
         config = apply_overrides(config, to_dict(source))
     elif source is not None:
         config = apply_overrides(config, load_toml(Path(source)))
-    config = apply_overrides(config, parse_set(assignments))
+    named = parse_set(assignments)
+    config = apply_overrides(config, named)
     config = apply_overrides(config, options)
     validate(config)
+    config = without_alternatives_setting(config, {f"{section}.{key}" for given in (named, options)
+                                                   for section, values in given.items() for key in values})
     return config
 
 
@@ -301,8 +304,8 @@ def validate(config: Config) -> None:
     if train.larger_model:
         _require(model.kind == "lm", "train.larger_model is for language models (model.kind = lm)")
         try:
-            for _, overrides in larger_model_overrides(train):
-                validate(with_larger_model(config, overrides))
+            for larger in larger_models(config):
+                validate(larger.config)
         except UsageError as error:  # name the key the user wrote, not only the setting inside it
             raise UsageError(f"train.larger_model ({train.larger_model!r}): {error}") from None
     check_sampling(sample.temperature, sample.top_k, sample.top_p, sample.length)
@@ -329,20 +332,40 @@ def check_sampling(temperature: float, top_k: int, top_p: float, length: int) ->
 LARGER_MODEL_TRAIN_KEYS = ("members", "max_epochs")
 
 
+class LargerModel(NamedTuple):
+    """One of `train.larger_model`'s alternatives."""
+
+    text: str  # as written
+    overrides: dict[str, dict[str, Any]]  # its settings
+    config: Config  # the run's config training it, train.larger_model cleared
+
+
 def larger_model_overrides(train: TrainConfig) -> list[tuple[str, dict[str, dict[str, Any]]]]:
     """`train.larger_model`'s alternatives (separated by ";"): each as written and its space-separated settings as
     overrides; keys other than model keys and LARGER_MODEL_TRAIN_KEYS are errors (`validate` names the key in front
     of them)."""
     alternatives = [(text.strip(), parse_set(text.split())) for text in train.larger_model.split(";") if text.strip()]
+    _require(bool(alternatives) or not train.larger_model, "it names no settings")
+    allowed = ", ".join(f"train.{key}" for key in LARGER_MODEL_TRAIN_KEYS)
     for _, overrides in alternatives:
         _require(set(overrides) <= {"model", "train"} and set(overrides.get("train", {})) <= set(LARGER_MODEL_TRAIN_KEYS),
-                 "it sets model keys, train.members and train.max_epochs only (model.key=value ...)")
+                 f"it sets model keys and {allowed} only (model.key=value ...)")
     return alternatives
 
 
-def with_larger_model(config: Config, overrides: dict[str, dict[str, Any]]) -> Config:
-    """`config` training one of its `train.larger_model` alternatives, that key cleared."""
-    return apply_overrides(config, {**overrides, "train": {**overrides.get("train", {}), "larger_model": ""}})
+def larger_models(config: Config) -> list[LargerModel]:
+    """`config`'s `train.larger_model` alternatives, in the order a run tries them."""
+    return [LargerModel(text, overrides, apply_overrides(config, {**overrides, "train": {
+                **overrides.get("train", {}), "larger_model": ""}}))
+            for text, overrides in larger_model_overrides(config.train)]
+
+
+def without_alternatives_setting(config: Config, named: set[str]) -> Config:
+    """`config` keeping only the `train.larger_model` alternatives that set none of the `named` keys
+    ("section.key"): a setting the user gave stands over the recipe's alternatives."""
+    kept = [text for text, overrides in larger_model_overrides(config.train)
+            if not {f"{section}.{key}" for section, values in overrides.items() for key in values} & named]
+    return apply_overrides(config, {"train": {"larger_model": "; ".join(kept)}})
 
 
 def differences(old: Config, new: Config, sections: tuple[str, ...]) -> list[str]:

@@ -47,51 +47,51 @@ def seconds_per_step(config: Config, devices: int | None) -> float:
     return probe.chars_per_call / probe.chars_per_second(PROBE_SECONDS) / config.train.steps_per_call
 
 
-def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], float]) -> Choice:
+def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], float],
+           runs_here: Callable[[Config], object] = lambda config: None) -> Choice:
     """The model a new run trains: the first of `config`'s `train.larger_model` alternatives whose run fits the
     budget, timed in turn, or `config`'s own where none does.
 
-    `time_step(config)` times a training step of a config (`seconds_per_step`).
+    `time_step(config)` times a training step of a config (`seconds_per_step`); `runs_here(config)` raises
+    UsageError for one this run cannot train (`steps.placement`), which is passed over.
     """
     given = config_lib.apply_overrides(config, {"train": {"larger_model": ""}})
-    alternatives = [(text, larger) for text, overrides in config_lib.larger_model_overrides(config.train)
-                    if (larger := config_lib.with_larger_model(config, overrides)) != given]
+    alternatives = [larger for larger in config_lib.larger_models(config) if larger.config != given]
     if not alternatives:  # nothing to choose between
         return Choice(given, 0.0, "")
     named = f"train.larger_model ({config.train.larger_model})"
-    budget_s = config.train.max_minutes * 60.0
-    if not budget_s:
-        return Choice(alternatives[0][1], 0.0, f"{named}: no wall-clock budget to miss, training "
-                                               + ("it" if len(alternatives) == 1 else repr(alternatives[0][0])))
     if jax.process_count() > 1:
         return Choice(given, 0.0, f"{named}: a run of several processes trains the model as given")
-    began, timings = time.monotonic(), []
+    budget_s = config.train.max_minutes * 60.0
+    began, notes = time.monotonic(), []
     step_times: dict[Config, float] = {}  # a step takes as long however many passes the run takes
-    for text, larger in alternatives:
-        timed = config_lib.apply_overrides(larger, {"train": {"max_epochs": 0.0}})
+    for larger in alternatives:
+        label = "" if len(alternatives) == 1 else f"{larger.text!r}: "
         try:
-            if timed not in step_times:
-                step_times[timed] = time_step(larger)
+            runs_here(larger.config)
         except UsageError as error:  # e.g. several members on a run given several devices: the others may run
-            timings.append(f"{text!r} cannot run here ({error})")
+            notes.append(f"{label}cannot run here ({error})")
             continue
-        step_s = step_times[timed]
+        if not budget_s:
+            return Choice(larger.config, 0.0, f"{named}: {'; '.join(notes + [label + 'no wall-clock budget to miss'])}"
+                                              f", so training it")
+        timed = config_lib.apply_overrides(larger.config, {"train": {"max_epochs": 0.0}})
+        if timed not in step_times:
+            step_times[timed] = time_step(larger.config)
         elapsed_s = time.monotonic() - began
-        last = steps.last_step(larger.train, steps_per_epoch)
-        ends_s = predicted_s(elapsed_s, last, step_s)
-        timings.append(("" if len(alternatives) == 1 else f"{text!r}: ")
-                       + f"{last:,} steps at {step_s * 1e3:.0f} ms each would end at about {ends_s:.0f} s of the "
-                         f"{budget_s:.0f} s budget")
+        last = steps.last_step(larger.config.train, steps_per_epoch)
+        ends_s = predicted_s(elapsed_s, last, step_times[timed])
+        notes.append(f"{label}{last:,} steps at {step_times[timed] * 1e3:.0f} ms each would end at about {ends_s:.0f} s "
+                     f"of the {budget_s:.0f} s budget")
         if ends_s <= budget_s:
-            return Choice(larger, elapsed_s, f"{named}: {'; '.join(timings)}, so training it")
-    return Choice(given, time.monotonic() - began, f"{named}: {'; '.join(timings)}, so training the model as given")
+            return Choice(larger.config, elapsed_s, f"{named}: {'; '.join(notes)}, so training it")
+    return Choice(given, time.monotonic() - began, f"{named}: {'; '.join(notes)}, so training the model as given")
 
 
 def as_resumed(saved: Config, wanted: Config) -> Config:
     """`wanted` for resuming a run saved as `saved`: with the `train.larger_model` alternative the run chose, if any."""
-    for _, overrides in config_lib.larger_model_overrides(wanted.train):
-        larger = config_lib.with_larger_model(wanted, overrides)
-        if all(getattr(getattr(saved, section), key) == getattr(getattr(larger, section), key)
-               for section, keys in overrides.items() for key in keys):
-            return larger
+    for larger in config_lib.larger_models(wanted):
+        if all(getattr(getattr(saved, section), key) == getattr(getattr(larger.config, section), key)
+               for section, keys in larger.overrides.items() for key in keys):
+            return larger.config
     return wanted

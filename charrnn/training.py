@@ -219,7 +219,8 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     config, task, resumed = _check_inputs(corpus_path, run_dir, source, assignments, options, resume)
     choice = sizing.Choice(config, 0.0, "")
     if not resumed:
-        choice = sizing.choose(config, task.steps_per_epoch, lambda larger: sizing.seconds_per_step(larger, devices))
+        choice = sizing.choose(config, task.steps_per_epoch, lambda larger: sizing.seconds_per_step(larger, devices),
+                               lambda larger: steps.placement(larger, devices))
         if choice.config.model != config.model or choice.config.train.members != config.train.members:
             task = TextTask(choice.config, task.corpus)  # train.larger_model is for language models
         config = choice.config

@@ -16,7 +16,7 @@ LARGER = "model.num_layers=3 model.hidden_size=24"
 
 def first_larger(config):
     """`config` training its first `train.larger_model` alternative."""
-    return config_lib.with_larger_model(config, config_lib.larger_model_overrides(config.train)[0][1])
+    return config_lib.larger_models(config)[0].config
 
 
 def recipe(**train):
@@ -25,14 +25,15 @@ def recipe(**train):
 
 
 class Timer:
-    """A `time_step` that reports a fixed step time and remembers the configs it was asked to time."""
+    """A `time_step` that reports a step time, fixed or `seconds_per_step(config)`, and remembers the configs it was
+    asked to time."""
 
-    def __init__(self, seconds_per_step: float):
+    def __init__(self, seconds_per_step):
         self.seconds_per_step, self.timed = seconds_per_step, []
 
     def __call__(self, config):
         self.timed.append(config)
-        return self.seconds_per_step
+        return self.seconds_per_step(config) if callable(self.seconds_per_step) else self.seconds_per_step
 
 
 def test_a_run_that_fits_trains_the_larger_model_and_one_that_does_not_the_model_as_given():
@@ -98,8 +99,9 @@ def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
 
 
 @pytest.mark.parametrize("value, message", [
-    ("train.steps=10", "model keys, train.members and train.max_epochs only"),
-    ("model.num_layers=3; train.lr=1", "model keys, train.members and train.max_epochs only"),
+    ("train.steps=10", "model keys and train.members, train.max_epochs only"),
+    ("model.num_layers=3; train.lr=1", "model keys and train.members, train.max_epochs only"),
+    (";", "it names no settings"),
     ("model.num_layers=3; train.members=0", "train.members must be at least 1"),
     ("model.bogus=1", "unknown config key model.bogus"),
     ("model.num_layers=0", "model.num_layers must be at least 1"),
@@ -119,7 +121,7 @@ def test_an_encoder_decoder_has_no_larger_model():
 def test_bad_larger_model_on_the_command_line_is_one_line_and_exit_code_2(cli, small_corpus, tmp_path):
     result = cli("train", small_corpus, "--config", TINY, "--out", "run", "--set", "train.larger_model=train.lr=1")
     assert result.code == 2
-    assert result.err.strip().count("\n") == 0 and "train.larger_model ('train.lr=1'): it sets model keys, train.members" in result.err
+    assert result.err.strip().count("\n") == 0 and "train.larger_model ('train.lr=1'): it sets model keys and train.members" in result.err
     assert not (tmp_path / "run").exists()
 
 
@@ -146,7 +148,7 @@ def test_a_run_trains_the_model_chosen_and_resumes_without_timing_again(small_co
 
 
 def test_the_seconds_the_choice_took_are_the_runs_first(small_corpus, tmp_path, monkeypatch):
-    def choose(config, steps_per_epoch, time_step):
+    def choose(config, steps_per_epoch, time_step, runs_here):
         return sizing.Choice(first_larger(config), 1e4, "timed for a long while")
 
     monkeypatch.setattr(sizing, "choose", choose)
@@ -164,18 +166,6 @@ def test_a_run_too_slow_for_the_larger_model_trains_the_model_as_given(small_cor
     assert charrnn.load(run).config.model.num_layers == 2
 
 
-class TimerByModel(Timer):
-    """A `time_step` whose step time depends on the config: `seconds(config) -> float`."""
-
-    def __init__(self, seconds):
-        super().__init__(0.0)
-        self.seconds = seconds
-
-    def __call__(self, config):
-        self.timed.append(config)
-        return self.seconds(config)
-
-
 TWO_ALTERNATIVES = f"train.members=2 train.max_epochs=1; {LARGER}"
 
 
@@ -187,38 +177,67 @@ def members_or_layers(config):
 def test_alternatives_are_timed_in_turn_and_the_first_that_fits_is_trained():
     config = recipe(larger_model=TWO_ALTERNATIVES)
     # One epoch of 10 steps: two members' 10 s fit the 60 s, and the three layers are not timed.
-    first = TimerByModel(members_or_layers)
+    first = Timer(members_or_layers)
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=first)
     assert (chosen.config.train.members, chosen.config.train.max_epochs, chosen.config.model.num_layers) == (2, 1.0, 2)
     assert chosen.config.train.larger_model == "" and len(first.timed) == 1
     assert "'train.members=2 train.max_epochs=1': 10 steps at 1000 ms" in chosen.note and "training it" in chosen.note
     # One epoch of 1000 steps: train.steps (100) ends the run, 105 s for the members; the three layers' 53 s fit.
-    second = TimerByModel(members_or_layers)
+    second = Timer(members_or_layers)
     chosen = sizing.choose(config, steps_per_epoch=1000, time_step=second)
     assert (chosen.config.train.members, chosen.config.train.max_epochs, chosen.config.model.num_layers) == (1, 0.0, 3)
     assert [timed.train.members for timed in second.timed] == [2, 1]
     assert "about 105 s of the 60 s" in chosen.note and f"'{LARGER}': 100 steps at 500 ms" in chosen.note
     # Neither fits: the model as given.
-    neither = sizing.choose(config, steps_per_epoch=1000, time_step=TimerByModel(lambda config: 1.0))
+    neither = sizing.choose(config, steps_per_epoch=1000, time_step=Timer(lambda config: 1.0))
     assert (neither.config.train.members, neither.config.model.num_layers) == (1, 2)
     assert neither.note.endswith("so training the model as given")
 
 
-def test_an_alternative_that_cannot_run_here_is_passed_over():
-    def members_refused(config):
-        if config.train.members > 1:
-            raise UsageError("train.members > 1 trains its models on one device")
-        return 0.5
+def members_refused(config):
+    if config.train.members > 1:
+        raise UsageError("train.members > 1 trains its models on one device")
 
-    chosen = sizing.choose(recipe(larger_model=TWO_ALTERNATIVES), 1000, TimerByModel(members_refused))
+
+@pytest.mark.parametrize("max_minutes", [1.0, 0.0])
+def test_an_alternative_that_cannot_run_here_is_passed_over_with_a_budget_or_without(max_minutes):
+    timer = Timer(0.5)
+    chosen = sizing.choose(recipe(larger_model=TWO_ALTERNATIVES, max_minutes=max_minutes), 1000, timer, members_refused)
     assert chosen.config.model.num_layers == 3 and chosen.config.train.members == 1
     assert "cannot run here (train.members > 1 trains its models on one device)" in chosen.note
+    assert all(timed.train.members == 1 for timed in timer.timed)
+
+
+def test_a_run_of_several_processes_trains_the_model_as_given_even_without_a_budget(monkeypatch):
+    monkeypatch.setattr(sizing.jax, "process_count", lambda: 2)
+    for max_minutes in (1.0, 0.0):
+        chosen = sizing.choose(recipe(larger_model=TWO_ALTERNATIVES, max_minutes=max_minutes), 10, Timer(1e-9))
+        assert (chosen.config.train.members, chosen.config.model.num_layers) == (1, 2)
+
+
+def test_a_setting_the_user_gives_stands_over_the_alternatives_that_set_it():
+    recipe_file = {"train": {"larger_model": TWO_ALTERNATIVES}}
+    kept = lambda *sets, **options: config_lib.resolve(  # noqa: E731
+        config_lib.apply_overrides(config_lib.resolve(TINY, [], {}), recipe_file), list(sets),
+        config_lib.options_from_names(options)).train.larger_model
+    assert kept() == TWO_ALTERNATIVES
+    assert kept("train.members=3") == LARGER and kept(max_epochs=2.0) == LARGER
+    assert kept("model.num_layers=4") == "train.members=2 train.max_epochs=1"
+    assert kept("model.dropout=0.1", "train.lr=0.1") == TWO_ALTERNATIVES  # keys no alternative sets
+
+
+def test_a_resume_that_sets_the_passes_again_keeps_the_members_the_run_chose():
+    wanted = recipe(larger_model=TWO_ALTERNATIVES)
+    saved = config_lib.larger_models(wanted)[0].config  # two members, one epoch
+    # As `charrnn train --resume RUN --config FILE --set train.max_epochs=3` resolves it: FILE does not set members.
+    again = config_lib.resolve(None, [f"train.larger_model={TWO_ALTERNATIVES}", "train.max_epochs=3"], {}, base=saved)
+    resumed = sizing.as_resumed(saved, again)
+    assert (resumed.train.members, resumed.train.max_epochs) == (2, 3.0)
 
 
 def test_a_resume_finds_whichever_alternative_the_run_chose():
     wanted = recipe(larger_model=TWO_ALTERNATIVES)
-    members, layers = (config_lib.with_larger_model(wanted, overrides)
-                       for _, overrides in config_lib.larger_model_overrides(wanted.train))
+    members, layers = (larger.config for larger in config_lib.larger_models(wanted))
     assert sizing.as_resumed(members, wanted) == members
     assert sizing.as_resumed(layers, wanted) == layers
     assert sizing.as_resumed(config_lib.apply_overrides(wanted, {"train": {"larger_model": ""}}), wanted) == wanted
@@ -236,7 +255,7 @@ def test_a_run_that_chose_members_trains_and_resumes_them(small_corpus, tmp_path
 
 
 def test_alternatives_that_differ_only_in_passes_are_timed_once():
-    timer = TimerByModel(lambda config: 1.0)
+    timer = Timer(lambda config: 1.0)
     config = recipe(larger_model="train.members=2 train.max_epochs=9; train.members=2 train.max_epochs=4")
     # 90 steps of 1 s do not fit the 60 s; 40 steps do, at the step time already measured.
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=timer)
