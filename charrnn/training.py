@@ -221,8 +221,8 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
     if not resumed:
         choice = sizing.choose(config, task.steps_per_epoch, lambda larger: sizing.seconds_per_step(larger, devices),
                                lambda larger: steps.placement(larger, devices))
-        if choice.config.model != config.model or choice.config.train.members != config.train.members:
-            task = TextTask(choice.config, task.corpus)  # train.larger_model is for language models
+        if choice.config != config:  # the task follows the config the run trains (larger models are language models)
+            task = TextTask(choice.config, task.corpus)
         config = choice.config
     if config.train.tensorboard:  # the optional extra is there, and a folder of its own writable, before any writing
         summary_writer_class()
