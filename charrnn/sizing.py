@@ -8,18 +8,21 @@ it ends lower, on a slower one it is cut short by the clock and ends higher
 (`train.members`) end lower still after fewer passes each, where those fit. So
 before a new run starts, a few compiled steps of each alternative are timed on
 synthetic text, and the run trains the first whose predicted run fits the
-budget. The timing counts against the budget.
+budget, or its first `train.fit_epochs` passes do where the key is set (two
+members gain from every pass the clock gives them: they then train on to their
+cap or the clock). The timing counts against the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, NamedTuple
 
 import jax
 
 from charrnn import bench, config as config_lib, steps
-from charrnn.config import Config
+from charrnn.config import Config, TrainConfig
 from charrnn.errors import UsageError
 
 PROBE_SECONDS = 2.0  # the timed window of compiled calls: `bench.calls_per_second` runs it for 2–4 s
@@ -45,6 +48,15 @@ def seconds_per_step(config: Config, devices: int | None) -> float:
     probe = bench.TrainingBench(config, devices)
     probe.compile()
     return probe.chars_per_call / probe.chars_per_second(PROBE_SECONDS) / config.train.steps_per_call
+
+
+def steps_to_fit(train: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
+    """The steps of a run that must fit its budget for it to be chosen, and how the run's log names them: its first
+    `train.fit_epochs` passes (the run goes on to its end or the clock), else the whole run."""
+    if not train.fit_epochs:
+        return steps.last_step(train, steps_per_epoch), ""
+    return (steps.last_step(dataclasses.replace(train, max_epochs=train.fit_epochs), steps_per_epoch),
+            f"its first {train.fit_epochs:g} passes, ")
 
 
 def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], float],
@@ -75,14 +87,14 @@ def choose(config: Config, steps_per_epoch: int, time_step: Callable[[Config], f
         if not budget_s:
             return Choice(larger.config, 0.0, f"{named}: {'; '.join(notes + [label + 'no wall-clock budget to miss'])}"
                                               f", so training it")
-        timed = config_lib.apply_overrides(larger.config, {"train": {"max_epochs": 0.0}})
+        timed = config_lib.apply_overrides(larger.config, {"train": {"max_epochs": 0.0, "fit_epochs": 0.0}})
         if timed not in step_times:
             step_times[timed] = time_step(larger.config)
         elapsed_s = time.monotonic() - began
-        last = steps.last_step(larger.config.train, steps_per_epoch)
-        ends_s = predicted_s(elapsed_s, last, step_times[timed])
-        notes.append(f"{label}{last:,} steps at {step_times[timed] * 1e3:.0f} ms each would end at about {ends_s:.0f} s "
-                     f"of the {budget_s:.0f} s budget")
+        fitting, first = steps_to_fit(larger.config.train, steps_per_epoch)
+        ends_s = predicted_s(elapsed_s, fitting, step_times[timed])
+        notes.append(f"{label}{first}{fitting:,} steps at {step_times[timed] * 1e3:.0f} ms each would end at about "
+                     f"{ends_s:.0f} s of the {budget_s:.0f} s budget")
         if ends_s <= budget_s:
             return Choice(larger.config, elapsed_s, f"{named}: {'; '.join(notes)}, so training it")
     return Choice(given, time.monotonic() - began, f"{named}: {'; '.join(notes)}, so training the model as given")

@@ -99,12 +99,14 @@ def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
 
 
 @pytest.mark.parametrize("value, message", [
-    ("train.steps=10", "model keys and train.members, train.max_epochs only"),
-    ("model.num_layers=3; train.lr=1", "model keys and train.members, train.max_epochs only"),
+    ("train.steps=10", "model keys and train.members, train.max_epochs, train.fit_epochs only"),
+    ("model.num_layers=3; train.lr=1", "model keys and train.members, train.max_epochs, train.fit_epochs only"),
     (";", "it names no settings"),
     ("model.num_layers=3; train.members=0", "train.members must be at least 1"),
     ("model.bogus=1", "unknown config key model.bogus"),
     ("model.num_layers=0", "model.num_layers must be at least 1"),
+    ("train.members=2 train.max_epochs=3 train.fit_epochs=4", r"train.fit_epochs \(4\) must not exceed train.max_epochs \(3\)"),
+    ("train.members=2 train.fit_epochs=-1", "train.fit_epochs must be a finite number >= 0"),
     ("num_layers=3", "--set wants section.key=value"),
 ])
 def test_a_larger_model_that_cannot_work_is_refused_when_the_config_is_read(value, message):
@@ -256,7 +258,31 @@ def test_a_run_that_chose_members_trains_and_resumes_them(small_corpus, tmp_path
 
 def test_alternatives_that_differ_only_in_passes_are_timed_once():
     timer = Timer(lambda config: 1.0)
-    config = recipe(larger_model="train.members=2 train.max_epochs=9; train.members=2 train.max_epochs=4")
-    # 90 steps of 1 s do not fit the 60 s; 40 steps do, at the step time already measured.
+    config = recipe(larger_model="train.members=2 train.max_epochs=9; train.members=2 train.max_epochs=9 "
+                                 "train.fit_epochs=7; train.members=2 train.max_epochs=4")
+    # 90 steps of 1 s do not fit the 60 s, nor 70; 40 steps do, at the step time already measured.
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=timer)
     assert (chosen.config.train.members, chosen.config.train.max_epochs) == (2, 4.0) and len(timer.timed) == 1
+
+
+def test_an_alternative_whose_first_fit_epochs_fit_is_trained_on_to_its_own_end():
+    # Nine passes of 10 steps at 1 s take 95 s of the 60; the first four take 42 s, the first six 63 s.
+    config = recipe(max_epochs=9.0, larger_model="train.members=2 train.fit_epochs=4")
+    chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
+    assert (chosen.config.train.members, chosen.config.train.max_epochs, chosen.config.train.fit_epochs) == (2, 9.0, 4.0)
+    assert "its first 4 passes, 40 steps at 1000 ms each would end at about 42 s of the 60 s" in chosen.note
+    too_many = recipe(max_epochs=9.0, larger_model="train.members=2 train.fit_epochs=6")
+    kept = sizing.choose(too_many, steps_per_epoch=10, time_step=Timer(1.0))
+    assert kept.config.train.members == 1 and "its first 6 passes, 60 steps" in kept.note
+    # train.steps ends a run sooner than its passes to fit: the whole run must fit, as without the key.
+    assert sizing.steps_to_fit(recipe(fit_epochs=20.0).train, steps_per_epoch=10) == (100, "its first 20 passes, ")
+    assert sizing.steps_to_fit(recipe(max_epochs=9.0).train, steps_per_epoch=10) == (90, "")
+
+
+def test_fit_epochs_set_for_the_run_applies_to_every_alternative():
+    config = config_lib.apply_overrides(recipe(), {"train": {  # as a config file sets them
+        "max_epochs": 9.0, "fit_epochs": 2.0, "larger_model": TWO_ALTERNATIVES.replace("max_epochs=1", "max_epochs=3")}})
+    members, layers = (larger.config.train for larger in config_lib.larger_models(config))
+    assert (members.max_epochs, members.fit_epochs, layers.max_epochs, layers.fit_epochs) == (3.0, 2.0, 9.0, 2.0)
+    with pytest.raises(UsageError, match=re.escape("train.fit_epochs (4) must not exceed train.max_epochs (3)")):
+        recipe(max_epochs=3.0, fit_epochs=4.0)
