@@ -74,7 +74,7 @@ class TrainConfig:
     max_minutes: float = 10.0  # wall-clock budget; 0 = no budget, the schedule follows steps
     max_epochs: float = 0.0  # passes over the training data that end the run, if before steps and minutes; 0 = no cap
     larger_model: str = ""  # "model.key=value train.members=N ...; ...": train the first of these alternatives whose run, timed first, ends within max_minutes
-    fit_epochs: float = 0.0  # a larger_model alternative is trained where its first this-many passes fit max_minutes, then to max_epochs or the clock; 0 = all of its passes
+    fit_epochs: float = 0.0  # a larger_model alternative is trained where its first this-many passes fit max_minutes, then to max_epochs or the clock; 0 (or max_epochs or more) = all of its passes
     seed: int = 0  # parameters, dropout and epoch offsets all derive from it
     members: int = 1  # models trained side by side, from seeds seed, seed + 1, ...; they predict together (an ensemble)
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
@@ -296,8 +296,6 @@ def validate(config: Config) -> None:
     _require(math.isfinite(train.max_epochs) and train.max_epochs >= 0, "train.max_epochs must be a finite number >= 0 (0 = no cap)")
     _require(math.isfinite(train.fit_epochs) and train.fit_epochs >= 0,
              "train.fit_epochs must be a finite number >= 0 (0 = all of train.max_epochs)")
-    _require(not train.max_epochs or train.fit_epochs <= train.max_epochs,
-             f"train.fit_epochs ({train.fit_epochs:g}) must not exceed train.max_epochs ({train.max_epochs:g})")
     _require(train.save_minutes >= 0, "train.save_minutes must not be negative")
     _require(train.schedule != "exponential" or train.final_lr_fraction > 0,
              "train.final_lr_fraction must be > 0 for the exponential schedule")

@@ -52,8 +52,9 @@ def seconds_per_step(config: Config, devices: int | None) -> float:
 
 def steps_to_fit(train: TrainConfig, steps_per_epoch: int) -> tuple[int, str]:
     """The steps of a run that must fit its budget for it to be chosen, and how the run's log names them: its first
-    `train.fit_epochs` passes (the run goes on to its end or the clock), else the whole run."""
-    if not train.fit_epochs:
+    `train.fit_epochs` passes (the run goes on to its end or the clock), else the whole run, as where it has no
+    more passes than those (an `--epochs` given below the recipe's)."""
+    if not train.fit_epochs or (train.max_epochs and train.fit_epochs >= train.max_epochs):
         return steps.last_step(train, steps_per_epoch), ""
     return (steps.last_step(dataclasses.replace(train, max_epochs=train.fit_epochs), steps_per_epoch),
             f"its first {train.fit_epochs:g} passes, ")

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from clihelp import TINY
@@ -12,6 +13,7 @@ from charrnn import config as config_lib, sizing
 from charrnn.errors import UsageError
 
 LARGER = "model.num_layers=3 model.hidden_size=24"
+RECIPE = Path(__file__).parent.parent / "configs" / "shakespeare.toml"
 
 
 def first_larger(config):
@@ -105,7 +107,6 @@ def test_a_resume_given_the_recipe_again_finds_the_model_it_chose():
     ("model.num_layers=3; train.members=0", "train.members must be at least 1"),
     ("model.bogus=1", "unknown config key model.bogus"),
     ("model.num_layers=0", "model.num_layers must be at least 1"),
-    ("train.members=2 train.max_epochs=3 train.fit_epochs=4", r"train.fit_epochs \(4\) must not exceed train.max_epochs \(3\)"),
     ("train.members=2 train.fit_epochs=-1", "train.fit_epochs must be a finite number >= 0"),
     ("num_layers=3", "--set wants section.key=value"),
 ])
@@ -277,6 +278,9 @@ def test_an_alternative_whose_first_fit_epochs_fit_is_trained_on_to_its_own_end(
     # train.steps ends a run sooner than its passes to fit: the whole run must fit, as without the key.
     assert sizing.steps_to_fit(recipe(fit_epochs=20.0).train, steps_per_epoch=10) == (100, "its first 20 passes, ")
     assert sizing.steps_to_fit(recipe(max_epochs=9.0).train, steps_per_epoch=10) == (90, "")
+    # A run of fewer passes than those to fit (`--epochs 3` on the recipe) must fit whole.
+    assert sizing.steps_to_fit(recipe(max_epochs=3.0, fit_epochs=4.0).train, steps_per_epoch=10) == (30, "")
+    assert sizing.steps_to_fit(recipe(max_epochs=4.0, fit_epochs=4.0).train, steps_per_epoch=10) == (40, "")
 
 
 def test_fit_epochs_set_for_the_run_applies_to_every_alternative():
@@ -284,5 +288,13 @@ def test_fit_epochs_set_for_the_run_applies_to_every_alternative():
         "max_epochs": 9.0, "fit_epochs": 2.0, "larger_model": TWO_ALTERNATIVES.replace("max_epochs=1", "max_epochs=3")}})
     members, layers = (larger.config.train for larger in config_lib.larger_models(config))
     assert (members.max_epochs, members.fit_epochs, layers.max_epochs, layers.fit_epochs) == (3.0, 2.0, 9.0, 2.0)
-    with pytest.raises(UsageError, match=re.escape("train.fit_epochs (4) must not exceed train.max_epochs (3)")):
-        recipe(max_epochs=3.0, fit_epochs=4.0)
+
+
+def test_fewer_passes_given_than_the_alternatives_fit_keeps_them_whole():
+    """`charrnn train --config configs/shakespeare.toml --epochs 3`: the members' alternative sets no passes of its
+    own, so it stays, and must fit its three passes whole."""
+    config = config_lib.resolve(RECIPE, [], {"train": {"max_epochs": 3.0}})
+    members = config_lib.larger_models(config)[0].config.train
+    assert (members.members, members.max_epochs, members.fit_epochs) == (2, 3.0, 3.5)
+    chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
+    assert chosen.config.train.members == 2 and "'train.members=2 train.fit_epochs=3.5': 30 steps at 1000 ms" in chosen.note
