@@ -297,4 +297,4 @@ def test_fewer_passes_given_than_the_alternatives_fit_keeps_them_whole():
     members = config_lib.larger_models(config)[0].config.train
     assert (members.members, members.max_epochs, members.fit_epochs) == (2, 3.0, 3.5)
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
-    assert chosen.config.train.members == 2 and "'train.members=2 train.fit_epochs=3.5': 30 steps at 1000 ms" in chosen.note
+    assert chosen.config.train.members == 2 and "'train.members=2 train.fit_epochs=3.5 model.dropout=0.2': 30 steps at 1000 ms" in chosen.note
