@@ -215,9 +215,12 @@ def resolve(source: Config | Path | str | None, assignments: list[str], options:
     config = apply_overrides(config, named)
     config = apply_overrides(config, options)
     validate(config)
-    config = without_alternatives_setting(config, {f"{section}.{key}" for given in (named, options)
-                                                   for section, values in given.items() for key in values})
-    return config
+    return without_alternatives_setting(config, set(dotted(named)) | set(dotted(options)))
+
+
+def dotted(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Settings by section, {"model": {"cell": "lstm"}}, by the names `--set` gives them: {"model.cell": "lstm"}."""
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
 
 
 # A run saved before one of these keys existed ran with this value, not today's default.
@@ -368,7 +371,7 @@ def without_alternatives_setting(config: Config, named: set[str]) -> Config:
     """`config` keeping only the `train.larger_model` alternatives that set none of the `named` keys
     ("section.key"): a setting the user gave stands over the recipe's alternatives."""
     kept = [text for text, overrides in larger_model_overrides(config.train)
-            if not {f"{section}.{key}" for section, values in overrides.items() for key in values} & named]
+            if not set(dotted(overrides)) & named]
     return apply_overrides(config, {"train": {"larger_model": "; ".join(kept)}})
 
 

@@ -56,7 +56,7 @@ def _flat_config(run_dir: Path) -> dict[str, Any]:
     for section, values in saved.items():
         if isinstance(values, dict):
             sections.setdefault(section, {}).update(values)
-    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+    return config_lib.dotted(sections)
 
 
 def _results_from_summary(status: dict[str, Any]) -> dict[str, Any]:

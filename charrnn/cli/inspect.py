@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from charrnn.cli.common import CHECKPOINT_HELP, JsonOption, Platform, app, setup
+from charrnn.config import dotted
 from charrnn.rundir import strict_json
 from charrnn.units import bits
 
@@ -42,7 +43,7 @@ def inspect_checkpoint(
                        f"{summary['vocab']!r}"),
         *((("source vocabulary", f"{len(summary['source_vocab'])} characters: {summary['source_vocab']!r}"),)
           if "source_vocab" in summary else ()),
-        *((f"{section}.{key}", str(value)) for section, values in summary["config"].items() for key, value in values.items()),
+        *((name, str(value)) for name, value in dotted(summary["config"]).items()),
     ]:
         overview.add_row(key, value)
     shapes = Table("parameter", "shape", "count")
