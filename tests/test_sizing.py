@@ -9,7 +9,7 @@ import pytest
 from clihelp import TINY
 
 import charrnn
-from charrnn import config as config_lib, sizing
+from charrnn import config as config_lib, sizing, steps
 from charrnn.errors import UsageError
 
 LARGER = "model.num_layers=3 model.hidden_size=24"
@@ -290,11 +290,25 @@ def test_fit_epochs_set_for_the_run_applies_to_every_alternative():
     assert (members.max_epochs, members.fit_epochs, layers.max_epochs, layers.fit_epochs) == (3.0, 2.0, 9.0, 2.0)
 
 
-def test_fewer_passes_given_than_the_alternatives_fit_keeps_them_whole():
-    """`charrnn train --config configs/shakespeare.toml --epochs 3`: the members' alternative sets no passes of its
-    own, so it stays, and must fit its three passes whole."""
-    config = config_lib.resolve(RECIPE, [], {"train": {"max_epochs": 3.0}})
-    members = config_lib.larger_models(config)[0].config.train
-    assert (members.members, members.max_epochs, members.fit_epochs) == (2, 3.0, 3.5)
+def test_the_recipe_members_train_on_to_their_own_cap():
+    """The recipe's members are chosen where 3.5 passes fit and train on to six passes or the clock; one model
+    keeps the run's five."""
+    config = config_lib.resolve(RECIPE, [], {})
+    assert config.train.max_epochs == 5.0
+    members, layers = (larger.config.train for larger in config_lib.larger_models(config))
+    assert (members.members, members.fit_epochs, members.max_epochs) == (2, 3.5, 6.0)
+    assert (layers.members, layers.max_epochs) == (1, 5.0)
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
-    assert chosen.config.train.members == 2 and "'train.members=2 train.fit_epochs=3.5 model.dropout=0.2': 30 steps at 1000 ms" in chosen.note
+    assert chosen.config.train.members == 2 and "its first 3.5 passes, 35 steps at 1000 ms" in chosen.note
+    assert steps.last_step(chosen.config.train, steps_per_epoch=10) == 60
+
+
+def test_passes_given_drop_the_members_that_set_their_own():
+    """`charrnn train --config configs/shakespeare.toml --epochs 3`: the members' alternative sets its own passes,
+    so the passes given stand over it (as any key given does); the third layer is left, to fit its three passes
+    whole."""
+    config = config_lib.resolve(RECIPE, [], {"train": {"max_epochs": 3.0}})
+    (layers,) = config_lib.larger_models(config)
+    assert (layers.config.model.num_layers, layers.config.train.members, layers.config.train.max_epochs) == (3, 1, 3.0)
+    chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
+    assert chosen.config.model.num_layers == 3 and "30 steps at 1000 ms" in chosen.note
