@@ -1,16 +1,19 @@
-"""What a dropout mask costs: charrnn's 16 bits an element (`dropout.keep_mask`) against one 32-bit word an element
-(`jax.random.bernoulli`), alone and in a language model's compiled train call, in one process, windows in turn.
+"""What a dropout mask costs: charrnn's words from a hash of each element's index (`dropout.random_words`) against
+jax.random's threefry words, 16 bits an element either way, alone and in a language model's compiled train call,
+with a train call that drops nothing beside them, in one process, windows in turn.
 
     python benchmarks/dropout_masks.py                                          # configs/shakespeare.toml
     python benchmarks/dropout_masks.py --set model.num_layers=3 --rounds 10     # its larger model
 
-The train calls are built the same way but for the mask drawn inside `dropout.inverted`;
-every call drops (the recipe's first epoch, which does not, is not timed).
+The train calls are built the same way but for the words drawn inside `dropout.keep_mask`;
+every call drops (the recipe's first epoch, which does not, is not timed) but the one
+with `model.dropout=0`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -39,18 +42,19 @@ def main() -> None:
 
     from charrnn import bench, config as config_lib, dropout
 
-    def word_per_element(key, levels, mask_shape):
-        return jax.random.bernoulli(key, levels / dropout.MASK_LEVELS, mask_shape)
+    def threefry_words(key, shape):
+        return jax.random.bits(key, shape, jnp.uint32)
 
     config = config_lib.resolve(args.config, args.assignments, {})
     train = config.train
     shape = (train.seq_len, train.batch_size, config.model.hidden_size)  # one layer's output mask
     levels = dropout.kept_levels(config.model.dropout or 0.25)
-    draws = {"16 bits": dropout.keep_mask, "32-bit word": word_per_element}
+    draws = {"hash": dropout.random_words, "threefry": threefry_words}
 
     print(f"one mask of {shape}, ms (median of 30):")
     for name, draw in draws.items():
-        masks = jax.jit(lambda key, draw=draw: jnp.sum(draw(key, levels, shape)))
+        dropout.random_words = draw  # read when the call is traced
+        masks = jax.jit(lambda key: jnp.sum(dropout.keep_mask(key, levels, shape)))
         masks(jax.random.key(0)).block_until_ready()
         times = []
         for index in range(30):
@@ -61,21 +65,21 @@ def main() -> None:
 
     benches = {}
     for name, draw in draws.items():
-        dropout.keep_mask = draw  # read when the call is traced, during compile()
+        dropout.random_words = draw  # read when the call is traced, during compile()
         benches[name] = bench.TrainingBench(config)
         benches[name].compile()
-    dropout.keep_mask = draws["16 bits"]
+    dropout.random_words = draws["hash"]
+    benches["no dropout"] = bench.TrainingBench(dataclasses.replace(
+        config, model=dataclasses.replace(config.model, dropout=0.0)))
+    benches["no dropout"].compile()
     rates = {name: [] for name in benches}
     for index in range(args.rounds):
         order = list(benches.items())
         for name, timed in order if index % 2 == 0 else order[::-1]:
             rates[name].append(timed.chars_per_second(args.seconds))
-    print(f"train call, chars/s (median of {args.rounds} windows):")
+    print(f"train call, chars/s (median of {args.rounds} windows; ratio: the median over rounds to threefry's):")
     for name, values in rates.items():
-        print(f"  {name:12s} {statistics.median(values):9,.0f}")
-    ratios = ", ".join(f"{new / old:.3f}" for new, old in zip(rates["16 bits"], rates["32-bit word"]))
-    print(f"  16 bits / 32-bit word, median of rounds: "
-          f"{bench.ratio_to_first(rates['16 bits'], rates['32-bit word']):.3f} ({ratios})")
+        print(f"  {name:12s} {statistics.median(values):9,.0f}  {bench.ratio_to_first(values, rates['threefry']):.3f}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ from charrnn.config import Config, ModelConfig
 
 # Folded into the step's key for the weight masks; output dropout folds in the layer index.
 _WEIGHTS_STREAM = 2**31 - 1
-# A mask's probabilities are multiples of 2⁻¹⁶: each 32-bit word drawn gives two elements, and drawing the bits is
-# most of what a mask costs on a CPU (benchmarks/README, "Dropout masks at 16 bits").
+# A mask's probabilities are multiples of 2⁻¹⁶: two elements to a 32-bit word halves the words a mask draws.
 MASK_LEVELS = 1 << 16
 
 
@@ -49,14 +48,40 @@ def kept_levels(rate: float) -> int:
     return min(MASK_LEVELS - 1, max(1, round((1.0 - rate) * MASK_LEVELS)))
 
 
-def keep_mask(key: jax.Array, levels: int, mask_shape: tuple[int, ...]) -> jax.Array:
-    """Booleans of `mask_shape`, each true with probability `levels` / 2¹⁶: 16 random bits to an element.
+def _lowbias32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash in which every output bit depends on every input bit (Wellons' lowbias32); a bijection."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
-    The words are drawn in the mask's own leading axes, so a mask of streams split
-    over devices is drawn where its streams are.
+
+def hashed_index(first: jax.Array, second: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """uint32 words of `shape`: each element's row-major index, XOR `first`, hashed, XOR `second`, hashed again.
+
+    Two keys' words sharing an index offset under one hash (i ^ a = j ^ a') no longer
+    coincide after the second, where their second words differ. The index is built
+    along each axis, so under jit a mask split over devices is drawn where its part lies.
     """
+    index = jnp.zeros(shape, jnp.uint32)
+    for axis, size in enumerate(shape):
+        index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    return _lowbias32(_lowbias32(index ^ first) ^ second)
+
+
+def random_words(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint32 words of `shape`: `hashed_index` under two words drawn from `key`.
+
+    Drawing every word through jax.random's threefry (20 rounds a pair) made a CPU
+    training step with dropout slower (benchmarks/README, "Dropout masks from a hash").
+    """
+    first, second = jax.random.bits(key, (2,), jnp.uint32)
+    return hashed_index(first, second, shape)
+
+
+def keep_mask(key: jax.Array, levels: int, mask_shape: tuple[int, ...]) -> jax.Array:
+    """Booleans of `mask_shape`, each true with probability `levels` / 2¹⁶: 16 random bits to an element."""
     *leading, last = mask_shape
-    words = jax.random.bits(key, (*leading, (last + 1) // 2), jnp.uint32)
+    words = random_words(key, (*leading, (last + 1) // 2))
     halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*leading, -1)[..., :last]
     return halves < jnp.uint16(levels)
 

