@@ -41,7 +41,8 @@ mean, chars/s their sum.
 
 The reference is the better PyTorch side. Every side counts the same things
 against the budget: everything from its first step until the budget is spent,
-including the validation passes every `train.eval_every` steps (and charrnn's
+including the validation passes every `train.eval_every` steps (of the split's
+first `train.eval_fraction`; and charrnn's
 compilation and checkpoint writes); the final validation pass comes after the
 budget on every side. Validation is the config's split of
 data/tinyshakespeare.txt, every character scored once, state carried along
@@ -242,12 +243,14 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     models = [Member(seed) for seed in members.seeds(train_config)]
 
     @torch.no_grad()
-    def validate(log_probs: list | None = None) -> float:
-        """The members' score together: -log of the mean of their probabilities of each target."""
+    def validate(log_probs: list | None = None, fraction: float = 1.0) -> float:
+        """The members' score together: -log of the mean of their probabilities of each target (of the first
+        `fraction` of the split)."""
         total, count, states = 0.0, 0.0, None
         for member in models:
             member.scored.eval()
-        for chunk in data.evaluation_chunks(corpus.val_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN):
+        for chunk in data.evaluation_chunks(data.leading_part(corpus.val_ids, fraction), train_config.eval_batch_size,
+                                            steps.EVAL_SEQ_LEN):
             if states is None:
                 states = [zero_state(chunk.inputs.shape[1]) for _ in models]
             member_log_probs = []
@@ -307,7 +310,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
             train_step(member, step, lr, dropping=timing or step >= dropout_from_step)
         step += 1
         if step % train_config.eval_every == 0:
-            best = min(best, validate())
+            during = validate(fraction=train_config.eval_fraction)
+            best = min(best, during) if train_config.eval_fraction == 1.0 else best  # a part's loss is not the whole's
     if timing:  # the run ended inside the timed window (a tiny one): its mean step
         return (time.monotonic() - began) / max(step, 1)
     trained_s = min(time.monotonic() - began, budget)  # less than the budget where train.max_epochs ended the run

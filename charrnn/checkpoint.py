@@ -365,6 +365,7 @@ def describe(loaded: Loaded) -> dict[str, Any]:
         "format_version": metadata.get("format_version"),
         "step": metadata.get("step"),
         "val_loss": metadata.get("val_loss"),
+        "val_fraction": metadata.get("val_fraction", 1.0),  # the share of the validation split val_loss scored
         "best_val_loss": metadata.get("best_val_loss"),
         "config": config_lib.to_dict(loaded.config),
         "vocab": metadata["vocab"],  # characters (a string), or a seq2seq run's target tokens (a list)

@@ -80,6 +80,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
     eval_every: int = 500  # steps between validation passes and checkpoints
     eval_batch_size: int = 16  # validation streams; fewer streams = fewer cold starts
+    eval_fraction: float = 1.0  # share of the validation data the evaluations during the run score (its first part); the final one scores all of it
     log_every: int = 50  # steps between log lines / metrics records
     steps_per_call: int = 4  # optimizer steps per compiled call: fewer dispatches and syncs
     keep: int = 1  # step checkpoints kept besides best
@@ -289,6 +290,7 @@ def validate(config: Config) -> None:
     _require(math.isfinite(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay must be a finite number >= 0")
     _require(math.isfinite(train.dropout_from_epoch) and train.dropout_from_epoch >= 0,
              "train.dropout_from_epoch must be a finite number >= 0 (0 = dropout from the first step)")
+    _require(0.0 < train.eval_fraction <= 1.0, "train.eval_fraction must be in (0, 1] (1 = every evaluation scores all of the validation data)")
     _require(0.0 <= train.ema < 1.0, "train.ema must be in [0, 1) (0 = no averaging)")
     _require(0.0 <= train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1) (0 = none)")
     _require(0.0 <= train.scheduled_sampling <= 1.0, "train.scheduled_sampling must be in [0, 1] (0 = teacher forcing)")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import math
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -197,6 +198,14 @@ def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]
     """Return (train, validation): validation is the last `val_fraction`, contiguous."""
     num_val = int(len(ids) * val_fraction)
     return ids[: len(ids) - num_val], ids[len(ids) - num_val :]
+
+
+def leading_part(items: Sequence, fraction: float) -> Sequence:
+    """The first `fraction` of `items` (ids, or pairs' sides), at least two of them: what an evaluation during
+    a run scores (`train.eval_fraction`)."""
+    if fraction >= 1.0:
+        return items
+    return items[: max(2, math.ceil(len(items) * fraction))]
 
 
 class Batch(NamedTuple):

@@ -72,16 +72,18 @@ class Logged:
 @dataclass(frozen=True)
 class Evaluated:
     step: int
-    val_loss: float  # nats/char over the whole validation split
+    val_loss: float  # nats/char over the validation split, or over its first `fraction`
     chars_seen: int
     elapsed_s: float
     final: bool
     checkpoint: Path  # the step checkpoint saved with this evaluation
     best: bool  # a new best: best.safetensors holds these parameters
+    fraction: float = 1.0  # the share of the validation split scored: train.eval_fraction before the final one
 
     def record(self) -> dict[str, Any]:
         return {"event": "eval", "step": self.step, "val_loss": self.val_loss, "val_bpc": bits(self.val_loss),
-                "chars_seen": self.chars_seen, "elapsed_s": self.elapsed_s, "final": self.final}
+                "chars_seen": self.chars_seen, "elapsed_s": self.elapsed_s, "final": self.final,
+                "fraction": self.fraction}
 
 
 @dataclass(frozen=True)

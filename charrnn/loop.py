@@ -49,6 +49,7 @@ class LoopState:
     elapsed_s: float = 0.0
     best_val_loss: float | None = None
     last_val_loss: float | None = None
+    last_val_fraction: float = 1.0  # the share of the validation split that `last_val_loss` scored
     last_checkpoint: Path | None = None
 
 
@@ -127,7 +128,8 @@ class Loop:
             metadata = {
                 "config": config_lib.to_dict(self.config), **self.task.metadata(), "step": step,
                 "elapsed_s": progress.elapsed_s,
-                "val_loss": progress.last_val_loss, "best_val_loss": progress.best_val_loss,
+                "val_loss": progress.last_val_loss, "val_fraction": progress.last_val_fraction,
+                "best_val_loss": progress.best_val_loss,
                 "chars_seen": step * self.chars_per_step, "saved_at": time.time(),
             }
             path = checkpoint.save(self.run_dir, step, checkpoint.training_arrays(*host), metadata, best,
@@ -136,17 +138,22 @@ class Loop:
         return path
 
     def validate_and_save(self, final: bool) -> None:
+        """Score the validation data and save: all of it at the end, its first `train.eval_fraction` before.
+
+        Only a score of all of it can make a new best: a part's loss is not the whole's.
+        """
         progress, step = self.progress, int(self.progress.state.step)
-        val_loss = self.task.validation_loss(progress.state.model_params, self.placement)
+        fraction = 1.0 if final else self.config.train.eval_fraction
+        val_loss = self.task.validation_loss(progress.state.model_params, self.placement, fraction)
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
-        progress.last_val_loss = val_loss
-        improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
+        progress.last_val_loss, progress.last_val_fraction = val_loss, fraction
+        improved = fraction == 1.0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
         if improved:
             progress.best_val_loss = val_loss
         path = self.save(best=improved)
         self.emit(events.Evaluated(step, val_loss, step * self.chars_per_step, progress.elapsed_s, final, path,
-                                   improved))
+                                   improved, fraction))
 
     def pause_to_save(self, evaluate: bool, final: bool = False) -> None:
         """Save (after a validation pass when `evaluate`); the time is not counted as training."""

@@ -31,6 +31,7 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         raise UsageError(f"cannot write a {output.suffix} image; use one of "
                          f"{', '.join('.' + name for name in canvas.get_supported_filetypes())}")
     train_axes, val_axes = figure.subplots(1, 2, sharex=True, sharey=True)
+    legend_lines = []  # a line a run
     for run_dir, row, label in zip(run_dirs, rows, labels):
         if row["status"] != rundir.FINISHED:
             label = f"{label} ({row['status']})"
@@ -38,8 +39,11 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         train_x, train_y = curve["train"]["chars_seen"], curve["train"]["bpc"]
         (line,) = train_axes.plot(train_x, train_y, marker="o" if len(train_x) == 1 else None, markersize=3,
                                   label=label)  # a lone point needs a marker to show
-        val_axes.plot(curve["val"]["chars_seen"], curve["val"]["val_bpc"], marker="o", markersize=3,
-                      color=line.get_color(), label=label)
+        legend_lines += val_axes.plot(curve["val"]["chars_seen"], curve["val"]["val_bpc"], marker="o", markersize=3,
+                                      color=line.get_color(), label=label)
+        if curve["val_part"]["chars_seen"]:  # evaluations of the split's first part: dashed, apart from the whole's
+            val_axes.plot(curve["val_part"]["chars_seen"], curve["val_part"]["val_bpc"], marker="o", markersize=3,
+                          linestyle="--", fillstyle="none", color=line.get_color())
     for axes, title in ((train_axes, "training"), (val_axes, "validation")):
         axes.set_title(title)
         axes.set_xlabel("characters seen")
@@ -52,7 +56,7 @@ def plot_runs(run_dirs: list[Path], output: Path, labels: list[str] | None = Non
         # Bits/char of most runs lie within one decade: label the ticks inside it, not only the powers of 10.
         train_axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     # Below both panels, so that many runs with long labels never hide a curve.
-    figure.legend(handles=val_axes.get_lines(), loc="outside lower center", ncols=min(len(labels), 2), fontsize="small")
+    figure.legend(handles=legend_lines, loc="outside lower center", ncols=min(len(labels), 2), fontsize="small")
     buffer = io.BytesIO()
     figure.savefig(buffer, format=image_format, dpi=120)
     write_atomic(output, buffer.getvalue())

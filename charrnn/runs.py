@@ -68,7 +68,7 @@ def _results_from_summary(status: dict[str, Any]) -> dict[str, Any]:
 
 def _results_from_metrics(records: list[dict[str, Any]], status: dict[str, Any]) -> dict[str, Any]:
     """The result columns of a run without a summary (running, interrupted, diverged), from its metrics."""
-    evals = [record for record in records if record.get("event") == "eval" and _is_finite_number(record.get("val_loss"))]
+    evals = [record for record in records if _scores_whole_split(record) and _is_finite_number(record.get("val_loss"))]
     trains = [record for record in records if record.get("event") == "train" and _is_finite_number(record.get("chars_per_s"))]
     steps = max([record["step"] for record in records if "step" in record] + [status.get("step", 0)])
     if status["status"] == rundir.DIVERGED:
@@ -156,13 +156,22 @@ def _append_in_order(xs: list[float], ys: list[float], x: float, y: float) -> No
     ys.append(y)
 
 
+def _scores_whole_split(record: dict[str, Any]) -> bool:
+    """Whether a metrics record is an evaluation of all of the validation split (records before
+    `train.eval_fraction` have no "fraction": they all were)."""
+    return record.get("event") == "eval" and record.get("fraction", 1.0) == 1.0
+
+
 def curves(run_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Return bits/char against characters seen: {"train": {chars_seen, bpc}, "val": {chars_seen, val_bpc}}."""
-    result = {"train": {"chars_seen": [], "bpc": []}, "val": {"chars_seen": [], "val_bpc": []}}
+    """Return bits/char against characters seen: {"train": {chars_seen, bpc}, "val": {chars_seen, val_bpc}},
+    and "val_part" as "val" for the evaluations of the validation split's first part (`train.eval_fraction`)."""
+    result = {"train": {"chars_seen": [], "bpc": []}, "val": {"chars_seen": [], "val_bpc": []},
+              "val_part": {"chars_seen": [], "val_bpc": []}}
     for record in rundir.read_metrics(run_dir):
         event, x = record.get("event"), record.get("chars_seen")
         if event == "train" and x is not None and record.get("bpc") is not None:
             _append_in_order(result["train"]["chars_seen"], result["train"]["bpc"], x, record["bpc"])
         elif event == "eval" and x is not None and record.get("val_bpc") is not None:
-            _append_in_order(result["val"]["chars_seen"], result["val"]["val_bpc"], x, record["val_bpc"])
+            curve = result["val" if _scores_whole_split(record) else "val_part"]
+            _append_in_order(curve["chars_seen"], curve["val_bpc"], x, record["val_bpc"])
     return result

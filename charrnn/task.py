@@ -31,7 +31,8 @@ class Task(Protocol):
         """Host minibatches of steps [step, step + count), stacked [K, ...] ([M, K, ...] for `train.members` M > 1,
         which runs on one device), for the `streams` of this process."""
 
-    def validation_loss(self, params: dict, placement) -> float: ...
+    def validation_loss(self, params: dict, placement, fraction: float = 1.0) -> float:
+        """Mean loss per target over the validation data, or over its first `fraction` of it."""
 
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint records of the data: the vocabulary (or vocabularies) and the file's checksum."""
@@ -65,10 +66,11 @@ class TextTask:
             for i in range(count)
         ]) for seed in members.seeds(train)])  # each member's epoch offsets follow its own seed
 
-    def validation_loss(self, params: dict, placement) -> float:
+    def validation_loss(self, params: dict, placement, fraction: float = 1.0) -> float:
         train = self.config.train
         return steps.evaluate_models(members.split(params, train.members), (self.config.model,) * train.members,
-                                     self.corpus.val_ids, train.eval_batch_size, self.eval_call, placement)
+                                     data.leading_part(self.corpus.val_ids, fraction), train.eval_batch_size,
+                                     self.eval_call, placement)
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab": self.corpus.vocab.chars, "corpus_sha": self.corpus.checksum}

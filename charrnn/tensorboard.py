@@ -52,8 +52,9 @@ class TensorBoardWriter:
             if event.chars_per_s is not None:  # a window with no step in it has no speed
                 self._scalar("train/chars_per_s", event.chars_per_s, event.step)
         elif isinstance(event, Evaluated):
-            self._scalar("val/loss", event.val_loss, event.step)
-            self._scalar("val/bits_per_char", bits(event.val_loss), event.step)
+            section = "val" if event.fraction == 1.0 else "val_part"  # a part's loss is not the whole's: a curve of its own
+            self._scalar(f"{section}/loss", event.val_loss, event.step)
+            self._scalar(f"{section}/bits_per_char", bits(event.val_loss), event.step)
             self.writer.flush()  # a crash loses at most the windows since (tensorboardX also flushes on a timer)
         elif isinstance(event, Stopped):
             self.writer.close()

@@ -234,8 +234,9 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
         path, arrays, metadata, skipped = resumed
         state, carry = checkpoint.restore_training(arrays, task, optimizer, config.train.batch_size, metadata["step"],
                                                    averaged=config.train.ema > 0, num_members=config.train.members)
-        progress = LoopState(state, carry, float(metadata["elapsed_s"]), metadata.get("best_val_loss"),
-                            metadata.get("val_loss"), path)
+        progress = LoopState(state, carry, float(metadata["elapsed_s"]), best_val_loss=metadata.get("best_val_loss"),
+                             last_val_loss=metadata.get("val_loss"),
+                             last_val_fraction=metadata.get("val_fraction", 1.0), last_checkpoint=path)
     else:
         skipped, (state, carry) = [], steps.fresh_state(config, optimizer, task.init_params, task.initial_carry)
         progress = LoopState(state, carry, elapsed_s=choice.elapsed_s)  # choosing the model was the run's first work

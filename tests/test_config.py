@@ -154,6 +154,9 @@ def test_missing_config_file(tmp_path):
         (["model.weight_drop=1"], "model.weight_drop"),
         (["model.embedding_dropout=-0.1"], "model.embedding_dropout"),
         (["train.ema=1"], "train.ema"),
+        (["train.eval_fraction=0"], "train.eval_fraction"),
+        (["train.eval_fraction=1.5"], "train.eval_fraction"),
+        (["train.eval_fraction=nan"], "train.eval_fraction"),
         (["train.ema=nan"], "train.ema"),
         (["train.label_smoothing=1"], "train.label_smoothing"),
         (["train.label_smoothing=-0.1"], "train.label_smoothing"),
@@ -277,11 +280,13 @@ def test_preset_loads_and_means_what_it_says(path):
 
 def test_defaults_are_the_shakespeare_recipe_without_its_epoch_cap():
     """Plain `charrnn train` trains what configs/shakespeare.toml asks for, but for as many passes as the time allows
-    (and so never the larger model the recipe trains where its passes fit the time)."""
+    (and so never the larger model the recipe trains where its passes fit the time), and with every evaluation
+    scoring all of validation (without an epoch cap, a run may be at its best before its end)."""
     assert config_lib.differences(Config(), config_lib.resolve(CONFIGS_DIR / "shakespeare.toml", [], {}),
                                   ("model", "train", "sample")) == [
         "train.max_epochs: 0.0 -> 5.0",
-        "train.larger_model: '' -> 'train.members=2 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2; model.num_layers=3'"]
+        "train.larger_model: '' -> 'train.members=2 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2; model.num_layers=3'",
+        "train.eval_fraction: 1.0 -> 0.25"]
 
 
 def test_a_saved_config_without_newer_keys_keeps_what_it_ran_with():

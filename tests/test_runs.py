@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import importlib.util
+import math
 import re
 import shutil
 import statistics
@@ -114,6 +115,21 @@ def test_interrupted_row_comes_from_metrics(sweep, rows):
     assert row["wall_s"] == records[-1]["elapsed_s"]
 
 
+def test_a_row_from_metrics_takes_its_losses_from_evaluations_of_the_whole_split(tmp_path):
+    """Evaluations of the split's first part (`train.eval_fraction`) are not comparable with the whole's: a run
+    without a summary takes its best and final losses from the whole's only."""
+    rundir.create(tmp_path)
+    rundir.write_status(tmp_path, rundir.RUNNING, {"pid": 0, "step": 30})  # running with no lock: interrupted
+    log = log_train(tmp_path, ((1000, 3.0), (2000, 2.5), (3000, 2.2)))
+    for step, loss, fraction in ((10, 1.9, 1.0), (20, 1.2, 0.25), (30, 1.7, 1.0), (40, 1.1, 0.25)):
+        log.write({"event": "eval", "step": step, "val_loss": loss, "val_bpc": loss / math.log(2),
+                   "chars_seen": step * 100, "fraction": fraction})
+    (row,) = runs.collect([tmp_path])
+    assert row["best_val_loss"] == 1.7 and row["final_val_bpc"] == pytest.approx(1.7 / math.log(2))
+    curve = runs.curves(tmp_path)
+    assert curve["val"]["chars_seen"] == [1000, 3000] and curve["val_part"]["chars_seen"] == [2000, 4000]
+
+
 def test_a_gap_in_the_summary_is_filled_from_metrics(sweep, tmp_path):
     root, summaries = sweep
     run_dir = tmp_path / "resumed"
@@ -199,7 +215,8 @@ def test_curves_are_bits_per_char_against_characters_seen(sweep):
     assert curve["val"]["chars_seen"] == [10 * CHARS_PER_STEP, 20 * CHARS_PER_STEP]
     assert curve["val"]["val_bpc"] == [record["val_bpc"] for record in records if record["event"] == "eval"]
     assert runs.curves(root / "runs" / "diverged") == {"train": {"chars_seen": [], "bpc": []},
-                                                       "val": {"chars_seen": [], "val_bpc": []}}
+                                                       "val": {"chars_seen": [], "val_bpc": []},
+                                                       "val_part": {"chars_seen": [], "val_bpc": []}}
 
 
 def log_train(run_dir, points) -> rundir.MetricsLog:
@@ -241,8 +258,9 @@ def test_plot_writes_a_png(sweep, tmp_path):
 
 
 def test_plot_labels_each_run_and_draws_bits_on_the_axis_asked_for(tmp_path):
-    """Legend entries are the labels given, with the status of a run that did not finish; log_scale labels the
-    ticks inside the decade; an image format is its suffix in any case, and PNG without one."""
+    """Legend entries are the labels given, with the status of a run that did not finish (a run's evaluations of
+    validation's first part add none); log_scale labels the ticks inside the decade; an image format is its
+    suffix in any case, and PNG without one."""
     matplotlib = pytest.importorskip("matplotlib")
     from charrnn.plot import plot_runs
 
@@ -251,6 +269,7 @@ def test_plot_labels_each_run_and_draws_bits_on_the_axis_asked_for(tmp_path):
         rundir.create(run_dir)
         rundir.write_status(run_dir, status, {"pid": 0, "step": 20})  # running with no lock: interrupted
         log = log_train(run_dir, ((1000, 0.5), (2000, 20.0)))
+        log.write({"event": "eval", "step": 10, "val_bpc": 3.5, "chars_seen": 1000, "fraction": 0.25})
         log.write({"event": "eval", "step": 20, "val_bpc": 3.0, "chars_seen": 2000})
 
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG

@@ -58,6 +58,8 @@ def test_writes_train_and_val_scalars_against_the_step(tmp_path):
                   Evaluated(step=20, val_loss=2.75, chars_seen=2000, elapsed_s=4.0, final=False,
                             checkpoint=tmp_path / "step-20.safetensors", best=True),
                   logged(21, 2.25, None),
+                  Evaluated(step=21, val_loss=2.5, chars_seen=2100, elapsed_s=4.2, final=False,
+                            checkpoint=tmp_path / "step-21.safetensors", best=False, fraction=0.25),
                   Stopped(status="finished", step=21)]:
         writer(event)
 
@@ -69,6 +71,7 @@ def test_writes_train_and_val_scalars_against_the_step(tmp_path):
     expected += [("val/loss", 20, 2.75), ("val/bits_per_char", 20, 2.75 / math.log(2))]
     expected += [("train/loss", 21, 2.25), ("train/bits_per_char", 21, 2.25 / math.log(2)),
                  ("train/learning_rate", 21, 0.002 / 21), ("train/grad_norm", 21, 2.1)]
+    expected += [("val_part/loss", 21, 2.5), ("val_part/bits_per_char", 21, 2.5 / math.log(2))]  # a part: not val's curve
     scalars = read_scalars(tmp_path)
     assert [(tag, step) for tag, step, _ in scalars] == [(tag, step) for tag, step, _ in expected]
     # simple_value is a float32.

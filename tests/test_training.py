@@ -13,7 +13,7 @@ from clihelp import TINY, assert_identical_arrays, final_arrays, start_subproces
 from test_tensorboard import needs_tensorboardx, read_scalars
 
 import charrnn
-from charrnn import checkpoint, config as config_lib, distributed, events, rundir, steps, training
+from charrnn import checkpoint, config as config_lib, distributed, events, rundir, runs, steps, training
 
 # 20 steps, two evaluations, four log lines: a few seconds on a CPU.
 KEYS = {"steps": 20, "eval_every": 10, "log_every": 5}
@@ -253,6 +253,19 @@ def test_both_tasks_train_on_smoothed_labels_and_validate_on_plain_ones(small_co
         assert losses[0.3, "validation"] == losses[0.0, "validation"], kind
 
 
+def test_the_pairs_task_scores_the_first_pairs_of_its_validation_split_for_a_part(reversal_pairs):
+    from charrnn.seq2seq import task as seq2seq_task
+
+    config = config_lib.resolve(TINY, ["model.kind=seq2seq"], {})
+    task = training.load_task(reversal_pairs, config)
+    params = task.init_params(jax.random.key(0))
+    sources, targets = task.corpus.val
+    first = math.ceil(len(sources) * 0.4)
+    part = seq2seq_task.mean_loss((params,), (config.model,), sources[:first], targets[:first], config.train.pad_multiple)
+    assert task.validation_loss(params, None, 0.4) == pytest.approx(part)
+    assert task.validation_loss(params, None) != pytest.approx(part)
+
+
 def test_the_text_task_gives_consecutive_steps_of_the_streams_asked_for(small_corpus):
     """batches(step, count, streams): `count` steps, each going on from the last; steps_per_epoch make an epoch."""
     task = training.load_task(small_corpus, config_lib.resolve(TINY, [], {}))
@@ -287,6 +300,49 @@ def test_the_final_loss_is_the_last_evaluation_and_the_best_the_lowest(small_cor
                             log_every=3)
     assert [(e.step, e.val_loss, e.best) for e in recorder.of(events.Evaluated)] == [(3, 2.0, True), (6, 3.0, False)]
     assert (summary.best_val_loss, summary.final_val_loss) == (2.0, 3.0)
+
+
+def test_evaluations_during_a_run_score_the_first_part_and_only_the_whole_split_makes_a_best(small_corpus, tmp_path):
+    recorder = Recorder()
+    run_dir = tmp_path / "run"
+    summary = charrnn.train(small_corpus, run_dir, TINY, callbacks=[recorder], steps=9, eval_every=3, log_every=3,
+                            eval_fraction=0.3, keep=3)
+    evaluated = recorder.of(events.Evaluated)
+    assert [(e.step, e.fraction, e.best) for e in evaluated] == [(3, 0.3, False), (6, 0.3, False), (9, 1.0, True)]
+    # Each loss is its checkpoint's model scoring the first 30% of the validation text, or all of it at the end.
+    text = small_corpus.read_text(encoding="utf-8")
+    validation = text[len(text) - int(len(text) * 0.1):]
+    part = validation[:math.ceil(len(validation) * 0.3)]
+    for event, scored in zip(evaluated, (part, part, validation)):
+        score = charrnn.load(event.checkpoint).score(scored, streams=4)  # configs/tiny.toml's eval_batch_size
+        assert score.nats_per_char == pytest.approx(event.val_loss, rel=1e-5), event.step
+    assert evaluated[0].val_loss != pytest.approx(charrnn.load(evaluated[0].checkpoint).score(validation, streams=4)
+                                                  .nats_per_char, rel=1e-5)
+    assert summary.best_val_loss == summary.final_val_loss == evaluated[-1].val_loss
+    _, best = checkpoint.read(run_dir / "checkpoints" / rundir.BEST_FILE)
+    assert (best["step"], best["val_fraction"]) == (9, 1.0)
+    _, during = checkpoint.read(evaluated[0].checkpoint)
+    assert (during["val_loss"], during["val_fraction"], during["best_val_loss"]) == (evaluated[0].val_loss, 0.3, None)
+
+    # The records say which evaluations scored a part; curves and `runs` keep the two apart.
+    records = [record for record in rundir.read_metrics(run_dir) if record["event"] == "eval"]
+    assert [record["fraction"] for record in records] == [0.3, 0.3, 1.0]
+    curve = runs.curves(run_dir)
+    assert curve["val_part"]["val_bpc"] == [records[0]["val_bpc"], records[1]["val_bpc"]]
+    assert curve["val"]["val_bpc"] == [records[2]["val_bpc"]]
+    (row,) = runs.collect([run_dir])
+    assert row["best_val_loss"] == summary.best_val_loss
+
+
+def test_the_command_line_says_which_evaluations_scored_a_part(cli, small_corpus, tmp_path):
+    result = cli("train", small_corpus, "--config", TINY, "--out", "run", "--steps", "6", "--set", "train.eval_every=3",
+                 "--set", "train.eval_fraction=0.3", "--set", "train.keep=2")
+    assert result.code == 0, result.err
+    lines = [line for line in result.err.splitlines() if line.startswith("step ") and "saved" in line]
+    assert ["on the first 30% of validation" in line for line in lines] == [True, False]
+    during = cli("inspect", tmp_path / "run" / "checkpoints" / "step-000000003.safetensors", "--json")
+    final = cli("inspect", tmp_path / "run", "--json")
+    assert (json.loads(during.out)["val_fraction"], json.loads(final.out)["val_fraction"]) == (0.3, 1.0)
 
 
 def test_a_run_ending_between_evaluations_evaluates_at_its_end(small_corpus, tmp_path):

@@ -51,8 +51,9 @@ class ProgressBar:
                 err_console.print(f"step {event.step}  loss {event.loss:.4f}  val {val}  lr {event.lr:.2e}  "
                                   f"{speed} chars/s  {event.elapsed_s:.0f}s")
         elif isinstance(event, events.Evaluated):
+            part = "" if event.fraction == 1.0 else f" on the first {event.fraction:.0%} of validation"
             self.print(f"step {event.step}: val {event.val_loss:.4f} nats/char ({bits(event.val_loss):.3f} "
-                       f"bits/char), saved {event.checkpoint.name}")
+                       f"bits/char){part}, saved {event.checkpoint.name}")
         elif isinstance(event, events.Message):
             self.print(event.text)
         elif isinstance(event, events.Stopped):

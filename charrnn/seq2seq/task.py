@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from charrnn import data
 from charrnn.config import Config
 from charrnn.data import Vocab
 from charrnn.errors import CorpusError, UsageError
@@ -99,8 +100,10 @@ class PairsTask:
         return pairs_lib.stack([pairs_lib.make_batch([sources[j] for j in part], [targets[j] for j in part],
                                                      multiple=self.config.train.pad_multiple) for part in chosen])
 
-    def validation_loss(self, params: dict, placement) -> float:
-        return mean_loss((params,), (self.config.model,), *self.corpus.val, self.config.train.pad_multiple)
+    def validation_loss(self, params: dict, placement, fraction: float = 1.0) -> float:
+        sources, targets = self.corpus.val
+        return mean_loss((params,), (self.config.model,), data.leading_part(sources, fraction),
+                         data.leading_part(targets, fraction), self.config.train.pad_multiple)
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab": pairs_lib.stored_symbols(self.corpus.target_vocab),
