@@ -32,7 +32,7 @@ class Task(Protocol):
         which runs on one device), for the `streams` of this process."""
 
     def validation_loss(self, params: dict, placement, fraction: float = 1.0) -> float:
-        """Mean loss per target over the validation data, or over its first `fraction` of it."""
+        """Mean loss per target over the validation data, or over the first `fraction` of it."""
 
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint records of the data: the vocabulary (or vocabularies) and the file's checksum."""
