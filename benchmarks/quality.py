@@ -311,7 +311,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
         step += 1
         if step % train_config.eval_every == 0:
             during = validate(fraction=train_config.eval_fraction)
-            best = min(best, during) if train_config.eval_fraction == 1.0 else best  # a part's loss is not the whole's
+            if train_config.eval_fraction == 1.0:  # a part's loss is not the whole's
+                best = min(best, during)
     if timing:  # the run ended inside the timed window (a tiny one): its mean step
         return (time.monotonic() - began) / max(step, 1)
     trained_s = min(time.monotonic() - began, budget)  # less than the budget where train.max_epochs ended the run

@@ -69,6 +69,11 @@ def setup(platform: Platform | None, threads: int | None, cpu_device_per_core: b
                       multi_process)
 
 
+def scored_part(fraction: float) -> str:
+    """How a validation loss says that it scored only the split's first part (`train.eval_fraction`): "" for all of it."""
+    return "" if fraction == 1.0 else f" on the first {fraction:.0%} of validation"
+
+
 def text_option(text: str | None, text_file: Path | None, option: str) -> str | None:
     """The text of --OPTION or of --OPTION-file (at most one of them), or None."""
     if text is not None and text_file is not None:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from charrnn.cli.common import CHECKPOINT_HELP, JsonOption, Platform, app, setup
+from charrnn.cli.common import CHECKPOINT_HELP, JsonOption, Platform, app, scored_part, setup
 from charrnn.config import dotted
 from charrnn.rundir import strict_json
 from charrnn.units import bits
@@ -33,11 +33,10 @@ def inspect_checkpoint(
     def loss(nats: float | None) -> str:
         return "-" if nats is None else f"{nats:.4f} nats/char ({bits(nats):.4f} bits/char)"
 
-    part = "" if summary["val_fraction"] == 1.0 else f" on the first {summary['val_fraction']:.0%}"
     overview = Table(title=summary["path"], show_header=False)
     for key, value in [
         ("file", f"{summary['file_bytes'] / 1e6:,.2f} MB, format {summary['format_version']}"),
-        ("step", f"{summary['step']:,}"), ("val loss", loss(summary["val_loss"]) + part),
+        ("step", f"{summary['step']:,}"), ("val loss", loss(summary["val_loss"]) + scored_part(summary["val_fraction"])),
         ("best val loss", loss(summary["best_val_loss"])),
         ("parameters", f"{summary['parameter_count']:,}"),
         ("vocabulary", f"{summary['vocab_size']} {'tokens' if isinstance(summary['vocab'], list) else 'characters'}: "

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from charrnn import events, rundir
 from charrnn.cli.common import MODEL, OUTPUT, RUN, SCALE, TRAINING, PlatformOption, ThreadsOption, \
-    app, err_console, flags, setup
+    app, err_console, flags, scored_part, setup
 from charrnn.rundir import strict_json
 from charrnn.stdout import EndsWhenReaderLeaves, ReaderGone
 from charrnn.units import bits
@@ -51,9 +51,8 @@ class ProgressBar:
                 err_console.print(f"step {event.step}  loss {event.loss:.4f}  val {val}  lr {event.lr:.2e}  "
                                   f"{speed} chars/s  {event.elapsed_s:.0f}s")
         elif isinstance(event, events.Evaluated):
-            part = "" if event.fraction == 1.0 else f" on the first {event.fraction:.0%} of validation"
             self.print(f"step {event.step}: val {event.val_loss:.4f} nats/char ({bits(event.val_loss):.3f} "
-                       f"bits/char){part}, saved {event.checkpoint.name}")
+                       f"bits/char){scored_part(event.fraction)}, saved {event.checkpoint.name}")
         elif isinstance(event, events.Message):
             self.print(event.text)
         elif isinstance(event, events.Stopped):
