@@ -285,7 +285,8 @@ def test_defaults_are_the_shakespeare_recipe_without_its_epoch_cap():
     assert config_lib.differences(Config(), config_lib.resolve(CONFIGS_DIR / "shakespeare.toml", [], {}),
                                   ("model", "train", "sample")) == [
         "train.max_epochs: 0.0 -> 5.0",
-        "train.larger_model: '' -> 'train.members=2 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2; model.num_layers=3'",
+        "train.larger_model: '' -> 'train.members=2 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2; "
+        "train.members=2 model.hidden_size=384 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2'",
         "train.eval_fraction: 1.0 -> 0.25"]
 
 

@@ -291,24 +291,32 @@ def test_fit_epochs_set_for_the_run_applies_to_every_alternative():
 
 
 def test_the_recipe_members_train_on_to_their_own_cap():
-    """The recipe's members are chosen where 3.5 passes fit and train on to six passes or the clock; one model
-    keeps the run's five."""
+    """The recipe's members, 2x512 or else 2x384, are chosen where 3.5 passes fit and train on to six passes or the
+    clock; one model keeps the run's five."""
     config = config_lib.resolve(RECIPE, [], {})
     assert config.train.max_epochs == 5.0
-    members, layers = (larger.config.train for larger in config_lib.larger_models(config))
-    assert (members.members, members.fit_epochs, members.max_epochs) == (2, 3.5, 6.0)
-    assert (layers.members, layers.max_epochs) == (1, 5.0)
+    wide, narrow = (larger.config for larger in config_lib.larger_models(config))
+    for members, hidden in ((wide, 512), (narrow, 384)):
+        assert (members.train.members, members.train.fit_epochs, members.train.max_epochs) == (2, 3.5, 6.0)
+        assert (members.model.hidden_size, members.model.num_layers, members.model.dropout) == (hidden, 2, 0.2)
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
-    assert chosen.config.train.members == 2 and "its first 3.5 passes, 35 steps at 1000 ms" in chosen.note
+    assert chosen.config.model.hidden_size == 512 and "its first 3.5 passes, 35 steps at 1000 ms" in chosen.note
     assert steps.last_step(chosen.config.train, steps_per_epoch=10) == 60
+    # At `filling` seconds a step, 3.5 passes (35 steps) and the overhead fill the budget exactly.
+    filling = config.train.max_minutes * 60.0 * (1.0 - sizing.OVERHEAD) / 35
+    by_width = Timer(lambda timed: filling * (1.5 if timed.model.hidden_size == 512 else 0.5))
+    narrow_chosen = sizing.choose(config, steps_per_epoch=10, time_step=by_width)
+    assert (narrow_chosen.config.model.hidden_size, narrow_chosen.config.train.members) == (384, 2)
+    assert [timed.model.hidden_size for timed in by_width.timed] == [512, 384]
+    neither = sizing.choose(config, steps_per_epoch=10, time_step=Timer(filling * 1.5))
+    assert (neither.config.model.hidden_size, neither.config.train.members) == (512, 1)
 
 
 def test_passes_given_drop_the_members_that_set_their_own():
-    """`charrnn train --config configs/shakespeare.toml --epochs 3`: the members' alternative sets its own passes,
-    so the passes given stand over it (as any key given does); the third layer is left, to fit its three passes
-    whole."""
+    """`charrnn train --config configs/shakespeare.toml --epochs 3`: the members' alternatives set their own passes,
+    so the passes given stand over them (as any key given does), and the run trains the model as given."""
     config = config_lib.resolve(RECIPE, [], {"train": {"max_epochs": 3.0}})
-    (layers,) = config_lib.larger_models(config)
-    assert (layers.config.model.num_layers, layers.config.train.members, layers.config.train.max_epochs) == (3, 1, 3.0)
+    assert config_lib.larger_models(config) == []
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
-    assert chosen.config.model.num_layers == 3 and "30 steps at 1000 ms" in chosen.note
+    assert (chosen.config.model.hidden_size, chosen.config.train.members, chosen.config.train.max_epochs) == (512, 1, 3.0)
+    assert chosen.note == ""
