@@ -19,6 +19,9 @@ os.environ["XLA_FLAGS"] = runtime.with_xla_flags(os.environ["XLA_FLAGS"], QUICK_
 if "CHARRNN_CACHE_DIR" not in os.environ:
     os.environ["CHARRNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="charrnn-test-cache-")
     atexit.register(shutil.rmtree, os.environ["CHARRNN_CACHE_DIR"], ignore_errors=True)
+# In this process too, not only in the CLI's: library calls (`charrnn.train`) that build a program
+# another test built already load it rather than compile it again.
+runtime.configure()
 
 # Implicit rank broadcasting hides shape bugs; every broadcast in charrnn is explicit.
 jax.config.update("jax_numpy_rank_promotion", "raise")
