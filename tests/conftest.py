@@ -12,16 +12,14 @@ from clihelp import QUICK_COMPILES
 
 from charrnn import runtime
 
-# The XLA options `charrnn` runs with, so in-process runs compare bit for bit with subprocess ones.
-runtime.set_xla_flags()
-os.environ["XLA_FLAGS"] = runtime.with_xla_flags(os.environ["XLA_FLAGS"], QUICK_COMPILES)
 # One compilation cache for the whole session (subprocesses included), away from the user's, removed at the end.
 if "CHARRNN_CACHE_DIR" not in os.environ:
     os.environ["CHARRNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="charrnn-test-cache-")
     atexit.register(shutil.rmtree, os.environ["CHARRNN_CACHE_DIR"], ignore_errors=True)
-# In this process too, not only in the CLI's: library calls (`charrnn.train`) that build a program
-# another test built already load it rather than compile it again.
+# The XLA options and the cache `charrnn` runs with, in this process too: in-process runs compare bit for bit
+# with subprocess ones, and library calls (`charrnn.train`) load the programs other tests compiled.
 runtime.configure()
+os.environ["XLA_FLAGS"] = runtime.with_xla_flags(os.environ["XLA_FLAGS"], QUICK_COMPILES)
 
 # Implicit rank broadcasting hides shape bugs; every broadcast in charrnn is explicit.
 jax.config.update("jax_numpy_rank_promotion", "raise")
