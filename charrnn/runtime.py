@@ -1,4 +1,4 @@
-"""Process-wide JAX settings: platform, CPU threads and the persistent compilation cache.
+"""Process-wide JAX settings: platform, CPU cores and the persistent compilation cache.
 
 These must be set before JAX starts its backends, so the CLI calls `configure`
 before the first computation.
@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import resource
+import tempfile
 import warnings
 from itertools import takewhile
 from pathlib import Path
@@ -123,7 +124,12 @@ def set_xla_flags(single_threaded: bool = False) -> None:
 
 def configure(platform: str | None = None, threads: int | None = None, compilation_cache: bool = True,
               cpu_device_per_core: bool = False, multi_process: bool = False) -> None:
-    """Pick the platform, cap CPU threads, and turn on the shared compilation cache.
+    """Pick the platform, give the process `threads` CPU cores, and turn on the shared compilation cache.
+
+    `threads` below the cores this process may use pins it to that many, chosen by
+    `claim_cores`: runs started side by side on one machine each take cores of
+    their own. XLA keeps every core it may use busy, so a run given no such cap
+    shares all of them with any other.
 
     With `cpu_device_per_core`, JAX sees each core this process may use as a CPU
     device of its own, so that training can split its streams over them
@@ -134,11 +140,13 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
 
         >>> charrnn.configure(platform="cpu", threads=1)
     """
-    set_xla_flags(single_threaded=threads == 1)  # one thread: several runs can share a machine, one per core
-    if threads and threads > 1:
-        # XLA sizes its CPU thread pool from the cores this process may use (set before jax starts).
+    set_xla_flags(single_threaded=threads == 1)
+    if threads and hasattr(os, "sched_setaffinity"):
+        # XLA sizes its CPU thread pool from the cores this process may use (set before jax starts); its
+        # concurrent operations keep every one of those busy, whatever its threading options say.
         allowed = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, allowed[:threads])
+        if threads < len(allowed):
+            os.sched_setaffinity(0, claim_cores(allowed, threads))
     import jax
 
     if platform:
@@ -153,6 +161,42 @@ def configure(platform: str | None = None, threads: int | None = None, compilati
         _use_compilation_cache(jax, cache_dir())
     if platform and not multi_process:
         _check_platform(jax, platform)
+
+
+_CLAIMED_CORES: list = []  # the open lock files of this process's cores: closed only when it exits
+
+
+def cores_dir() -> Path:
+    """Where runs on this machine claim their cores: one lock file per core, per user."""
+    return Path(tempfile.gettempdir()) / f"charrnn-{os.getuid()}" / "cores"
+
+
+def claim_cores(allowed: list[int], count: int) -> list[int]:
+    """`count` of the `allowed` cores that no other process of this user has claimed, held until this process ends
+    (its lock files close with it, killed or not), so that runs started side by side with `--threads` take cores
+    of their own; where fewer are free, or no lock can be taken, the first `count` allowed."""
+    import fcntl  # POSIX only, as pinning to cores is
+
+    claimed = []
+    try:
+        directory = cores_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        for core in allowed:
+            handle = open(directory / f"{core}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another process holds it
+                handle.close()
+                continue
+            claimed.append((core, handle))
+            if len(claimed) == count:
+                _CLAIMED_CORES.extend(handle for _, handle in claimed)
+                return [core for core, _ in claimed]
+    except OSError:
+        pass
+    for _, handle in claimed:
+        handle.close()
+    return allowed[:count]
 
 
 def _use_compilation_cache(jax, directory: Path) -> None:

@@ -103,15 +103,67 @@ class AffinityAndConfig:
         self.calls.append(("affinity", self.cores))
 
 
+@pytest.fixture
+def own_claims(monkeypatch, tmp_path):
+    """Cores claimed in a directory of the test's own, each claim's lock released at the end."""
+    held = []
+    monkeypatch.setattr(runtime, "cores_dir", lambda: tmp_path / "cores")
+    monkeypatch.setattr(runtime, "_CLAIMED_CORES", held)
+    yield held
+    for handle in held:
+        handle.close()
+
+
 @pytest.mark.parametrize("threads, expected", [
     (None, [("jax_num_cpu_devices", 4)]),
-    (1, []),  # one thread: neither pinned to a core nor split into devices
-    (2, [("affinity", [3, 5]), ("jax_num_cpu_devices", 2)]),  # the first `threads` cores it may use
+    (1, [("affinity", [3])]),  # one core: not split into devices
+    (2, [("affinity", [3, 5]), ("jax_num_cpu_devices", 2)]),  # the first `threads` cores free
+    (4, [("jax_num_cpu_devices", 4)]),  # all it may use: nothing to pin
 ])
-def test_configure_pins_threads_to_cores_and_makes_a_device_per_core(monkeypatch, threads, expected):
+def test_configure_pins_threads_to_cores_and_makes_a_device_per_core(monkeypatch, own_claims, threads, expected):
     recorded = AffinityAndConfig(monkeypatch, [3, 5, 8, 9])
     runtime.configure(threads=threads, compilation_cache=False, cpu_device_per_core=True)
     assert recorded.calls == expected
+
+
+def test_runs_side_by_side_claim_cores_of_their_own_until_they_end(own_claims):
+    allowed = [3, 5, 8]
+    assert runtime.claim_cores(allowed, 1) == [3]
+    assert runtime.claim_cores(allowed, 1) == [5]  # 3 is held
+    assert runtime.claim_cores(allowed, 2) == [3, 5]  # one free core is not two: the first two, and 8 stays free
+    assert runtime.claim_cores(allowed, 1) == [8]
+    assert runtime.claim_cores(allowed, 1) == [3]  # none free: the first
+    assert len(own_claims) == 3
+    own_claims.pop(0).close()  # the run on core 3 ends
+    assert runtime.claim_cores(allowed, 1) == [3]
+
+
+def test_a_core_is_claimed_across_processes_and_freed_when_its_process_is_killed(tmp_path):
+    if runtime.usable_cores() < 2 or not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs two cores and an OS that pins processes to them")
+    script = ("import os; from charrnn import runtime; runtime.configure(threads=1, compilation_cache=False); "
+              "print(*os.sched_getaffinity(0), flush=True); input()")
+    env = subprocess_env(TMPDIR=str(tmp_path))  # where `tempfile` and so the claims live
+
+    def start():
+        process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, env=env)
+        return process, [int(core) for core in process.stdout.readline().split()]
+
+    started = []
+    try:
+        for _ in range(2):
+            started.append(start())
+        (first, first_cores), (_, second_cores) = started
+        assert len(first_cores) == len(second_cores) == 1 and first_cores != second_cores
+        first.kill()
+        first.wait(timeout=60)
+        started.append(start())
+        assert started[-1][1] == first_cores  # the killed run's core is free again
+    finally:
+        for process, _ in started:
+            process.kill()
+            process.wait(timeout=60)
 
 
 def test_resident_programs_are_the_gpus_multiprocessors(monkeypatch):
