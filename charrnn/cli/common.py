@@ -31,7 +31,7 @@ class Platform(str, Enum):
     gpu = "gpu"
 
 
-ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU cores this run uses: N that no other run on the machine has taken (the first N where none are free), so runs started side by side share it; default: all.", rich_help_panel=RUN)]
+ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU cores this run uses: N that no other charrnn run of yours holds (the first N where too few are free), so runs started side by side share the machine; default: all.", rich_help_panel=RUN)]
 PlatformOption = Annotated[Optional[Platform], typer.Option("--platform", help="Force a JAX platform (default: GPU when JAX sees one).", rich_help_panel=RUN)]
 CHECKPOINT_HELP = "Run directory, checkpoint file, or a folder of runs (its newest); default: the newest run under ./runs."
 CheckpointOption = Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help=CHECKPOINT_HELP)]
