@@ -286,7 +286,7 @@ def test_defaults_are_the_shakespeare_recipe_without_its_epoch_cap():
                                   ("model", "train", "sample")) == [
         "train.max_epochs: 0.0 -> 5.0",
         "train.larger_model: '' -> 'train.members=2 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2; "
-        "train.members=2 model.hidden_size=384 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.2'",
+        "train.members=2 model.hidden_size=384 train.fit_epochs=3.5 train.max_epochs=6 model.dropout=0.15'",
         "train.eval_fraction: 1.0 -> 0.25"]
 
 
