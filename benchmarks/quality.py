@@ -112,7 +112,8 @@ def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | No
     from charrnn import data, sizing, training
 
     began = time.monotonic()
-    corpus = training.load_corpus(CORPUS, config.train.val_fraction)
+    corpus = training.load_corpus(CORPUS, config.train.val_fraction,
+                                  calibration_fraction=config.train.calibration_fraction)
     steps_per_epoch = data.stream_layout(len(corpus.train_ids), config.train.batch_size,
                                          config.train.seq_len).chunks_per_epoch
     choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, corpus, minutes, own, timing=True))
@@ -132,7 +133,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     from torch import nn
     from torch.nn import functional
 
-    from charrnn import data, dropout, members, model, sizing, steps
+    from charrnn import calibration, data, dropout, members, model, sizing, steps
 
     model_config, train_config = config.model, config.train
     if model_config.cell != "lstm" or model_config.kind != "lm":
@@ -243,22 +244,36 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     models = [Member(seed) for seed in members.seeds(train_config)]
 
     @torch.no_grad()
+    def member_logits(member: Member, chunks: list):
+        """One member's logits [T * B, V] of each chunk in turn, its state carried from chunk to chunk."""
+        member.scored.eval()
+        state = zero_state(chunks[0].inputs.shape[1])
+        for chunk in chunks:
+            with autocast:
+                logits, state = member.scored(torch.from_numpy(chunk.inputs.astype(np.int64)), state)
+            state = map_state(torch.Tensor.float, state)
+            yield logits.float().reshape(-1, vocab)
+
+    def temperatures() -> list[float]:
+        """Each member's temperature on the text held out for it (`train.calibration_fraction`; 1 without)."""
+        if corpus.calibration_ids is None:
+            return [1.0] * len(models)
+        chunks = data.evaluation_chunks(corpus.calibration_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN)
+        targets, mask = (np.concatenate([getattr(chunk, name).reshape(-1) for chunk in chunks])
+                         for name in ("targets", "mask"))
+        return [calibration.fit_temperature(torch.cat(list(member_logits(member, chunks))).numpy(), targets, mask)
+                for member in models]
+
     def validate(log_probs: list | None = None, fraction: float = 1.0) -> float:
-        """The members' score together: -log of the mean of their probabilities of each target (of the first
-        `fraction` of the split)."""
-        total, count, states = 0.0, 0.0, None
-        for member in models:
-            member.scored.eval()
-        for chunk in data.evaluation_chunks(data.leading_part(corpus.val_ids, fraction), train_config.eval_batch_size,
-                                            steps.EVAL_SEQ_LEN):
-            if states is None:
-                states = [zero_state(chunk.inputs.shape[1]) for _ in models]
-            member_log_probs = []
-            for index, member in enumerate(models):
-                with autocast:
-                    logits, states[index] = member.scored(torch.from_numpy(chunk.inputs.astype(np.int64)), states[index])
-                logits, states[index] = logits.float(), map_state(torch.Tensor.float, states[index])
-                member_log_probs.append(functional.log_softmax(logits.reshape(-1, vocab), dim=-1))
+        """The members' score together, each at its temperature: -log of the mean of their probabilities of each
+        target (of the first `fraction` of the split)."""
+        total, count = 0.0, 0.0
+        chunks = data.evaluation_chunks(data.leading_part(corpus.val_ids, fraction), train_config.eval_batch_size,
+                                        steps.EVAL_SEQ_LEN)
+        member_chunks = zip(*(member_logits(member, chunks) for member in models))
+        scales = temperatures()
+        for chunk, logits in zip(chunks, member_chunks):
+            member_log_probs = [functional.log_softmax(one / scale, dim=-1) for one, scale in zip(logits, scales)]
             together = torch.logsumexp(torch.stack(member_log_probs), dim=0) - math.log(len(models))
             losses = functional.nll_loss(together, torch.from_numpy(chunk.targets.astype(np.int64)).reshape(-1),
                                          reduction="none")

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
 from safetensors.numpy import save as save_arrays
 
-from charrnn import config as config_lib, members, model, rundir, steps
+from charrnn import calibration, config as config_lib, members, model, rundir, steps
 from charrnn.atomic import FAULT_ENV, TEMP_PREFIX, write_atomic  # noqa: F401  (FAULT_ENV: for tests)
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
@@ -307,7 +307,8 @@ def load(path: Path | None, attempts: int = 5) -> Loaded:
             raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
         template = jax.eval_shape(lambda: members.combine(
             [init_params(jax.random.key(0), config.model, vocab, source_vocab)] * config.train.members))
-        params = jax.device_put(unflatten(template, "params", arrays))
+        # The temperatures the run fitted (`train.calibration_fraction`), folded into the model it predicts with.
+        params = calibration.apply(jax.device_put(unflatten(template, "params", arrays)), metadata.get("temperatures"))
         return Loaded(config, vocab, params, metadata, file, len(payload), source_vocab)
     raise AssertionError("unreachable")
 
@@ -367,6 +368,7 @@ def describe(loaded: Loaded) -> dict[str, Any]:
         "val_loss": metadata.get("val_loss"),
         "val_fraction": metadata.get("val_fraction", 1.0),  # the share of the validation split val_loss scored
         "best_val_loss": metadata.get("best_val_loss"),
+        **({"temperatures": metadata["temperatures"]} if "temperatures" in metadata else {}),  # train.calibration_fraction
         "config": config_lib.to_dict(loaded.config),
         "vocab": metadata["vocab"],  # characters (a string), or a seq2seq run's target tokens (a list)
         "vocab_size": len(loaded.vocab),

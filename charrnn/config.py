@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0  # parameters, dropout and epoch offsets all derive from it
     members: int = 1  # models trained side by side, from seeds seed, seed + 1, ...; they predict together (an ensemble)
     val_fraction: float = 0.1  # last fraction of the corpus, contiguous, held out
+    calibration_fraction: float = 0.01  # this fraction of the corpus, its start, held out to fit each model's softmax temperature: a lower loss than training on it; 0 = none; language models only
     eval_every: int = 500  # steps between validation passes and checkpoints
     eval_batch_size: int = 16  # validation streams; fewer streams = fewer cold starts
     eval_fraction: float = 1.0  # share of the validation data the evaluations during the run score (its first part); the final one scores all of it
@@ -225,7 +226,8 @@ def dotted(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 # A run saved before one of these keys existed ran with this value, not today's default.
-EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32", "input_init": "hidden"}, "train": {"dropout_from_epoch": 0.0}}
+EARLIER_DEFAULTS = {"model": {"norm": "none", "dtype": "float32", "input_init": "hidden"},
+                    "train": {"dropout_from_epoch": 0.0, "calibration_fraction": 0.0}}
 
 
 def saved_defaults() -> Config:
@@ -305,6 +307,8 @@ def validate(config: Config) -> None:
     _require(train.schedule != "exponential" or train.final_lr_fraction > 0,
              "train.final_lr_fraction must be > 0 for the exponential schedule")
     _require(0.0 < train.val_fraction < 1.0, "train.val_fraction must be in (0, 1)")
+    _require(0.0 <= train.calibration_fraction and train.val_fraction + train.calibration_fraction < 1.0,
+             "train.calibration_fraction must be >= 0 (0 = none) and leave text to train on beside train.val_fraction")
     check_seed(train.seed, "train.seed")
     _require(train.members >= 1, "train.members must be at least 1")
     check_seed(train.seed + train.members - 1, "train.seed + train.members - 1")

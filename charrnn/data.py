@@ -194,10 +194,13 @@ def show_chars(chars: list[str], limit: int = 20) -> str:
     return shown + (f" (+{len(chars) - limit} more)" if len(chars) > limit else "")
 
 
-def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Return (train, validation): validation is the last `val_fraction`, contiguous."""
-    num_val = int(len(ids) * val_fraction)
-    return ids[: len(ids) - num_val], ids[len(ids) - num_val :]
+def split(ids: np.ndarray, val_fraction: float,
+          calibration_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (train, validation, calibration), each contiguous: validation is the last `val_fraction` of `ids`,
+    calibration the first `calibration_fraction` of them (`train.calibration_fraction`), train the rest."""
+    val_start = len(ids) - int(len(ids) * val_fraction)
+    train_start = int(len(ids) * calibration_fraction)
+    return ids[train_start:val_start], ids[val_start:], ids[:train_start]
 
 
 def leading_part(items: Sequence, fraction: float) -> Sequence:
@@ -304,3 +307,4 @@ class Corpus(NamedTuple):
     train_ids: np.ndarray
     val_ids: np.ndarray
     checksum: str
+    calibration_ids: np.ndarray | None = None  # held out to fit temperatures (`train.calibration_fraction`)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from charrnn import checkpoint, config as config_lib, distributed, dropout, events, rundir, runtime, steps
+from charrnn import calibration, checkpoint, config as config_lib, distributed, dropout, events, rundir, runtime, steps
 from charrnn.config import Config
 from charrnn.errors import DivergedError, Interrupted
 from charrnn.events import Listener
@@ -119,14 +119,21 @@ class Loop:
         self.window.clear()
         self.clock.window = (step, now)
 
-    def save(self, best: bool) -> Path:
-        """Write the checkpoints of the current step (process 0); every process takes part in gathering them."""
+    def save(self, best: bool, temperatures: list[float] | None = None) -> Path:
+        """Write the checkpoints of the current step (process 0); every process takes part in gathering them.
+
+        With `train.calibration_fraction`, the checkpoint records the models' `temperatures`, fitted here where
+        not given (`charrnn.calibration`).
+        """
         progress, step = self.progress, int(self.progress.state.step)
         host = distributed.to_host((progress.state, progress.carry))
         path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
         if self.placement.is_main:
+            if temperatures is None:
+                temperatures = self.task.temperatures(host[0].model_params)
             metadata = {
                 "config": config_lib.to_dict(self.config), **self.task.metadata(), "step": step,
+                **({"temperatures": temperatures} if temperatures else {}),
                 "elapsed_s": progress.elapsed_s,
                 "val_loss": progress.last_val_loss, "val_fraction": progress.last_val_fraction,
                 "best_val_loss": progress.best_val_loss,
@@ -144,14 +151,16 @@ class Loop:
         """
         progress, step = self.progress, int(self.progress.state.step)
         fraction = 1.0 if final else self.config.train.eval_fraction
-        val_loss = self.task.validation_loss(progress.state.model_params, self.placement, fraction)
+        params = progress.state.model_params
+        temperatures = self.task.temperatures(distributed.to_host(params))
+        val_loss = self.task.validation_loss(calibration.apply(params, temperatures), self.placement, fraction)
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
         progress.last_val_loss, progress.last_val_fraction = val_loss, fraction
         improved = fraction == 1.0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
         if improved:
             progress.best_val_loss = val_loss
-        path = self.save(best=improved)
+        path = self.save(best=improved, temperatures=temperatures)
         self.emit(events.Evaluated(step, val_loss, step * self.chars_per_step, progress.elapsed_s, final, path,
                                    improved, fraction))
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import jax
 
-from charrnn import data, members, model, steps
+from charrnn import calibration, data, members, model, steps
 from charrnn.config import Config
 
 
@@ -33,6 +33,10 @@ class Task(Protocol):
 
     def validation_loss(self, params: dict, placement, fraction: float = 1.0) -> float:
         """Mean loss per target over the validation data, or over the first `fraction` of it."""
+
+    def temperatures(self, params: dict) -> list[float] | None:
+        """Each model's temperature fitted on held-out data (`charrnn.calibration`), or None where the run fits
+        none; `params` are host arrays."""
 
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint records of the data: the vocabulary (or vocabularies) and the file's checksum."""
@@ -71,6 +75,13 @@ class TextTask:
         return steps.evaluate_models(members.split(params, train.members), (self.config.model,) * train.members,
                                      data.leading_part(self.corpus.val_ids, fraction), train.eval_batch_size,
                                      self.eval_call, placement)
+
+    def temperatures(self, params: dict) -> list[float] | None:
+        if self.corpus.calibration_ids is None:
+            return None
+        train = self.config.train
+        return calibration.fit(params, self.config.model, self.corpus.calibration_ids, train.eval_batch_size,
+                               train.members)
 
     def metadata(self) -> dict[str, Any]:
         return {"vocab": self.corpus.vocab.chars, "corpus_sha": self.corpus.checksum}

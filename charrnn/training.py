@@ -24,7 +24,8 @@ from charrnn.task import Task, TextTask
 from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
 
 # Train keys that fix the data stream, the carried state's shape or what a checkpoint holds: a resumed run keeps them.
-_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "random_offset", "ema", "members")
+_RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "calibration_fraction", "random_offset",
+                            "ema", "members")
 # Model keys that change how the arithmetic runs, not the parameters: free to change on resume.
 _RESUME_FREE_MODEL_KEYS = ("dtype", "scan_unroll", "kernel")
 
@@ -79,8 +80,9 @@ _LOST_PEER = re.compile(r"gloo|unavailable|deadline_exceeded|connection (reset|r
 
 
 def load_corpus(path: Path, val_fraction: float, vocab: data.Vocab | None = None,
-                checksum: str | None = None) -> data.Corpus:
-    """Read, check and split a corpus; a resumed run passes its `vocab` and the `checksum` its corpus had.
+                checksum: str | None = None, calibration_fraction: float = 0.0) -> data.Corpus:
+    """Read, check and split a corpus (`data.split`); a resumed run passes its `vocab` and the `checksum` its corpus
+    had.
 
     The file is read twice, a block at a time (check and measure, then encode),
     so memory holds the compact id array and one block, never the whole text.
@@ -93,10 +95,14 @@ def load_corpus(path: Path, val_fraction: float, vocab: data.Vocab | None = None
         scanned = scanned._replace(vocab=vocab)
     if len(scanned.vocab) < 2:
         raise CorpusError(f"{path} has a single distinct character ({scanned.vocab.chars!r}); there is nothing to learn")
-    train_ids, val_ids = data.split(data.encode_file(path, scanned), val_fraction)
+    ids = data.encode_file(path, scanned)
+    train_ids, val_ids, calibration_ids = data.split(ids, val_fraction, calibration_fraction)
+    if len(calibration_ids) < 2:  # a text too short to spare two characters trains on all of them
+        train_ids, val_ids, calibration_ids = data.split(ids, val_fraction)
     if len(val_ids) < 2:
         raise CorpusError(f"{path}: the validation split (train.val_fraction) has under 2 characters; use a longer text")
-    return data.Corpus(scanned.vocab, train_ids, val_ids, scanned.checksum)
+    return data.Corpus(scanned.vocab, train_ids, val_ids, scanned.checksum,
+                       calibration_ids if len(calibration_ids) else None)
 
 
 def _resume_corpus(run_dir: Path) -> Path:
@@ -181,7 +187,8 @@ def load_task(path: Path, config: Config, metadata: dict[str, Any] | None = None
                   if metadata else None)
         return PairsTask(config, load_pairs(path, config, vocabs, checksum))
     vocab = data.Vocab(metadata["vocab"]) if metadata else None
-    return TextTask(config, load_corpus(path, config.train.val_fraction, vocab, checksum))
+    return TextTask(config, load_corpus(path, config.train.val_fraction, vocab, checksum,
+                                        config.train.calibration_fraction))
 
 
 def _probe(directory: Path) -> None:

@@ -162,7 +162,7 @@ def test_encode_across_block_boundaries(monkeypatch):
 @pytest.mark.parametrize("length, fraction", [(100, 0.1), (101, 0.25), (10, 0.5), (7, 0.9), (1000, 0.01), (3, 0.1)])
 def test_split_holds_out_the_contiguous_end(length, fraction):
     ids = np.arange(length)
-    train, val = data.split(ids, fraction)
+    train, val, _ = data.split(ids, fraction)
     np.testing.assert_array_equal(np.concatenate([train, val]), ids)
     assert abs(len(val) - length * fraction) < 1
     np.testing.assert_array_equal(val, ids[length - len(val) :])

@@ -38,6 +38,8 @@ def inspect_checkpoint(
         ("file", f"{summary['file_bytes'] / 1e6:,.2f} MB, format {summary['format_version']}"),
         ("step", f"{summary['step']:,}"), ("val loss", loss(summary["val_loss"]) + scored_part(summary["val_fraction"])),
         ("best val loss", loss(summary["best_val_loss"])),
+        *((("temperatures", ", ".join(f"{value:.4f}" for value in summary["temperatures"])),)
+          if "temperatures" in summary else ()),
         ("parameters", f"{summary['parameter_count']:,}"),
         ("vocabulary", f"{summary['vocab_size']} {'tokens' if isinstance(summary['vocab'], list) else 'characters'}: "
                        f"{summary['vocab']!r}"),

@@ -105,6 +105,9 @@ class PairsTask:
         return mean_loss((params,), (self.config.model,), data.leading_part(sources, fraction),
                          data.leading_part(targets, fraction), self.config.train.pad_multiple)
 
+    def temperatures(self, params: dict) -> None:  # train.calibration_fraction is for language models
+        return None
+
     def metadata(self) -> dict[str, Any]:
         return {"vocab": pairs_lib.stored_symbols(self.corpus.target_vocab),
                 "source_vocab": self.corpus.source_vocab.chars, "corpus_sha": self.corpus.checksum}
