@@ -34,8 +34,9 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray) -
     mean(E_p[z] - z_target) and its second derivative mean(Var_p[z]) under
     p = softmax(β z).
     """
-    z = np.asarray(logits, np.float64)[np.asarray(mask, bool)]
-    z_target = np.take_along_axis(z, np.asarray(targets)[np.asarray(mask, bool)][:, None], axis=-1)[:, 0]
+    real = np.asarray(mask, bool)
+    z = np.asarray(logits, np.float64)[real]
+    z_target = np.take_along_axis(z, np.asarray(targets)[real][:, None], axis=-1)[:, 0]
     low, high = 1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE
     beta = 1.0
     for _ in range(100):
@@ -87,6 +88,6 @@ def apply(params: dict, temperatures: Sequence[float] | None) -> dict:
     if not temperatures:
         return params
     scale = 1 / np.asarray(temperatures, np.float32)
-    output = {name: leaf * scale.reshape(scale.shape + (1,) * (leaf.ndim - 1)) if len(scale) > 1 else leaf * scale[0]
-              for name, leaf in params["output"].items()}
+    # [M] -> [M, 1, ...]: each model's own; one model's [1, 1, ...] broadcasts over its unstacked leaves.
+    output = {name: leaf * scale.reshape(scale.shape + (1,) * (leaf.ndim - 1)) for name, leaf in params["output"].items()}
     return {**params, "output": output}
