@@ -92,10 +92,13 @@ def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
     from charrnn import events
 
     trained_s = []  # when the final validation began: the budget's end, or sooner where train.max_epochs ended the run
+    sizing = []  # the line saying which `train.larger_model` alternative the run timed and chose, and why
 
     def keep_time(event) -> None:
         if isinstance(event, events.Evaluated) and event.final:
             trained_s.append(event.elapsed_s)
+        if isinstance(event, events.Message) and event.text.startswith("train.larger_model"):
+            sizing.append(event.text)
 
     with tempfile.TemporaryDirectory() as scratch:
         run_dir = run_dir or Path(scratch) / "run"  # a member's run is kept for scoring together
@@ -104,7 +107,8 @@ def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
     chars = summary.steps * config.train.batch_size * config.train.seq_len
     return {"best_val": summary.best_val_loss, "final_val": summary.final_val_loss, "steps": summary.steps,
             "chars_per_s": chars / trained_s[-1], "steady_chars_per_s": summary.train_chars_per_s,
-            "layers": chosen["model"]["num_layers"], "models_per_run": chosen["train"]["members"]}
+            "layers": chosen["model"]["num_layers"], "models_per_run": chosen["train"]["members"],
+            "sizing": " ".join(sizing)}
 
 
 def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | None = None) -> dict:
@@ -117,11 +121,10 @@ def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | No
     steps_per_epoch = data.stream_layout(len(corpus.train_ids), config.train.batch_size,
                                          config.train.seq_len).chunks_per_epoch
     choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, corpus, minutes, own, timing=True))
-    if choice.note:
-        print(choice.note, file=sys.stderr, flush=True)
     return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began,
                           scores_path=scores_path),
-            "layers": choice.config.model.num_layers, "models_per_run": choice.config.train.members}
+            "layers": choice.config.model.num_layers, "models_per_run": choice.config.train.members,
+            "sizing": choice.note}
 
 
 def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False,
@@ -347,7 +350,8 @@ def run_side(args) -> None:
     elif args.threads:
         os.sched_setaffinity(0, set(allowed[:args.threads]))
     threads = 1 if args.member is not None else args.threads or None
-    config = resolved_config(args.config, args.set)
+    # --minutes is each side's budget, the one its sizing fits the larger models into too
+    config = resolved_config(args.config, [*args.set, f"train.max_minutes={args.minutes}"])
     if args.side == "charrnn":
         import charrnn
 

@@ -82,6 +82,19 @@ def fit(params: dict, model_config: ModelConfig, ids: np.ndarray, num_streams: i
     return temperatures
 
 
+def checked(temperatures: object, num_models: int) -> list[float] | None:
+    """Temperatures read from a checkpoint: None, or one number within the bounds for each of its `num_models`
+    models; ValueError for anything else."""
+    if temperatures is None:
+        return None
+    if (not isinstance(temperatures, list) or len(temperatures) != num_models
+            or not all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                       and MIN_TEMPERATURE <= value <= MAX_TEMPERATURE for value in temperatures)):
+        raise ValueError(f"temperatures {temperatures!r} are not {num_models} numbers within "
+                         f"[{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+    return [float(value) for value in temperatures]
+
+
 def apply(params: dict, temperatures: Sequence[float] | None) -> dict:
     """`params` predicting at `temperatures` (one per model; the models stacked on axis 0 where several): the output
     layer divided by each; None or empty leaves them as they are."""

@@ -303,12 +303,13 @@ def load(path: Path | None, attempts: int = 5) -> Loaded:
             seq2seq = config.model.kind == "seq2seq"
             vocab = target_vocab(config.model.target, metadata["vocab"]) if seq2seq else Vocab(metadata["vocab"])
             source_vocab = Vocab(metadata["source_vocab"]) if seq2seq else None
-        except (KeyError, TypeError, UsageError) as error:
+            # The temperatures the run fitted (`train.calibration_fraction`), folded into the model it predicts with.
+            temperatures = calibration.checked(metadata.get("temperatures"), config.train.members)
+        except (KeyError, TypeError, ValueError, UsageError) as error:
             raise CheckpointError(f"{file} has unreadable metadata: {error}") from None
         template = jax.eval_shape(lambda: members.combine(
             [init_params(jax.random.key(0), config.model, vocab, source_vocab)] * config.train.members))
-        # The temperatures the run fitted (`train.calibration_fraction`), folded into the model it predicts with.
-        params = calibration.apply(jax.device_put(unflatten(template, "params", arrays)), metadata.get("temperatures"))
+        params = calibration.apply(jax.device_put(unflatten(template, "params", arrays)), temperatures)
         return Loaded(config, vocab, params, metadata, file, len(payload), source_vocab)
     raise AssertionError("unreachable")
 

@@ -119,14 +119,16 @@ class Loop:
         self.window.clear()
         self.clock.window = (step, now)
 
-    def save(self, best: bool, temperatures: list[float] | None = None) -> Path:
-        """Write the checkpoints of the current step (process 0); every process takes part in gathering them.
+    def save(self, best: bool, host: tuple | None = None, temperatures: list[float] | None = None) -> Path:
+        """Write the checkpoints of the current step (process 0); every process takes part in gathering them, or
+        passes the (state, carry) `host` already gathered.
 
         With `train.calibration_fraction`, the checkpoint records the models' `temperatures`, fitted here where
         not given (`charrnn.calibration`).
         """
         progress, step = self.progress, int(self.progress.state.step)
-        host = distributed.to_host((progress.state, progress.carry))
+        if host is None:
+            host = distributed.to_host((progress.state, progress.carry))
         path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
         if self.placement.is_main:
             if temperatures is None:
@@ -151,16 +153,17 @@ class Loop:
         """
         progress, step = self.progress, int(self.progress.state.step)
         fraction = 1.0 if final else self.config.train.eval_fraction
-        params = progress.state.model_params
-        temperatures = self.task.temperatures(distributed.to_host(params))
-        val_loss = self.task.validation_loss(calibration.apply(params, temperatures), self.placement, fraction)
+        host = distributed.to_host((progress.state, progress.carry))  # for the temperatures' fit and the save
+        temperatures = self.task.temperatures(host[0].model_params)
+        val_loss = self.task.validation_loss(calibration.apply(progress.state.model_params, temperatures),
+                                             self.placement, fraction)
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
         progress.last_val_loss, progress.last_val_fraction = val_loss, fraction
         improved = fraction == 1.0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
         if improved:
             progress.best_val_loss = val_loss
-        path = self.save(best=improved, temperatures=temperatures)
+        path = self.save(best=improved, host=host, temperatures=temperatures)
         self.emit(events.Evaluated(step, val_loss, step * self.chars_per_step, progress.elapsed_s, final, path,
                                    improved, fraction))
 

@@ -49,6 +49,9 @@ def workspace(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint, "FORMAT_VERSION", 99)
         write(root / "ckpt" / "future.safetensors", checkpoint.encode(arrays, metadata))
+    for name, temperatures in (("words", ["hot"]), ("two", [1.1, 1.2]), ("zero", [0.0])):  # a run of one model
+        write(root / "ckpt" / f"temperatures-{name}.safetensors",
+              checkpoint.encode(arrays, {**metadata, "temperatures": temperatures}))
     write(root / "bad" / "empty.txt", b"")
     write(root / "bad" / "short.txt", "tiny text\n" * 10)
     write(root / "bad" / "binary.bin", bytes(range(256)) * 4)
@@ -124,6 +127,10 @@ CASES = [
     ("bit-flipped checkpoint", ["sample", "-c", "ckpt/flipped.safetensors"], CHECKPOINT, "corrupted"),
     ("random-bytes checkpoint", ["sample", "-c", "ckpt/random.safetensors"], CHECKPOINT, "not a charrnn checkpoint"),
     ("other format version", ["eval", "corpus.txt", "-c", "ckpt/future.safetensors"], CHECKPOINT, "format version 99"),
+    ("temperatures not numbers", ["sample", "-c", "ckpt/temperatures-words.safetensors"], CHECKPOINT, "temperatures"),
+    ("a temperature per member, not per model", ["eval", "corpus.txt", "-c", "ckpt/temperatures-two.safetensors"],
+     CHECKPOINT, "temperatures"),
+    ("a temperature of zero", ["sample", "-c", "ckpt/temperatures-zero.safetensors"], CHECKPOINT, "temperatures"),
     ("eval of missing file", ["eval", "nowhere.txt"], CORPUS, "no such file"),
     ("eval outside vocabulary", ["eval", "unknown.txt"], USAGE, "--skip-unknown"),
 ]
