@@ -262,9 +262,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
         if corpus.calibration_ids is None:
             return [1.0] * len(models)
         chunks = data.evaluation_chunks(corpus.calibration_ids, train_config.eval_batch_size, steps.EVAL_SEQ_LEN)
-        targets, mask = (np.concatenate([getattr(chunk, name).reshape(-1) for chunk in chunks])
-                         for name in ("targets", "mask"))
-        return [calibration.fit_temperature(torch.cat(list(member_logits(member, chunks))).numpy(), targets, mask)
+        return [calibration.fit_on_chunks(chunks, (logits.numpy() for logits in member_logits(member, chunks)))
                 for member in models]
 
     def validate(log_probs: list | None = None, fraction: float = 1.0) -> float:

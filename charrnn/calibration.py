@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -64,22 +64,27 @@ def _logits(params: dict, carry: tuple, inputs: jax.Array, model_config: ModelCo
     return model.forward(params, model_config, carry, inputs)
 
 
+def fit_on_chunks(chunks: Sequence[data.EvalChunk], logits: Iterable) -> float:
+    """One model's temperature from its `logits` [..., V] of each of `chunks` in turn (`data.evaluation_chunks`)."""
+    targets, mask = (np.concatenate([getattr(chunk, name).reshape(-1) for chunk in chunks])
+                     for name in ("targets", "mask"))
+    return fit_temperature(np.concatenate([np.asarray(one, np.float32).reshape(-1, one.shape[-1]) for one in logits]),
+                           targets, mask)
+
+
 def fit(params: dict, model_config: ModelConfig, ids: np.ndarray, num_streams: int,
         num_members: int = 1) -> list[float]:
     """Each model's temperature on the text `ids`, state carried along `num_streams` streams as validation is
     scored; `params` holds `num_members` models stacked (`charrnn.members`)."""
     chunks = data.evaluation_chunks(ids, num_streams, steps.EVAL_SEQ_LEN)
-    targets = np.concatenate([chunk.targets for chunk in chunks])
-    mask = np.concatenate([chunk.mask for chunk in chunks])
-    temperatures = []
-    for member_params in members.split(params, num_members):
+
+    def member_logits(member_params: dict):
         carry = model.initial_carry(member_params, model_config, chunks[0].inputs.shape[1])
-        logits = []
         for chunk in chunks:
             carry, chunk_logits = _logits(member_params, carry, chunk.inputs, model_config)
-            logits.append(np.asarray(chunk_logits, np.float32))
-        temperatures.append(fit_temperature(np.concatenate(logits), targets, mask))
-    return temperatures
+            yield chunk_logits
+
+    return [fit_on_chunks(chunks, member_logits(member_params)) for member_params in members.split(params, num_members)]
 
 
 def checked(temperatures: object, num_models: int) -> list[float] | None:

@@ -111,6 +111,10 @@ def test_the_saved_temperatures_are_fitted_on_the_held_out_text_and_the_model_pr
     assert temperatures == pytest.approx(calibration.fit(raw, loaded.config.model, corpus.calibration_ids,
                                                          train.eval_batch_size, 2))
     assert len(temperatures) == 2 and temperatures[0] != temperatures[1]
+    for member, temperature in zip(members.split(raw, 2), temperatures, strict=True):  # scored as validation is
+        held_out = [steps.evaluate_models((calibration.apply(member, [temperature * factor]),), (loaded.config.model,),
+                                          corpus.calibration_ids, train.eval_batch_size) for factor in (1, 1.02, 1 / 1.02)]
+        assert held_out[0] < min(held_out[1:])
     for name in ("w", "b"):
         raw_output = arrays[f"params/output/{name}"]
         expected = raw_output / np.asarray(temperatures, np.float32).reshape((2,) + (1,) * (raw_output.ndim - 1))
