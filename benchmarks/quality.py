@@ -3,6 +3,7 @@
     pip install -e '.[bench]'
     python benchmarks/quality.py --minutes 10                # charrnn, PyTorch on the recipe, PyTorch's own
     python benchmarks/quality.py --minutes 10 --threads 1    # one core: a stand-in for a slower machine
+    python benchmarks/quality.py --minutes 10 --threads 1 --torch-eager   # PyTorch's arithmetic uncompiled
     python benchmarks/quality.py --sides charrnn --set model.weight_drop=0.2
     python benchmarks/quality.py --minutes 10 --members 2 --sides charrnn,torch-recipe   # two at once, together
 
@@ -16,7 +17,9 @@ times (medians are reported):
   `model.locked_dropout`), embedding dropout and weight drop on W_h when the
   config asks, none of them before `train.dropout_from_epoch` epochs (late
   dropout), layer normalisation with `model.norm = "layer"` (a per-step
-  loop of charrnn's equations, `nn.LSTM` has none), the same stream layout and
+  loop of charrnn's equations, `nn.LSTM` has none, each step's arithmetic
+  after its products compiled by `torch.compile`: faster than eager here, its
+  compilation counted against the budget; `--torch-eager` runs it eagerly), the same stream layout and
   epoch offsets (`charrnn.data`),
   clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
   warm-up and schedule on the same clock, `train.ema`'s average evaluated,
@@ -61,6 +64,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import math
 import os
@@ -111,7 +115,7 @@ def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
             "sizing": " ".join(sizing)}
 
 
-def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | None = None) -> dict:
+def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | None = None, eager: bool = False) -> dict:
     """A PyTorch side on the model `charrnn.sizing` chooses for it, by timing its own steps of `train.larger_model`."""
     from charrnn import data, sizing, training
 
@@ -120,18 +124,38 @@ def train_torch_chosen(config, minutes: float, own: bool, scores_path: Path | No
                                   calibration_fraction=config.train.calibration_fraction)
     steps_per_epoch = data.stream_layout(len(corpus.train_ids), config.train.batch_size,
                                          config.train.seq_len).chunks_per_epoch
-    choice = sizing.choose(config, steps_per_epoch, lambda larger: train_torch(larger, corpus, minutes, own, timing=True))
+    choice = sizing.choose(config, steps_per_epoch,
+                           lambda larger: train_torch(larger, corpus, minutes, own, timing=True, eager=eager))
     return {**train_torch(choice.config, corpus, minutes, own, spent_s=time.monotonic() - began,
-                          scores_path=scores_path),
+                          scores_path=scores_path, eager=eager),
             "layers": choice.config.model.num_layers, "models_per_run": choice.config.train.members,
             "sizing": choice.note}
 
 
+@functools.cache
+def normalized_lstm_arithmetic(compiled: bool):
+    """charrnn.cells.layer_normalized's LSTM step after its products, in PyTorch: (z, c, the layer's gains and shifts)
+    -> (h, c). Compiled, torch.compile fuses it, forward and backward, into a few kernels instead of a dozen eager
+    operations a step; one per process, so that every model of a shape compiles once."""
+    import torch
+    from torch.nn import functional
+
+    def arithmetic(z, c, norm_gain, norm_shift, cell_gain, cell_shift):
+        hidden = c.shape[-1]
+        z = functional.layer_norm(z.unflatten(-1, (4, hidden)), (hidden,)).flatten(-2)  # each gate's block alone
+        i, f, g, o = (z * norm_gain + norm_shift).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(functional.layer_norm(c, (hidden,), cell_gain, cell_shift)), c
+
+    return torch.compile(arithmetic, dynamic=False) if compiled else arithmetic
+
+
 def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0, timing: bool = False,
-                scores_path: Path | None = None):
+                scores_path: Path | None = None, eager: bool = False):
     """Train a side on `corpus` (split by the config) for the budget, `spent_s` of it already gone; return its result,
     or with `timing` only the seconds a steady step takes (`charrnn.sizing.seconds_per_step`, its window after two
-    warm-up steps). With `scores_path`, the final model's log-probability of each validation target is saved there."""
+    warm-up steps). With `scores_path`, the final model's log-probability of each validation target is saved there.
+    Layer-normalised cells run their arithmetic compiled (`normalized_lstm_arithmetic`), or eagerly with `eager`."""
     import torch
     from torch import nn
     from torch.nn import functional
@@ -152,6 +176,7 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     normalized = model_config.norm == "layer" and not own
     # One multi-layer nn.LSTM where its own between-layer dropout is the recipe's; single layers otherwise.
     fused = own or not (locked or weight_drop or normalized)
+    arithmetic = normalized_lstm_arithmetic(compiled=not eager)
 
     class LayerNormalizedLSTM(nn.Module):
         """One layer of charrnn.cells.layer_normalized's LSTM, step by step: [T, B, I] -> [T, B, H]."""
@@ -168,11 +193,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
             (h,), (c,) = state  # [1, B, H] each, as nn.LSTM's
             outputs = []
             for x_t in self.input(x):
-                z = x_t + h @ self.weight_hh_l0.t()
-                z = functional.layer_norm(z.unflatten(-1, (4, hidden)), (hidden,)).flatten(-2)
-                i, f, g, o = (z * self.norm_gain + self.norm_shift).chunk(4, dim=-1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(functional.layer_norm(c, (hidden,), self.cell_gain, self.cell_shift))
+                h, c = arithmetic(x_t + h @ self.weight_hh_l0.t(), c, self.norm_gain, self.norm_shift, self.cell_gain,
+                                  self.cell_shift)
                 outputs.append(h)
             return torch.stack(outputs), (h[None], c[None])
 
@@ -359,7 +381,8 @@ def run_side(args) -> None:
         import torch
 
         torch.set_num_threads(runtime.usable_cores())
-        result = train_torch_chosen(config, args.minutes, own=args.side == "torch-own", scores_path=args.keep)
+        result = train_torch_chosen(config, args.minutes, own=args.side == "torch-own", scores_path=args.keep,
+                                    eager=args.torch_eager)
     print(json.dumps({"side": args.side, **result}), flush=True)
 
 
@@ -420,6 +443,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="cores each side may use (0: all)")
     parser.add_argument("--members", type=int, default=1,
                         help="models each side trains at once, one core each, scored together (default 1)")
+    parser.add_argument("--torch-eager", action="store_true",
+                        help="run torch-recipe's layer-normalised cells eagerly (default: torch.compile'd, faster)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process's one side
     parser.add_argument("--member", type=int, help=argparse.SUPPRESS)  # its index: the core it runs on
     parser.add_argument("--keep", type=Path, help=argparse.SUPPRESS)  # where a member keeps its run or scores
@@ -440,7 +465,8 @@ def main() -> None:
     if not 1 <= args.members <= runtime.usable_cores():
         parser.error(f"--members must be between 1 and the {runtime.usable_cores()} cores this process may use")
     print(json.dumps({"machine": machine(), "minutes": args.minutes, "config": str(args.config), "set": args.set,
-                      "threads": args.threads or "all", "members": args.members}), flush=True)
+                      "threads": args.threads or "all", "members": args.members, "torch_eager": args.torch_eager}),
+          flush=True)
     from charrnn import entry
 
     environ = entry.environment_with_huge_pages(dict(os.environ), platform.libc_ver()[0]) or dict(os.environ)
@@ -448,7 +474,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for side in sides:
             command = [sys.executable, __file__, "--side", side, "--minutes", str(args.minutes), "--config",
-                       str(args.config), "--threads", str(args.threads), *(f"--set={item}" for item in args.set)]
+                       str(args.config), "--threads", str(args.threads), *(f"--set={item}" for item in args.set),
+                       *(["--torch-eager"] if args.torch_eager else [])]
             if args.members > 1:
                 with tempfile.TemporaryDirectory() as scratch:
                     result = run_members(side, command, args.members, seeds, environ, Path(scratch))
