@@ -18,8 +18,8 @@ times (medians are reported):
   config asks, none of them before `train.dropout_from_epoch` epochs (late
   dropout), layer normalisation with `model.norm = "layer"` (a per-step
   loop of charrnn's equations, `nn.LSTM` has none, each step's arithmetic
-  after its products compiled by `torch.compile`: faster than eager here, its
-  compilation counted against the budget; `--torch-eager` runs it eagerly), the same stream layout and
+  after its products compiled by `torch.compile`: faster than eager on two
+  cores, its compilation counted against the budget; `--torch-eager` runs it eagerly), the same stream layout and
   epoch offsets (`charrnn.data`),
   clipping, Adam's betas, decoupled weight decay, `charrnn.steps.learning_rate`'s
   warm-up and schedule on the same clock, `train.ema`'s average evaluated,
@@ -176,7 +176,8 @@ def train_torch(config, corpus, minutes: float, own: bool, spent_s: float = 0.0,
     normalized = model_config.norm == "layer" and not own
     # One multi-layer nn.LSTM where its own between-layer dropout is the recipe's; single layers otherwise.
     fused = own or not (locked or weight_drop or normalized)
-    arithmetic = normalized_lstm_arithmetic(compiled=not eager)
+    # Only where used: torch.compile's first call imports its compiler, seconds off a side's budget.
+    arithmetic = normalized_lstm_arithmetic(compiled=not eager) if normalized else None
 
     class LayerNormalizedLSTM(nn.Module):
         """One layer of charrnn.cells.layer_normalized's LSTM, step by step: [T, B, I] -> [T, B, H]."""
