@@ -85,10 +85,11 @@ CORPUS = REPO / "data" / "tinyshakespeare.txt"
 SIDES = ("charrnn", "torch-recipe", "torch-own")
 
 
-def resolved_config(config_path: Path, sets: list[str]):
+def resolved_config(config_path: Path, sets: list[str], minutes: float):
+    """The config a side trains: `--config` with `--set`s, its budget `--minutes` (the one its sizing fits into too)."""
     from charrnn import config as config_lib
 
-    return config_lib.resolve(config_path, sets, {})
+    return config_lib.resolve(config_path, [*sets, f"train.max_minutes={minutes}"], {})
 
 
 def train_charrnn(config, minutes: float, run_dir: Path | None = None) -> dict:
@@ -371,8 +372,7 @@ def run_side(args) -> None:
     elif args.threads:
         os.sched_setaffinity(0, set(allowed[:args.threads]))
     threads = 1 if args.member is not None else args.threads or None
-    # --minutes is each side's budget, the one its sizing fits the larger models into too
-    config = resolved_config(args.config, [*args.set, f"train.max_minutes={args.minutes}"])
+    config = resolved_config(args.config, args.set, args.minutes)
     if args.side == "charrnn":
         import charrnn
 
@@ -457,7 +457,14 @@ def main() -> None:
     for side in sides:
         if side not in SIDES:
             parser.error(f"unknown side {side!r}")
-    config = resolved_config(args.config, args.set)  # a bad config fails here, before any side trains
+    if not 0 < args.minutes < math.inf:
+        parser.error("--minutes must be a positive number")
+    from charrnn.errors import UsageError
+
+    try:  # a bad config fails here, in one line, before any side trains
+        config = resolved_config(args.config, args.set, args.minutes)
+    except UsageError as error:
+        parser.error(str(error))
     from charrnn import config as config_lib
 
     # Each process's run may train several members from its seed on (train.members, or a larger model's).
