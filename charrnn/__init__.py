@@ -13,11 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from charrnn import runtime
 from charrnn.config import Config, ModelConfig, SampleConfig, TrainConfig
 from charrnn.errors import (BusyError, CharrnnError, CheckpointError, CorpusError, DivergedError, Interrupted,
                             PeerError, StorageError, UsageError)
 from charrnn.events import Summary
 from charrnn.runtime import configure
+
+# charrnn's XLA options go into XLA_FLAGS on import, before a library caller's first computation starts JAX's
+# backends, so that `charrnn.train` without `configure` compiles as the command line does (without them XLA copies
+# every saved product in each backward step: benchmarks/README.md, "XLA's options in library calls").
+runtime.set_xla_flags()
 
 # Imported on first use: they bring JAX, which `charrnn --help` and the commands that only read files never need.
 _LAZY = {"Activations": "charrnn.trained", "Model": "charrnn.trained", "Score": "charrnn.trained",

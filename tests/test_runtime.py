@@ -35,6 +35,19 @@ def test_configure_sets_the_flags_and_xla_starts_with_them():
         assert {f"--{name}={value}" for name, value in runtime.CPU_XLA_FLAGS.items()} <= set(flags)
 
 
+def test_importing_charrnn_adds_the_flags_before_jax_starts():
+    """A library caller who never calls `configure` compiles with the options the command line uses."""
+    script = ("import os, charrnn; import jax.numpy as jnp; assert float(jnp.ones(3).sum()) == 3; "
+              "print(os.environ['XLA_FLAGS'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=subprocess_env(XLA_FLAGS="--xla_cpu_prefer_vector_width=256"))
+    assert done.returncode == 0, done.stderr
+    flags = done.stdout.split()
+    assert "--xla_cpu_prefer_vector_width=256" in flags and "--xla_cpu_prefer_vector_width=512" not in flags
+    if runtime.jaxlib_version() == runtime.CPU_XLA_FLAGS_JAXLIB:  # the caller's own value stands, the rest is added
+        assert "--xla_cpu_copy_insertion_use_region_analysis=true" in flags
+
+
 def test_a_damaged_compilation_cache_costs_only_compile_time(small_corpus, tmp_path):
     """Entries left empty (full disk, killed writer) or corrupted: runs stay quiet, and empty ones are replaced."""
     from clihelp import TINY, run_subprocess
