@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from charrnn import runtime, steps
+from charrnn import steps
 from charrnn.config import Config, apply_overrides, load_toml, parse_set
 from charrnn.seq2seq import pairs as pairs_lib, task as pairs_task
 
@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per shape")
     parser.add_argument("--min-share", type=float, default=0.01, help="time only shapes with at least this share")
     args = parser.parse_args()
-    runtime.set_xla_flags()
     config = apply_overrides(apply_overrides(Config(), load_toml(RECIPE)), parse_set(args.set))
     task = pairs_task.PairsTask(config, pairs_task.load_pairs(args.data_dir / "train.tsv", config))
     rows, mean = [], 0.0
