@@ -1,6 +1,7 @@
 """Several models in one run (`train.members`): each trains as its seed alone would; they predict together."""
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -103,3 +104,13 @@ def test_members_train_on_one_device():
     config = config_lib.resolve(TINY, ["train.members=2"], {})
     with pytest.raises(UsageError, match="train.members > 1 trains its models on one device"):
         steps.placement(config, 2)
+
+
+@pytest.mark.parametrize("run, count", [("pair", 1), ("seed-5", 2)])
+def test_a_resume_cannot_change_the_number_of_members(runs, tmp_path, run, count):
+    """The checkpoint holds each member's arrays: a resume with another count is refused, naming the key."""
+    copy = tmp_path / run
+    shutil.copytree(runs / run, copy)
+    with pytest.raises(UsageError, match=re.escape("train.members")):
+        charrnn.train(runs / "corpus.txt", resume=copy, members=count, steps=18)
+    assert (copy / "metrics.jsonl").read_text() == (runs / run / "metrics.jsonl").read_text()  # nothing written

@@ -302,6 +302,51 @@ def test_the_final_loss_is_the_last_evaluation_and_the_best_the_lowest(small_cor
     assert (summary.best_val_loss, summary.final_val_loss) == (2.0, 3.0)
 
 
+def test_a_score_equal_to_the_best_is_not_a_new_best(small_corpus, tmp_path, monkeypatch):
+    losses = iter([2.0, 2.0])
+    monkeypatch.setattr(steps, "evaluate", lambda *args, **kwargs: next(losses))
+    recorder = Recorder()
+    charrnn.train(small_corpus, tmp_path / "run", TINY, callbacks=[recorder], steps=6, eval_every=3, log_every=3)
+    assert [(e.step, e.best) for e in recorder.of(events.Evaluated)] == [(3, True), (6, False)]
+    _, best = checkpoint.read(tmp_path / "run" / "checkpoints" / rundir.BEST_FILE)
+    assert best["step"] == 3  # best.safetensors keeps the first model to reach the score
+
+
+def test_a_resumed_run_keeps_the_best_it_had(small_corpus, tmp_path, monkeypatch):
+    """The best score travels in the checkpoint: after a resume, a worse score of the whole split is no new best."""
+    losses = iter([2.0, 3.0])
+    monkeypatch.setattr(steps, "evaluate", lambda *args, **kwargs: next(losses))
+    run_dir = tmp_path / "run"
+    charrnn.train(small_corpus, run_dir, TINY, steps=3, eval_every=3, log_every=3)
+    recorder = Recorder()
+    summary = charrnn.train(resume=run_dir, callbacks=[recorder], steps=6)
+    assert [(e.step, e.val_loss, e.best) for e in recorder.of(events.Evaluated)] == [(6, 3.0, False)]
+    assert (summary.best_val_loss, summary.final_val_loss) == (2.0, 3.0)
+    _, best = checkpoint.read(run_dir / "checkpoints" / rundir.BEST_FILE)
+    assert (best["step"], best["val_loss"]) == (3, 2.0)
+
+
+def test_a_resumed_run_says_what_share_of_validation_its_last_score_covered(small_corpus, tmp_path, monkeypatch):
+    """Stopped after a part's score and resumed, the run's saves between evaluations still say it scored a part."""
+    checks = []
+
+    def stop_at_step_4(values):  # the loop asks before each call: the fifth time, at step 4, a signal has come
+        checks.append(1)
+        return np.array([values[0], len(checks) == 5])
+
+    monkeypatch.setattr(distributed, "agree", stop_at_step_4)
+    run_dir = tmp_path / "run"
+    keys = {"eval_every": 3, "log_every": 3, "eval_fraction": 0.3, "keep": 10}
+    with pytest.raises(charrnn.Interrupted):
+        charrnn.train(small_corpus, run_dir, TINY, steps=6, **keys)
+    monkeypatch.undo()
+    _, part = checkpoint.read(checkpoint.step_path(run_dir / "checkpoints", 3))
+    charrnn.train(resume=run_dir, steps=6, save_minutes=1e-9)
+    _, saved = checkpoint.read(checkpoint.step_path(run_dir / "checkpoints", 5))  # saved without an evaluation
+    assert (saved["val_loss"], saved["val_fraction"]) == (part["val_loss"], 0.3)
+    assert part["val_fraction"] == 0.3 and saved["best_val_loss"] is None
+
+
 def test_evaluations_during_a_run_score_the_first_part_and_only_the_whole_split_makes_a_best(small_corpus, tmp_path):
     recorder = Recorder()
     run_dir = tmp_path / "run"
@@ -376,6 +421,26 @@ def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeyp
     assert summary.steps == 3
 
 
+def test_with_a_budget_the_schedule_follows_the_clock(small_corpus, tmp_path, monkeypatch):
+    """A clock that reads 10 s more at each check, a 60 s budget and 1000 steps: step k starts 10k s in, so its lr
+    is the cosine's at 10k / 60 of the way, not at k / 1000."""
+    checks = []
+
+    def agree(values):
+        checks.append(1)
+        return np.array([10.0 * (len(checks) - 1), values[1]])
+
+    monkeypatch.setattr(distributed, "agree", agree)
+    summary = charrnn.train(small_corpus, tmp_path / "run", TINY, steps=1000, max_minutes=1.0, eval_every=1000,
+                            log_every=1, schedule="cosine", warmup_steps=0)
+    assert summary.steps == 6
+    train = config_lib.resolve(TINY, [], {}).train
+    lrs = [record["lr"] for record in rundir.read_metrics(tmp_path / "run") if record["event"] == "train"]
+    assert lrs == pytest.approx([steps.learning_rate(dataclasses.replace(train, schedule="cosine", warmup_steps=0),
+                                                     step, 10.0 * step / 60.0) for step in range(6)], rel=1e-6)
+    assert lrs[-1] < 0.1 * train.lr  # 50 s of 60: near the cosine's end
+
+
 def train_ten_steps(cli, corpus) -> None:
     """A run "run" of TINY's model for 10 steps, by the command line, evaluated at 5 and 10."""
     done = cli("train", corpus, "--config", TINY, "--set", "train.eval_every=5", "--set", "train.log_every=5",
@@ -388,6 +453,33 @@ def test_a_run_resumed_at_its_own_last_step_ends_there(cli, small_corpus, tmp_pa
     again = cli("train", "--resume", "run", "--steps", "10", "--json")
     assert again.code == 0, again.err
     assert json.loads(again.out.splitlines()[-1])["steps"] == 10
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_with_its_saved_config(small_corpus, tmp_path):
+    """With no checkpoint to read, a resume starts over from the run's config.json, under what it is given."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(charrnn.DivergedError):
+        charrnn.train(small_corpus, run_dir, TINY, steps=30, lr=1e38, clip_norm=0.0, log_every=1, eval_every=100)
+    assert not checkpoint.step_files(run_dir / "checkpoints")
+    summary = charrnn.train(resume=run_dir, steps=4, lr=1e-2, clip_norm=1.0)
+    assert summary.status == "finished" and summary.steps == 4
+    config = charrnn.load(run_dir).config
+    assert config.model == config_lib.resolve(TINY, [], {}).model
+    train = config.train
+    assert (train.batch_size, train.seq_len, train.eval_every, train.lr) == (8, 16, 100, 1e-2)  # saved, then given
+
+
+def test_a_resume_that_would_end_before_where_the_run_is_is_refused(cli, small_corpus, tmp_path):
+    """train.steps and train.max_epochs are the run's totals: a resume to fewer refuses, and leaves the run alone."""
+    train_ten_steps(cli, small_corpus)
+    metrics = (tmp_path / "run" / rundir.METRICS_FILE).read_text()
+    steps_per_epoch = training.load_task(small_corpus, config_lib.resolve(TINY, [], {})).steps_per_epoch
+    capped = math.ceil(0.1 * steps_per_epoch)
+    assert capped < 10
+    for keys, last in (({"steps": 5}, 5), ({"steps": 20, "max_epochs": 0.1}, capped)):
+        with pytest.raises(charrnn.UsageError, match=f"is at step 10; .* end it at step {last},"):
+            charrnn.train(resume=tmp_path / "run", **keys)
+    assert (tmp_path / "run" / rundir.METRICS_FILE).read_text() == metrics
 
 
 def test_the_budget_spans_resumes(cli, small_corpus, tmp_path):
