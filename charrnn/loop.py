@@ -160,6 +160,7 @@ class Loop:
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
         progress.last_val_loss, progress.last_val_fraction = val_loss, fraction
+        progress.elapsed_s = self.clock.elapsed()  # after scoring: a resume counts the evaluation against the budget
         improved = fraction == 1.0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
         if improved:
             progress.best_val_loss = val_loss
@@ -171,10 +172,10 @@ class Loop:
         """Save (after a validation pass when `evaluate`); the time is not counted as training."""
         self.drain(keep_last=0)
         began = time.monotonic()
-        self.progress.elapsed_s = self.clock.elapsed()
         if evaluate:
             self.validate_and_save(final)
         else:
+            self.progress.elapsed_s = self.clock.elapsed()
             self.emit(events.Saved(int(self.progress.state.step), self.save(best=False)))
         self.clock.paused_s += time.monotonic() - began
         self.clock.window = (int(self.progress.state.step), time.monotonic())

@@ -491,6 +491,26 @@ def test_the_budget_spans_resumes(cli, small_corpus, tmp_path):
     assert json.loads(resumed.out.splitlines()[-1])["steps"] == 10  # the budget was spent before the resume
 
 
+def test_a_checkpoint_counts_the_evaluation_it_follows(small_corpus, tmp_path, monkeypatch):
+    """On a clock that moves only in the evaluations, 100 s each: the checkpoint saved after one holds its time, so a
+    resume counts it against the budget."""
+    from charrnn import loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    evaluate = steps.evaluate
+
+    def timed_evaluation(*args, **kwargs):
+        now[0] += 100.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "evaluate", timed_evaluation)
+    run_dir = tmp_path / "run"
+    charrnn.train(small_corpus, run_dir, TINY, steps=6, eval_every=3, log_every=3, keep=10)
+    spent = [checkpoint.read(checkpoint.step_path(run_dir / "checkpoints", step))[1]["elapsed_s"] for step in (3, 6)]
+    assert spent == [100.0, 200.0]
+
+
 def test_training_chars_per_s_leaves_out_the_first_call_and_the_evaluations(small_corpus, tmp_path, monkeypatch):
     """On a clock that moves only where the run does: 50 s in the first call (compiling), 1 s in each later one,
     100 s in each evaluation. Steady training is the 5 calls after the first: a step a second."""
