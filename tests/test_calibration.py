@@ -10,7 +10,7 @@ from clihelp import TINY, final_arrays
 from conftest import SAMPLE_TEXT
 
 import charrnn
-from charrnn import calibration, checkpoint, config as config_lib, data, members, model, rundir, steps
+from charrnn import calibration, checkpoint, config as config_lib, data, members, model, rundir, steps, training
 from charrnn.errors import UsageError
 from charrnn.training import load_corpus
 
@@ -56,6 +56,48 @@ def test_the_temperature_the_targets_were_drawn_at_is_found_and_padding_is_ignor
     padded_targets = np.concatenate([targets, np.zeros(500, int)])  # padding the model "gets right" at any T
     padded = calibration.fit_temperature(padded_logits, padded_targets, np.concatenate([mask, np.zeros(500, bool)]))
     assert padded == calibration.fit_temperature(logits, targets, mask)
+
+
+def test_the_temperature_stays_within_its_bounds():
+    generator = np.random.default_rng(2)
+    logits, mask = generator.normal(size=(2000, 8)) * 3, np.ones(2000, bool)
+    right = logits.argmax(-1)  # right about every character: the loss falls all the way to T = 0
+    assert calibration.fit_temperature(logits, right, mask) == pytest.approx(calibration.MIN_TEMPERATURE)
+    unrelated = generator.integers(0, 8, 2000)  # logits that say nothing of the targets: flat is best, T = ∞
+    assert calibration.fit_temperature(logits, unrelated, mask) == pytest.approx(calibration.MAX_TEMPERATURE)
+
+
+def test_the_temperature_of_large_logits_is_that_of_the_same_logits_shifted():
+    """Softmax ignores a constant added to every logit; so does the fit, where exp of the logits would overflow."""
+    generator = np.random.default_rng(3)
+    logits = generator.normal(size=(2000, 8)) * 4
+    targets, mask = drawn_at(logits, 1.3, generator), np.ones(2000, bool)
+    fitted = calibration.fit_temperature(logits, targets, mask)
+    assert calibration.fit_temperature(logits + 1000.0, targets, mask) == pytest.approx(fitted, rel=1e-9)
+
+
+def test_each_models_temperature_is_fitted_on_the_text_with_its_state_carried_along_each_stream():
+    """`fit` on 3 streams of 300 characters (two 256-step chunks each, the second padded): each member's fit on its
+    logits of each whole stream run from the initial state, as validation scores them."""
+    config = config_lib.ModelConfig(num_layers=1, hidden_size=16, embedding_size=8, dtype="float32")
+    params = calibration.apply(model.init_params(jax.random.key(2), config, 11), [0.25])  # sharper, so T is not a bound
+
+    def sample_step(state, key):  # the text is params' own, drawn at T = 1.5
+        carry, previous = state
+        carry, logits = model.forward(params, config, carry, previous[None, None])
+        following = jax.random.categorical(key, logits[0, 0] / 1.5)
+        return (carry, following), following
+
+    start = (model.initial_carry(params, config, 1), jax.numpy.int32(0))
+    _, drawn = jax.lax.scan(sample_step, start, jax.random.split(jax.random.key(4), 900))
+    ids = np.concatenate([[0], np.asarray(drawn)])
+    inputs, targets = ids[:-1].reshape(3, 300).T, ids[1:].reshape(3, 300).T  # [T, B]
+    _, logits = model.forward(params, config, model.initial_carry(params, config, 3), inputs)
+    expected = calibration.fit_temperature(np.asarray(logits), targets, np.ones(targets.shape, bool))
+    assert 1.2 < expected < 1.8
+    # A second member predicting with twice the logits wants twice the temperature.
+    fitted = calibration.fit(members.combine([params, calibration.apply(params, [0.5])]), config, ids, 3, 2)
+    assert fitted == pytest.approx([expected, 2 * expected], rel=1e-5)
 
 
 def test_applied_temperatures_divide_each_models_logits():
@@ -129,6 +171,24 @@ def test_the_saved_temperatures_are_fitted_on_the_held_out_text_and_the_model_pr
     assert charrnn.load(runs / "whole").describe()["temperatures"] == temperatures
 
 
+def test_a_run_fits_its_temperatures_on_the_held_out_text_not_the_validation_text(runs, tmp_path):
+    """The module's corpus repeats one passage a whole number of times: its held-out start and validation end are the
+    same text. Here the validation end is another text, so fitting there would give other temperatures."""
+    loaded = checkpoint.load(runs / "whole")
+    raw = checkpoint.unflatten(jax.eval_shape(lambda: loaded.params), "params", saved(runs / "whole")[0])
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 36 + (SAMPLE_TEXT * 4)[::-1], encoding="utf-8")
+    task = training.load_task(corpus, loaded.config)
+    held_out = task.corpus.calibration_ids
+    np.testing.assert_array_equal(held_out, task.corpus.vocab.encode((SAMPLE_TEXT * 4)[:len(held_out)]))
+
+    def fitted_on(ids):
+        return calibration.fit(raw, loaded.config.model, ids, loaded.config.train.eval_batch_size, 2)
+
+    assert task.temperatures(raw) == pytest.approx(fitted_on(held_out))
+    assert fitted_on(held_out) != pytest.approx(fitted_on(task.corpus.val_ids), rel=1e-3)
+
+
 def test_a_calibrated_run_trains_on_less_text_and_resumes_exactly(runs):
     whole, cut, plain = (final_arrays(runs / name) for name in ("whole", "cut", "plain"))
     for name in whole:
@@ -157,3 +217,11 @@ def test_a_text_too_short_to_spare_two_characters_trains_on_all_of_it(tmp_path):
     assert corpus.calibration_ids is None and len(corpus.train_ids) + len(corpus.val_ids) == 150
     held = load_corpus(longer, 0.1, calibration_fraction=0.01)
     assert len(held.calibration_ids) == 2 and len(held.train_ids) + len(held.val_ids) == 208
+
+
+def test_temperatures_read_from_a_checkpoint_are_one_number_within_the_bounds_for_each_model():
+    assert calibration.checked(None, 2) is None
+    assert calibration.checked([1, 0.05, 20.0], 3) == [1.0, 0.05, 20.0]
+    for temperatures in ([1.0], [1.0, 2.0, 3.0], (1.0, 2.0), [1.0, True], [1.0, "2"], [1.0, 0.049], [1.0, 20.5], 1.0):
+        with pytest.raises(ValueError, match="temperatures"):
+            calibration.checked(temperatures, 2)

@@ -47,6 +47,73 @@ def test_a_mask_keeps_its_drawn_probability_and_scales_by_its_inverse(rate):
     assert not np.array_equal(kept[0], kept[1])
 
 
+def test_keep_probabilities_at_the_ends_of_the_range_are_drawable():
+    """A rate near 0 still drops 1 in 2¹⁶ (2¹⁶ levels would not fit 16 bits); one near 1 still keeps 1 in 2¹⁶."""
+    shape = (64, 1024)
+    assert dropout.kept_levels(1e-6) == dropout.MASK_LEVELS - 1
+    assert dropout.kept_levels(1 - 1e-7) == 1
+    almost_all = np.asarray(dropout.inverted(jnp.ones(shape), 1e-6, jax.random.key(7), shape))
+    kept = almost_all != 0.0
+    assert kept.mean() > 0.999
+    np.testing.assert_allclose(almost_all[kept], dropout.MASK_LEVELS / (dropout.MASK_LEVELS - 1), rtol=1e-7)
+    almost_none = np.asarray(dropout.inverted(jnp.ones(shape), 1 - 1e-7, jax.random.key(7), shape))
+    assert np.all(np.isin(almost_none, [0.0, dropout.MASK_LEVELS]))
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    """Wellons' lowbias32 in NumPy's wrapping uint32 arithmetic."""
+    x = (x ^ (x >> np.uint32(16))) * np.uint32(0x7FEB352D)
+    x = (x ^ (x >> np.uint32(15))) * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def test_masks_are_the_hashed_indices_halves_below_the_keep_level():
+    """The exact words and masks, from a NumPy reference: each row-major index XOR the key's first word, hashed, XOR
+    its second, hashed again; a mask keeps where a word's 16-bit half, low half first, is below `levels`."""
+    key, levels = jax.random.key(8), 30000
+    first, second = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+
+    def expected_words(shape):
+        index = np.arange(np.prod(shape), dtype=np.uint32).reshape(shape)
+        return _lowbias32(_lowbias32(index ^ first) ^ second)
+
+    np.testing.assert_array_equal(dropout.hashed_index(jnp.uint32(first), jnp.uint32(second), (3, 5, 7)),
+                                  expected_words((3, 5, 7)))
+    np.testing.assert_array_equal(dropout.random_words(key, (3, 5, 7)), expected_words((3, 5, 7)))
+    # 4 words to a row of 8 elements, or of 7 (an odd last axis: the last word's high half unused).
+    words = expected_words((3, 5, 4))
+    halves = np.stack([words & np.uint32(0xFFFF), words >> np.uint32(16)], axis=-1).reshape(3, 5, 8)
+    for last in (8, 7):
+        np.testing.assert_array_equal(dropout.keep_mask(key, levels, (3, 5, last)), halves[..., :last] < levels)
+    first_half = int(halves[0, 0, 0])  # kept at one level above it, dropped at its own
+    assert dropout.keep_mask(key, first_half + 1, (3, 5, 7))[0, 0, 0]
+    assert not dropout.keep_mask(key, first_half, (3, 5, 7))[0, 0, 0]
+
+
+def test_each_layers_output_mask_is_its_own():
+    """Output dropout draws layer `index`'s mask from fold_in(key, index): the same for the same layer and key,
+    unrelated between layers; locked, one [1, B, H] mask for every step."""
+    shape, key = (6, 4, 64), jax.random.key(9)
+    factors = [np.asarray(dropout.output_factors(shape, 0.5, key, index)) for index in (0, 1, 1)]
+    assert factors[0].shape == shape
+    np.testing.assert_array_equal(factors[1], factors[2])
+    assert abs(np.mean((factors[0] == 0) == (factors[1] == 0)) - 0.5) < 0.05  # agreeing by chance alone
+    locked = np.asarray(dropout.output_factors(shape, 0.5, key, 1, locked=True))
+    layer_1 = dropout.inverse_keep(0.5, jax.random.fold_in(key, 1), shape[1:])  # [B, H]
+    np.testing.assert_array_equal(locked, np.asarray(layer_1)[None])
+    assert dropout.output_factors(shape, 0.5, None, 0) is None and dropout.output_factors(shape, 0.0, key, 0) is None
+
+
+def test_weight_masks_are_drawn_apart_from_output_masks():
+    """Embedding rows and W_h entries draw from their own stream of the step's key: leaf 0's rows are not layer 0's
+    outputs, which a shared fold_in(key, 0) would make the very same draws."""
+    key, rows = jax.random.key(10), 4096
+    config = make_config("lstm", embedding_dropout=0.5)
+    embedding = np.asarray(dropout.weights({"embedding": jnp.ones((rows, 1))}, config, key)["embedding"])[:, 0]
+    outputs = np.asarray(dropout.output_factors((1, rows, 1), 0.5, key, 0))[0, :, 0]
+    assert abs(np.mean((embedding == 0) == (outputs == 0)) - 0.5) < 0.05  # agreeing by chance alone
+
+
 def _bits(words: np.ndarray) -> np.ndarray:
     return (words.reshape(-1, 1) >> np.arange(32, dtype=np.uint32)) & 1  # [words, 32]
 

@@ -320,3 +320,58 @@ def test_passes_given_drop_the_members_that_set_their_own():
     chosen = sizing.choose(config, steps_per_epoch=10, time_step=Timer(1.0))
     assert (chosen.config.model.hidden_size, chosen.config.train.members, chosen.config.train.max_epochs) == (512, 1, 3.0)
     assert chosen.note == ""
+
+
+def test_a_run_that_ends_exactly_at_the_budget_fits(monkeypatch):
+    monkeypatch.setattr(sizing.time, "monotonic", lambda: 0.0)
+    # 100 steps of 0.5 s end at 52.6 s: a budget of exactly that many seconds is met, not missed.
+    ends_s = sizing.predicted_s(0.0, 100, 0.5)
+    assert (ends_s / 60.0) * 60.0 == ends_s
+    chosen = sizing.choose(recipe(max_minutes=ends_s / 60.0), steps_per_epoch=1000, time_step=Timer(0.5))
+    assert chosen.config.model.num_layers == 3 and "so training it" in chosen.note
+    kept = sizing.choose(recipe(max_minutes=ends_s / 60.0), steps_per_epoch=1000, time_step=Timer(0.5 * (1 + 1e-9)))
+    assert kept.config.model.num_layers == 2
+
+
+def test_the_seconds_spent_timing_a_model_chosen_are_the_runs_first(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(sizing.time, "monotonic", lambda: now[0])
+
+    def ten_seconds(config):
+        now[0] += 10.0
+        return 0.4
+
+    # 100 steps of 0.4 s with 5% for evaluations, after 10 s of timing, end at 52.1 s of the 60.
+    chosen = sizing.choose(recipe(), steps_per_epoch=1000, time_step=ten_seconds)
+    assert chosen.config.model.num_layers == 3 and chosen.elapsed_s == 10.0 and "about 52 s" in chosen.note
+
+
+def test_a_step_is_the_time_of_a_call_over_its_steps(monkeypatch):
+    """`seconds_per_step`: a compiled call of `steps_per_call` steps, timed for PROBE_SECONDS on the devices given."""
+    seen = []
+
+    class Probe:
+        chars_per_call = 6000
+
+        def __init__(self, config, devices):
+            seen.append(("made", config, devices))
+
+        def compile(self):
+            seen.append("compiled")
+
+        def chars_per_second(self, seconds):
+            seen.append(("timed", seconds))
+            return 2000.0
+
+    monkeypatch.setattr(sizing.bench, "TrainingBench", Probe)
+    config = config_lib.resolve(TINY, ["train.steps_per_call=4"], {})
+    # 6000 characters a call at 2000 a second: 3 s a call of 4 steps.
+    assert sizing.seconds_per_step(config, devices=3) == pytest.approx(0.75)
+    assert seen == [("made", config, 3), "compiled", ("timed", sizing.PROBE_SECONDS)]
+
+
+def test_a_saved_model_that_shares_only_some_of_an_alternatives_settings_is_not_that_alternative():
+    wanted = recipe()
+    given = config_lib.apply_overrides(wanted, {"train": {"larger_model": ""}})
+    three_layers = config_lib.apply_overrides(given, {"model": {"num_layers": 3}})  # hidden_size 32, not 24
+    assert sizing.as_resumed(three_layers, wanted) == wanted
