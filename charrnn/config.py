@@ -110,6 +110,12 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
+def steps_in(epochs: float, steps_per_epoch: int) -> int:
+    """The steps that `epochs` passes take, a part-step counting whole; 1.1 passes of 100 steps are 110, not the 111
+    that the product's rounding (110.00000000000001) would give."""
+    return math.ceil(round(epochs * steps_per_epoch, 9))
+
+
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     """Return the config as nested plain dicts (for JSON and TOML)."""
     return dataclasses.asdict(config)

@@ -20,12 +20,10 @@ runs the weights as they are.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from charrnn.config import Config, ModelConfig
+from charrnn.config import Config, ModelConfig, steps_in
 
 # Folded into the step's key for the weight masks; output dropout folds in the layer index.
 _WEIGHTS_STREAM = 2**31 - 1
@@ -40,7 +38,7 @@ def any_rate(config: ModelConfig) -> bool:
 
 def first_step(config: Config, steps_per_epoch: int) -> int:
     """The first optimizer step that drops anything: `train.dropout_from_epoch` epochs in (0 where nothing drops)."""
-    return math.ceil(config.train.dropout_from_epoch * steps_per_epoch) if any_rate(config.model) else 0
+    return steps_in(config.train.dropout_from_epoch, steps_per_epoch) if any_rate(config.model) else 0
 
 
 def kept_levels(rate: float) -> int:

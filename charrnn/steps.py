@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from charrnn import averaging, distributed, members, model
-from charrnn.config import Config, ModelConfig, TrainConfig
+from charrnn.config import Config, ModelConfig, TrainConfig, steps_in
 from charrnn.data import Batch, EvalChunk, evaluation_chunks
 
 
@@ -57,7 +57,7 @@ def last_step(config: TrainConfig, steps_per_epoch: int) -> int:
     """The step that ends the run if the wall clock does not: `train.steps`, or `train.max_epochs` passes if fewer."""
     if not config.max_epochs:
         return config.steps
-    return min(config.steps, math.ceil(config.max_epochs * steps_per_epoch))  # a positive cap is at least one step
+    return min(config.steps, max(1, steps_in(config.max_epochs, steps_per_epoch)))  # a positive cap: a step at least
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:

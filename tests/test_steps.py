@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from charrnn import data, model, steps
+from charrnn import data, dropout, model, steps
 from charrnn.config import Config, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8, dropout=0.0)
@@ -334,3 +335,16 @@ def test_evaluate_several_streams_equals_forward_per_stream():
         total += float(jnp.sum(model.token_losses(logits, jnp.asarray(targets[mask[:, stream], stream][:, None]))))
     assert mask.sum() == len(ids) - 1
     assert mean == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+
+
+def test_passes_are_counted_in_steps_without_the_products_rounding():
+    """A cap of E passes ends at the first step at or past E x steps an epoch, computed exactly (1.1 x 100 is 110, though
+    the float product is 110.00000000000001); a positive cap is one step at least; late dropout counts alike."""
+    for tenths in range(1, 100):
+        for steps_per_epoch in range(1, 200):
+            exact = math.ceil(Fraction(tenths, 10) * steps_per_epoch)
+            assert steps.last_step(TrainConfig(steps=10**6, max_epochs=tenths / 10), steps_per_epoch) == exact
+    assert steps.last_step(TrainConfig(steps=10**6, max_epochs=1e-12), 100) == 1
+    assert steps.last_step(TrainConfig(steps=50, max_epochs=1.1), 100) == 50
+    late = Config(model=ModelConfig(dropout=0.2), train=TrainConfig(dropout_from_epoch=1.1))
+    assert dropout.first_step(late, 100) == 110
