@@ -103,6 +103,9 @@ def test_each_models_temperature_is_fitted_on_the_text_with_its_state_carried_al
 def test_applied_temperatures_divide_each_models_logits():
     config = config_lib.ModelConfig(num_layers=2, hidden_size=16, embedding_size=8, dtype="float32")
     params = [model.init_params(jax.random.key(seed), config, 11) for seed in (0, 1)]
+    # The output bias starts at zero; a drawn one shows that it is divided too.
+    params = [{**one, "output": {**one["output"], "b": jax.random.normal(jax.random.key(seed + 2), (11,))}}
+              for seed, one in enumerate(params)]
     inputs = np.arange(24).reshape(6, 4) % 11
     carry = model.initial_carry(params[0], config, 4)
     logits = [np.asarray(model.forward(one, config, carry, inputs)[1]) for one in params]
