@@ -90,6 +90,8 @@ def decode(payload: bytes, name: str) -> tuple[dict[str, np.ndarray], dict[str, 
         (header_size,) = struct.unpack("<Q", payload[:8])
         header = json.loads(payload[8 : 8 + header_size])
         metadata = json.loads(header["__metadata__"]["charrnn"])
+        if not isinstance(metadata, dict):
+            raise ValueError("the metadata is not an object")
         arrays = load_arrays(payload)
     except (struct.error, ValueError, KeyError, TypeError, SafetensorError):
         raise CheckpointError(f"{name} is truncated or not a charrnn checkpoint") from None
@@ -128,7 +130,8 @@ def step_path(directory: Path, step: int) -> Path:
 
 def step_files(directory: Path) -> list[Path]:
     """Step checkpoints in `directory`, oldest first (temporary files are never listed)."""
-    return sorted(directory.glob(f"step-*{SUFFIX}"))
+    # Steps are padded to nine digits: past them a longer name is a later step, though it sorts first by name.
+    return sorted(directory.glob(f"step-*{SUFFIX}"), key=lambda path: (len(path.name), path.name))
 
 
 def rotate(directory: Path, keep: int) -> None:

@@ -75,6 +75,9 @@ class RunLock:
             os.close(self.descriptor)
             raise BusyError(f"run directory {self.path.parent} is in use by another charrnn train") from None
         except OSError as error:
+            if self.descriptor is not None:  # opened but not locked: `__exit__` will not run to close it
+                os.close(self.descriptor)
+                self.descriptor = None
             raise StorageError(f"cannot lock run directory {self.path.parent}: {error.strerror}") from None
         os.ftruncate(self.descriptor, 0)
         os.write(self.descriptor, str(os.getpid()).encode())

@@ -181,6 +181,8 @@ DAMAGED = [
     ("random_4096", lambda payload: np.random.default_rng(3).bytes(4096), "not a charrnn checkpoint"),
     ("json_text", lambda payload: b'{"step": 1}\n', "not a charrnn checkpoint"),
     ("plain_safetensors", lambda payload: save_safetensors({"w": np.ones(3, np.float32)}), "not a charrnn checkpoint"),
+    ("metadata_not_an_object", lambda payload: save_safetensors({"w": np.ones(3, np.float32)}, {"charrnn": "[1, 2]"}),
+     "not a charrnn checkpoint"),
 ]
 
 
@@ -198,6 +200,24 @@ def test_other_format_version_is_refused(tmp_path, monkeypatch, offset):
     path.write_bytes(_other_version(monkeypatch, offset))
     message = _checkpoint_error(checkpoint.read, path)
     assert f"format version {checkpoint.FORMAT_VERSION + offset}" in message and str(path) in message
+
+
+def _retype_in_header(payload: bytes, old: str, new: str) -> bytes:
+    """The payload with the first `old` in its safetensors header replaced by `new` (same length: offsets hold)."""
+    start = _data_start(payload)
+    header = payload[8:start].decode()
+    assert len(old) == len(new) and old in header
+    return payload[:8] + header.replace(old, new, 1).encode() + payload[start:]
+
+
+@pytest.mark.parametrize("old, new", [('"dtype":"I32"', '"dtype":"F32"'), ('"shape":[2,4]', '"shape":[4,2]')],
+                         ids=["dtype", "shape"])
+def test_a_damaged_header_that_reinterprets_an_array_is_detected(old, new, tmp_path):
+    """The same data bytes read as another dtype or shape are another array: the checksum covers both."""
+    path = tmp_path / "retyped.safetensors"
+    path.write_bytes(_retype_in_header(_payload(), old, new))
+    message = _checkpoint_error(checkpoint.read, path)
+    assert str(path) in message and "checksum" in message
 
 
 @pytest.mark.parametrize("name", ["missing.safetensors", "."], ids=["missing", "directory"])
@@ -308,7 +328,7 @@ def _clutter(directory) -> list:
 
 
 def test_step_files_are_ordered_by_step(tmp_path):
-    steps = [10, 2, 1_000_000, 100, 9]
+    steps = [10, 2, 1_000_000, 100, 9, 1_000_000_000, 999_999_999]  # past nine digits too
     _write_steps(tmp_path, steps)
     _clutter(tmp_path)
     assert checkpoint.step_files(tmp_path) == [checkpoint.step_path(tmp_path, step) for step in sorted(steps)]
@@ -335,6 +355,32 @@ def test_the_best_copy_is_the_last_checkpoint_saved_as_best(tmp_path):
     assert metadata["step"] == 10 and arrays.keys() == second.keys()
     for name, value in second.items():
         np.testing.assert_array_equal(arrays[name], value)
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_save_keeps_the_newest_keep_step_checkpoints_and_the_best_copy(keep, tmp_path):
+    directory = rundir.checkpoints_dir(tmp_path)
+    directory.mkdir()
+    steps = [10, 20, 30, 40, 50]
+    for step in steps:
+        arrays = checkpoint.flatten({"w": np.full(2, step, np.int32)}, "p")
+        checkpoint.save(tmp_path, step, arrays, {"step": step}, best=step == 20, keep=keep)
+    assert checkpoint.step_files(directory) == [checkpoint.step_path(directory, step) for step in steps[-keep:]]
+    assert checkpoint.read(directory / rundir.BEST_FILE)[1]["step"] == 20
+    assert set(os.listdir(directory)) == {rundir.BEST_FILE, *(path.name for path in checkpoint.step_files(directory))}
+
+
+def test_a_save_whose_best_copy_cannot_be_written_writes_no_step_checkpoint(tmp_path):
+    """A step checkpoint records the best loss so far: it must not exist without the best copy it speaks of."""
+    directory = rundir.checkpoints_dir(tmp_path)
+    directory.mkdir()
+    arrays = checkpoint.flatten(_tree(), "state")
+    first = checkpoint.save(tmp_path, 10, arrays, {"step": 10}, best=False, keep=1)
+    (directory / rundir.BEST_FILE).mkdir()  # the best copy's name is taken: its rename fails
+    with pytest.raises(StorageError):
+        checkpoint.save(tmp_path, 20, arrays, {"step": 20}, best=True, keep=1)
+    assert checkpoint.step_files(directory) == [first]
+    assert checkpoint.read_latest(directory)[2]["step"] == 10
 
 
 @pytest.mark.parametrize("broken", [[], [3], [3, 2], [2]])
@@ -442,3 +488,16 @@ def test_a_folder_of_runs_loads_its_newest_run(tmp_path):
     assert checkpoint.load(tmp_path).metadata["step"] == 20
     (tmp_path / "stray").mkdir()
     assert "neither" in _checkpoint_error(checkpoint.find, tmp_path / "stray")
+
+
+def test_a_run_or_folder_of_several_step_checkpoints_loads_the_newest(tmp_path):
+    """With train.keep > 1 a run holds older checkpoints too; sample and eval take the newest."""
+    run_dir = tmp_path / "run"
+    rundir.create(run_dir)
+    rundir.write_json(run_dir / rundir.CONFIG_FILE, {})
+    directory = rundir.checkpoints_dir(run_dir)
+    for step in (10, 30, 20):
+        write_small_checkpoint(directory, step)
+    newest = checkpoint.step_path(directory, 30)
+    assert checkpoint.find(run_dir) == newest and checkpoint.find(directory) == newest
+    assert checkpoint.load(run_dir).metadata["step"] == 30

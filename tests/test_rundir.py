@@ -1,5 +1,6 @@
 """The run directory: the one-writer lock, status, the metrics log, discovery, preparation."""
 
+import errno
 import json
 import os
 import signal
@@ -31,11 +32,30 @@ def test_lock_is_exclusive_while_held(tmp_path):
         assert (tmp_path / rundir.LOCK_FILE).read_text() == str(os.getpid())
 
 
+def test_a_lock_that_fails_closes_its_file(tmp_path, monkeypatch):
+    """flock failing other than busy (here EIO) is a StorageError, and the file opened for it is closed again."""
+    def failing(descriptor, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(rundir.fcntl, "flock", failing)
+    open_files = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(StorageError, match="cannot lock run directory"):
+        with rundir.RunLock(tmp_path):
+            pass
+    assert len(os.listdir("/proc/self/fd")) == open_files
+
+
 def test_lock_is_released_when_the_body_raises(tmp_path):
     with pytest.raises(KeyError):
         with rundir.RunLock(tmp_path):
             raise KeyError("boom")
     assert not rundir.is_locked(tmp_path)
+
+
+def test_the_lock_file_names_its_holder_not_an_earlier_one(tmp_path):
+    (tmp_path / rundir.LOCK_FILE).write_text("4194304999")  # left by a holder with a longer pid
+    with rundir.RunLock(tmp_path):
+        assert (tmp_path / rundir.LOCK_FILE).read_text() == str(os.getpid())
 
 
 HOLDER = textwrap.dedent(
@@ -161,6 +181,15 @@ def test_newest_run_picks_the_most_recent(newest, tmp_path):
     assert rundir.newest_run(tmp_path) == runs[newest]
 
 
+def test_newest_run_passes_over_a_run_killed_before_its_first_step_checkpoint(tmp_path):
+    """A first save writes the best copy, then the step checkpoint: a kill between leaves no step file to load."""
+    older = _make_run(tmp_path, "older", 1_700_000_000)
+    killed = _make_run(tmp_path, "killed", 1_700_005_000, checkpoint=False)
+    for name in (rundir.BEST_FILE, ".tmp-step-000000010.safetensors.4242"):
+        (rundir.checkpoints_dir(killed) / name).write_bytes(b"x")
+    assert rundir.newest_run(tmp_path) == older
+
+
 @pytest.mark.parametrize("setup", [lambda root: None, lambda root: _make_run(root, "empty", 1, checkpoint=False)],
                          ids=["no_runs", "no_checkpoints"])
 def test_newest_run_raises_without_runs(setup, tmp_path):
@@ -220,3 +249,19 @@ def test_json_files_and_lines_hold_null_where_a_number_is_not_finite(tmp_path):
     assert json.loads((tmp_path / "status.json").read_text(), parse_constant=pytest.fail) == expected
     rundir.MetricsLog(tmp_path).write(value)
     assert json.loads((tmp_path / rundir.METRICS_FILE).read_text(), parse_constant=pytest.fail) == expected
+
+
+def test_a_json_file_that_cannot_be_written_keeps_its_old_content(tmp_path, monkeypatch):
+    """config.json and status.json are replaced whole or not at all: a failed write leaves the old file."""
+    path = tmp_path / rundir.CONFIG_FILE
+    rundir.write_json(path, {"model": {"hidden_size": 32}})
+    old = path.read_bytes()
+
+    def failing_fsync(descriptor):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(StorageError) as caught:
+        rundir.write_json(path, {"model": {"hidden_size": 64}})
+    assert caught.value.exit_code == 6 and str(path) in str(caught.value)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == [path.name]
