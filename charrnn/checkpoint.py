@@ -75,9 +75,16 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _metadata_digest(header: dict[str, Any]) -> str:
+    """SHA-256 of the header's JSON but its own entry, as it reads back (tuples as lists, keys as strings)."""
+    rest = json.loads(json.dumps({key: value for key, value in header.items() if key != "metadata_sha256"}))
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def encode(arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:
-    """Serialise arrays and metadata (with format version and checksum) to bytes."""
+    """Serialise arrays and metadata (with format version and checksums) to bytes."""
     header = {**metadata, "format_version": FORMAT_VERSION, "sha256": _digest(arrays)}
+    header["metadata_sha256"] = _metadata_digest(header)
     contiguous = {name: _contiguous(array) for name, array in arrays.items()}
     return save_arrays(contiguous, metadata={"charrnn": json.dumps(header)})
 
@@ -100,6 +107,9 @@ def decode(payload: bytes, name: str) -> tuple[dict[str, np.ndarray], dict[str, 
         raise CheckpointError(f"{name} has format version {version}; this charrnn reads version {FORMAT_VERSION}")
     if _digest(arrays) != metadata.get("sha256"):
         raise CheckpointError(f"{name} is corrupted (checksum mismatch)")
+    expected = metadata.get("metadata_sha256")  # None in checkpoints written before it: they still load
+    if expected is not None and expected != _metadata_digest(metadata):
+        raise CheckpointError(f"{name} is corrupted (metadata checksum mismatch)")
     return arrays, metadata
 
 

@@ -220,6 +220,26 @@ def test_a_damaged_header_that_reinterprets_an_array_is_detected(old, new, tmp_p
     assert str(path) in message and "checksum" in message
 
 
+def test_metadata_changed_where_it_still_parses_is_detected(tmp_path):
+    """A digit of the saved metadata changed (the validation loss here) leaves valid JSON: its own checksum says so."""
+    payload = _payload(val_loss=1.25)
+    start = _data_start(payload)
+    header = payload[8:start]
+    assert header.count(b"1.25") == 1
+    path = tmp_path / "changed.safetensors"
+    path.write_bytes(payload[:8] + header.replace(b"1.25", b"9.25") + payload[start:])
+    message = _checkpoint_error(checkpoint.read, path)
+    assert str(path) in message and "metadata checksum" in message
+
+
+def test_a_checkpoint_written_before_the_metadata_checksum_loads(tmp_path):
+    arrays, metadata = checkpoint.decode(_payload(val_loss=1.25), "fresh")
+    del metadata["metadata_sha256"]
+    path = tmp_path / "older.safetensors"
+    path.write_bytes(save_safetensors(arrays, {"charrnn": json.dumps(metadata)}))
+    assert checkpoint.read(path)[1]["val_loss"] == 1.25
+
+
 @pytest.mark.parametrize("name", ["missing.safetensors", "."], ids=["missing", "directory"])
 def test_missing_checkpoint_is_refused(name, tmp_path):
     path = tmp_path / name
