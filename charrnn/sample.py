@@ -239,7 +239,7 @@ def generate_text(params: tuple[dict, ...], configs: tuple[ModelConfig, ...], vo
         for index in range(num_samples):
             piece = "" if done[index] else vocab.decode(ids[:, index])
             if stop and not done[index]:
-                searched_from = max(len(texts[index]) - len(stop) + 1, len(prime))
+                searched_from = max(len(texts[index]) - len(stop) + 1, 0)  # a stop ending in the new text
                 found = (texts[index] + piece).find(stop, searched_from)
                 if found >= 0:
                     piece = piece[: found + len(stop) - len(texts[index])]

@@ -57,6 +57,9 @@ def test_utf8_bom_is_stripped(text):
         (codecs.BOM_UTF16_BE + "hi".encode("utf-16-be"), ["UTF-16"]),
         (codecs.BOM_UTF32_LE + "hi".encode("utf-32-le"), ["UTF-32"]),
         (codecs.BOM_UTF32_BE + "hi".encode("utf-32-be"), ["UTF-32"]),
+        (codecs.BOM_UTF8 + b"ab\xffc", ["offset 5", "0xff"]),  # offsets count the stripped BOM: they are the file's
+        (codecs.BOM_UTF8 + b"a\x00", ["NUL", "offset 4"]),
+        (codecs.BOM_UTF8 + b"ab" + "\u65e5".encode("utf-8")[:2], ["offset 5"]),
     ],
 )
 def test_bad_bytes_raise_naming_the_problem(raw, fragments, tmp_path):
@@ -317,3 +320,21 @@ def test_scan_checksum_tells_texts_apart(tmp_path):
     second.write_text("the same text.", encoding="utf-8")
     assert data.scan_corpus(first).checksum == data.scan_corpus(first).checksum
     assert data.scan_corpus(first).checksum != data.scan_corpus(second).checksum
+
+
+@pytest.mark.parametrize("length, fraction, count", [(10, 0.25, 3), (12, 0.25, 3), (11, 0.5, 6), (50, 0.01, 2),
+                                                     (300, 0.01, 3), (7, 1.0, 7), (7, 1.5, 7)])
+def test_leading_part_is_the_first_fraction_rounded_up_and_at_least_two(length, fraction, count):
+    """An evaluation during a run scores ceil(fraction * n) leading items (2.5 -> 3), never fewer than two."""
+    ids = np.arange(length)
+    np.testing.assert_array_equal(data.leading_part(ids, fraction), ids[:count])
+    assert data.leading_part(list(range(length)), fraction) == list(range(count))  # pairs' sides are lists
+
+
+@pytest.mark.parametrize("seq_len", [2, 5])
+def test_random_offsets_reach_every_start_in_range(seq_len):
+    """Over many epochs every offset in [0, seq_len) comes up, seq_len - 1 included, each about equally often."""
+    layout = data.StreamLayout(batch_size=2, seq_len=seq_len, chunks_per_epoch=2)
+    offsets = _offsets(seed=5, random_offset=True, layout=layout, epochs=400)
+    counts = np.bincount(offsets, minlength=seq_len)
+    assert len(counts) == seq_len and (counts > 0.5 * 400 / seq_len).all()

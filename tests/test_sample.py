@@ -248,3 +248,60 @@ def test_a_stop_string_split_between_blocks_ends_the_sample(monkeypatch):
     monkeypatch.setattr(sample, "generate", lambda *args: iter(blocks))
     pieces = list(sample.generate_text((), (), Vocab("abcd"), "", 6, 1, 0, 0.0, stop="bc"))
     assert "".join(piece[0] for piece in pieces) == "abc"
+
+
+@pytest.mark.parametrize("prime", [[3], [3, 1], [3, 1, 4, 1, 5]])  # a one-id prime is not primed; two ids are
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_greedy_text_continues_the_prime_as_the_model_reads_it(prime, num_samples, monkeypatch):
+    """At temperature 0 each character is the argmax of the model run (`model.forward`) over the prime and
+    everything written so far: the whole prime conditions the state, and the state is carried across blocks."""
+    monkeypatch.setattr(sample, "BLOCK", 5)  # 12 characters in three blocks of 4
+    config = ModelConfig(cell="lstm", num_layers=1, hidden_size=16, embedding_size=8)
+    params = model.init_params(jax.random.key(6), config, 11)
+    params["output"]["w"] = 8.0 * params["output"]["w"]  # distributions far from uniform: no near ties
+    written = np.concatenate(list(sample.generate((params,), (config,), np.array(prime), 12, num_samples, 0, 0.0)))
+    assert written.shape == (12, num_samples) and (written == written[:, :1]).all()  # greedy streams agree
+    text = np.concatenate([prime, written[:, 0]])
+    _, logits = model.forward(params, config, model.initial_carry(params, config, 1), jnp.asarray(text)[:, None])
+    expected = np.argmax(np.asarray(logits[:, 0]), axis=-1)[len(prime) - 1 : -1]  # the prediction after each id
+    np.testing.assert_array_equal(written[:, 0], expected)
+
+
+def test_a_seed_gives_its_own_text_again_and_another_seed_other_text():
+    config = ModelConfig(cell="gru", num_layers=1, hidden_size=8, embedding_size=4)
+    params = model.init_params(jax.random.key(7), config, 9)
+
+    def written(seed):
+        return np.concatenate(list(sample.generate((params,), (config,), np.array([2, 5]), 40, 2, seed, 1.0)))
+
+    np.testing.assert_array_equal(written(11), written(11))
+    assert not np.array_equal(written(11), written(12))
+
+
+def test_default_prime_is_a_newline_else_the_first_character():
+    assert sample.prime_ids(Vocab("\t\nab"), "").tolist() == [1]  # "\n" even where a tab sorts first
+    assert sample.prime_ids(Vocab("ab"), "").tolist() == [0]
+    assert sample.prime_ids(Vocab("\t\nab"), "ba\n").tolist() == [3, 2, 1]
+
+
+def test_a_sample_that_meets_its_stop_ends_and_the_others_write_on(monkeypatch):
+    """Each sample ends alone: an ended one yields "" while the rest write their whole length."""
+    blocks = [np.array([[0, 2], [1, 2]]), np.array([[2, 3], [0, 3]]), np.array([[3, 0], [3, 1]])]  # [2, B] each
+    monkeypatch.setattr(sample, "generate", lambda *args: iter(blocks))
+    pieces = list(sample.generate_text((), (), Vocab("abcd"), "d", 6, 2, 0, 0.0, stop="bc"))
+    assert pieces == [["d", "d"], ["ab", "cc"], ["c", "dd"], ["", "ab"]]
+
+
+def test_a_stop_inside_the_prime_does_not_end_the_sample(monkeypatch):
+    """A stop the prime holds whole is not one the generated text completes: the sample is written on from."""
+    blocks = [np.array([[2], [3]]), np.array([[0], [1]]), np.array([[2], [2]])]  # "cd", "ab", "cc"
+    monkeypatch.setattr(sample, "generate", lambda *args: iter(blocks))
+    pieces = list(sample.generate_text((), (), Vocab("abcd"), "dabd", 6, 1, 0, 0.0, stop="ab"))
+    assert "".join(piece[0] for piece in pieces) == "dabdcdab"
+
+
+def test_a_stop_that_the_prime_begins_and_the_generated_text_completes_ends_the_sample(monkeypatch):
+    blocks = [np.array([[1], [2]]), np.array([[3], [3]])]  # "bc", "dd"
+    monkeypatch.setattr(sample, "generate", lambda *args: iter(blocks))
+    pieces = list(sample.generate_text((), (), Vocab("abcd"), "da", 4, 1, 0, 0.0, stop="ab"))
+    assert "".join(piece[0] for piece in pieces) == "dab"

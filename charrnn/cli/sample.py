@@ -28,7 +28,7 @@ def sample(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample only among the k most likely characters (0 = off; default: the run's sample.top_k).", rich_help_panel=SAMPLING)] = None,
     top_p: Annotated[Optional[float], typer.Option("--top-p", help="Sample only from the smallest set holding this probability (1 = off; default: the run's sample.top_p).", rich_help_panel=SAMPLING)] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Independent samples, generated as one batch.", rich_help_panel=SAMPLING)] = 1,
-    stop: Annotated[Optional[str], typer.Option("--stop", help="End a sample once it contains this text (e.g. a blank line).", rich_help_panel=SAMPLING)] = None,
+    stop: Annotated[Optional[str], typer.Option("--stop", help="End a sample once the text it writes completes this (e.g. a blank line), which may begin in the prime.", rich_help_panel=SAMPLING)] = None,
     skip_unknown: Annotated[bool, typer.Option("--skip-unknown", help="Drop prime characters outside the model's vocabulary instead of failing.", rich_help_panel=SAMPLING)] = False,
     source: Annotated[Optional[list[str]], typer.Option("--source", help="An encoder–decoder's input: write its target (repeat for several).", rich_help_panel=CONVERTING)] = None,
     source_file: Annotated[Optional[Path], typer.Option("--source-file", help="An encoder–decoder's inputs, one per line: one output line each, in order.", rich_help_panel=CONVERTING)] = None,
