@@ -407,8 +407,8 @@ def test_save_minutes_saves_between_evaluations(small_corpus, tmp_path):
     assert [event.step for event in recorder.of(events.Saved)] == [1, 2, 4, 5]
 
 
-def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeypatch):
-    """A clock that reads 10 s more at each check: with a 30 s budget, calls start at 0, 10 and 20 s only."""
+def ten_seconds_a_check(monkeypatch) -> None:
+    """The loop's clock, as process 0 tells it to every process, reads 0 s at its first check and 10 s more at each."""
     checks = []
 
     def agree(values):
@@ -416,6 +416,11 @@ def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeyp
         return np.array([10.0 * (len(checks) - 1), values[1]])
 
     monkeypatch.setattr(distributed, "agree", agree)
+
+
+def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeypatch):
+    """A clock that reads 10 s more at each check: with a 30 s budget, calls start at 0, 10 and 20 s only."""
+    ten_seconds_a_check(monkeypatch)
     summary = charrnn.train(small_corpus, tmp_path / "run", TINY, steps=1000, max_minutes=0.5, eval_every=1000,
                             log_every=1)
     assert summary.steps == 3
@@ -424,13 +429,7 @@ def test_no_call_starts_once_the_budget_is_spent(small_corpus, tmp_path, monkeyp
 def test_with_a_budget_the_schedule_follows_the_clock(small_corpus, tmp_path, monkeypatch):
     """A clock that reads 10 s more at each check, a 60 s budget and 1000 steps: step k starts 10k s in, so its lr
     is the cosine's at 10k / 60 of the way, not at k / 1000."""
-    checks = []
-
-    def agree(values):
-        checks.append(1)
-        return np.array([10.0 * (len(checks) - 1), values[1]])
-
-    monkeypatch.setattr(distributed, "agree", agree)
+    ten_seconds_a_check(monkeypatch)
     summary = charrnn.train(small_corpus, tmp_path / "run", TINY, steps=1000, max_minutes=1.0, eval_every=1000,
                             log_every=1, schedule="cosine", warmup_steps=0)
     assert summary.steps == 6
