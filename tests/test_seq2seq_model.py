@@ -377,6 +377,19 @@ def test_beam_of_one_is_greedy():
     np.testing.assert_array_equal(np.asarray(tokens)[:, 0], np.asarray(greedy))
 
 
+def test_a_batch_of_sources_searches_as_each_source_searches_alone():
+    """Pairs' beams side by side in one search: each source keeps its own decoder state, memory and hypotheses."""
+    config = dataclasses.replace(SMALL, attention="additive")
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(9, 3)
+    source = pairs_lib.make_batch(sources, targets).source
+    tokens, scores = generate.beam_search((params,), (config,), source, 5, 3)
+    for column in range(source.shape[1]):
+        alone, alone_scores = generate.beam_search((params,), (config,), source[:, column : column + 1], 5, 3)
+        np.testing.assert_array_equal(np.asarray(tokens)[column], np.asarray(alone)[0])
+        np.testing.assert_allclose(np.asarray(scores)[column], np.asarray(alone_scores)[0], rtol=1e-5)
+
+
 def hypothesis_scores(params: tuple, configs: tuple, source: np.ndarray, length: int) -> dict[tuple, float]:
     """Every target the search can end with, and its log-probability, by teacher forcing each one: with several
     models, the sum over its symbols of the log of their mean probability."""
@@ -442,6 +455,25 @@ def test_sampling_stops_each_target_at_its_end_symbol():
         ends = np.flatnonzero(row == 0)
         if len(ends):
             assert np.all(row[ends[0]:] == 0)
+
+
+def test_sampling_draws_step_t_with_the_noise_of_fold_in_key_t():
+    """Each symbol drawn at temperature 1 is argmax(log-probabilities + Gumbel noise of fold_in(key, t)), the
+    log-probabilities by teacher forcing the symbols drawn before it."""
+    config = SMALL
+    params = jax.tree.map(jnp.float32, params_for(config))
+    sources, targets = random_pairs(6, 16)
+    source = pairs_lib.make_batch(sources, targets).source
+    key, length = jax.random.key(3), 6
+    ids = np.asarray(generate.sample((params,), (config,), source, key, jnp.float32(1.0), None, length)[0])  # [B, T]
+    target_in = np.concatenate([np.zeros((1, len(ids)), np.int32), ids[:, :-1].T])  # [T, B]
+    batch = pairs_lib.PairBatch(source, target_in, ids.T, np.ones_like(target_in, bool))
+    log_probs = np.asarray(jax.nn.log_softmax(s2s.forward(params, config, batch)[0]))  # [T, B, V]
+    for t in range(length):
+        live = ~np.any(ids[:, :t] == 0, axis=1)  # not ended before step t
+        assert live.sum() >= 2
+        noise = np.asarray(jax.random.gumbel(jax.random.fold_in(key, t), (len(ids), TARGET_VOCAB)))
+        np.testing.assert_array_equal(ids[live, t], np.argmax(log_probs[t] + noise, axis=-1)[live])
 
 
 def test_models_writing_both_ways_choose_the_target_their_product_ranks_first():

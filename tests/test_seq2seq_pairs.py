@@ -78,6 +78,8 @@ def test_batches_pad_and_mask_and_put_the_end_symbol_last():
     stacked = pairs_lib.stack([batch, longer])  # padded to one shape for one compiled call
     assert stacked.source.shape == (2, 12, 2) and stacked.target_mask.shape == (2, 8, 2)
     assert not stacked.target_mask[0, 4:].any()
+    assert not stacked.source[0, 4:].any()  # PAD
+    assert not stacked.target_in[0, 4:].any() and not stacked.target_out[0, 4:].any()  # BOUNDARY
 
 
 def test_each_epoch_takes_every_pair_once_in_a_seeded_order():
@@ -100,6 +102,9 @@ def test_length_key_sorts_by_padded_target_then_source():
     sources = [np.ones(length, np.int32) for length in (9, 2, 5, 1)]
     targets = [np.ones(length, np.int32) for length in (3, 6, 12, 7)]  # padded with the end symbol: 4, 8, 16, 8
     assert list(np.argsort(pairs_lib.length_key(sources, targets))) == [0, 3, 1, 2]
+    # A target of 4 symbols is 5 with its end symbol, padded to 8: after one of 3, padded to 4.
+    sources, targets = [np.ones(1, np.int32), np.ones(9, np.int32)], [np.ones(4, np.int32), np.ones(3, np.int32)]
+    assert list(np.argsort(pairs_lib.length_key(sources, targets))) == [1, 0]
 
 
 def test_a_larger_pad_multiple_pads_to_its_multiples_and_sorts_by_them():
@@ -117,6 +122,7 @@ def test_sources_with_unknown_characters_are_named():
     np.testing.assert_array_equal(pairs_lib.encode_side(Vocab("abc"), ["cab"], "x")[0], [3, 1, 2])
     np.testing.assert_array_equal(pairs_lib.written([3, 1, 0, 2]), [2, 0])  # up to the end symbol, as indices
     np.testing.assert_array_equal(pairs_lib.written([3, 1]), [2, 0])
+    np.testing.assert_array_equal(pairs_lib.written([3, 0, 1, 0, 2]), [2])  # the first end symbol ends it
 
 
 def test_token_targets_are_one_symbol_per_token():
