@@ -137,7 +137,7 @@ def _coerce(key: str, value: Any, wanted: type) -> Any:
             return value
         if isinstance(value, str):
             try:
-                return int(value.replace("_", ""))
+                return int(value)
             except ValueError:
                 pass
     elif wanted is float:

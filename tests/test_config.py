@@ -68,6 +68,7 @@ def test_parse_set_rejects_malformed(assignment):
         ("train.random_offset=0", "train", "random_offset", False),
         ("model.cell=gru", "model", "cell", "gru"),
         ("sample.top_k=40", "sample", "top_k", 40),
+        ("train.steps=100_000", "train", "steps", 100000),
     ],
 )
 def test_overrides_coerce_strings(assignment, section, key, value):
@@ -80,6 +81,7 @@ def test_overrides_coerce_strings(assignment, section, key, value):
     [
         ({"model": {"hidden_size": "abc"}}, "model.hidden_size"),
         ({"model": {"hidden_size": "3.5"}}, "model.hidden_size"),
+        ({"model": {"hidden_size": "_5_"}}, "model.hidden_size"),  # underscores only between digits, as Python's
         ({"model": {"hidden_size": 32.0}}, "model.hidden_size"),  # TOML float for an int
         ({"model": {"hidden_size": True}}, "model.hidden_size"),
         ({"train": {"lr": "fast"}}, "train.lr"),
@@ -198,6 +200,10 @@ def test_missing_config_file(tmp_path):
         (["train.max_minutes=nan"], "train.max_minutes"),
         (["train.max_epochs=-1"], "train.max_epochs"),
         (["train.max_epochs=inf"], "train.max_epochs"),
+        (["train.fit_epochs=-1"], "train.fit_epochs"),
+        (["train.fit_epochs=inf"], "train.fit_epochs"),
+        (["train.calibration_fraction=-0.01"], "train.calibration_fraction"),
+        (["train.val_fraction=0.5", "train.calibration_fraction=0.5"], "train.calibration_fraction"),  # nothing to train on
         (["train.save_minutes=-1"], "train.save_minutes"),
         (["train.val_fraction=0"], "train.val_fraction"),
         (["train.val_fraction=1"], "train.val_fraction"),
@@ -255,6 +261,9 @@ def test_validate_rejects_infinite_weight_decay():
         ["train.clip_norm=0"],
         ["train.max_minutes=0"],
         ["train.val_fraction=0.001"],
+        ["train.calibration_fraction=0"],
+        ["train.val_fraction=0.5", "train.calibration_fraction=0.49"],
+        ["model.kind=seq2seq", "train.scheduled_sampling=1"],
         ["train.seed=0"],
         [f"train.seed={2**32 - 1}"],
         ["sample.temperature=0", "sample.top_k=0", "sample.top_p=1", "sample.length=0"],
@@ -296,6 +305,7 @@ def test_a_saved_config_without_newer_keys_keeps_what_it_ran_with():
     assert (older.model.norm, older.model.dtype, older.model.input_init, older.train.dropout_from_epoch) == (
         "none", "float32", "hidden", 0.0)
     assert older.model.hidden_size == ModelConfig().hidden_size
+    assert older.train.calibration_fraction == 0.0  # no text was held out to calibrate on
     newer = config_lib.from_dict({"model": {"norm": "layer", "dtype": "auto", "input_init": "fan_in"},
                                   "train": {"dropout_from_epoch": 1.0}})
     assert (newer.model.norm, newer.model.dtype, newer.model.input_init, newer.train.dropout_from_epoch) == (

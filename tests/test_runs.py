@@ -130,6 +130,37 @@ def test_a_row_from_metrics_takes_its_losses_from_evaluations_of_the_whole_split
     assert curve["val"]["chars_seen"] == [1000, 3000] and curve["val_part"]["chars_seen"] == [2000, 4000]
 
 
+def test_a_row_from_metrics_takes_the_lowest_loss_and_the_last_evaluation(tmp_path):
+    """An interrupted run that got worse after its best evaluation: best is the lowest loss, final the last one's bpc;
+    records from before `train.eval_fraction` have no "fraction" and scored the whole split; status.json's step,
+    past the last record's, is how far it got."""
+    rundir.create(tmp_path)
+    rundir.write_status(tmp_path, rundir.RUNNING, {"pid": 0, "step": 35})  # running with no lock: interrupted
+    log = log_train(tmp_path, ((1000, 3.0),))
+    for step, loss in ((10, 1.9), (20, 1.5), (30, 1.7)):
+        log.write({"event": "eval", "step": step, "val_loss": loss, "val_bpc": loss / math.log(2),
+                   "chars_seen": step * 100})
+    (row,) = runs.collect([tmp_path])
+    assert row["steps"] == 35
+    assert row["best_val_loss"] == 1.5 and row["best_val_bpc"] == pytest.approx(1.5 / math.log(2))
+    assert row["final_val_bpc"] == pytest.approx(1.7 / math.log(2))
+
+
+def test_a_gap_in_the_summary_keeps_the_summarys_other_values(tmp_path):
+    """Only the summary's missing values come from the metrics; the values it has stay, though the metrics differ."""
+    rundir.create(tmp_path)
+    rundir.write_status(tmp_path, rundir.FINISHED, {"steps": 30, "best_val_loss": 1.5, "best_val_bpc": 2.0,
+                                                    "final_val_bpc": 2.1, "train_chars_per_s": None, "wall_s": 99.0})
+    log = rundir.MetricsLog(tmp_path)
+    for step, speed in ((10, 100.0), (20, 300.0), (30, 200.0)):
+        log.write({"event": "train", "step": step, "chars_per_s": speed, "elapsed_s": float(step)})
+    log.write({"event": "eval", "step": 30, "val_loss": 1.8, "val_bpc": 2.6, "elapsed_s": 31.0})
+    (row,) = runs.collect([tmp_path])
+    assert row["chars_per_s"] == 200.0
+    assert (row["steps"], row["best_val_loss"], row["best_val_bpc"], row["final_val_bpc"], row["wall_s"]) == (
+        30, 1.5, 2.0, 2.1, 99.0)
+
+
 def test_a_gap_in_the_summary_is_filled_from_metrics(sweep, tmp_path):
     root, summaries = sweep
     run_dir = tmp_path / "resumed"
