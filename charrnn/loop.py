@@ -127,6 +127,7 @@ class Loop:
         not given (`charrnn.calibration`).
         """
         progress, step = self.progress, int(self.progress.state.step)
+        progress.elapsed_s = self.clock.elapsed()  # after any evaluation: a resume counts it against the budget
         if host is None:
             host = distributed.to_host((progress.state, progress.carry))
         path = checkpoint.step_path(rundir.checkpoints_dir(self.run_dir), step)
@@ -160,7 +161,6 @@ class Loop:
         if not math.isfinite(val_loss):  # finite training losses can still end in a model that scores inf
             raise self.diverged(step, "validation loss")
         progress.last_val_loss, progress.last_val_fraction = val_loss, fraction
-        progress.elapsed_s = self.clock.elapsed()  # after scoring: a resume counts the evaluation against the budget
         improved = fraction == 1.0 and (progress.best_val_loss is None or val_loss < progress.best_val_loss)
         if improved:
             progress.best_val_loss = val_loss
@@ -175,7 +175,6 @@ class Loop:
         if evaluate:
             self.validate_and_save(final)
         else:
-            self.progress.elapsed_s = self.clock.elapsed()
             self.emit(events.Saved(int(self.progress.state.step), self.save(best=False)))
         self.clock.paused_s += time.monotonic() - began
         self.clock.window = (int(self.progress.state.step), time.monotonic())

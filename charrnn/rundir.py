@@ -71,13 +71,12 @@ class RunLock:
         try:
             self.descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.descriptor)
-            raise BusyError(f"run directory {self.path.parent} is in use by another charrnn train") from None
         except OSError as error:
             if self.descriptor is not None:  # opened but not locked: `__exit__` will not run to close it
                 os.close(self.descriptor)
                 self.descriptor = None
+            if isinstance(error, BlockingIOError):
+                raise BusyError(f"run directory {self.path.parent} is in use by another charrnn train") from None
             raise StorageError(f"cannot lock run directory {self.path.parent}: {error.strerror}") from None
         os.ftruncate(self.descriptor, 0)
         os.write(self.descriptor, str(os.getpid()).encode())
