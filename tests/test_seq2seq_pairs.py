@@ -98,6 +98,24 @@ def test_each_epoch_takes_every_pair_once_in_a_seeded_order():
         assert spread < np.ptp(lengths) / 3
 
 
+def test_alike_batches_stay_together_and_their_groups_come_in_a_seeded_order():
+    rng = np.random.default_rng(1)
+    sources = [np.ones(length, np.int32) for length in rng.integers(1, 30, 400)]
+    targets = [np.ones(length, np.int32) for length in rng.integers(1, 30, 400)]
+    keys = pairs_lib.length_key(sources, targets)
+    schedule = pairs_lib.schedule(400, 4)  # 100 batches in one sort window: 25 groups of alike batches
+    alike = pairs_lib.ALIKE_BATCHES
+    for epoch in (0, 1):
+        # The documented order before the groups are drawn: shuffled, then sorted by length.
+        order = np.random.default_rng([7, epoch]).permutation(400)
+        by_length = order[np.argsort(keys[order], kind="stable")].reshape(-1, alike, 4)
+        drawn = pairs_lib.epoch_order(keys, schedule, seed=7, epoch=epoch).reshape(-1, alike, 4)
+        groups = [next(g for g in range(len(by_length)) if np.array_equal(group, by_length[g])) for group in drawn]
+        assert sorted(groups) == list(range(len(by_length)))
+        # Long batches are not all at the epoch's end.
+        assert groups != sorted(groups)
+
+
 def test_length_key_sorts_by_padded_target_then_source():
     sources = [np.ones(length, np.int32) for length in (9, 2, 5, 1)]
     targets = [np.ones(length, np.int32) for length in (3, 6, 12, 7)]  # padded with the end symbol: 4, 8, 16, 8
