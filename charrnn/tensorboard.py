@@ -5,27 +5,35 @@ Written with tensorboardX: the lightest maintained writer, needing neither Tenso
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from charrnn.errors import StorageError, UsageError
 from charrnn.events import Evaluated, Event, Logged, Stopped
 from charrnn.units import bits
 
 
-def summary_writer_class() -> type:
-    """tensorboardX's SummaryWriter, or a UsageError naming the extra that brings it."""
+def tensorboardx() -> SimpleNamespace:
+    """The parts of tensorboardX that write event files, or a UsageError naming the extra that brings them."""
     try:  # an optional extra: `charrnn` itself imports and runs without it
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.summary import scalar
     except ImportError:
         raise UsageError("TensorBoard logging needs the tensorboard extra: "
                          "pip install -e '.[tensorboard]'") from None
-    return SummaryWriter
+    return SimpleNamespace(EventsWriter=EventsWriter, Event=Event, SessionLog=SessionLog, scalar=scalar)
 
 
 class TensorBoardWriter:
-    """Write each log window and evaluation into event files in `directory`; a listener of `charrnn.events`."""
+    """Write each log window and evaluation into an event file in `directory`; a listener of `charrnn.events`.
+
+    Written in the caller's thread and flushed to disk at each evaluation, so a crash loses at most the windows
+    since (tensorboardX's SummaryWriter hands its points to a thread, and its flush() leaves the queued ones behind).
+    """
 
     def __init__(self, directory: Path | str, purge_step: int | None = None) -> None:
         """Open an event file in `directory`.
@@ -34,14 +42,16 @@ class TensorBoardWriter:
         step + 1: TensorBoard then hides the earlier files' points at that step or later, which the
         crashed or interrupted run wrote after its checkpoint, instead of drawing both runs over each other.
         """
+        self.directory = Path(directory)
+        self.tbx = tensorboardx()
         # tensorboardX names its file by the second it opens and opens it with "wb": a second writer here within
         # that second (a quick resume, runs sharing a folder) would empty the first's file. A nanosecond suffix
         # keeps every file, in the order they were opened.
-        try:
-            self.writer = summary_writer_class()(logdir=str(directory), purge_step=purge_step,
-                                                 filename_suffix=f".{time.time_ns()}")
-        except OSError as error:
-            raise StorageError(f"cannot write TensorBoard files to {directory}: {error.strerror}") from None
+        with self._storage():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.file = self.tbx.EventsWriter(str(self.directory / "events"), f".{time.time_ns()}")
+        if purge_step is not None:
+            self._write(self.tbx.Event(step=purge_step, session_log=self.tbx.SessionLog(status=self.tbx.SessionLog.START)))
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Logged):
@@ -55,13 +65,28 @@ class TensorBoardWriter:
             section = "val" if event.fraction == 1.0 else "val_part"  # a part's loss is not the whole's: a curve of its own
             self._scalar(f"{section}/loss", event.val_loss, event.step)
             self._scalar(f"{section}/bits_per_char", bits(event.val_loss), event.step)
-            self.writer.flush()  # a crash loses at most the windows since (tensorboardX also flushes on a timer)
+            with self._storage():
+                self.file.flush()
         elif isinstance(event, Stopped):
-            self.writer.close()
+            with self._storage():
+                self.file.flush()
+                self.file.close()
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         """Add one point to the curve `tag`, unless it is not finite."""
-        # Skipped, not written: tensorboardX warns on stderr for each one, into the progress bar, and the
-        # Diverged event already says where a run diverged.
+        # Skipped, not written: the Diverged event already says where a run diverged.
         if math.isfinite(value):
-            self.writer.add_scalar(tag, float(value), global_step=step)
+            self._write(self.tbx.Event(summary=self.tbx.scalar(tag, float(value)), step=step))
+
+    def _write(self, event) -> None:
+        event.wall_time = time.time()
+        with self._storage():
+            self.file.write_event(event)
+
+    @contextlib.contextmanager
+    def _storage(self):
+        """An OSError here is the run directory's StorageError: a disk that fills stops the run with one line."""
+        try:
+            yield
+        except OSError as error:
+            raise StorageError(f"cannot write TensorBoard files to {self.directory}: {error.strerror}") from None

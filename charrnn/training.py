@@ -21,7 +21,7 @@ from charrnn.loop import Loop, LoopState
 from charrnn.seq2seq.pairs import target_vocab
 from charrnn.seq2seq.task import PairsTask, load_pairs
 from charrnn.task import Task, TextTask
-from charrnn.tensorboard import TensorBoardWriter, summary_writer_class
+from charrnn.tensorboard import TensorBoardWriter, tensorboardx
 
 # Train keys that fix the data stream, the carried state's shape or what a checkpoint holds: a resumed run keeps them.
 _RESUME_FIXED_TRAIN_KEYS = ("batch_size", "seq_len", "seed", "val_fraction", "calibration_fraction", "random_offset",
@@ -232,7 +232,7 @@ def _train(corpus_path: Path, run_dir: Path, source, assignments: list[str], opt
             task = TextTask(choice.config, task.corpus)
         config = choice.config
     if config.train.tensorboard:  # the optional extra is there, and a folder of its own writable, before any writing
-        summary_writer_class()
+        tensorboardx()
         if Path(config.train.tensorboard).is_absolute():
             _probe(Path(config.train.tensorboard))
     placement = steps.placement(config, devices)

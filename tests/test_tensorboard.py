@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from clihelp import TINY
 
-from charrnn.errors import UsageError
+from charrnn.errors import StorageError, UsageError
 from charrnn.events import Evaluated, Logged, Started, Stopped
 from charrnn.tensorboard import TensorBoardWriter
 
@@ -88,6 +88,21 @@ def test_skips_non_finite_values(tmp_path):
 
 
 @needs_tensorboardx
+def test_an_evaluation_reaches_the_file_before_the_writer_closes(tmp_path):
+    """What was written up to an evaluation is on disk once the evaluation is: a run that crashes after it keeps it."""
+    writer = TensorBoardWriter(tmp_path)
+    writer(logged(10, 3.0, 5000.0))
+    writer(Evaluated(step=10, val_loss=2.75, chars_seen=1000, elapsed_s=2.0, final=False,
+                     checkpoint=tmp_path / "step-10.safetensors", best=True))
+    assert [tag for tag, _, _ in read_scalars(tmp_path)] == ["train/loss", "train/bits_per_char", "train/learning_rate",
+                                                             "train/grad_norm", "train/chars_per_s", "val/loss",
+                                                             "val/bits_per_char"]
+    writer(logged(11, 2.5, None))  # the points after it go on being written
+    writer(Stopped(status="finished", step=11))
+    assert [step for tag, step, _ in read_scalars(tmp_path) if tag == "train/loss"] == [10, 11]
+
+
+@needs_tensorboardx
 def test_purge_step_marks_a_restart_for_tensorboard(tmp_path):
     from tensorboardX.proto.event_pb2 import SessionLog
 
@@ -97,8 +112,17 @@ def test_purge_step_marks_a_restart_for_tensorboard(tmp_path):
     assert starts == [21]
 
 
+@needs_tensorboardx
+def test_a_directory_that_cannot_be_made_is_a_storage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="cannot write TensorBoard files to"):
+        TensorBoardWriter(blocker / "tensorboard")
+
+
 def test_without_the_extra_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` now raises ImportError
+    for name in ["tensorboardX", *(name for name in sys.modules if name.startswith("tensorboardX."))]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it, or any part of it, now raises ImportError
     with pytest.raises(UsageError) as raised:
         TensorBoardWriter(tmp_path)
     message = str(raised.value)
