@@ -1,6 +1,8 @@
 """`charrnn bench`: what --json reports, and the arithmetic behind the matmul figures."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from clihelp import TINY, run_in_process, run_subprocess
@@ -100,6 +102,51 @@ def test_versus_takes_the_variants_windows_in_turn_and_reports_the_median_ratio_
     assert (variant["versus"], variant["train_repeats"]) == ("model.hidden_size=12", [150.0, 100.0, 80.0])
     assert variant["train_chars_per_s"] == 100.0
     assert variant["train_ratio"] == pytest.approx(1.5)
+
+
+def test_the_ratio_to_the_first_is_the_median_of_each_rounds_ratio():
+    """Rounds whose ratios are 1, 1 and 4: the median is 1, where the mean would be 2."""
+    assert bench.ratio_to_first([100.0, 60.0, 400.0], [100.0, 60.0, 100.0]) == 1.0
+
+
+def test_the_matmul_work_per_character_counts_every_member():
+    one, three = (config_lib.resolve(TINY, [f"train.members={count}"], {}) for count in (1, 3))
+    assert bench.train_matmul_flops_per_char(three) == pytest.approx(3 * bench.train_matmul_flops_per_char(one))
+
+
+def test_corpus_memory_is_the_peak_over_the_baseline_per_megabyte_beyond_it(monkeypatch):
+    """Peaks of 300 MB on the 1 MB corpus and 345 MB on a 4 MB one: 45 MB more for 3 MB more, 15x the file."""
+    monkeypatch.setattr(bench, "_peak_rss_of_training", lambda corpus, run_dir: {"small.txt": 300.0,
+                                                                                  "large.txt": 345.0}[corpus.name])
+    figures = bench.measure_corpus_memory(4.0, "abc\n" * 1000)
+    assert figures == {"corpus_mb": 4.0, "corpus_peak_rss_mb": 345.0, "baseline_peak_rss_mb": 300.0,
+                       "corpus_overhead_x_file": pytest.approx(15.0)}
+
+
+def test_the_benchmark_samples_one_stream_and_sixty_four_and_takes_the_peak_in_the_models_dtype(monkeypatch):
+    peaks = []
+    monkeypatch.setattr(bench, "measure_training", lambda configs, repeats, seconds: [{"train_chars_per_s": 1.0}])
+    monkeypatch.setattr(bench, "measure_matmul_peak", lambda dtype, repeats: peaks.append(dtype) or 2.0)
+    monkeypatch.setattr(bench, "measure_sampling",
+                        lambda config, batch_size, length, repeats: 1000.0 * batch_size + length)
+    result = bench.benchmark(config_lib.resolve(TINY, ["model.dtype=bfloat16"], {}), repeats=1, sample_length=7)
+    assert (result["sample_chars_per_s_b1"], result["sample_chars_per_s_b64"]) == (1007.0, 64007.0)
+    assert peaks == ["bfloat16"]
+
+
+def test_the_memory_runs_compile_afresh_in_a_process_of_their_own(monkeypatch, tmp_path):
+    """Without the compilation cache both runs compile, so they differ only by the corpus."""
+    runs = []
+
+    def run(command, env, **kwargs):
+        runs.append((command, env))
+        return subprocess.CompletedProcess(command, 0, stdout='{"peak_rss_mb": 123.0}\n', stderr="")
+
+    monkeypatch.setenv(runtime.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    assert bench._peak_rss_of_training(tmp_path / "corpus.txt", tmp_path / "run") == 123.0
+    ((command, env),) = runs
+    assert command[:4] == [sys.executable, "-m", "charrnn", "train"] and env[runtime.CACHE_ENV] == ""
 
 
 @pytest.mark.parametrize("args", [["--versus", "model.no_such_key=1"], ["--versus", "model.kind=seq2seq"],

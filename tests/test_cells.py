@@ -127,8 +127,10 @@ def test_init_shapes_and_bounds(name):
         assert np.abs(weights).max() <= HIDDEN**-0.5
         assert np.unique(weights).size == weights.size  # random, not constant
     np.testing.assert_array_equal(params["b"], 0.0)
+    assert np.intersect1d(params["w_x"], params["w_h"]).size == 0  # drawn from keys of their own
     if name == "gru":
         assert params["b_hn"].shape == (HIDDEN,)
+        np.testing.assert_array_equal(params["b_hn"], 0.0)
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_NORMALIZED_CELLS))

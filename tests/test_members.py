@@ -3,6 +3,8 @@
 import re
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from clihelp import TINY, final_arrays
@@ -80,6 +82,15 @@ def test_combine_and_split_are_inverse_and_leave_one_member_as_it_is():
         np.testing.assert_array_equal(original["w"], back["w"])
         np.testing.assert_array_equal(original["b"], back["b"])
     assert members.combine(trees[:1]) is trees[0] and members.split(trees[0], 1) == (trees[0],)
+
+
+def test_combine_keeps_host_arrays_on_the_host_and_stacks_device_and_traced_ones_where_they_are():
+    host = members.combine([np.zeros(2, np.int32), np.ones(2, np.int32)])  # minibatches
+    assert isinstance(host, np.ndarray) and host.shape == (2, 2)
+    device = members.combine([jnp.zeros(2), jnp.ones(2)])
+    assert isinstance(device, jax.Array) and device.shape == (2, 2)
+    traced = jax.jit(lambda first, second: members.combine([{"w": first}, {"w": second}]))(jnp.zeros(2), jnp.ones(2))
+    np.testing.assert_array_equal(traced["w"], [[0.0, 0.0], [1.0, 1.0]])
 
 
 def test_the_timing_probe_trains_members_as_a_run_does():

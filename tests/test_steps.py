@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from charrnn import data, dropout, model, steps
+from charrnn import data, dropout, members, model, steps
 from charrnn.config import Config, ModelConfig, TrainConfig
 
 MODEL = ModelConfig(cell="lstm", num_layers=2, hidden_size=16, embedding_size=8, dropout=0.0)
@@ -99,10 +99,11 @@ def test_constant_stays_constant():
     assert {steps.learning_rate(config, step, progress) for step, progress in [(0, 0.0), (7, 0.4), (99, 1.0)]} == {0.3}
 
 
-def test_optimizer_is_global_clipping_then_adam_then_decoupled_decay():
+@pytest.mark.parametrize("clip_norm", [1.0, 0.0])  # 0 disables clipping
+def test_optimizer_is_global_clipping_then_adam_then_decoupled_decay(clip_norm):
     """Against the formulas over several steps (one step of Adam is the same whatever its betas), with gradients
     below and above the clip."""
-    config = TrainConfig(clip_norm=1.0, beta1=0.8, beta2=0.95, weight_decay=0.1)
+    config = TrainConfig(clip_norm=clip_norm, beta1=0.8, beta2=0.95, weight_decay=0.1)
     optimizer = steps.make_optimizer(config)
     rng = np.random.default_rng(0)
     params = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))}
@@ -114,7 +115,7 @@ def test_optimizer_is_global_clipping_then_adam_then_decoupled_decay():
         norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))  # one norm over every leaf
         updates, state = optimizer.update(jax.tree.map(jnp.asarray, grads), state, jax.tree.map(jnp.asarray, params))
         for name in params:
-            g = grads[name] * min(1.0, config.clip_norm / norm)
+            g = grads[name] * (min(1.0, config.clip_norm / norm) if config.clip_norm else 1.0)
             m[name] = config.beta1 * m[name] + (1 - config.beta1) * g
             v[name] = config.beta2 * v[name] + (1 - config.beta2) * g**2
             m_hat, v_hat = m[name] / (1 - config.beta1**t), v[name] / (1 - config.beta2**t)
@@ -238,6 +239,92 @@ def test_non_finite_step_changes_nothing(corpus):
     assert_trees_close(state_bad_good.opt_state, state_good.opt_state, atol=0)
 
 
+def test_metrics_report_the_loss_and_the_gradient_norm_before_clipping():
+    """sum((w - target)²) over two leaves: the gradient 2 (w - target), its norm over both, taken before the clip."""
+    train_config = TrainConfig(clip_norm=1e-3)
+    optimizer = steps.make_optimizer(train_config)
+    call = steps.compile_train_call(lambda params, carry, batch, dropout_key: (
+        sum(jnp.sum((leaf - batch) ** 2) for leaf in jax.tree.leaves(params)), carry), train_config, optimizer)
+    params = {"a": np.array([1.0, -2.0]), "b": np.array([[3.0]])}
+    state, _, metrics = call(steps.initial_state(jax.tree.map(jnp.asarray, params), optimizer), (jnp.zeros(1),),
+                             jnp.full((1,), 0.5), jnp.zeros((1,), jnp.float32))
+    differences = np.array([0.5, -2.5, 2.5])
+    assert float(metrics.loss[0]) == pytest.approx(np.sum(differences**2))
+    assert float(metrics.grad_norm[0]) == pytest.approx(np.linalg.norm(2 * differences))
+
+
+def test_each_step_moves_the_weights_by_its_own_learning_rate_times_the_optimizers_update():
+    train_config = TrainConfig(clip_norm=0.0, weight_decay=0.0)
+    optimizer = steps.make_optimizer(train_config)
+
+    def batch_loss(params, carry, batch, dropout_key):
+        return jnp.sum((params["w"] - batch) ** 2), carry
+
+    params, targets, lrs = {"w": np.array([1.0, -2.0, 0.5], np.float32)}, jnp.array([[0.0], [3.0]]), [0.5, 0.25]
+    call = steps.compile_train_call(batch_loss, train_config, optimizer)
+    state, _, _ = call(steps.initial_state(jax.tree.map(jnp.asarray, params), optimizer), (jnp.zeros(1),), targets,
+                       jnp.asarray(lrs, jnp.float32))  # donates its state
+
+    expected, opt_state = params, optimizer.init(params)
+    for target, lr in zip(targets, lrs, strict=True):
+        grads = jax.grad(lambda p: batch_loss(p, None, target, None)[0])(expected)
+        updates, opt_state = optimizer.update(grads, opt_state, expected)
+        expected = jax.tree.map(lambda param, update: param - lr * update, expected, updates)
+    np.testing.assert_allclose(state.params["w"], expected["w"], rtol=1e-6)
+
+
+def sqrt_loss(params, carry, batch, dropout_key):
+    """A finite loss whose gradient is not finite where a weight is 0 (d sqrt(w) / dw = inf); the carry moves."""
+    return jnp.sum(jnp.sqrt(jnp.abs(params["w"] - batch))), (carry[0] + 1.0,)
+
+
+def test_a_step_with_a_finite_loss_and_a_non_finite_gradient_changes_nothing():
+    """Weights, optimizer state, the weights' average and the carry all stay as they were; the step still counts."""
+    train_config = TrainConfig(ema=0.9)
+    optimizer = steps.make_optimizer(train_config)
+    call = steps.compile_train_call(sqrt_loss, train_config, optimizer)
+
+    def start():
+        params = {"w": jnp.array([0.0, 1.0])}
+        state = steps.initial_state(params, optimizer, averaged=True)
+        return state._replace(average={"w": jnp.array([0.5, 0.5])}), (jnp.zeros(2),)  # an average apart from w
+
+    lrs = jnp.full((1,), 0.1, jnp.float32)
+    before, before_carry = host_copy(start())
+    state, carry, metrics = call(*start(), jnp.zeros((1, 2)), lrs)  # targets [K, 2]: w[0] - 0 = 0
+    assert np.isfinite(metrics.loss[0]) and not np.isfinite(metrics.grad_norm[0]) and not bool(metrics.finite[0])
+    assert_trees_close((state.params, state.opt_state, state.average, carry),
+                       (before.params, before.opt_state, before.average, before_carry), atol=0)
+    assert int(state.step) == 1
+    # A finite step from the same start moves all of them.
+    state, carry, metrics = call(*start(), jnp.full((1, 2), 2.0), lrs)
+    assert bool(metrics.finite[0])
+    for moved, old in [(state.params["w"], before.params["w"]), (state.average["w"], before.average["w"]),
+                       (carry[0], before_carry[0])]:
+        assert not np.allclose(moved, old)
+
+
+def test_members_metrics_are_their_mean_loss_finite_only_where_every_member_was():
+    """Two members, the second's first step with a non-finite gradient: a step's loss is the members' mean, the step
+    is finite for the run only where both members' were, and only the member whose gradient was not skips it."""
+    train_config = TrainConfig(members=2)
+    optimizer = steps.make_optimizer(train_config)
+    call = steps.compile_train_call(sqrt_loss, train_config, optimizer)
+    starts = [{"w": jnp.array([3.0, 1.0])}, {"w": jnp.array([0.0, 2.0])}]
+    state = members.combine([steps.initial_state(params, optimizer) for params in starts])
+    state = state._replace(step=jnp.zeros((), jnp.int32))
+    carry = (jnp.zeros((2, 2)),)
+    targets = jnp.zeros((2, 2, 2)).at[1, 1].set(5.0)  # [members, K, 2]: the second member's first step at w - 0 = 0
+    state, carry, metrics = call(state, carry, targets, jnp.full((2,), 0.1, jnp.float32))
+
+    first_losses = [float(sqrt_loss(params, (0.0,), 0.0, None)[0]) for params in starts]
+    assert float(metrics.loss[0]) == pytest.approx(np.mean(first_losses), rel=1e-6)
+    assert list(np.asarray(metrics.finite)) == [False, True]
+    assert int(state.step) == 2
+    adam = state.opt_state[1]  # the chain's clip, Adam, decay
+    np.testing.assert_array_equal(adam.count, [2, 1])  # the second member's first step skipped, its second taken
+
+
 def test_step_gradient_treats_incoming_carry_as_constant(corpus):
     """Step 2 of a call updates with the gradient of model.loss at the carried state, cut at the chunk edge."""
     ids, vocab_size = corpus
@@ -299,6 +386,24 @@ def test_evaluate_one_stream_equals_one_forward_pass():
     assert mean == pytest.approx(float(jnp.sum(losses)) / (len(ids) - 1), rel=1e-5)
 
 
+def test_models_evaluated_together_score_the_mean_of_their_probabilities():
+    """Each target's loss is -log of the mean of the models' probabilities of it, not the mean of their losses."""
+    rng = np.random.default_rng(33)
+    ids = rng.integers(0, 7, 30).astype(np.uint8)  # 29 predictions: the last chunk is padded
+    params = tuple(jax.tree.map(lambda leaf: 4.0 * leaf, model.init_params(jax.random.key(seed), MODEL, 7))
+                   for seed in (34, 35))  # confident models that disagree
+
+    mean = steps.evaluate_together(params, (MODEL, MODEL), ids, num_streams=1, seq_len=8)
+
+    losses = []  # [models, T]
+    for member in params:
+        _, logits = model.forward(member, MODEL, model.initial_carry(member, MODEL, 1), jnp.asarray(ids[:-1, None]))
+        losses.append(np.asarray(model.token_losses(logits, jnp.asarray(ids[1:, None])), np.float64)[:, 0])
+    mixture = -np.log(np.mean(np.exp(-np.array(losses)), axis=0))
+    assert mean == pytest.approx(mixture.mean(), rel=1e-5)
+    assert abs(mixture.mean() - np.mean(losses)) > 0.05  # the two would differ
+
+
 def test_evaluation_chunks_predict_every_character_once():
     ids = np.arange(40, dtype=np.int32)  # distinct ids: each (input, target) names its position
     chunks = data.evaluation_chunks(ids, num_streams=3, seq_len=4)
@@ -346,5 +451,6 @@ def test_passes_are_counted_in_steps_without_the_products_rounding():
             assert steps.last_step(TrainConfig(steps=10**6, max_epochs=tenths / 10), steps_per_epoch) == exact
     assert steps.last_step(TrainConfig(steps=10**6, max_epochs=1e-12), 100) == 1
     assert steps.last_step(TrainConfig(steps=50, max_epochs=1.1), 100) == 50
+    assert steps.last_step(TrainConfig(steps=50, max_epochs=0.0), 100) == 50  # no cap
     late = Config(model=ModelConfig(dropout=0.2), train=TrainConfig(dropout_from_epoch=1.1))
     assert dropout.first_step(late, 100) == 110
