@@ -1,7 +1,9 @@
 """Encoder–decoder runs end to end: training learns, resumes exactly, and sample / eval / viz / runs work on them."""
 
+import dataclasses
 import json
 import random
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -9,9 +11,13 @@ import pytest
 from clihelp import assert_identical_arrays, final_arrays, run_in_process, snapshot
 
 import charrnn
-from charrnn.seq2seq import generate
+from charrnn.checkpoint import Loaded
+from charrnn.config import Config, SampleConfig, TrainConfig
+from charrnn.data import Vocab
+from charrnn.seq2seq import generate, pairs as pairs_lib
 from charrnn.seq2seq.pairs import Pairs
 from charrnn.seq2seq.task import mean_loss
+
 
 CONFIG = """
 [model]
@@ -257,6 +263,69 @@ def test_resume_continues_exactly(tmp_path, capsys, monkeypatch):
     result = run_in_process(capsys, "train", "--resume", "split", "--steps", "30", "--quiet")
     assert result.code == 0, result.err
     assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "split"))
+
+
+def untrained(sample: SampleConfig = SampleConfig(temperature=0.0), **model) -> charrnn.Seq2SeqModel:
+    """A model with random weights over sources "abcdef" and targets "abcd", as `charrnn.load` gives a run's: for
+    the settings of `convert` and `score`, which need no trained model."""
+    from test_seq2seq_model import SMALL, params_for
+
+    config = dataclasses.replace(SMALL, **{"attention": "additive", **model})
+    params = jax.tree.map(np.float32, params_for(config))
+    loaded = Loaded(Config(config, TrainConfig(max_length=8), sample), Vocab("abcd"), params, {}, Path("untrained"),
+                    0, Vocab("abcdef"))
+    return charrnn.Seq2SeqModel(loaded)
+
+
+SOURCES = ["abc", "fed", "a", "bbbbb", "cafe", "dead", "ace"]
+
+
+def test_convert_draws_by_its_seed_and_top_k_and_top_p_narrow_the_draw():
+    """The same seed draws the same targets, other seeds others; top-k 1, or a top-p under any symbol's
+    probability, leaves only the most likely symbol: the greedy targets at any temperature."""
+    model = untrained()
+    greedy = model.convert(SOURCES)
+    drawn = [model.convert(SOURCES, temperature=1.0, seed=seed) for seed in range(3)]
+    assert drawn[0] == model.convert(SOURCES, temperature=1.0, seed=0)
+    assert len({tuple(one) for one in drawn}) == 3 and greedy not in drawn
+    assert model.convert(SOURCES, temperature=1.0, top_k=1, seed=1) == greedy
+    assert model.convert(SOURCES, temperature=1.0, top_p=1e-3, seed=1) == greedy
+
+
+def test_convert_cuts_targets_at_length_and_searches_with_beam():
+    """Targets stop at `length` symbols (the run's train.max_length, 8, by default); `beam` > 1 writes each source's
+    best hypothesis of a beam search over all the sources together."""
+    model = untrained()
+    greedy = model.convert(SOURCES)
+    assert max(map(len, greedy)) == 8  # random weights: some targets run on to the cap
+    assert model.convert(SOURCES, length=3) == [output[:3] for output in greedy]
+    source = np.zeros((8, len(SOURCES)), np.int32)
+    for column, text in enumerate(SOURCES):
+        source[: len(text), column] = model.source_vocab.encode(text) + 1
+    tokens, _ = generate.beam_search((model.params,), (model.config.model,), source, 8 + 1, 3)
+    searched = [model.vocab.decode(pairs_lib.written(ids[:8])) for ids in np.asarray(tokens)[:, 0]]
+    assert model.convert(SOURCES, beam=3) == searched != greedy
+
+
+def test_score_writes_greedily_and_a_source_is_right_with_any_of_its_targets():
+    """Whatever the run's sample temperature, and wherever a source's matching target is listed among its others."""
+    model = untrained(SampleConfig(temperature=1.0))
+    sources, greedy = zip(*[(source, output) for source, output in zip(SOURCES, model.convert(SOURCES, temperature=0.0))
+                            if output])  # a target is never empty
+    others = ["dd" if output != "dd" else "cc" for output in greedy]
+    score = model.score(Pairs(list(sources) * 2, [*greedy, *others]))
+    assert score.exact_match == 1.0 and score.char_error_rate == 0.0
+    assert score.pairs == 2 * len(sources) and score.sources == len(sources)
+
+
+def test_convert_refuses_an_empty_source_a_beam_under_one_and_attention_without_any():
+    model = untrained()
+    with pytest.raises(charrnn.UsageError, match="source 2 is empty"):
+        model.convert(["abc", ""])
+    with pytest.raises(charrnn.UsageError, match="beam must be at least 1"):
+        model.convert(["abc"], beam=0)
+    with pytest.raises(charrnn.UsageError, match="no attention"):
+        untrained(attention="none").attention("abc")
 
 
 BAD_PAIRS = [

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from charrnn import dropout
 from charrnn.config import Config, ModelConfig, TrainConfig
+from charrnn.errors import CorpusError, UsageError
 from charrnn.seq2seq import attention, generate, model as s2s, pairs as pairs_lib, rescoring, task as task_lib
 from references import layer_norm, sigmoid
 
@@ -345,6 +347,78 @@ def test_a_runs_pad_multiple_shapes_its_batches_and_leaves_its_losses_alone(monk
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
 
+def test_each_epoch_of_training_batches_takes_every_pair_once_and_streams_pick_their_pairs():
+    """Consecutive steps' batches of one call, over two epochs: every pair once per epoch, in another order each
+    epoch, a step's target symbols `chars_per_step` on average; a slice of streams is those columns of the full
+    batches."""
+    count = 24
+    sources = [np.array([index + 1], np.int32) for index in range(count)]  # each pair named by its source id
+    targets = random_pairs(3, count)[1]
+    corpus = task_lib.PairsCorpus(None, None, (sources, targets), (sources[:2], targets[:2]), "", 0)
+    task = task_lib.PairsTask(Config(SMALL, TrainConfig(batch_size=6, pad_multiple=1)), corpus)
+    assert task.steps_per_epoch == 4
+    batches = task.batches(0, 8, slice(None))  # [8 steps, S, 6]
+    epochs = [np.asarray(batches.source[:4, 0]).ravel() - 1, np.asarray(batches.source[4:, 0]).ravel() - 1]
+    for taken in epochs:
+        np.testing.assert_array_equal(np.sort(taken), np.arange(count))
+    assert np.any(epochs[0] != epochs[1])
+    assert task.chars_per_step == round(np.asarray(batches.target_mask[:4]).sum() / 4)  # end symbols included
+    np.testing.assert_array_equal(task.batches(5, 1, slice(None)).source[0, 0], batches.source[5, 0])
+    part = task.batches(4, 3, slice(2, 5))
+    np.testing.assert_array_equal(part.source[:, 0], batches.source[4:7, 0, 2:5])
+
+
+def test_scheduled_samplings_coins_leave_the_dropout_masks_those_of_a_run_without_it():
+    """A training batch's loss draws its coins from fold_in(key, SAMPLING_STREAM) and its dropout masks from the key
+    itself, as a run without scheduled sampling does."""
+    config = dataclasses.replace(SMALL, dropout=0.3, encoder_layers=1, num_layers=1)
+    sources, targets = random_pairs(9, 6)
+    batch = pairs_lib.make_batch(sources, targets)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    key = jax.random.key(2)
+    corpus = task_lib.PairsCorpus(None, None, (sources, targets), (sources, targets), "", 0)
+    task = task_lib.PairsTask(Config(config, TrainConfig(batch_size=6, scheduled_sampling=0.5)), corpus)
+    own = s2s.with_own_choices(params, config, batch, 0.5, jax.random.fold_in(key, task_lib.SAMPLING_STREAM))
+    assert np.any(np.asarray(own.target_in) != np.asarray(batch.target_in))
+    got, want = jax.jit(lambda key: (task.batch_loss(params, (), batch, key)[0], s2s.loss(params, config, own, key)))(key)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_validation_loss_is_over_all_pairs_not_a_mean_of_batch_means(monkeypatch):
+    """Nats summed over every real target symbol of every pair, over their count, however many batches of up to
+    EVAL_BATCH_SIZE pairs they take."""
+    sources, targets = random_pairs(6, 21, max_target=9)
+    params = jax.tree.map(jnp.float32, params_for(SMALL))
+    corpus = task_lib.PairsCorpus(None, None, (sources, targets), (sources, targets), "", 0)
+    task = task_lib.PairsTask(Config(SMALL, TrainConfig(batch_size=3, pad_multiple=16)), corpus)  # one shape
+    total, symbols = jax.jit(s2s.summed_loss, static_argnums=1)(params, SMALL,
+                                                                pairs_lib.make_batch(sources, targets, 16, 16))
+    monkeypatch.setattr(task_lib, "EVAL_BATCH_SIZE", 3)
+    assert [len(rows) for rows, _ in task_lib.batches_of(sources, targets, 3)] == [3] * 7
+    assert [len(rows) for rows, _ in task_lib.batches_of(sources[:20], targets[:20], 3)] == [3] * 6 + [2]
+    np.testing.assert_allclose(task.validation_loss(params, None), total / symbols, rtol=1e-5)
+
+
+def test_loading_pairs_stores_targets_in_writing_order_and_refuses_another_file_or_no_validation(tmp_path):
+    """A decoder writing right to left reads its training and validation targets last symbol first; resuming on a
+    file of another checksum, or a split that holds nothing out, is refused."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdef"), rng.integers(2, 7))) for _ in range(200)]
+    path = tmp_path / "pairs.tsv"
+    path.write_text("".join(f"{word}\t{word.upper()}z\n" for word in words), encoding="utf-8")
+    config = Config(dataclasses.replace(SMALL, reverse_target=True), TrainConfig(max_length=8, val_fraction=0.2))
+    corpus = task_lib.load_pairs(path, config)
+    expected = pairs_lib.split(pairs_lib.Pairs(words, [f"{word.upper()}z" for word in words]), 0.2)
+    for encoded, pairs in zip((corpus.train, corpus.val), expected, strict=True):
+        assert [corpus.target_vocab.decode(ids[::-1] - 1) for ids in encoded[1]] == pairs.targets
+        assert [corpus.source_vocab.decode(ids - 1) for ids in encoded[0]] == pairs.sources
+    assert task_lib.load_pairs(path, config, checksum=corpus.checksum).checksum == corpus.checksum
+    with pytest.raises(UsageError, match="cannot resume on another pairs file"):
+        task_lib.load_pairs(path, config, checksum="0" * 64)
+    with pytest.raises(CorpusError, match="no pair falls in the validation split"):
+        task_lib.load_pairs(path, dataclasses.replace(config, train=TrainConfig(max_length=8, val_fraction=0.0)))
+
+
 def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():
     """The feeding path (attention inside a step-by-step loop) against the plain one (whole layers, then
     attention): with W_f = 0 they compute the same, locked dropout masks and gradients included."""
@@ -365,6 +439,55 @@ def test_input_feeding_with_zero_feed_weights_is_the_plain_decoder():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
     assert not np.isclose(float(loss), float(loss_and_grads(params, feeding, batch, jax.random.key(4))[0]),
                           rtol=1e-3)  # dropout applied: another key, another loss
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_each_encoder_layer_drops_its_outputs_with_a_mask_of_its_own(locked):
+    """Output dropout of encoder layer i draws the mask of fold_in(key, i), one for all steps where locked: the top
+    layer's, index 1 here, is what the decoder reads (not layer 0's mask again)."""
+    config = dataclasses.replace(SMALL, dropout=0.5, locked_dropout=locked)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    source = pairs_lib.make_batch(*random_pairs(5, 4)).source
+    key = jax.random.key(8)
+    outputs = np.asarray(s2s.encode(params, config, source, key)[0])  # [S, B, 2H]
+    factors = dropout.output_factors(outputs.shape, 0.5, key, config.encoder_layers - 1, locked)
+    np.testing.assert_array_equal(outputs != 0, np.broadcast_to(np.asarray(factors) != 0, outputs.shape))
+
+
+def test_input_feeding_drops_step_ts_outputs_with_the_mask_of_fold_in_key_t():
+    """Unlocked output dropout with input feeding: the teacher-forced logits are those of decoder steps taken one at a
+    time, step t with the key fold_in(decoder's key, t), the encoder and decoder keys split from the one given."""
+    config = dataclasses.replace(SMALL, input_feeding=True, dropout=0.5, encoder_layers=1, num_layers=1)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    batch = pairs_lib.make_batch(*random_pairs(7, 5))
+    key = jax.random.key(3)
+    logits = np.asarray(jax.jit(s2s.forward, static_argnums=1)(params, config, batch, key)[0])
+    encoder_key, decoder_key = jax.random.split(key)
+    prepared = s2s.prepare(params, config)
+    state, memory = s2s.start(params, prepared, config, batch.source, encoder_key)
+    step = jax.jit(s2s._features_step, static_argnums=1)
+    for t, ids in enumerate(batch.target_in):
+        state, features, _ = step(prepared, config, state, ids, memory, jax.random.fold_in(decoder_key, t))
+        want = features @ prepared["output"]["w"] + prepared["output"]["b"][None]
+        np.testing.assert_allclose(logits[t], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("input_feeding", [False, True], ids=["plain", "feeding"])
+def test_decoder_steps_taken_one_at_a_time_give_the_teacher_forced_logits_and_attention(input_feeding):
+    """`decoder_step`, which generation runs, against `forward`'s teacher-forced pass, with an output bias that is
+    not the initialisation's zeros."""
+    config = dataclasses.replace(SMALL, attention="additive", input_feeding=input_feeding)
+    params = jax.tree.map(jnp.float32, params_for(config))
+    params["decoder"]["output"]["b"] = jnp.asarray(np.random.default_rng(0).normal(size=TARGET_VOCAB), jnp.float32)
+    batch = pairs_lib.make_batch(*random_pairs(7, 5))
+    logits, weights = jax.jit(s2s.forward, static_argnums=1)(params, config, batch)
+    prepared = s2s.prepare(params, config)
+    state, memory = s2s.start(params, prepared, config, batch.source)
+    step = jax.jit(s2s.decoder_step, static_argnums=1)
+    for t, ids in enumerate(batch.target_in):
+        state, step_logits, step_weights = step(prepared, config, state, ids, memory)
+        np.testing.assert_allclose(step_logits, logits[t], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(step_weights, weights[t], rtol=1e-5, atol=1e-6)
 
 
 def test_beam_of_one_is_greedy():
@@ -474,6 +597,60 @@ def test_sampling_draws_step_t_with_the_noise_of_fold_in_key_t():
         assert live.sum() >= 2
         noise = np.asarray(jax.random.gumbel(jax.random.fold_in(key, t), (len(ids), TARGET_VOCAB)))
         np.testing.assert_array_equal(ids[live, t], np.argmax(log_probs[t] + noise, axis=-1)[live])
+
+
+def test_models_are_grouped_by_the_direction_they_write_forwards_first_and_no_group_is_empty():
+    backwards = dataclasses.replace(SMALL, reverse_target=True)
+    assert rescoring.directions((SMALL, SMALL)) == [[0, 1]]
+    assert rescoring.directions((backwards,)) == [[0]]
+    assert rescoring.directions((backwards, SMALL, backwards)) == [[1], [0, 2]]
+
+
+def test_rescoring_gives_a_right_to_left_models_proposals_first_symbol_first():
+    """Alone, with a beam of one, a model writing right to left chooses its own greedy target, turned around."""
+    config = dataclasses.replace(SMALL, attention="additive", num_layers=1, encoder_layers=1, reverse_target=True)
+    params = jax.tree.map(jnp.float32, params_for(config, seed=8))
+    source = pairs_lib.make_batch(*random_pairs(10, 6)).source
+    ids, _ = generate.sample((params,), (config,), source, jax.random.key(0), jnp.float32(0.0), None, 5)
+    greedy = [pairs_lib.written(row[:4])[::-1] for row in np.asarray(ids)]
+    assert any(np.any(target != target[::-1]) for target in greedy)  # not all palindromes
+    for got, want in zip(rescoring.choose((params,), (config,), source, 4, beam=1), greedy, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_rescoring_scores_each_pair_as_its_own_teacher_forced_batch_whatever_order_batches_take():
+    """`log_probs` batches pairs sorted by length; each score still lands on its own pair, written in each model's
+    direction, against one pair at a time."""
+    configs = (SMALL, dataclasses.replace(SMALL, cell="gru", reverse_target=True))
+    params = tuple(jax.tree.map(jnp.float32, params_for(config, seed=4 + index)) for index, config in enumerate(configs))
+    sources, targets = random_pairs(11, 8, max_source=9, max_target=9)
+    assert len({len(target) for target in targets}) > 2  # lengths that sorting reorders
+    got = rescoring.log_probs(params, configs, sources, targets)
+    one = jax.jit(s2s.pair_log_probs, static_argnums=1)
+    for member, config, row in zip(params, configs, got, strict=True):
+        want = [float(one(member, config, pairs_lib.make_batch(
+            [source], [pairs_lib.written_order(target, config.reverse_target)], 12, 12))[0])
+            for source, target in zip(sources, targets)]
+        np.testing.assert_allclose(row, want, rtol=1e-5)
+
+
+def test_rescoring_one_model_with_a_beam_over_every_hypothesis_chooses_its_most_likely_target():
+    """Against teacher forcing every target of up to `length` symbols, for weights that make some of them better
+    than the empty target."""
+    config = dataclasses.replace(SMALL, attention="additive", num_layers=1, encoder_layers=1)
+    params = jax.tree.map(jnp.float32, params_for(config, seed=11))
+    length = 3
+    targets = [np.array(t, np.int32) for n in range(length + 1)
+               for t in itertools.product(range(1, TARGET_VOCAB), repeat=n)]
+    sources = [np.array(ids, np.int32) for ids in ([3, 6, 5], [4, 2, 4, 5], [5, 1, 3, 6, 4], [1, 2])]
+    source = pairs_lib.make_batch(sources, [np.array([1], np.int32)] * 4).source
+    chosen = rescoring.choose((params,), (config,), source, length, beam=sum(4 ** n for n in range(length + 2)))
+    log_probs = jax.jit(s2s.pair_log_probs, static_argnums=1)
+    best = [targets[int(np.argmax(log_probs(params, config, pairs_lib.make_batch([s] * len(targets), targets, 8, 4))))]
+            for s in sources]
+    assert sum(len(target) > 0 for target in best) >= 2
+    for got, want in zip(chosen, best, strict=True):
+        np.testing.assert_array_equal(got + 1, want)
 
 
 def test_models_writing_both_ways_choose_the_target_their_product_ranks_first():

@@ -177,3 +177,23 @@ def test_error_rates_use_the_closest_reference():
     assert error_rates(["ab"], [["abcd"]]).char_error_rate == 0.5
     assert error_rates(["HH EH0 L OW1"], [["HH AH0 L OW1", "HH EH0 L OW1"]]).exact_match == 1.0
     assert error_rates(["a b", "cd"], [["a b"], ["cd"]]).token_error_rate == 0.0  # some targets are tokens
+
+
+def test_token_rates_depend_on_the_references_spaces_alone_and_every_output_is_a_source():
+    """An output without spaces is one token against tokenised references; spaces in outputs alone make no
+    token rate. Equal outputs of two sources are two sources, and outputs and references must pair up."""
+    assert error_rates(["HHAH0"], [["HH AH0"]]).token_error_rate == 1.0  # one token for two: a substitution, a deletion
+    assert error_rates(["a b"], [["ab"]]).token_error_rate is None
+    rates = error_rates(["ab", "ab"], [["ab"], ["ba"]])
+    assert rates.sources == 2 and rates.exact_match == 0.5
+    with pytest.raises(ValueError):
+        error_rates(["ab", "cd"], [["ab"]])
+
+
+def test_token_error_rate_takes_the_closest_reference_in_tokens_wherever_it_is_listed():
+    """The closest reference in tokens may be listed after others, and may not be the closest in characters."""
+    rates = error_rates(["AA B C"], [["AA X Y Z", "AA B C D"]])
+    assert rates.token_error_rate == pytest.approx(1 / 4)
+    rates = error_rates(["AB C"], [["ABC", "AB CDE"]])  # "ABC" is 1 character away, "AB CDE" 1 token
+    assert rates.char_error_rate == pytest.approx(1 / 3)
+    assert rates.token_error_rate == pytest.approx(1 / 2)
