@@ -228,6 +228,31 @@ print(len(jax.devices()), [tuple(shard.data.shape) for shard in h.addressable_sh
     assert done.stdout.count("(34, 16)") == 2  # parameters replicated
 
 
+def test_evaluation_over_two_devices_scores_as_one_whether_or_not_its_streams_divide_between_them(small_corpus,
+                                                                                               tmp_path):
+    """Streams that divide are split over the devices; 3 streams on 2 devices are evaluated whole on each."""
+    probe = f"""
+import jax
+from pathlib import Path
+from charrnn import config, distributed, steps, training
+from charrnn.task import TextTask
+cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
+task = TextTask(cfg, training.load_corpus(Path({str(small_corpus)!r}), 0.1))
+params = task.init_params(jax.random.key(0))
+placement = distributed.make_placement(2, cfg.train.batch_size, 0)
+for streams in (4, 3):
+    print(streams, steps.evaluate(params, cfg.model, task.corpus.val_ids, streams, 16),
+          steps.evaluate(params, cfg.model, task.corpus.val_ids, streams, 16, placement=placement))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["4", "3"]
+    for _, one_device, two_devices in rows:
+        assert float(two_devices) == pytest.approx(float(one_device), rel=1e-5)
+
+
 def test_a_kernel_the_compiler_cannot_split_keeps_a_run_on_one_device(tmp_path):
     probe = f"""
 from charrnn import config, model, steps
