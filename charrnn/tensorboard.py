@@ -51,7 +51,8 @@ class TensorBoardWriter:
             self.directory.mkdir(parents=True, exist_ok=True)
             self.file = self.tbx.EventsWriter(str(self.directory / "events"), f".{time.time_ns()}")
         if purge_step is not None:
-            self._write(self.tbx.Event(step=purge_step, session_log=self.tbx.SessionLog(status=self.tbx.SessionLog.START)))
+            restart = self.tbx.SessionLog(status=self.tbx.SessionLog.START)
+            self._write(self.tbx.Event(step=purge_step, session_log=restart))
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Logged):
@@ -69,8 +70,7 @@ class TensorBoardWriter:
                 self.file.flush()
         elif isinstance(event, Stopped):
             with self._storage():
-                self.file.flush()
-                self.file.close()
+                self.file.close()  # flushed first
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
         """Add one point to the curve `tag`, unless it is not finite."""
