@@ -201,15 +201,30 @@ def test_default_split_over_cores_resumes_bit_identically(small_corpus, tmp_path
     assert_identical_arrays(final_arrays(tmp_path / "whole"), final_arrays(tmp_path / "split"))
 
 
-def test_streams_really_are_split(small_corpus, tmp_path):
-    probe = f"""
+def on_two_cpu_devices(probe: str, cwd) -> str:
+    """What Python code `probe` prints in a process that sees two CPU devices."""
+    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
+                          text=True, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def with_text_task(corpus, probe: str) -> str:
+    """`probe` after code that sets `cfg` (TINY's config), `task` (a TextTask on `corpus`) and `placement` (two
+    devices)."""
+    return f"""
 import jax, numpy as np
 from pathlib import Path
 from charrnn import config, distributed, loop, steps, training
 from charrnn.task import TextTask
 cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
-task = TextTask(cfg, training.load_corpus(Path({str(small_corpus)!r}), 0.1))
+task = TextTask(cfg, training.load_corpus(Path({str(corpus)!r}), 0.1))
 placement = distributed.make_placement(2, cfg.train.batch_size, 0)
+""" + probe
+
+
+def test_streams_really_are_split(small_corpus, tmp_path):
+    out = on_two_cpu_devices(with_text_task(small_corpus, """
 optimizer = steps.make_optimizer(cfg.train)
 state, carry = steps.place(*steps.fresh_state(cfg, optimizer, task.init_params, task.initial_carry), placement, cfg.train.batch_size)
 run = loop.Loop(cfg, task, Path("unused"), placement, optimizer, loop.LoopState(state, carry), lambda: None,
@@ -219,35 +234,22 @@ state, carry, _ = run.train_call(state, carry, run.batches(0, 1),
 h = carry[0].h
 print(len(jax.devices()), [tuple(shard.data.shape) for shard in h.addressable_shards],
       [shard.data.shape for shard in state.params["embedding"].addressable_shards])
-"""
-    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
-                          text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[0] == "2"
-    assert "[(4, 32), (4, 32)]" in done.stdout  # 8 streams: 4 per device
-    assert done.stdout.count("(34, 16)") == 2  # parameters replicated
+"""), tmp_path)
+    assert out.split()[0] == "2"
+    assert "[(4, 32), (4, 32)]" in out  # 8 streams: 4 per device
+    assert out.count("(34, 16)") == 2  # parameters replicated
 
 
 def test_evaluation_over_two_devices_scores_as_one_whether_or_not_its_streams_divide_between_them(small_corpus,
                                                                                                tmp_path):
     """Streams that divide are split over the devices; 3 streams on 2 devices are evaluated whole on each."""
-    probe = f"""
-import jax
-from pathlib import Path
-from charrnn import config, distributed, steps, training
-from charrnn.task import TextTask
-cfg = config.resolve(Path({str(TINY)!r}), [], {{}})
-task = TextTask(cfg, training.load_corpus(Path({str(small_corpus)!r}), 0.1))
+    out = on_two_cpu_devices(with_text_task(small_corpus, """
 params = task.init_params(jax.random.key(0))
-placement = distributed.make_placement(2, cfg.train.batch_size, 0)
 for streams in (4, 3):
     print(streams, steps.evaluate(params, cfg.model, task.corpus.val_ids, streams, 16),
           steps.evaluate(params, cfg.model, task.corpus.val_ids, streams, 16, placement=placement))
-"""
-    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
-                          text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()]
+"""), tmp_path)
+    rows = [line.split() for line in out.splitlines()]
     assert [row[0] for row in rows] == ["4", "3"]
     for _, one_device, two_devices in rows:
         assert float(two_devices) == pytest.approx(float(one_device), rel=1e-5)
@@ -266,10 +268,7 @@ try:
 except UsageError as error:
     print(error)
 """
-    done = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(**TWO_CPU_DEVICES), capture_output=True,
-                          text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = on_two_cpu_devices(probe, tmp_path).splitlines()
     assert lines[0] == "2 1"
     assert "model.kernel = pallas runs on one device" in lines[1]
 

@@ -634,17 +634,27 @@ def test_rescoring_scores_each_pair_as_its_own_teacher_forced_batch_whatever_ord
         np.testing.assert_allclose(row, want, rtol=1e-5)
 
 
+def every_target(length: int) -> list[np.ndarray]:
+    """Every target of at most `length` symbols, ids from 1 as pairs hold them."""
+    return [np.array(t, np.int32) for n in range(length + 1)
+            for t in itertools.product(range(1, TARGET_VOCAB), repeat=n)]
+
+
+def every_hypothesis(length: int) -> int:
+    """A beam as wide as every hypothesis a search's length + 1 steps can hold (those cut at length + 1 symbols too)."""
+    return sum((TARGET_VOCAB - 1) ** n for n in range(length + 2))
+
+
 def test_rescoring_one_model_with_a_beam_over_every_hypothesis_chooses_its_most_likely_target():
     """Against teacher forcing every target of up to `length` symbols, for weights that make some of them better
     than the empty target."""
     config = dataclasses.replace(SMALL, attention="additive", num_layers=1, encoder_layers=1)
     params = jax.tree.map(jnp.float32, params_for(config, seed=11))
     length = 3
-    targets = [np.array(t, np.int32) for n in range(length + 1)
-               for t in itertools.product(range(1, TARGET_VOCAB), repeat=n)]
+    targets = every_target(length)
     sources = [np.array(ids, np.int32) for ids in ([3, 6, 5], [4, 2, 4, 5], [5, 1, 3, 6, 4], [1, 2])]
     source = pairs_lib.make_batch(sources, [np.array([1], np.int32)] * 4).source
-    chosen = rescoring.choose((params,), (config,), source, length, beam=sum(4 ** n for n in range(length + 2)))
+    chosen = rescoring.choose((params,), (config,), source, length, beam=every_hypothesis(length))
     log_probs = jax.jit(s2s.pair_log_probs, static_argnums=1)
     best = [targets[int(np.argmax(log_probs(params, config, pairs_lib.make_batch([s] * len(targets), targets, 8, 4))))]
             for s in sources]
@@ -665,16 +675,13 @@ def test_models_writing_both_ways_choose_the_target_their_product_ranks_first():
     sources = [np.array(ids, np.int32) for ids in ([3, 6, 5], [4, 2, 4, 5], [5, 1, 3, 6, 4])]
     source = pairs_lib.make_batch(sources, [np.array([1], np.int32)] * 3).source  # padded to 8 source positions
     length = 3
-    targets = [np.array(t, np.int32) for n in range(length + 1)
-               for t in itertools.product(range(1, TARGET_VOCAB), repeat=n)]
+    targets = every_target(length)
 
     def probabilities(s: np.ndarray, t: np.ndarray) -> np.ndarray:
         return np.array([np.prod(reference_probabilities(params[0], configs[0], s, t)),
                          np.prod(reference_probabilities(params[1], configs[1], s, t[::-1]))])
 
-    # Every hypothesis the searches' length + 1 steps can hold (those cut at length + 1 symbols too).
-    every = sum((TARGET_VOCAB - 1) ** n for n in range(length + 2))
-    chosen = rescoring.choose(float32, configs, source, length, beam=every)
+    chosen = rescoring.choose(float32, configs, source, length, beam=every_hypothesis(length))
     by_mean = []
     for s, got in zip(sources, chosen, strict=True):
         each = np.array([probabilities(s, t) for t in targets])
