@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from clihelp import TINY, run_in_process, run_subprocess
 
@@ -80,6 +81,23 @@ def test_training_chars_per_s_counts_every_character_of_every_call_in_a_window_o
     rate = training.chars_per_second(0.51)  # just past 4 calls: the next group doubles to 8
     assert len(calls) == 8
     assert rate == pytest.approx(8 * config.train.batch_size * config.train.seq_len * 3 / 1.0)  # over the 1 s taken
+
+
+def test_each_timed_call_trains_on_the_next_steps_of_the_text_as_a_run_does():
+    config = config_lib.resolve(TINY, ["train.steps_per_call=3"], {})
+    training = bench.TrainingBench(config)
+    fed = []
+
+    def call(state, carry, batches, lrs):  # what each call is given, not the train step, is under test
+        fed.append(np.asarray(batches.inputs))
+        return state, carry, None
+
+    training.call = call
+    for _ in range(3):
+        training.run_call()
+    for inputs, step in zip(fed, (0, 3, 6), strict=True):  # chunk k + 1 of each stream continues chunk k
+        np.testing.assert_array_equal(inputs, training.task.batches(step, 3, slice(None)).inputs)
+    assert not np.array_equal(fed[0], fed[1])
 
 
 def test_versus_takes_the_variants_windows_in_turn_and_reports_the_median_ratio_of_each_round(capsys, monkeypatch):

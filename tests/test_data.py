@@ -245,6 +245,14 @@ def test_random_offsets_are_deterministic_and_in_range():
         assert data.epoch_offset(3, epoch, layout, True) == offset
 
 
+def test_consecutive_seeds_do_not_share_offsets_an_epoch_apart():
+    # Members train from seeds s, s + 1, ...: an offset drawn from seed + epoch would give member 1 the offsets
+    # member 0 had one epoch earlier.
+    layout = data.StreamLayout(batch_size=2, seq_len=100, chunks_per_epoch=2)
+    first, second = (_offsets(seed, random_offset=True, layout=layout) for seed in (3, 4))
+    assert second[:-1] != first[1:] and first[:-1] != second[1:]
+
+
 @pytest.mark.parametrize("batch_size, seq_len", [(2, 4), (1, 10), (8, 16)])
 def test_stream_layout_rejects_short_text(batch_size, seq_len):
     message = _corpus_error(data.stream_layout, batch_size * seq_len + seq_len - 1, batch_size, seq_len)
@@ -254,7 +262,8 @@ def test_stream_layout_rejects_short_text(batch_size, seq_len):
 
 @pytest.mark.parametrize(
     "length, num_streams, seq_len",
-    [(2, 1, 1), (2, 4, 3), (10, 3, 4), (10, 4, 2), (101, 4, 7), (50, 8, 5), (17, 16, 3), (33, 1, 32), (64, 4, 16)],
+    [(2, 1, 1), (2, 4, 3), (6, 4, 2), (10, 3, 4), (10, 4, 2), (101, 4, 7), (50, 8, 5), (17, 16, 3), (33, 1, 32),
+     (64, 4, 16)],
 )
 def test_evaluation_predicts_every_character_once(length, num_streams, seq_len):
     ids = np.arange(length)

@@ -404,23 +404,6 @@ def test_models_evaluated_together_score_the_mean_of_their_probabilities():
     assert abs(mixture.mean() - np.mean(losses)) > 0.05  # the two would differ
 
 
-def test_evaluation_chunks_predict_every_character_once():
-    ids = np.arange(40, dtype=np.int32)  # distinct ids: each (input, target) names its position
-    chunks = data.evaluation_chunks(ids, num_streams=3, seq_len=4)
-    masks = np.concatenate([chunk.mask for chunk in chunks])  # [T, B]
-    inputs = np.concatenate([chunk.inputs for chunk in chunks])
-    targets = np.concatenate([chunk.targets for chunk in chunks])
-
-    assert masks.sum() == len(ids) - 1
-    real = masks == 1.0
-    np.testing.assert_array_equal(np.sort(inputs[real]), ids[:-1])
-    np.testing.assert_array_equal(targets[real], inputs[real] + 1)
-    # Each stream is contiguous in time, so the state carried along it is the right one.
-    for stream in range(masks.shape[1]):
-        stream_inputs = inputs[real[:, stream], stream]
-        np.testing.assert_array_equal(np.diff(stream_inputs), 1)
-
-
 def test_evaluate_several_streams_equals_forward_per_stream():
     rng = np.random.default_rng(31)
     ids = rng.integers(0, 7, 45).astype(np.uint8)
