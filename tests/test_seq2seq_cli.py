@@ -137,8 +137,8 @@ def test_a_decoder_writing_right_to_left_learns_and_gives_its_output_forwards(ba
     # before the end symbol's; the end symbol's row stays last.
     seen = model.attention("abcdef")
     assert seen.symbols == list("fedcba") and seen.weights.shape == (7, 6)
-    source = np.zeros((8, 1), np.int32)  # as `convert` pads it
-    source[:6, 0] = model.source_vocab.encode("abcdef") + 1
+    encoded = pairs_lib.encode_side(model.source_vocab, ["abcdef"], "source")
+    source = pairs_lib.padded_sources(encoded)  # as `convert` pads it
     _, steps = generate.sample((model.params,), (model.config.model,), source, jax.random.key(0), np.float32(0.0),
                                None, model.config.train.max_length + 1)
     np.testing.assert_array_equal(seen.weights, np.asarray(steps)[[5, 4, 3, 2, 1, 0, 6], 0, :6])
@@ -299,9 +299,7 @@ def test_convert_cuts_targets_at_length_and_searches_with_beam():
     greedy = model.convert(SOURCES)
     assert max(map(len, greedy)) == 8  # random weights: some targets run on to the cap
     assert model.convert(SOURCES, length=3) == [output[:3] for output in greedy]
-    source = np.zeros((8, len(SOURCES)), np.int32)
-    for column, text in enumerate(SOURCES):
-        source[: len(text), column] = model.source_vocab.encode(text) + 1
+    source = pairs_lib.padded_sources(pairs_lib.encode_side(model.source_vocab, SOURCES, "sources"))
     tokens, _ = generate.beam_search((model.params,), (model.config.model,), source, 8 + 1, 3)
     searched = [model.vocab.decode(pairs_lib.written(ids[:8])) for ids in np.asarray(tokens)[:, 0]]
     assert model.convert(SOURCES, beam=3) == searched != greedy

@@ -175,18 +175,26 @@ def length_key(sources: list[np.ndarray], targets: list[np.ndarray], multiple: i
     return target_lengths * (source_lengths.max(initial=0) + 1) + source_lengths
 
 
+def padded_sources(sources: list[np.ndarray], source_len: int | None = None,
+                   multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """Encoded sources padded into one time-major array [S, B] (S rounded up to `multiple` unless given)."""
+    source = np.full((source_len or padded_length(max(len(ids) for ids in sources), multiple), len(sources)), PAD,
+                     np.int32)
+    for column, ids in enumerate(sources):
+        source[: len(ids), column] = ids
+    return source
+
+
 def make_batch(sources: list[np.ndarray], targets: list[np.ndarray], source_len: int | None = None,
                target_len: int | None = None, multiple: int = PAD_MULTIPLE) -> PairBatch:
     """Pad encoded pairs into one time-major batch (lengths rounded up to `multiple` unless given)."""
-    source_len = source_len or padded_length(max(len(ids) for ids in sources), multiple)
+    source = padded_sources(sources, source_len, multiple)
     target_len = target_len or padded_length(max(len(ids) for ids in targets) + 1, multiple)
     batch_size = len(sources)
-    source = np.full((source_len, batch_size), PAD, np.int32)
     target_in = np.full((target_len, batch_size), BOUNDARY, np.int32)
     target_out = np.full((target_len, batch_size), BOUNDARY, np.int32)
     mask = np.zeros((target_len, batch_size), bool)
-    for column, (source_ids, target_ids) in enumerate(zip(sources, targets)):
-        source[: len(source_ids), column] = source_ids
+    for column, target_ids in enumerate(targets):
         target_in[1 : len(target_ids) + 1, column] = target_ids
         target_out[: len(target_ids), column] = target_ids
         mask[: len(target_ids) + 1, column] = True  # the end symbol is predicted too

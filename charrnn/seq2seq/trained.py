@@ -14,7 +14,6 @@ from charrnn.data import Vocab
 from charrnn.errors import CorpusError, UsageError
 from charrnn.sample import capped_temperature
 from charrnn.seq2seq import generate, pairs as pairs_lib, rescoring
-from charrnn.seq2seq.pairs import PAD
 from charrnn.seq2seq.scoring import error_rates
 from charrnn.seq2seq.task import encode_pairs, mean_loss
 from charrnn.units import bits
@@ -120,9 +119,7 @@ class Seq2SeqModel(checkpoint.FromCheckpoint):
         for begin in range(0, len(order), BATCH):
             rows = order[begin : begin + BATCH]
             part = [encoded[row] for row in rows]
-            source = np.full((pairs_lib.padded_length(max(map(len, part))), len(part)), PAD, np.int32)
-            for column, ids in enumerate(part):
-                source[: len(ids), column] = ids
+            source = pairs_lib.padded_sources(part)
             weights = None
             if both_ways:
                 chosen = rescoring.choose(self._params, self._configs, source, length - 1, beam)
