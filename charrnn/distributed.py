@@ -104,17 +104,18 @@ CPU_SPLIT_MAX_STEP_MACS = 20_000_000
 CPU_MIN_STREAMS_PER_DEVICE = 16
 
 
-def default_device_count(devices: list, batch_size: int, step_macs: int) -> int:
+def default_device_count(devices: list, batch_size: int, step_macs: int, cpu_split: bool = True) -> int:
     """How many devices a run uses without --devices.
 
-    All of them on accelerators and in multi-process runs. On one CPU host, while
-    one time step's recurrent matmul (`step_macs` multiply-adds) is small enough
-    to gain from a split, the most that divide the streams evenly with at least
-    CPU_MIN_STREAMS_PER_DEVICE each; otherwise one.
+    All of them on accelerators and in multi-process runs. On one CPU host, for
+    a model that gains from a split there (`cpu_split`) while one time step's
+    recurrent matmul (`step_macs` multiply-adds) is small enough, the most that
+    divide the streams evenly with at least CPU_MIN_STREAMS_PER_DEVICE each;
+    otherwise one.
     """
     if devices[0].platform != "cpu" or jax.process_count() > 1:
         return len(devices)
-    if step_macs > CPU_SPLIT_MAX_STEP_MACS:
+    if not cpu_split or step_macs > CPU_SPLIT_MAX_STEP_MACS:
         return 1
     return max((count for count in range(1, len(devices) + 1)
                 if batch_size % count == 0 and batch_size // count >= CPU_MIN_STREAMS_PER_DEVICE), default=1)
@@ -132,7 +133,8 @@ def local_split(num_streams: int, step_macs: int) -> Placement | None:
     return make_placement(count, num_streams, step_macs) if count > 1 else None
 
 
-def make_placement(num_devices: int | None, batch_size: int, step_macs: int, one_device: str = "") -> Placement:
+def make_placement(num_devices: int | None, batch_size: int, step_macs: int, one_device: str = "",
+                   cpu_split: bool = True) -> Placement:
     """A mesh over `num_devices` devices (default: `default_device_count`), checking the streams divide among them.
 
     `one_device`: why the run cannot be split over devices, or "" where it can.
@@ -141,7 +143,7 @@ def make_placement(num_devices: int | None, batch_size: int, step_macs: int, one
     if one_device and (num_devices not in (None, 1) or jax.process_count() > 1):
         raise UsageError(f"{one_device}: use --devices 1 in one process")
     if num_devices is None:
-        devices = devices[:1 if one_device else default_device_count(devices, batch_size, step_macs)]
+        devices = devices[:1 if one_device else default_device_count(devices, batch_size, step_macs, cpu_split)]
     else:
         if not 1 <= num_devices <= len(devices):
             raise UsageError(f"--devices {num_devices}: JAX sees {len(devices)} device(s)")

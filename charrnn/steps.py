@@ -108,8 +108,11 @@ def placement(config: Config, devices: int | None) -> distributed.Placement:
         one_device = "train.members > 1 trains its models on one device, one after another"
     else:
         one_device = ""
+    # An encoder–decoder's loops, differentiated by JAX, sum weight gradients step by step: split over a CPU's
+    # cores, its step all-reduces inside them at every time step, and one device trains as fast or faster.
     return distributed.make_placement(devices, config.train.batch_size,
-                                      model.recurrent_step_macs(config.model, config.train.batch_size), one_device)
+                                      model.recurrent_step_macs(config.model, config.train.batch_size), one_device,
+                                      cpu_split=config.model.kind != "seq2seq")
 
 
 def place(state: TrainState, carry: tuple, placement, batch_size: int) -> tuple[TrainState, tuple]:

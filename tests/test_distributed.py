@@ -1,5 +1,6 @@
 """Data parallelism: streams split over devices and processes give the parameters of one device."""
 
+import dataclasses
 import json
 import re
 import socket
@@ -17,7 +18,7 @@ from clihelp import TINY, assert_identical_arrays, checkpoint_arrays, final_arra
 from conftest import SAMPLE_TEXT
 from jax.sharding import PartitionSpec
 
-from charrnn import checkpoint, data, distributed, runtime, training
+from charrnn import checkpoint, config, data, distributed, runtime, steps, training
 from charrnn.errors import PeerError, UsageError
 
 TWO_CPU_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -155,6 +156,22 @@ def test_default_device_count_splits_small_models_over_cpu_cores():
     assert distributed.default_device_count(cpus, 8, small) == 1  # too few even for one: still one
     assert distributed.default_device_count(cpus, 64, large) == 1  # XLA spreads a large matmul itself
     assert distributed.default_device_count([FakeDevice("gpu")] * 2, 8, large) == 2
+    assert distributed.default_device_count(cpus, 64, small, cpu_split=False) == 1
+    assert distributed.default_device_count([FakeDevice("gpu")] * 2, 8, small, cpu_split=False) == 2
+
+
+def test_encoder_decoders_train_on_one_cpu_device_where_a_language_model_of_their_size_splits(monkeypatch):
+    def devices_chosen(num_devices, batch_size, step_macs, one_device="", cpu_split=True):
+        return num_devices or distributed.default_device_count([FakeDevice("cpu")] * 2, batch_size, step_macs,
+                                                               cpu_split)
+
+    monkeypatch.setattr(distributed, "make_placement", devices_chosen)
+    language_model = config.Config(model=config.ModelConfig(hidden_size=64), train=config.TrainConfig(batch_size=32))
+    encoder_decoder = dataclasses.replace(language_model,
+                                          model=dataclasses.replace(language_model.model, kind="seq2seq"))
+    assert steps.placement(language_model, None) == 2
+    assert steps.placement(encoder_decoder, None) == 1
+    assert steps.placement(encoder_decoder, 2) == 2  # --devices still splits it
 
 
 def test_generation_splits_over_cpu_cores_by_the_training_rule(monkeypatch):

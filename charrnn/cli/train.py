@@ -112,7 +112,7 @@ def train(
     json_output: Annotated[bool, typer.Option("--json", help="Also print every event on stdout as it happens, one JSON object a line (as metrics.jsonl), before the summary.", rich_help_panel=OUTPUT)] = False,
     threads: ThreadsOption = None,
     platform: PlatformOption = None,
-    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices to split the streams over; train.batch_size must divide. Default: all GPUs, or on a CPU each core when the model is small enough to gain.", rich_help_panel=SCALE)] = None,
+    devices: Annotated[Optional[int], typer.Option("--devices", min=1, help="Devices to split the streams over; train.batch_size must divide. Default: all GPUs, or on a CPU each core when a language model is small enough to gain (an encoder–decoder: one).", rich_help_panel=SCALE)] = None,
     coordinator: Annotated[Optional[str], typer.Option("--coordinator", help="HOST:PORT of process 0, to train with several processes or hosts.", rich_help_panel=SCALE)] = None,
     num_processes: Annotated[Optional[int], typer.Option("--num-processes", min=1, help="Processes in a multi-process run.", rich_help_panel=SCALE)] = None,
     process_id: Annotated[Optional[int], typer.Option("--process-id", min=0, help="This process's index, 0 to --num-processes - 1.", rich_help_panel=SCALE)] = None,
