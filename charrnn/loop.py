@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import jax
 import numpy as np
 
 from charrnn import calibration, checkpoint, config as config_lib, distributed, dropout, events, rundir, runtime, steps
@@ -26,7 +27,7 @@ class Clock:
 
     start: float
     steady_from: tuple[int, float] | None = None  # (step, time) after the first call
-    paused_s: float = 0.0  # evaluation and saving since steady_from
+    paused_s: float = 0.0  # evaluation, saving and compiling since steady_from
     window: tuple[int, float] = (0, 0.0)  # (step, time) where the current log window began
 
     def elapsed(self) -> float:
@@ -67,6 +68,7 @@ class Loop:
     emit: Listener
     pending: list = field(default_factory=list)  # (first step, StepMetrics) of calls not yet read
     window: list = field(default_factory=list)  # (loss, grad_norm) of each step of the log window
+    called: set = field(default_factory=set)  # (dropout or not, argument shapes) of the train calls made so far
 
     def __post_init__(self):
         train_config = self.config.train
@@ -205,10 +207,20 @@ class Loop:
             lrs = np.array([steps.learning_rate(train_config, step + i, self.schedule_position(step + i, elapsed))
                             for i in range(count)], np.float32)
             progress = self.progress
-            train_call = self.train_call if step >= self.dropout_from_step else self.train_call_without_dropout
+            dropping = step >= self.dropout_from_step
+            train_call = self.train_call if dropping else self.train_call_without_dropout
+            batches = self.batches(step, count)
+            shapes = (dropping, count, tuple(leaf.shape for leaf in jax.tree.leaves(batches)))
+            compiles = shapes not in self.called  # an encoder–decoder's new lengths, a last shorter call
+            if compiles and self.clock.steady_from is not None:
+                self.drain(keep_last=0)  # so that no training runs while the call compiles, untimed
+            dispatched = time.monotonic()
             progress.state, progress.carry, metrics = train_call(
-                progress.state, progress.carry, self.batches(step, count),
-                distributed.put(lrs, self.placement.replicated))
+                progress.state, progress.carry, batches, distributed.put(lrs, self.placement.replicated))
+            if compiles:
+                self.called.add(shapes)
+                if self.clock.steady_from is not None:
+                    self.clock.paused_s += time.monotonic() - dispatched
             self.pending.append((step, metrics))
             step += count
             last_lr = float(lrs[-1])
