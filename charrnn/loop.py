@@ -211,16 +211,17 @@ class Loop:
             train_call = self.train_call if dropping else self.train_call_without_dropout
             batches = self.batches(step, count)
             shapes = (dropping, count, tuple(leaf.shape for leaf in jax.tree.leaves(batches)))
-            compiles = shapes not in self.called  # an encoder–decoder's new lengths, a last shorter call
-            if compiles and self.clock.steady_from is not None:
-                self.drain(keep_last=0)  # so that no training runs while the call compiles, untimed
+            # A steady call that compiles (an encoder–decoder's new lengths, a last shorter call) is left out of the
+            # steady time, with nothing in flight so that no training goes untimed while it compiles.
+            compiles = shapes not in self.called and self.clock.steady_from is not None
+            self.called.add(shapes)
+            if compiles:
+                self.drain(keep_last=0)
             dispatched = time.monotonic()
             progress.state, progress.carry, metrics = train_call(
                 progress.state, progress.carry, batches, distributed.put(lrs, self.placement.replicated))
             if compiles:
-                self.called.add(shapes)
-                if self.clock.steady_from is not None:
-                    self.clock.paused_s += time.monotonic() - dispatched
+                self.clock.paused_s += time.monotonic() - dispatched
             self.pending.append((step, metrics))
             step += count
             last_lr = float(lrs[-1])
